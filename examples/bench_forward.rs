@@ -1,0 +1,264 @@
+//! In-process, single-stream speed of one engine on one GGUF file: terse's own
+//! forward pass or candle-transformers' reference model (`quantized_llama` /
+//! `quantized_qwen2`, picked by `general.architecture`).
+//!
+//! ```sh
+//! RAYON_NUM_THREADS=2 cargo run --release --example bench_forward -- MODEL.gguf \
+//!     --engine terse --prompt-tokens 256 --decode-tokens 128 --runs 5
+//! ```
+//!
+//! Each run clears the cache, prefills the prompt in one forward call (prefill
+//! tok/s = prompt tokens / that call's time), then decodes greedily one token
+//! per call, EOS ignored (decode tok/s = decode tokens / the time of those
+//! calls). One warm-up run is not counted. Prints one JSON line: the medians,
+//! every run's figures, the process's peak RSS (VmHWM) and the prompt's token
+//! ids (so that other engines can be fed the very same prompt). Run one engine
+//! per process so that the peak RSS is that engine's alone.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use terse::engine::argmax;
+use terse::model::{load_gguf, SeqChunk, SeqKvCache, Transformer, TransformerConfig};
+use terse::tokenize::TextTokenizer;
+
+/// Ordinary English text, tokenized and repeated to the prompt length.
+const PROMPT_TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, \
+counting the steps as his father had taught him, and at the top he polished the great lens \
+until it shone like a second moon over the harbour. Ships passed in the night, their crews \
+never knowing his name, yet every one of them owed him a safe return to the quiet town below. ";
+
+struct Args {
+    model: PathBuf,
+    engine: String,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    runs: usize,
+    warmup: usize,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench_forward MODEL(.gguf path or manifest name) [--engine terse|reference] \
+         [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Result<Args> {
+    let mut model = None;
+    let mut args = Args {
+        model: PathBuf::new(),
+        engine: "terse".into(),
+        prompt_tokens: 256,
+        decode_tokens: 128,
+        runs: 5,
+        warmup: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--engine" => args.engine = value("--engine")?,
+            "--prompt-tokens" => args.prompt_tokens = value("--prompt-tokens")?.parse()?,
+            "--decode-tokens" => args.decode_tokens = value("--decode-tokens")?.parse()?,
+            "--runs" => args.runs = value("--runs")?.parse()?,
+            "--warmup" => args.warmup = value("--warmup")?.parse()?,
+            "-h" | "--help" => usage(),
+            s if s.starts_with("--") => bail!("unknown flag {s}"),
+            s if model.is_none() => model = Some(s.to_string()),
+            s => bail!("unexpected argument {s}"),
+        }
+    }
+    let Some(model) = model else { usage() };
+    args.model = terse::manifest::resolve_model(&model)?.path;
+    if !matches!(args.engine.as_str(), "terse" | "reference") {
+        bail!("--engine must be terse or reference, not {}", args.engine);
+    }
+    if args.prompt_tokens == 0 || args.runs == 0 {
+        bail!("--prompt-tokens and --runs must be at least 1");
+    }
+    Ok(args)
+}
+
+/// The engine under test: one sequence, cleared between runs.
+trait Engine {
+    /// Clear the cache and feed the whole prompt in one call; logits of its last token.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>>;
+    /// Feed one token at position `pos`; its logits.
+    fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>>;
+}
+
+struct Terse {
+    model: Transformer,
+    cache: SeqKvCache,
+}
+
+impl Terse {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.model.forward(&mut [SeqChunk { tokens, cache: &mut self.cache }])?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+impl Engine for Terse {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+        self.cache = SeqKvCache::new(self.model.config.n_layer);
+        self.forward(prompt)
+    }
+
+    fn step(&mut self, token: u32, _pos: usize) -> Result<Vec<f32>> {
+        self.forward(&[token])
+    }
+}
+
+enum Reference {
+    Llama(candle_transformers::models::quantized_llama::ModelWeights),
+    Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
+}
+
+impl Reference {
+    fn load(path: &Path) -> Result<Reference> {
+        let mut file = File::open(path)?;
+        let content = gguf_file::Content::read(&mut file)?;
+        let arch = match content.metadata.get("general.architecture") {
+            Some(v) => v.to_string()?.clone(),
+            None => bail!("{}: no general.architecture", path.display()),
+        };
+        Ok(match arch.as_str() {
+            "llama" => Reference::Llama(candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                &Device::Cpu,
+            )?),
+            "qwen2" => Reference::Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                &Device::Cpu,
+            )?),
+            other => bail!("no reference model for architecture {other}"),
+        })
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let x = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = match self {
+            Reference::Llama(m) => m.forward(&x, pos)?,
+            Reference::Qwen2(m) => m.forward(&x, pos)?,
+        };
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+impl Engine for Reference {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Reference::Llama(m) => m.clear_kv_cache(),
+            Reference::Qwen2(m) => m.clear_kv_cache(),
+        }
+        self.forward(prompt, 0)
+    }
+
+    fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>> {
+        self.forward(&[token], pos)
+    }
+}
+
+/// (prefill tok/s, decode tok/s) of one run.
+fn run_once(engine: &mut dyn Engine, prompt: &[u32], decode_tokens: usize) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let logits = engine.prefill(prompt)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut next = argmax(&logits);
+    let t1 = Instant::now();
+    for i in 0..decode_tokens {
+        let logits = engine.step(next, prompt.len() + i)?;
+        next = argmax(&logits);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let decode = if decode_tokens == 0 { 0.0 } else { decode_tokens as f64 / decode_s };
+    Ok((prompt.len() as f64 / prefill_s, decode))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A field of /proc/self/status in kB (e.g. VmHWM, the peak resident set).
+fn proc_status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    // The prompt comes from the GGUF's own tokenizer (terse's reading of it),
+    // whatever the engine; only the metadata is read here, no weights.
+    let (prompt, context, arch) = {
+        let mut file = File::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+        let content = gguf_file::Content::read(&mut file)?;
+        let config = TransformerConfig::from_gguf(&content)?;
+        let text_ids = TextTokenizer::from_gguf(&content)?.encode(PROMPT_TEXT)?;
+        if text_ids.is_empty() {
+            bail!("the prompt text tokenized to nothing");
+        }
+        let prompt: Vec<u32> = text_ids.iter().copied().cycle().take(args.prompt_tokens).collect();
+        (prompt, config.context_length, config.arch.name().to_string())
+    };
+    if prompt.len() + args.decode_tokens + 1 > context {
+        bail!("{} prompt + {} decode tokens exceed the context of {context}", prompt.len(), args.decode_tokens);
+    }
+
+    let load_start = Instant::now();
+    let mut engine: Box<dyn Engine> = if args.engine == "terse" {
+        let model = load_gguf(&args.model, "bench")?.transformer;
+        let cache = SeqKvCache::new(model.config.n_layer);
+        Box::new(Terse { model, cache })
+    } else {
+        Box::new(Reference::load(&args.model)?)
+    };
+    let load_s = load_start.elapsed().as_secs_f64();
+
+    for _ in 0..args.warmup {
+        run_once(engine.as_mut(), &prompt, args.decode_tokens.min(8))?;
+    }
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for run in 0..args.runs {
+        let (p, d) = run_once(engine.as_mut(), &prompt, args.decode_tokens)?;
+        eprintln!("{} run {}: prefill {p:.1} tok/s, decode {d:.1} tok/s", args.engine, run + 1);
+        prefill.push(p);
+        decode.push(d);
+    }
+
+    let out = serde_json::json!({
+        "engine": args.engine,
+        "model": args.model.display().to_string(),
+        "arch": arch,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        "prompt_tokens": prompt.len(),
+        "decode_tokens": args.decode_tokens,
+        "runs": args.runs,
+        "prefill_tok_s": median(&prefill),
+        "decode_tok_s": median(&decode),
+        "prefill_tok_s_runs": prefill,
+        "decode_tok_s_runs": decode,
+        "load_s": load_s,
+        "peak_rss_kb": proc_status_kb("VmHWM"),
+        "prompt_ids": prompt,
+    });
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The HTTP side's view of the engine: submit, stream, cancel by dropping.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::request::{GenerationEvent, GenerationRequest, SubmitError};
+use crate::model::ModelInfo;
+use crate::tokenize::TextTokenizer;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences in one forward step.
+    pub max_batch: usize,
+    /// Most requests waiting to join the batch; beyond it `submit` answers `QueueFull`.
+    pub max_queue: usize,
+    /// KV-cache bytes all running sequences may reserve; `None` sizes it from the model.
+    pub kv_cache_budget_bytes: Option<u64>,
+    /// Prompt tokens a sequence feeds per step while it prefills.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch: 8, max_queue: 64, kv_cache_budget_bytes: None, prefill_chunk: 512 }
+    }
+}
+
+/// Events of one sequence. Dropping it cancels the sequence.
+pub struct GenerationStream {
+    pub(crate) rx: mpsc::UnboundedReceiver<GenerationEvent>,
+}
+
+impl GenerationStream {
+    /// The next event; `None` once the engine has sent `Finished` or `Failed`.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.rx.recv().await
+    }
+}
+
+pub(crate) struct Submission {
+    pub request: GenerationRequest,
+    pub events: mpsc::UnboundedSender<GenerationEvent>,
+}
+
+pub(crate) struct Shared {
+    pub info: ModelInfo,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub max_queue: usize,
+    pub context_length: usize,
+    pub kv_bytes_per_token: u64,
+    pub kv_budget_bytes: u64,
+    /// Submitted but not yet admitted to the running batch.
+    pub waiting: AtomicUsize,
+    /// Submitted and not yet finished (waiting or running).
+    pub in_flight: AtomicUsize,
+    pub shutting_down: AtomicBool,
+}
+
+/// A cheap, clonable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) submit_tx: std::sync::mpsc::Sender<Submission>,
+}
+
+impl EngineHandle {
+    /// Check the request against the engine's limits and queue it.
+    pub fn submit(&self, request: GenerationRequest) -> Result<GenerationStream, SubmitError> {
+        let shared = &self.shared;
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let total = request.prompt.len() + request.max_tokens;
+        if total > shared.context_length {
+            return Err(SubmitError::TooLong {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                context: shared.context_length,
+            });
+        }
+        let needed = total as u64 * shared.kv_bytes_per_token;
+        if needed > shared.kv_budget_bytes {
+            return Err(SubmitError::OverBudget { needed, budget: shared.kv_budget_bytes });
+        }
+        // Reserve a queue slot atomically so concurrent submits cannot overshoot it.
+        let reserved = shared.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+            (w < shared.max_queue).then_some(w + 1)
+        });
+        if reserved.is_err() {
+            return Err(SubmitError::QueueFull(shared.max_queue));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.submit_tx.send(Submission { request, events }).is_err() {
+            shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(GenerationStream { rx })
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// The longest prompt + completion a sequence may have, in tokens.
+    pub fn context_length(&self) -> usize {
+        self.shared.context_length
+    }
+
+    /// Refuse new requests from now on; those in flight carry on.
+    pub fn begin_shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests submitted and not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,104 @@
+//! What the HTTP side hands the engine, and what comes back.
+
+use std::time::Instant;
+
+/// How the next token is chosen. Validated by the server before it gets here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (arg-max).
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 disables it.
+    pub top_k: usize,
+    /// Same seed, same prompt, same settings: same output.
+    pub seed: Option<u64>,
+    /// OpenAI's additive penalties, in [-2, 2].
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// The multiplicative penalty of CTRL / Hugging Face; 1 disables it.
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// The request id (also the `x-request-id` header), for logs.
+    pub id: String,
+    /// The tokenized prompt (chat template already applied).
+    pub prompt: Vec<u32>,
+    /// Upper bound on generated tokens; prompt + max_tokens must fit the context.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first of them, which is not returned.
+    pub stop: Vec<String>,
+    /// When the server received the request (for time-to-first-token).
+    pub received_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The client went away.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Streamed from the engine to the handler of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// Newly decoded text. One event per generated token; `text` may be empty
+    /// when the token ends inside a UTF-8 character or might start a stop string.
+    Token { id: u32, text: String },
+    /// The last event of a successful generation; any held-back text has been sent.
+    Finished { reason: FinishReason, usage: Usage },
+    /// The engine failed on this sequence; nothing more follows.
+    Failed { message: String },
+}
+
+/// Why the engine refused a request at once.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context length of {context} tokens")]
+    TooLong { prompt: usize, max_tokens: usize, context: usize },
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("the request needs {needed} bytes of KV cache but the whole budget is {budget} bytes")]
+    OverBudget { needed: u64, budget: u64 },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,241 @@
+//! The engine thread: continuous batching over one model.
+//!
+//! Each step: take in new submissions, drop cancelled sequences, admit waiting
+//! ones while the batch and the KV-cache budget allow, run ONE forward pass over
+//! every running sequence (prefill chunks and decode tokens together), then
+//! sample, stream and retire. A sequence joins or leaves between any two steps.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::handle::{Shared, Submission};
+use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use super::sampling::Sampler;
+use super::stop::{StopMatcher, StopOutcome};
+use crate::metrics::Metrics;
+use crate::model::{SeqChunk, SeqKvCache, Transformer};
+use crate::tokenize::IncrementalDecoder;
+
+struct Sequence {
+    request: GenerationRequest,
+    events: UnboundedSender<GenerationEvent>,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    generated: usize,
+    cache: SeqKvCache,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    reserved_bytes: u64,
+}
+
+impl Sequence {
+    /// Tokens not yet fed through the model.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+}
+
+pub(crate) struct Scheduler {
+    pub model: Transformer,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<Metrics>,
+    pub submissions: Receiver<Submission>,
+    pub max_batch: usize,
+    pub prefill_chunk: usize,
+}
+
+impl Scheduler {
+    pub fn run(self) {
+        let mut waiting: VecDeque<Submission> = VecDeque::new();
+        let mut running: Vec<Sequence> = Vec::new();
+        let mut reserved: u64 = 0;
+        let mut open = true;
+        loop {
+            // 1. Take in submissions; sleep on the channel when there is nothing to do.
+            if running.is_empty() && waiting.is_empty() {
+                if !open {
+                    break;
+                }
+                match self.submissions.recv() {
+                    Ok(s) => waiting.push_back(s),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match self.submissions.try_recv() {
+                    Ok(s) => waiting.push_back(s),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+
+            // 2. Forget requests whose client went away.
+            waiting.retain(|s| {
+                let gone = s.events.is_closed();
+                if gone {
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
+                !gone
+            });
+            running.retain(|seq| {
+                let gone = seq.events.is_closed();
+                if gone {
+                    reserved -= seq.reserved_bytes;
+                    self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!(id = %seq.request.id, "client gone; sequence cancelled");
+                }
+                !gone
+            });
+
+            // 3. Admit in arrival order while the batch and the KV budget allow.
+            while running.len() < self.max_batch {
+                let Some(front) = waiting.front() else { break };
+                let r = &front.request;
+                let need = (r.prompt.len() + r.max_tokens) as u64 * self.shared.kv_bytes_per_token;
+                if reserved + need > self.shared.kv_budget_bytes {
+                    break;
+                }
+                let s = waiting.pop_front().expect("front exists");
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                reserved += need;
+                running.push(Sequence {
+                    sampler: Sampler::new(s.request.sampling.clone(), &s.request.prompt),
+                    stop: StopMatcher::new(s.request.stop.clone()),
+                    tokens: s.request.prompt.clone(),
+                    generated: 0,
+                    cache: SeqKvCache::new(self.model.config.n_layer),
+                    decoder: IncrementalDecoder::new(),
+                    reserved_bytes: need,
+                    request: s.request,
+                    events: s.events,
+                });
+            }
+            self.metrics.queue_depth.set(waiting.len() as i64);
+            self.metrics.running_sequences.set(running.len() as i64);
+            self.metrics.kv_cache_used_bytes.set(reserved as i64);
+            if running.is_empty() {
+                continue;
+            }
+
+            // 4. One forward pass. Decoding sequences feed their last token; prefilling
+            // ones feed a chunk whose bounds depend only on the sequence itself, and at
+            // most `prefill_chunk` prompt tokens enter a step (at least one chunk does).
+            let mut prefill_budget = self.prefill_chunk;
+            let mut stepping: Vec<usize> = Vec::new();
+            let mut lens: Vec<usize> = Vec::new();
+            for (i, seq) in running.iter().enumerate() {
+                let pending = seq.pending();
+                if pending == 1 {
+                    stepping.push(i);
+                    lens.push(1);
+                } else {
+                    let chunk = pending.min(self.prefill_chunk);
+                    if chunk <= prefill_budget || prefill_budget == self.prefill_chunk {
+                        prefill_budget = prefill_budget.saturating_sub(chunk);
+                        stepping.push(i);
+                        lens.push(chunk);
+                    }
+                }
+            }
+            self.metrics.batch_size.observe(stepping.len() as f64);
+            let logits = {
+                let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(stepping.len());
+                let mut rest: &mut [Sequence] = &mut running;
+                let mut base = 0;
+                for (&i, &len) in stepping.iter().zip(&lens) {
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+                    let (seq, after) = tail.split_first_mut().expect("index in range");
+                    let start = seq.cache.len();
+                    chunks.push(SeqChunk { tokens: &seq.tokens[start..start + len], cache: &mut seq.cache });
+                    rest = after;
+                    base = i + 1;
+                }
+                self.model.forward(&mut chunks).and_then(|t| t.to_vec2::<f32>())
+            };
+            let mut logits = match logits {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("forward pass failed: {e}");
+                    for seq in running.drain(..) {
+                        let _ = seq.events.send(GenerationEvent::Failed { message: format!("model error: {e}") });
+                        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    reserved = 0;
+                    continue;
+                }
+            };
+
+            // 5. Sample for every sequence whose prompt is now fully fed; stream; retire.
+            let mut finished: Vec<usize> = Vec::new();
+            for (row, &i) in stepping.iter().enumerate() {
+                let seq = &mut running[i];
+                if seq.pending() > 0 {
+                    continue; // still prefilling
+                }
+                let token = seq.sampler.sample(&mut logits[row]);
+                seq.generated += 1;
+                if let Some(reason) = self.advance(seq, token) {
+                    let usage = Usage { prompt_tokens: seq.request.prompt.len(), completion_tokens: seq.generated };
+                    let _ = seq.events.send(GenerationEvent::Finished { reason, usage });
+                    finished.push(i);
+                }
+            }
+            for &i in finished.iter().rev() {
+                let seq = running.swap_remove(i);
+                reserved -= seq.reserved_bytes;
+                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        tracing::info!("engine thread stopped");
+    }
+
+    /// Take a sampled token into the sequence; `Some` when it ends the sequence.
+    fn advance(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
+        let tokenizer = &self.shared.tokenizer;
+        if tokenizer.end_of_turn_ids().contains(&token) {
+            let rest = seq.decoder.flush(tokenizer);
+            let rest = match seq.stop.push(&rest) {
+                StopOutcome::Continue(t) => t + &seq.stop.flush(),
+                StopOutcome::Stopped(t) => t,
+            };
+            if !rest.is_empty() {
+                let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest });
+            }
+            return Some(FinishReason::Stop);
+        }
+        seq.tokens.push(token);
+        seq.sampler.observe(token);
+        let delta = seq.decoder.push(tokenizer, token);
+        let (text, stopped) = match seq.stop.push(&delta) {
+            StopOutcome::Continue(t) => (t, false),
+            StopOutcome::Stopped(t) => (t, true),
+        };
+        let out_of_room = seq.generated >= seq.request.max_tokens || seq.tokens.len() >= self.shared.context_length;
+        let text = if out_of_room && !stopped {
+            let tail = seq.decoder.flush(tokenizer);
+            match seq.stop.push(&tail) {
+                StopOutcome::Continue(t) => text + &t + &seq.stop.flush(),
+                StopOutcome::Stopped(t) => text + &t,
+            }
+        } else {
+            text
+        };
+        let _ = seq.events.send(GenerationEvent::Token { id: token, text });
+        if stopped {
+            Some(FinishReason::Stop)
+        } else if out_of_room {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}

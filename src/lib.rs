@@ -1,0 +1,12 @@
+//! terse: an inference server for small reasoning language models.
+//!
+//! The modules follow the data's trip: `model` turns weights and tokens into
+//! logits, `tokenize` turns text into tokens and back, `engine` schedules many
+//! sequences over one model, `server` speaks OpenAI's HTTP API.
+
+pub mod engine;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod tokenize;

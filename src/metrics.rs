@@ -1,0 +1,150 @@
+//! The one place where terse's Prometheus series are defined.
+//!
+//! Every series carries HELP text and follows Prometheus naming rules
+//! (`_total` for counters, `_seconds` / `_bytes` for units). A `Metrics` value
+//! owns its own registry, so tests can run several servers in one process.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Finished HTTP generation requests, by model, endpoint, mode and status code.
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub time_to_first_token_seconds: HistogramVec,
+    pub time_per_output_token_seconds: HistogramVec,
+    pub prompt_tokens_total: IntCounterVec,
+    pub completion_tokens_total: IntCounterVec,
+    /// Requests admitted to the engine but not yet running.
+    pub queue_depth: IntGauge,
+    /// Sequences in the running batch.
+    pub running_sequences: IntGauge,
+    /// Sequences per forward step.
+    pub batch_size: Histogram,
+    pub kv_cache_used_bytes: IntGauge,
+    pub kv_cache_budget_bytes: IntGauge,
+    /// Constant 1, labelled with what the model is.
+    pub model_info: IntGaugeVec,
+    pub model_weight_bytes: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const PER_TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("terse".to_string()), None)
+            .expect("static registry prefix is valid");
+        let by_request = &["model", "endpoint", "mode"];
+        let requests_total = IntCounterVec::new(
+            Opts::new("requests_total", "Generation requests finished, by model, endpoint, reasoning mode and HTTP status"),
+            &["model", "endpoint", "mode", "status"],
+        )
+        .unwrap();
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Time from receiving a generation request to its last byte")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            by_request,
+        )
+        .unwrap();
+        let time_to_first_token_seconds = HistogramVec::new(
+            HistogramOpts::new("time_to_first_token_seconds", "Time from receiving a generation request to its first generated token")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            by_request,
+        )
+        .unwrap();
+        let time_per_output_token_seconds = HistogramVec::new(
+            HistogramOpts::new("time_per_output_token_seconds", "Mean time between generated tokens after the first, per request")
+                .buckets(PER_TOKEN_BUCKETS.to_vec()),
+            by_request,
+        )
+        .unwrap();
+        let prompt_tokens_total = IntCounterVec::new(
+            Opts::new("prompt_tokens_total", "Prompt tokens processed"),
+            by_request,
+        )
+        .unwrap();
+        let completion_tokens_total = IntCounterVec::new(
+            Opts::new("completion_tokens_total", "Completion tokens generated (thinking and answer)"),
+            by_request,
+        )
+        .unwrap();
+        let queue_depth = IntGauge::new("queue_depth", "Requests waiting to join the running batch").unwrap();
+        let running_sequences = IntGauge::new("running_sequences", "Sequences in the running batch").unwrap();
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("batch_size", "Sequences in each forward step")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        )
+        .unwrap();
+        let kv_cache_used_bytes = IntGauge::new("kv_cache_used_bytes", "KV-cache bytes reserved by running sequences").unwrap();
+        let kv_cache_budget_bytes = IntGauge::new("kv_cache_budget_bytes", "KV-cache bytes the engine may reserve in all").unwrap();
+        let model_info = IntGaugeVec::new(
+            Opts::new("model_info", "The served model (value is always 1)"),
+            &["model", "arch", "format", "dtype", "sparse_fraction"],
+        )
+        .unwrap();
+        let model_weight_bytes = IntGauge::new("model_weight_bytes", "Bytes taken by the model's weights").unwrap();
+
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(requests_total.clone()),
+            Box::new(request_duration_seconds.clone()),
+            Box::new(time_to_first_token_seconds.clone()),
+            Box::new(time_per_output_token_seconds.clone()),
+            Box::new(prompt_tokens_total.clone()),
+            Box::new(completion_tokens_total.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(running_sequences.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(kv_cache_used_bytes.clone()),
+            Box::new(kv_cache_budget_bytes.clone()),
+            Box::new(model_info.clone()),
+            Box::new(model_weight_bytes.clone()),
+        ];
+        for c in collectors {
+            registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registers once");
+
+        Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            time_to_first_token_seconds,
+            time_per_output_token_seconds,
+            prompt_tokens_total,
+            completion_tokens_total,
+            queue_depth,
+            running_sequences,
+            batch_size,
+            kv_cache_used_bytes,
+            kv_cache_budget_bytes,
+            model_info,
+            model_weight_bytes,
+        }
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,74 @@
+//! One sequence's keys and values, per layer, growing in place.
+
+use candle_core::{Result, Tensor};
+
+/// Keys and values of one sequence: per layer a (kv_heads, capacity, head_dim)
+/// buffer of which the first `len` positions are filled. Capacity doubles when
+/// full, so appending costs amortised O(1) copies per token.
+pub struct SeqKvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    capacity: usize,
+}
+
+const INITIAL_CAPACITY: usize = 64;
+
+impl SeqKvCache {
+    pub fn new(n_layer: usize) -> Self {
+        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), len: 0, capacity: 0 }
+    }
+
+    /// Positions already cached (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the buffers.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// Append `k`, `v` (kv_heads, new, head_dim) at positions len.. in `layer` and
+    /// return views of everything cached in that layer, new positions included.
+    /// Call for every layer in order; the last layer's call advances `len`.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (heads, new, dim) = k.dims3()?;
+        let needed = self.len + new;
+        if needed > self.capacity {
+            let mut cap = self.capacity.max(INITIAL_CAPACITY);
+            while cap < needed {
+                cap *= 2;
+            }
+            for entry in self.layers.iter_mut().flatten() {
+                let grow = |t: &Tensor| -> Result<Tensor> {
+                    let extra = Tensor::zeros((heads, cap - t.dim(1)?, dim), t.dtype(), t.device())?;
+                    Tensor::cat(&[t, &extra], 1)
+                };
+                *entry = (grow(&entry.0)?, grow(&entry.1)?);
+            }
+            self.capacity = cap;
+        }
+        let entry = match &mut self.layers[layer] {
+            Some(e) => e,
+            slot @ None => {
+                let zeros = || Tensor::zeros((heads, self.capacity, dim), k.dtype(), k.device());
+                slot.insert((zeros()?, zeros()?))
+            }
+        };
+        entry.0.slice_set(&k.contiguous()?, 1, self.len)?;
+        entry.1.slice_set(&v.contiguous()?, 1, self.len)?;
+        let views = (entry.0.narrow(1, 0, needed)?, entry.1.narrow(1, 0, needed)?);
+        if layer + 1 == self.layers.len() {
+            self.len = needed;
+        }
+        Ok(views)
+    }
+}

@@ -1,0 +1,30 @@
+//! Weights to logits: GGUF loading and our own batched transformer forward pass.
+
+mod config;
+mod gguf;
+mod kv_cache;
+mod linear;
+mod transformer;
+
+pub use config::{Arch, TransformerConfig};
+pub use gguf::{load_gguf, LoadedModel};
+pub use kv_cache::SeqKvCache;
+pub use linear::Linear;
+pub use transformer::{SeqChunk, Transformer};
+
+/// What the server says about the model it serves.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The name clients pass as `model`.
+    pub id: String,
+    pub arch: String,
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    /// The dominant weight type, e.g. `q4_1`.
+    pub dtype: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub weight_bytes: u64,
+    /// Share of projection weights stored 2:4-sparse (0 until sparse loading lands).
+    pub sparse_fraction: f64,
+}

@@ -1,0 +1,193 @@
+//! Our own forward pass for the llama and qwen2 families, batched across sequences.
+//!
+//! All tokens of all sequences in a step go through the linear layers as ONE
+//! matrix product; attention then runs per sequence against that sequence's own
+//! KV cache. Every row is computed the same way whatever else is in the batch, so
+//! a sequence's logits have the same bits alone or batched.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Embedding, Module, RmsNorm};
+
+use super::config::TransformerConfig;
+use super::kv_cache::SeqKvCache;
+use super::linear::Linear;
+
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+}
+
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub ffn_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+pub struct Transformer {
+    pub config: TransformerConfig,
+    pub embedding: Embedding,
+    pub blocks: Vec<Block>,
+    pub final_norm: RmsNorm,
+    pub lm_head: Linear,
+    /// RoPE tables, (context_length, head_dim / 2).
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// The new tokens of one sequence in a step and its cache; the tokens sit at
+/// positions `cache.len()..cache.len() + tokens.len()`.
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqKvCache,
+}
+
+impl Transformer {
+    pub fn new(
+        config: TransformerConfig,
+        embedding: Embedding,
+        blocks: Vec<Block>,
+        final_norm: RmsNorm,
+        lm_head: Linear,
+        device: Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rope_tables(&config, &device)?;
+        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Run one step. Returns the logits (chunks.len(), vocab) of the last token of each chunk.
+    pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
+        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        if ids.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
+            candle_core::bail!("every sequence in a step needs at least one token");
+        }
+        let starts: Vec<usize> = chunks.iter().map(|c| c.cache.len()).collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embedding.forward(&ids)?; // (tokens, hidden)
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let h = self.attention(layer, &block.attn, &h, chunks, &starts)?;
+            x = (x + h)?;
+            let h = block.ffn_norm.forward(&x)?;
+            let gate = block.mlp.gate.forward(&h)?;
+            let up = block.mlp.up.forward(&h)?;
+            let h = block.mlp.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            x = (x + h)?;
+        }
+        // Only the last row of each chunk is needed for sampling.
+        let mut last = Vec::with_capacity(chunks.len());
+        let mut offset = 0u32;
+        for c in chunks.iter() {
+            offset += c.tokens.len() as u32;
+            last.push(offset - 1);
+        }
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = self.final_norm.forward(&x)?;
+        self.lm_head.forward(&x)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        h: &Tensor,
+        chunks: &mut [SeqChunk<'_>],
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
+        let q = attn.q.forward(h)?;
+        let k = attn.k.forward(h)?;
+        let v = attn.v.forward(h)?;
+        let mut outputs = Vec::with_capacity(chunks.len());
+        let mut row = 0;
+        for (chunk, &start) in chunks.iter_mut().zip(starts) {
+            let len = chunk.tokens.len();
+            // (len, heads * hd) -> (heads, len, hd)
+            let split = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                t.narrow(0, row, len)?.reshape((len, heads, hd))?.transpose(0, 1)?.contiguous()
+            };
+            let q_s = self.rope(&split(&q, nh)?, start)?;
+            let k_s = self.rope(&split(&k, nkv)?, start)?;
+            let v_s = split(&v, nkv)?;
+            let (keys, values) = chunk.cache.append(layer, &k_s, &v_s)?;
+            outputs.push(self.attend(&q_s, &keys, &values, start)?);
+            row += len;
+        }
+        let y = Tensor::cat(&outputs, 0)?; // (tokens, heads * hd)
+        attn.o.forward(&y)
+    }
+
+    /// Scaled dot-product attention of one sequence's new queries (heads, len, hd)
+    /// over its cached keys and values (kv_heads, total, hd), causal.
+    fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (nh, len, hd) = q.dims3()?;
+        let nkv = cfg.n_kv_head;
+        let group = nh / nkv;
+        let total = start + len;
+        // Grouped-query attention without copying keys: the `group` query heads that
+        // share one KV head are stacked along the row axis.
+        let q = q.reshape((nkv, group * len, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?; // (nkv, group*len, total)
+        let scores = if len > 1 {
+            let mask = causal_mask(len, start, &self.device)?; // (len, total)
+            scores.reshape((nkv, group, len, total))?.broadcast_add(&mask)?.reshape((nkv, group * len, total))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values.contiguous()?)?; // (nkv, group*len, hd)
+        out.reshape((nh, len, hd))?.transpose(0, 1)?.reshape((len, nh * hd))
+    }
+
+    fn rope(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let len = x.dim(1)?;
+        let cos = self.cos.narrow(0, start, len)?;
+        let sin = self.sin.narrow(0, start, len)?;
+        let x = x.unsqueeze(0)?;
+        let y = if self.config.arch.rope_is_neox() {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        };
+        y.squeeze(0)
+    }
+}
+
+/// 0 where query `i` (at position start + i) may see key `j`, -inf after it.
+fn causal_mask(len: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let total = start + len;
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (len, total), device)
+}
+
+fn rope_tables(cfg: &TransformerConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_freq: Vec<f32> = (0..cfg.head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / cfg.head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
+    let positions = Tensor::arange(0, cfg.context_length as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.context_length, 1))?;
+    let angles = positions.matmul(&inv_freq.reshape((1, ()))?)?;
+    Ok((angles.cos()?, angles.sin()?))
+}

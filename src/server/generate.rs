@@ -1,0 +1,208 @@
+//! What the generation endpoints share: the per-request metrics record (a Drop
+//! guard, so a streamed request is counted when its stream ends), submitting a
+//! tokenized prompt to the engine, and collecting a whole answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::error::ApiError;
+use super::validate::{CommonParams, Mode};
+use super::AppState;
+use crate::engine::{EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, Usage};
+use crate::metrics::Metrics;
+
+/// The `status` label of a request whose client went away before the end
+/// (nginx's convention: no HTTP status was ever sent for it).
+pub const STATUS_CLIENT_CLOSED: u16 = 499;
+
+/// Metrics of one generation request, recorded when it is dropped.
+pub struct RequestRecord {
+    metrics: Arc<Metrics>,
+    model: String,
+    endpoint: &'static str,
+    request_id: String,
+    mode: Mode,
+    received: Instant,
+    status: u16,
+    submitted: bool,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl RequestRecord {
+    pub fn new(state: &AppState, endpoint: &'static str, request_id: String) -> Self {
+        RequestRecord {
+            metrics: state.metrics.clone(),
+            model: state.served_name.clone(),
+            endpoint,
+            request_id,
+            mode: Mode::None,
+            received: Instant::now(),
+            status: STATUS_CLIENT_CLOSED,
+            submitted: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            first_token: None,
+            last_token: None,
+        }
+    }
+
+    pub fn received(&self) -> Instant {
+        self.received
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
+    pub fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    /// Record `e`'s status and answer with it.
+    pub fn reject(&mut self, e: ApiError) -> axum::response::Response {
+        self.status = e.status().as_u16();
+        axum::response::IntoResponse::into_response(e)
+    }
+
+    fn on_submitted(&mut self, prompt_tokens: usize) {
+        self.submitted = true;
+        self.prompt_tokens = prompt_tokens;
+    }
+
+    pub fn on_token(&mut self) {
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        self.completion_tokens += 1;
+    }
+
+    pub fn on_finished(&mut self, usage: &Usage) {
+        self.status = 200;
+        self.prompt_tokens = usage.prompt_tokens;
+        self.completion_tokens = usage.completion_tokens;
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let mode = self.mode.label();
+        let status = self.status.to_string();
+        m.requests_total
+            .with_label_values(&[&self.model, self.endpoint, mode, &status])
+            .inc();
+        if !self.submitted {
+            return;
+        }
+        let secs = self.received.elapsed().as_secs_f64();
+        tracing::info!(
+            request_id = %self.request_id,
+            endpoint = self.endpoint,
+            mode,
+            status = self.status,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            secs,
+            "generation ended"
+        );
+        let labels = [self.model.as_str(), self.endpoint, mode];
+        m.request_duration_seconds.with_label_values(&labels).observe(secs);
+        m.prompt_tokens_total
+            .with_label_values(&labels)
+            .inc_by(self.prompt_tokens as u64);
+        m.completion_tokens_total
+            .with_label_values(&labels)
+            .inc_by(self.completion_tokens as u64);
+        if let Some(first) = self.first_token {
+            m.time_to_first_token_seconds
+                .with_label_values(&labels)
+                .observe(first.duration_since(self.received).as_secs_f64());
+            if let Some(last) = self.last_token.filter(|_| self.completion_tokens >= 2) {
+                let per_token = last.duration_since(first).as_secs_f64() / (self.completion_tokens - 1) as f64;
+                m.time_per_output_token_seconds
+                    .with_label_values(&labels)
+                    .observe(per_token);
+            }
+        }
+    }
+}
+
+/// The loaded engine, or why there is none to use.
+pub fn engine(state: &AppState) -> Result<EngineHandle, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    state.engine.get().cloned().ok_or(ApiError::NotReady)
+}
+
+/// Run CPU-bound prompt work (templating, tokenizing) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("prompt processing failed: {e}")))?
+}
+
+/// Check the prompt against the context and queue it.
+pub fn submit(
+    engine: &EngineHandle,
+    prompt: Vec<u32>,
+    params: &CommonParams,
+    record: &mut RequestRecord,
+) -> Result<GenerationStream, ApiError> {
+    let context = engine.context_length();
+    if prompt.is_empty() {
+        return Err(ApiError::field("prompt", "the prompt is empty"));
+    }
+    if prompt.len() >= context {
+        return Err(ApiError::PromptTooLong {
+            prompt: prompt.len(),
+            context,
+        });
+    }
+    let prompt_len = prompt.len();
+    let request = GenerationRequest {
+        id: record.request_id.clone(),
+        prompt,
+        max_tokens: params.max_tokens.unwrap_or(context - prompt_len),
+        sampling: params.sampling.clone(),
+        stop: params.stop.clone(),
+        received_at: record.received(),
+    };
+    let stream = engine.submit(request)?;
+    record.on_submitted(prompt_len);
+    Ok(stream)
+}
+
+/// A whole (non-streamed) generation.
+pub struct Collected {
+    pub text: String,
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+pub async fn collect(mut stream: GenerationStream, record: &mut RequestRecord) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            GenerationEvent::Token { text: piece, .. } => {
+                record.on_token();
+                text.push_str(&piece);
+            }
+            GenerationEvent::Finished { reason, usage } => {
+                record.on_finished(&usage);
+                return Ok(Collected { text, reason, usage });
+            }
+            GenerationEvent::Failed { message } => {
+                return Err(ApiError::Internal(format!("generation failed: {message}")));
+            }
+        }
+    }
+    Err(ApiError::Internal(
+        "the engine stopped before finishing the request".into(),
+    ))
+}

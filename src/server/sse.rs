@@ -1,0 +1,127 @@
+//! Streaming a generation as Server-Sent Events, shared by chat and text
+//! completions: each endpoint only says how its chunks look ([`ChunkFormat`]).
+//!
+//! The SSE body owns the [`GenerationStream`] and the [`RequestRecord`]: when
+//! the client disconnects, hyper drops the body, which cancels the sequence in
+//! the engine and records the request (status 499) at that moment.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, Stream, StreamExt};
+
+use super::error::ApiError;
+use super::generate::RequestRecord;
+use super::openai::UsageBody;
+use crate::engine::{GenerationEvent, GenerationStream};
+
+/// Comment lines sent while no token arrives (e.g. a long queue wait), so that
+/// proxies keep the connection open.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// How one endpoint renders its stream chunks, as JSON text.
+pub trait ChunkFormat: Send + 'static {
+    /// Sent before any token (the chat role chunk), if any.
+    fn opening(&self) -> Option<String>;
+    fn text(&self, text: String) -> String;
+    fn finish(&self, reason: &'static str) -> String;
+    /// The usage-only chunk of `stream_options.include_usage`.
+    fn usage(&self, usage: UsageBody) -> String;
+}
+
+enum Phase {
+    Opening,
+    Streaming,
+    Done,
+}
+
+struct State<F> {
+    events: GenerationStream,
+    record: RequestRecord,
+    format: F,
+    include_usage: bool,
+    phase: Phase,
+}
+
+fn data(json: String) -> Event {
+    Event::default().data(json)
+}
+
+fn done() -> Event {
+    Event::default().data("[DONE]")
+}
+
+/// The SSE events of one generation, ending in `data: [DONE]`.
+fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+    stream::unfold(state, |mut st| async move {
+        let batch = match st.phase {
+            Phase::Done => return None,
+            Phase::Opening => {
+                st.phase = Phase::Streaming;
+                match st.format.opening() {
+                    Some(json) => vec![data(json)],
+                    None => vec![],
+                }
+            }
+            Phase::Streaming => loop {
+                match st.events.next().await {
+                    Some(GenerationEvent::Token { text, .. }) => {
+                        st.record.on_token();
+                        if !text.is_empty() {
+                            break vec![data(st.format.text(text))];
+                        }
+                    }
+                    Some(GenerationEvent::Finished { reason, usage }) => {
+                        st.record.on_finished(&usage);
+                        st.phase = Phase::Done;
+                        let mut out = vec![data(st.format.finish(reason.as_openai()))];
+                        if st.include_usage {
+                            out.push(data(st.format.usage(usage.into())));
+                        }
+                        out.push(done());
+                        break out;
+                    }
+                    Some(GenerationEvent::Failed { message }) => {
+                        break fail(&mut st, ApiError::Internal(format!("generation failed: {message}")));
+                    }
+                    None => {
+                        break fail(
+                            &mut st,
+                            ApiError::Internal("the engine stopped before finishing the request".into()),
+                        );
+                    }
+                }
+            },
+        };
+        Some((batch, st))
+    })
+    .flat_map(|batch| stream::iter(batch.into_iter().map(Ok)))
+}
+
+/// An error after the stream has begun: an SSE event with OpenAI's error body.
+fn fail<F>(st: &mut State<F>, error: ApiError) -> Vec<Event> {
+    tracing::error!(error = %error, "stream failed");
+    st.record.set_status(error.status().as_u16());
+    st.phase = Phase::Done;
+    vec![data(error.to_json()), done()]
+}
+
+pub fn response<F: ChunkFormat>(
+    events_in: GenerationStream,
+    record: RequestRecord,
+    format: F,
+    include_usage: bool,
+) -> Response {
+    let state = State {
+        events: events_in,
+        record,
+        format,
+        include_usage,
+        phase: Phase::Opening,
+    };
+    Sse::new(events(state))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}

@@ -1,0 +1,86 @@
+//! Chat prompts rendered with minijinja from the template the model ships.
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct TemplateError(pub String);
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// Templates call `raise_exception('...')` to reject a conversation (e.g. roles
+/// that do not alternate); that is the user's error, not the server's.
+fn raise_exception(msg: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: String, eos_token: String) -> anyhow::Result<Self> {
+        let mut env = Environment::new();
+        // Hugging Face renders templates with these Jinja options.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // Python string methods (`.strip()`, `.startswith()`, ...) used by many templates.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| anyhow::anyhow!("the model's chat template does not parse: {e}"))?;
+        Ok(ChatTemplate { env, bos_token, eos_token })
+    }
+
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        let template = self.env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| TemplateError(format!("chat template: {}", e.detail().unwrap_or(&e.to_string()))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn renders_chatml_with_generation_prompt() {
+        let t = ChatTemplate::new(CHATML, String::new(), String::new()).unwrap();
+        let out = t.render(&[msg("user", " Hi ")], true).unwrap();
+        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn raise_exception_is_a_template_error() {
+        let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok";
+        let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
+        let err = t.render(&[msg("assistant", "x")], true).unwrap_err();
+        assert!(err.0.contains("first must be user"), "{err}");
+        assert_eq!(t.render(&[msg("user", "x")], true).unwrap(), "ok");
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let t = ChatTemplate::new("{{ messages[0]['content'].strip().startswith('a') }}", String::new(), String::new()).unwrap();
+        assert_eq!(t.render(&[msg("user", "  abc ")], false).unwrap(), "true");
+    }
+}

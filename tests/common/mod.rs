@@ -1,0 +1,231 @@
+//! Shared helpers of the HTTP integration tests: servers on their own runtime
+//! threads (so one server can serve every test of the binary), and small HTTP
+//! and SSE helpers over reqwest.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+use serde_json::Value;
+use terse::engine::EngineConfig;
+use terse::metrics::Metrics;
+use terse::server::{spawn, ServeConfig};
+
+/// The default model; `./models/fetch smollm2-135m` must have been run.
+pub const MODEL: &str = "smollm2-135m";
+
+/// A server running on a runtime of its own; dropping it shuts the server down.
+pub struct TestServer {
+    pub url: String,
+    pub metrics: Arc<Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start(engine: EngineConfig) -> TestServer {
+        let model = terse::manifest::resolve_model(MODEL)
+            .unwrap_or_else(|e| panic!("{e:#} (run `./models/fetch {MODEL}` first)"));
+        let mut config = ServeConfig::new(model.path, model.served_name);
+        config.port = 0;
+        config.engine = engine;
+        config.shutdown_grace = Duration::from_secs(60);
+        let metrics = Arc::new(Metrics::new());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server_metrics = metrics.clone();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let server = match spawn(config, server_metrics).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("{e:#}")));
+                        return Ok(());
+                    }
+                };
+                // `/ready` must say 503 or 200, never fail, while the model loads.
+                if let Err(e) = server.wait_ready().await {
+                    let _ = ready_tx.send(Err(format!("{e:#}")));
+                    return Ok(());
+                }
+                let _ = ready_tx.send(Ok(server.url()));
+                let _ = stop_rx.await;
+                server.shutdown();
+                server.join().await
+            })
+        });
+        let url = ready_rx
+            .recv()
+            .expect("server thread died")
+            .unwrap_or_else(|e| panic!("server failed: {e}"));
+        TestServer {
+            url,
+            metrics,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Begin a graceful shutdown and wait until the server has stopped.
+    pub fn shutdown_and_wait(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.thread.take().unwrap().join().expect("server thread panicked")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The server shared by the tests that only need a default server.
+pub fn shared() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| TestServer::start(EngineConfig::default()))
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub json: Value,
+}
+
+pub async fn post_json(url: &str, body: &Value) -> Reply {
+    let resp = client().post(url).json(body).send().await.expect("request failed");
+    reply(resp).await
+}
+
+pub async fn post_raw(url: &str, body: Vec<u8>) -> Reply {
+    let resp = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request failed");
+    reply(resp).await
+}
+
+pub async fn get(url: &str) -> Reply {
+    reply(client().get(url).send().await.expect("request failed")).await
+}
+
+async fn reply(resp: reqwest::Response) -> Reply {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.expect("reading the body");
+    let json = match serde_json::from_str(&text) {
+        Ok(json) => json,
+        Err(_) => Value::String(text),
+    };
+    Reply { status, headers, json }
+}
+
+/// The `data:` payloads of an SSE response, in order (`[DONE]` kept as a string).
+pub async fn post_sse(url: &str, body: &Value) -> (StatusCode, Vec<Value>) {
+    let resp = client().post(url).json(body).send().await.expect("request failed");
+    let status = resp.status();
+    if status.is_success() {
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert!(ct.starts_with("text/event-stream"), "content type {ct}");
+    }
+    let text = resp.text().await.expect("reading the stream");
+    (status, parse_sse(&text))
+}
+
+pub fn parse_sse(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|data| {
+            let data = data.trim_start();
+            serde_json::from_str(data).unwrap_or_else(|_| Value::String(data.to_string()))
+        })
+        .collect()
+}
+
+/// Assert OpenAI's error shape and return `error`.
+pub fn assert_openai_error(reply: &Reply, status: u16) -> &Value {
+    assert_eq!(reply.status.as_u16(), status, "body: {}", reply.json);
+    let error = reply
+        .json
+        .get("error")
+        .unwrap_or_else(|| panic!("no `error` in {}", reply.json));
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{error}");
+    assert!(error["type"].is_string(), "{error}");
+    let obj = error.as_object().unwrap();
+    assert!(obj.contains_key("param") && obj.contains_key("code"), "{error}");
+    assert!(
+        reply.headers.contains_key("x-request-id"),
+        "no x-request-id on an error"
+    );
+    error
+}
+
+/// The value of one sample in Prometheus text (`name` with its labels, as written).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub async fn metrics_text(server: &TestServer) -> String {
+    client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Run a Python script of tests/python; panics (fails the test) when python3,
+/// the packages of tests/requirements.txt or the script's checks are missing.
+pub fn run_python(script: &str, args: &[&str]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = std::process::Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}); install Python 3 and `pip install -r tests/requirements.txt`")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{stderr}\n(packages: `pip install -r tests/requirements.txt`)",
+        out.status
+    );
+    eprintln!("{stdout}");
+}

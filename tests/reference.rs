@@ -1,0 +1,219 @@
+//! Our forward pass against candle-transformers' reference models on the same
+//! GGUF file, and batching's bit-for-bit invariance.
+//!
+//! Qwen2.5-0.5B runs when its file is fetched (`./models/fetch qwen2.5-0.5b`);
+//! set TERSE_REQUIRE_QWEN=1 to make a missing file a failure.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use terse::engine::argmax;
+use terse::model::{load_gguf, Arch, LoadedModel, SeqChunk, SeqKvCache};
+use terse::tokenize::ChatMessage;
+
+/// Largest |ours - reference| allowed on any logit, per model. Both sides run
+/// candle's quantized kernels, which quantize every activation row to 8 bits
+/// before each matmul: a last-bit difference upstream (our grouped-query
+/// attention layout; Q6_K rows that we always run on candle's tiled kernel, see
+/// `model::Linear`) can flip one rounding step and move logits by far more than
+/// float noise. The reference disagrees with ITSELF by ~0.35 on Qwen2.5-0.5B
+/// between its one-token decode and a full prefill of the same tokens (printed
+/// below), so Qwen's tolerance is set above that (measured: 0.57 at worst).
+/// SmolLM2 (Q4_1/Q8_0, no Q6_K) has matched the reference bit for bit; its
+/// tolerance only allows for float reassociation.
+const SMOLLM2_TOLERANCE: f32 = 1e-4;
+const QWEN_TOLERANCE: f32 = 1.0;
+const STEPS: usize = 32;
+const PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "If I have 3 apples and eat one, how many are left? Explain step by step.",
+];
+
+fn model_path(name: &str) -> PathBuf {
+    terse::manifest::resolve_model(name).expect("model fetched").path
+}
+
+enum Reference {
+    Llama(candle_transformers::models::quantized_llama::ModelWeights),
+    Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
+}
+
+impl Reference {
+    fn load(path: &Path, arch: Arch) -> Reference {
+        let mut file = File::open(path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        match arch {
+            Arch::Llama => Reference::Llama(
+                candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+            ),
+            Arch::Qwen2 => Reference::Qwen2(
+                candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+            ),
+        }
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Vec<f32> {
+        let x = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = match self {
+            Reference::Llama(m) => m.forward(&x, pos),
+            Reference::Qwen2(m) => m.forward(&x, pos),
+        }
+        .unwrap();
+        logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Reference::Llama(m) => m.clear_kv_cache(),
+            Reference::Qwen2(m) => m.clear_kv_cache(),
+        }
+    }
+}
+
+fn prompt_tokens(model: &LoadedModel, text: &str) -> Vec<u32> {
+    let rendered = model
+        .tokenizer
+        .apply_chat_template(&[ChatMessage { role: "user".into(), content: text.into() }], true)
+        .unwrap();
+    model.tokenizer.encode(&rendered).unwrap()
+}
+
+/// Logits of our model for one sequence fed alone: the prompt, then `inputs` one at a time.
+fn ours_alone(model: &LoadedModel, prompt: &[u32], inputs: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = SeqKvCache::new(model.transformer.config.n_layer);
+    let mut out = Vec::new();
+    let mut feed = prompt.to_vec();
+    for step in 0..=inputs.len() {
+        let logits = model.transformer.forward(&mut [SeqChunk { tokens: &feed, cache: &mut cache }]).unwrap();
+        out.push(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        if step < inputs.len() {
+            feed = vec![inputs[step]];
+        }
+    }
+    out
+}
+
+fn top_two_gap(logits: &[f32]) -> f32 {
+    let best = argmax(logits) as usize;
+    let second = logits.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &l)| l).fold(f32::NEG_INFINITY, f32::max);
+    logits[best] - second
+}
+
+fn compare_with_reference(name: &str, tolerance: f32) {
+    let path = model_path(name);
+    let ours = load_gguf(&path, name).unwrap();
+    let mut reference = Reference::load(&path, ours.transformer.config.arch);
+    let mut worst = 0f32;
+    let mut greedy_checked = 0;
+    for text in PROMPTS {
+        let prompt = prompt_tokens(&ours, text);
+        reference.clear();
+        // The reference chooses the tokens (greedy); both models are fed the same ones.
+        let mut ref_logits = vec![reference.forward(&prompt, 0)];
+        let mut inputs = Vec::new();
+        for step in 0..STEPS {
+            let next = argmax(ref_logits.last().unwrap());
+            inputs.push(next);
+            ref_logits.push(reference.forward(&[next], prompt.len() + step));
+        }
+        let our_logits = ours_alone(&ours, &prompt, &inputs);
+        // How far the reference is from itself: the last step recomputed as one prefill.
+        reference.clear();
+        let mut all = prompt.clone();
+        all.extend(&inputs[..STEPS - 1]);
+        let again = reference.forward(&all, 0);
+        let self_diff = again.iter().zip(&ref_logits[STEPS - 1]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        eprintln!("{name} {text:?}: reference decode vs its own prefill differ by up to {self_diff:e}");
+        for (step, (a, b)) in our_logits.iter().zip(&ref_logits).enumerate() {
+            assert_eq!(a.len(), b.len());
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            worst = worst.max(diff);
+            assert!(diff <= tolerance, "{name} {text:?} step {step}: max logit difference {diff} > {tolerance}");
+            if top_two_gap(b) > tolerance {
+                greedy_checked += 1;
+                assert_eq!(argmax(a), argmax(b), "{name} {text:?} step {step}: greedy tokens differ");
+            }
+        }
+    }
+    eprintln!("{name}: max logit difference {worst:e} over {} prompts x {} steps; greedy compared at {greedy_checked} steps", PROMPTS.len(), STEPS + 1);
+    assert!(greedy_checked >= PROMPTS.len() * STEPS / 2, "too few decisive steps to compare greedy tokens");
+}
+
+#[test]
+fn smollm2_matches_candle_transformers() {
+    compare_with_reference("smollm2-135m", SMOLLM2_TOLERANCE);
+}
+
+#[test]
+fn qwen2_5_0_5b_matches_candle_transformers() {
+    if terse::manifest::resolve_model("qwen2.5-0.5b").is_err() && std::env::var("TERSE_REQUIRE_QWEN").is_err() {
+        eprintln!("qwen2.5-0.5b not fetched: comparison not run (set TERSE_REQUIRE_QWEN=1 to require it)");
+        return;
+    }
+    compare_with_reference("qwen2.5-0.5b", QWEN_TOLERANCE);
+}
+
+/// Three sequences at different positions in one batch give the same bits as alone.
+fn check_batch_invariance(name: &str) {
+    let path = model_path(name);
+    let model = load_gguf(&path, name).unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| prompt_tokens(&model, t)).collect();
+    // Fixed continuation tokens (taken from the prompt itself) so no sampling is involved.
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().rev().take(12).copied().collect()).collect();
+    let alone: Vec<Vec<Vec<f32>>> = prompts.iter().zip(&inputs).map(|(p, i)| ours_alone(&model, p, i)).collect();
+
+    // Sequence s joins at step 3 * s, so the batch mixes prefill and decode at
+    // different positions; record each sequence's logits step by step.
+    let n_layer = model.transformer.config.n_layer;
+    let mut caches: Vec<SeqKvCache> = (0..prompts.len()).map(|_| SeqKvCache::new(n_layer)).collect();
+    let mut fed = vec![0usize; prompts.len()]; // steps taken per sequence
+    let mut batched: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    let mut max_batch = 0;
+    for step in 0.. {
+        let active: Vec<usize> = (0..prompts.len()).filter(|&s| step >= 3 * s && fed[s] <= inputs[s].len()).collect();
+        if active.is_empty() {
+            break;
+        }
+        max_batch = max_batch.max(active.len());
+        let feeds: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&s| if fed[s] == 0 { prompts[s].clone() } else { vec![inputs[s][fed[s] - 1]] })
+            .collect();
+        let mut chunks: Vec<SeqChunk> = Vec::new();
+        for (cache_idx, cache) in caches.iter_mut().enumerate() {
+            if let Some(k) = active.iter().position(|&s| s == cache_idx) {
+                chunks.push(SeqChunk { tokens: &feeds[k], cache });
+            }
+        }
+        let logits = model.transformer.forward(&mut chunks).unwrap().to_vec2::<f32>().unwrap();
+        for (row, &s) in active.iter().enumerate() {
+            batched[s].push(logits[row].clone());
+            fed[s] += 1;
+        }
+    }
+    assert_eq!(max_batch, prompts.len(), "the batch never held every sequence");
+    for s in 0..prompts.len() {
+        assert_eq!(alone[s].len(), batched[s].len());
+        for (step, (a, b)) in alone[s].iter().zip(&batched[s]).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name}: sequence {s} step {step}: batched logits differ from alone");
+        }
+    }
+}
+
+#[test]
+fn smollm2_batching_keeps_bits() {
+    check_batch_invariance("smollm2-135m");
+}
+
+#[test]
+fn qwen2_5_0_5b_batching_keeps_bits() {
+    if terse::manifest::resolve_model("qwen2.5-0.5b").is_err() && std::env::var("TERSE_REQUIRE_QWEN").is_err() {
+        eprintln!("qwen2.5-0.5b not fetched: batching check not run");
+        return;
+    }
+    check_batch_invariance("qwen2.5-0.5b");
+}
