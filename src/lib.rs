@@ -8,5 +8,6 @@ pub mod engine;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod reasoning;
 pub mod server;
 pub mod tokenize;

@@ -80,7 +80,9 @@ mod tests {
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new("{{ messages[0]['content'].strip().startswith('a') }}", String::new(), String::new()).unwrap();
-        assert_eq!(t.render(&[msg("user", "  abc ")], false).unwrap(), "true");
+        let src = "{% if messages[0]['content'].strip().startswith('a') %}yes{% else %}no{% endif %}";
+        let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
+        assert_eq!(t.render(&[msg("user", "  abc ")], false).unwrap(), "yes");
+        assert_eq!(t.render(&[msg("user", "  xbc ")], false).unwrap(), "no");
     }
 }
