@@ -1,5 +1,6 @@
 //! Controlling how long the model thinks: pure logic on logits and token ids,
 //! with no HTTP and no model code, so it is tested on its own.
 
+pub mod control;
 pub mod phase;
 pub mod stopping;

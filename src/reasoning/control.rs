@@ -1,0 +1,380 @@
+//! One sequence's thinking control: TS on the logits, budget forcing, counts.
+//!
+//! The engine asks, each time the sequence is about to choose a token:
+//! 1. [`ReasoningControl::forced_now`]: tokens to inject instead of sampling
+//!    (the end-of-thinking text at the `max_thinking_tokens` cap);
+//! 2. otherwise it edits the logits with [`ReasoningControl::edit_logits`] (TS),
+//!    applies the request's own sampling, and reports the choice to
+//!    [`ReasoningControl::after_sample`], which may replace a too-early stop by
+//!    the continuation text (`min_thinking_tokens`).
+//!
+//! Injected tokens are fed through the model like prompt tokens, counted as
+//! forced, and returned as part of the text.
+
+use super::phase::{Phase, PhaseTracker};
+use super::stopping::scale_stop_mass;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// No control: the model stops when it stops.
+    None,
+    /// Temperature-scaled stopping.
+    Ts,
+    /// s1-style budget forcing.
+    Budget,
+}
+
+/// The per-request settings, after the mode preset and the request's overrides are merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReasoningSettings {
+    pub strategy: Strategy,
+    /// τ ≥ 1 for TS.
+    pub stop_temperature: f32,
+    /// Grow τ from 1 toward `stop_temperature` as thinking approaches the budget.
+    pub ramp: bool,
+    /// The thinking budget: the cap for budget forcing, the ramp's horizon for TS.
+    pub max_thinking_tokens: Option<usize>,
+    /// Below this many thinking tokens a sampled stop becomes the continuation text.
+    pub min_thinking_tokens: Option<usize>,
+}
+
+impl Default for ReasoningSettings {
+    fn default() -> Self {
+        ReasoningSettings {
+            strategy: Strategy::None,
+            stop_temperature: 1.0,
+            ramp: false,
+            max_thinking_tokens: None,
+            min_thinking_tokens: None,
+        }
+    }
+}
+
+/// What a model injects, tokenized once at load from its manifest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Injections {
+    /// Closes the thought (`\n</think>\n\n`), or for models without think
+    /// tokens wraps up the answer (`\nFinal answer:`).
+    pub end_of_thinking: Vec<u32>,
+    /// Replaces an early stop (`Wait`).
+    pub continuation: Vec<u32>,
+    /// Models without think tokens: answer tokens allowed after the wrap-up text.
+    pub answer_tokens_after_wrap_up: Option<usize>,
+}
+
+/// Why the thinking phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThinkStopReason {
+    /// The model stopped thinking on its own.
+    Natural,
+    /// It stopped while TS was raising the stop probability.
+    StopTemperature,
+    /// The budget cap forced the end-of-thinking text.
+    Budget,
+    /// max_tokens or the context ran out first.
+    Length,
+    /// The client went away first.
+    Cancelled,
+}
+
+impl ThinkStopReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ThinkStopReason::Natural => "natural",
+            ThinkStopReason::StopTemperature => "stop_temperature",
+            ThinkStopReason::Budget => "budget",
+            ThinkStopReason::Length => "length",
+            ThinkStopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What to do with a sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Keep the sampled token.
+    Keep,
+    /// Drop the sampled token and inject these instead.
+    Replace(Vec<u32>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ReasoningControl {
+    settings: ReasoningSettings,
+    injections: Injections,
+    tracker: PhaseTracker,
+    end_of_turn: Vec<u32>,
+    /// Tokens of the controlled phase so far (THINKING, or the whole answer of a
+    /// model without think tokens).
+    controlled: usize,
+    thinking_tokens: usize,
+    answer_tokens: usize,
+    forced_tokens: usize,
+    /// Models without think tokens: answer tokens still allowed after the wrap-up.
+    after_wrap_up: Option<usize>,
+    stop_reason: Option<ThinkStopReason>,
+}
+
+impl ReasoningControl {
+    pub fn new(settings: ReasoningSettings, injections: Injections, tracker: PhaseTracker, end_of_turn: Vec<u32>) -> Self {
+        ReasoningControl {
+            settings,
+            injections,
+            tracker,
+            end_of_turn,
+            controlled: 0,
+            thinking_tokens: 0,
+            answer_tokens: 0,
+            forced_tokens: 0,
+            after_wrap_up: None,
+            stop_reason: None,
+        }
+    }
+
+    fn has_think_tokens(&self) -> bool {
+        self.tracker.think_tokens().is_some()
+    }
+
+    /// Whether the phase under control is running: THINKING for a thinking
+    /// model, the whole answer (until a wrap-up) for one without think tokens.
+    fn controlling(&self) -> bool {
+        if self.has_think_tokens() {
+            self.tracker.phase() == Phase::Thinking
+        } else {
+            self.after_wrap_up.is_none()
+        }
+    }
+
+    /// τ in force for the next token. Ramp schedule: τ(n) = 1 + (τ_max − 1) · min(1, n / B)
+    /// for n controlled tokens so far and budget B, so the stop probability rises
+    /// smoothly and reaches the full τ at the budget (without a budget, no ramp).
+    pub fn current_stop_temperature(&self) -> f32 {
+        let s = &self.settings;
+        if s.strategy != Strategy::Ts || !self.controlling() {
+            return 1.0;
+        }
+        match (s.ramp, s.max_thinking_tokens) {
+            (true, Some(budget)) if budget > 0 => {
+                let progress = (self.controlled as f32 / budget as f32).min(1.0);
+                1.0 + (s.stop_temperature - 1.0) * progress
+            }
+            _ => s.stop_temperature,
+        }
+    }
+
+    /// Tokens to inject now instead of sampling: the end-of-thinking text once the
+    /// controlled phase reaches `max_thinking_tokens` under budget forcing.
+    pub fn forced_now(&mut self) -> Option<Vec<u32>> {
+        let s = &self.settings;
+        if s.strategy != Strategy::Budget || !self.controlling() {
+            return None;
+        }
+        let cap = s.max_thinking_tokens?;
+        if self.controlled < cap {
+            return None;
+        }
+        let forced = self.injections.end_of_thinking.clone();
+        self.stop_reason = Some(ThinkStopReason::Budget);
+        self.forced_tokens += forced.len();
+        if self.has_think_tokens() {
+            // The close delimiter inside the forced text moves the phase.
+            for &t in &forced {
+                self.count(t);
+            }
+            if self.tracker.phase() == Phase::Thinking {
+                // The text held no close token: leave the phase by force.
+                self.tracker = PhaseTracker::new(None, &[]);
+            }
+        } else {
+            self.answer_tokens += forced.len();
+            self.after_wrap_up = Some(self.injections.answer_tokens_after_wrap_up.unwrap_or(usize::MAX));
+        }
+        Some(forced)
+    }
+
+    /// Apply TS to the logits of the next token (no-op when τ = 1).
+    pub fn edit_logits(&self, logits: &mut [f32]) {
+        let tau = self.current_stop_temperature();
+        if tau > 1.0 {
+            let stops = self.tracker.stop_set(&self.end_of_turn);
+            scale_stop_mass(logits, &stops, tau);
+        }
+    }
+
+    /// Take the sampled token in; may replace an early stop by the continuation.
+    pub fn after_sample(&mut self, token: u32) -> Decision {
+        let stops_phase = self.controlling() && self.tracker.stop_set(&self.end_of_turn).contains(&token);
+        if stops_phase {
+            let min = self.settings.min_thinking_tokens.unwrap_or(0);
+            if self.controlled < min && !self.injections.continuation.is_empty() {
+                let cont = self.injections.continuation.clone();
+                self.forced_tokens += cont.len();
+                for &t in &cont {
+                    self.count(t);
+                }
+                return Decision::Replace(cont);
+            }
+            if self.stop_reason.is_none() {
+                self.stop_reason = Some(if self.current_stop_temperature() > 1.0 {
+                    ThinkStopReason::StopTemperature
+                } else {
+                    ThinkStopReason::Natural
+                });
+            }
+        }
+        self.count(token);
+        Decision::Keep
+    }
+
+    /// Count a token the sequence now holds, in its phase.
+    fn count(&mut self, token: u32) {
+        let was_controlling = self.controlling();
+        match self.tracker.observe(token) {
+            Phase::Thinking => self.thinking_tokens += 1,
+            Phase::Answer => self.answer_tokens += 1,
+        }
+        if was_controlling {
+            self.controlled += 1;
+        }
+        if let Some(left) = self.after_wrap_up.as_mut() {
+            *left = left.saturating_sub(1);
+        }
+    }
+
+    /// Models without think tokens: the wrap-up's answer allowance is used up.
+    pub fn answer_allowance_spent(&self) -> bool {
+        self.after_wrap_up == Some(0)
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.tracker.phase()
+    }
+
+    pub fn thinking_tokens(&self) -> usize {
+        self.thinking_tokens
+    }
+
+    pub fn answer_tokens(&self) -> usize {
+        self.answer_tokens
+    }
+
+    pub fn forced_tokens(&self) -> usize {
+        self.forced_tokens
+    }
+
+    /// Why thinking ended; `ended_by` is used when it is still running at the end.
+    pub fn stop_reason(&self, ended_by: ThinkStopReason) -> Option<ThinkStopReason> {
+        if !self.has_think_tokens() && self.settings.strategy == Strategy::None {
+            return self.stop_reason;
+        }
+        self.stop_reason.or(if self.controlling() && self.thinking_tokens + self.answer_tokens > 0 {
+            Some(ended_by)
+        } else {
+            None
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::phase::ThinkTokens;
+    use super::*;
+
+    const THINK: ThinkTokens = ThinkTokens { open: 10, close: 11 };
+    const EOT: u32 = 0;
+
+    fn injections() -> Injections {
+        Injections { end_of_thinking: vec![12, 11, 13], continuation: vec![20], answer_tokens_after_wrap_up: Some(3) }
+    }
+
+    fn thinking(settings: ReasoningSettings) -> ReasoningControl {
+        ReasoningControl::new(settings, injections(), PhaseTracker::new(Some(THINK), &[1, 10]), vec![EOT])
+    }
+
+    fn budget(max: usize) -> ReasoningSettings {
+        ReasoningSettings { strategy: Strategy::Budget, max_thinking_tokens: Some(max), ..Default::default() }
+    }
+
+    #[test]
+    fn budget_forces_the_delimiter_exactly_at_the_cap() {
+        let mut c = thinking(budget(3));
+        for t in [5, 6, 7] {
+            assert_eq!(c.forced_now(), None);
+            assert_eq!(c.after_sample(t), Decision::Keep);
+        }
+        assert_eq!(c.thinking_tokens(), 3);
+        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]));
+        assert_eq!(c.phase(), Phase::Answer);
+        assert_eq!(c.forced_tokens(), 3);
+        // 3 sampled + "12" and the close token belong to the thought; 13 is the answer's.
+        assert_eq!((c.thinking_tokens(), c.answer_tokens()), (5, 1));
+        assert_eq!(c.forced_now(), None, "forced once");
+        assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::Budget));
+    }
+
+    #[test]
+    fn min_thinking_replaces_an_early_stop() {
+        let s = ReasoningSettings { min_thinking_tokens: Some(2), ..Default::default() };
+        let mut c = thinking(s);
+        assert_eq!(c.after_sample(11), Decision::Replace(vec![20]));
+        assert_eq!(c.phase(), Phase::Thinking);
+        assert_eq!(c.after_sample(11), Decision::Replace(vec![20]), "1 thinking token < 2");
+        assert_eq!(c.after_sample(5), Decision::Keep);
+        assert_eq!(c.after_sample(11), Decision::Keep, "minimum reached: the stop stands");
+        assert_eq!(c.phase(), Phase::Answer);
+        assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::Natural));
+        assert_eq!(c.forced_tokens(), 2);
+    }
+
+    #[test]
+    fn ts_raises_the_stop_token_only_while_thinking() {
+        let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 8.0, ..Default::default() };
+        let mut c = thinking(s);
+        let mut logits = vec![0.0f32; 14];
+        logits[11] = -5.0;
+        c.edit_logits(&mut logits);
+        assert!(logits[11] > logits[5], "the close token now leads: {logits:?}");
+        assert_eq!(c.after_sample(11), Decision::Keep);
+        assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::StopTemperature));
+        let mut answer_logits = vec![0.0f32; 14];
+        c.edit_logits(&mut answer_logits);
+        assert!(answer_logits.iter().all(|&l| l == 0.0), "the answer is left alone");
+    }
+
+    #[test]
+    fn ramp_grows_tau_toward_the_budget() {
+        let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 5.0, ramp: true, max_thinking_tokens: Some(4), ..Default::default() };
+        let mut c = thinking(s);
+        let mut taus = vec![c.current_stop_temperature()];
+        for t in [5, 6, 7, 8, 9] {
+            c.after_sample(t);
+            taus.push(c.current_stop_temperature());
+        }
+        assert_eq!(taus, vec![1.0, 2.0, 3.0, 4.0, 5.0, 5.0]);
+    }
+
+    #[test]
+    fn models_without_think_tokens_wrap_up_then_answer_briefly() {
+        let mut c = ReasoningControl::new(budget(2), injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
+        c.after_sample(5);
+        c.after_sample(6);
+        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]));
+        assert!(!c.answer_allowance_spent());
+        for t in [7, 8, 9] {
+            assert_eq!(c.forced_now(), None);
+            c.after_sample(t);
+        }
+        assert!(c.answer_allowance_spent());
+        assert_eq!((c.thinking_tokens(), c.answer_tokens(), c.forced_tokens()), (0, 8, 3));
+    }
+
+    #[test]
+    fn ts_on_a_model_without_think_tokens_targets_end_of_turn() {
+        let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 50.0, ..Default::default() };
+        let c = ReasoningControl::new(s, injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
+        let mut logits = vec![0.0f32; 14];
+        logits[EOT as usize] = -8.0;
+        c.edit_logits(&mut logits);
+        assert!(logits[EOT as usize] > logits[3]);
+    }
+}
