@@ -70,6 +70,22 @@ def loadavg():
         return None
 
 
+def cpu_snapshot():
+    """(wall, CPU-seconds used by the whole machine, by this process and its waited-for children)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.time(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_cpu(before, after):
+    """CPU use by other processes between two snapshots, as a share of all CPUs (0..1)."""
+    wall = after[0] - before[0]
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+
+
 def vm_hwm_kb(pid="self"):
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -357,7 +373,12 @@ def report(model, res, args):
     lines = []
     lines.append(f"== {model}  ({res.get('arch', '?')}, {Path(res['path']).name}) ==")
     lines.append(f"   {THREADS} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decode tokens, "
-                 f"median of {args.runs} runs; load avg before {res['loadavg_before']} after {res['loadavg_after']}")
+                 f"median of {args.runs} runs")
+    lines.append(f"   1-min load average: before {res['loadavg_before'][0]}, after in-process "
+                 f"{res['loadavg_after_forward'][0]}, after llama.cpp {res['loadavg_after_llama_cpp'][0]}, "
+                 f"after server {res['loadavg_after'][0]} (above {THREADS} means something else competed for the CPUs)")
+    share = ", ".join(f"{k} {fmt(100 * v if v is not None else None, '.0f')}%" for k, v in res["others_cpu_share"].items())
+    lines.append(f"   CPU used by other processes during each phase (share of all {os.cpu_count()} CPUs): {share}")
     lines.append(f"   {'engine':<28}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MiB':>15}")
     rows = [("terse (in-process)", res.get("terse")), ("candle reference (in-proc.)", res.get("reference")),
             ("llama.cpp (in-process)", res.get("llama_cpp")), ("terse server (HTTP)", res.get("server"))]
@@ -438,6 +459,16 @@ def main():
         res = {"path": fetch_model(model), "loadavg_before": loadavg()}
         all_results["models"][model] = res
         prompt_ids = None
+        snap = cpu_snapshot()
+        res["others_cpu_share"] = {}
+
+        def phase_done(name, ran):
+            nonlocal snap
+            now = cpu_snapshot()
+            if ran:
+                res["others_cpu_share"][name] = others_cpu(snap, now)
+            snap = now
+
         if "forward" not in skip:
             res["terse"] = bench_forward(res["path"], "terse", args)
             prompt_ids = res["terse"].pop("prompt_ids")
@@ -449,10 +480,15 @@ def main():
                                   "--decode-tokens", "0", "--runs", "1", "--warmup", "0"], cwd=ROOT, env=env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
             prompt_ids = last_json_line(out)["prompt_ids"]
+        phase_done("in_process", "forward" not in skip)
+        res["loadavg_after_forward"] = loadavg()
         if "llama" not in skip:
             res["llama_cpp"] = bench_llama(res["path"], prompt_ids, args, f"{model}-{stamp}")
+        phase_done("llama_cpp", "llama" not in skip)
+        res["loadavg_after_llama_cpp"] = loadavg()
         if "server" not in skip:
             res["server"] = bench_server(model, prompt_ids, args)
+        phase_done("server", "server" not in skip)
         res["loadavg_after"] = loadavg()
         res["ratios"] = ratios(res)
         text = report(model, res, args)
@@ -461,8 +497,9 @@ def main():
         out_path = RESULTS / f"bench-{stamp}.json"
         out_path.write_text(json.dumps(all_results, indent=2))
 
-    print()
-    print("\n\n".join(reports))
+    if len(reports) > 1:
+        print()
+        print("\n\n".join(reports))
     print(f"\nwrote {out_path.relative_to(ROOT)}")
 
 

@@ -137,6 +137,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         sampling: SamplingParams { temperature: args.temperature, seed: args.seed, ..Default::default() },
         stop: vec![],
         received_at: Instant::now(),
+        reasoning: Default::default(),
     };
     let started = Instant::now();
     let mut stream = engine.submit(request)?;
@@ -147,7 +148,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
                 stdout.write_all(text.as_bytes())?;
                 stdout.flush()?;
             }
-            GenerationEvent::Finished { reason, usage } => {
+            GenerationEvent::Finished { reason, usage, .. } => {
                 let secs = started.elapsed().as_secs_f64();
                 println!();
                 eprintln!(

@@ -18,6 +18,15 @@ pub struct Metrics {
     pub time_per_output_token_seconds: HistogramVec,
     pub prompt_tokens_total: IntCounterVec,
     pub completion_tokens_total: IntCounterVec,
+    /// Thinking tokens (reasoning) and answer tokens, by model and mode.
+    pub reasoning_tokens_total: IntCounterVec,
+    pub answer_tokens_total: IntCounterVec,
+    pub reasoning_tokens_per_request: HistogramVec,
+    pub answer_tokens_per_request: HistogramVec,
+    /// Why the thinking phase ended, by model, mode and reason.
+    pub think_stops_total: IntCounterVec,
+    /// Tokens injected by budget forcing or min-thinking.
+    pub forced_tokens_total: IntCounterVec,
     /// Requests admitted to the engine but not yet running.
     pub queue_depth: IntGauge,
     /// Sequences in the running batch.
@@ -76,6 +85,42 @@ impl Metrics {
             by_request,
         )
         .unwrap();
+        let by_mode = &["model", "mode"];
+        let token_buckets: Vec<f64> = [0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0].to_vec();
+        let reasoning_tokens_total = IntCounterVec::new(
+            Opts::new("reasoning_tokens_total", "Completion tokens spent thinking (inside the think block), forced ones included"),
+            by_mode,
+        )
+        .unwrap();
+        let answer_tokens_total = IntCounterVec::new(
+            Opts::new("answer_tokens_total", "Completion tokens of the answer (after thinking), forced ones included"),
+            by_mode,
+        )
+        .unwrap();
+        let reasoning_tokens_per_request = HistogramVec::new(
+            HistogramOpts::new("reasoning_tokens_per_request", "Thinking tokens of each finished request")
+                .buckets(token_buckets.clone()),
+            by_mode,
+        )
+        .unwrap();
+        let answer_tokens_per_request = HistogramVec::new(
+            HistogramOpts::new("answer_tokens_per_request", "Answer tokens of each finished request").buckets(token_buckets),
+            by_mode,
+        )
+        .unwrap();
+        let think_stops_total = IntCounterVec::new(
+            Opts::new(
+                "think_stops_total",
+                "Thinking phases ended, by reason: natural, stop_temperature, budget, length, cancelled",
+            ),
+            &["model", "mode", "reason"],
+        )
+        .unwrap();
+        let forced_tokens_total = IntCounterVec::new(
+            Opts::new("forced_tokens_total", "Tokens injected by budget forcing (end of thinking) or min-thinking (continuation)"),
+            by_mode,
+        )
+        .unwrap();
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting to join the running batch").unwrap();
         let running_sequences = IntGauge::new("running_sequences", "Sequences in the running batch").unwrap();
         let batch_size = Histogram::with_opts(
@@ -99,6 +144,12 @@ impl Metrics {
             Box::new(time_per_output_token_seconds.clone()),
             Box::new(prompt_tokens_total.clone()),
             Box::new(completion_tokens_total.clone()),
+            Box::new(reasoning_tokens_total.clone()),
+            Box::new(answer_tokens_total.clone()),
+            Box::new(reasoning_tokens_per_request.clone()),
+            Box::new(answer_tokens_per_request.clone()),
+            Box::new(think_stops_total.clone()),
+            Box::new(forced_tokens_total.clone()),
             Box::new(queue_depth.clone()),
             Box::new(running_sequences.clone()),
             Box::new(batch_size.clone()),
@@ -123,6 +174,12 @@ impl Metrics {
             time_per_output_token_seconds,
             prompt_tokens_total,
             completion_tokens_total,
+            reasoning_tokens_total,
+            answer_tokens_total,
+            reasoning_tokens_per_request,
+            answer_tokens_per_request,
+            think_stops_total,
+            forced_tokens_total,
             queue_depth,
             running_sequences,
             batch_size,

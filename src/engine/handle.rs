@@ -7,6 +7,8 @@ use tokio::sync::mpsc;
 
 use super::request::{GenerationEvent, GenerationRequest, SubmitError};
 use crate::model::ModelInfo;
+use crate::reasoning::control::Injections;
+use crate::reasoning::phase::ThinkTokens;
 use crate::tokenize::TextTokenizer;
 
 /// Limits of the scheduler.
@@ -48,6 +50,9 @@ pub(crate) struct Submission {
 pub(crate) struct Shared {
     pub info: ModelInfo,
     pub tokenizer: Arc<TextTokenizer>,
+    /// The model's think delimiters, if it has them.
+    pub think: Option<ThinkTokens>,
+    pub injections: Injections,
     pub max_queue: usize,
     pub context_length: usize,
     pub kv_bytes_per_token: u64,

@@ -22,6 +22,9 @@ pub use sampling::{argmax, Sampler};
 
 use crate::metrics::Metrics;
 use crate::model::{load_gguf, LoadedModel};
+use crate::reasoning::control::Injections;
+use crate::reasoning::phase::ThinkTokens;
+use crate::tokenize::TextTokenizer;
 
 /// Default KV-cache budget: room for a full batch of full-context sequences,
 /// but no more than this (sequences beyond it wait), and never less than one
@@ -50,9 +53,12 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         .with_label_values(&[&info.id, &info.arch, &info.format, &info.dtype, &format!("{}", info.sparse_fraction)])
         .set(1);
 
+    let (think, injections) = reasoning_profile(&tokenizer)?;
     let shared = Arc::new(handle::Shared {
         info,
         tokenizer: Arc::new(tokenizer),
+        think,
+        injections,
         max_queue: config.max_queue,
         context_length,
         kv_bytes_per_token,
@@ -75,4 +81,20 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         .spawn(move || scheduler.run())
         .context("spawning the engine thread")?;
     Ok(EngineHandle { shared, submit_tx })
+}
+
+/// The think delimiters and injected texts of a model. Until manifests carry
+/// them: `<think>` / `</think>` when the vocabulary has both, and s1's texts.
+fn reasoning_profile(tokenizer: &TextTokenizer) -> Result<(Option<ThinkTokens>, Injections)> {
+    let think = match (tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")) {
+        (Some(open), Some(close)) => Some(ThinkTokens { open, close }),
+        _ => None,
+    };
+    let end_of_thinking = if think.is_some() { "\n</think>\n\n" } else { "\nFinal answer:" };
+    let injections = Injections {
+        end_of_thinking: tokenizer.encode(end_of_thinking)?,
+        continuation: tokenizer.encode("Wait")?,
+        answer_tokens_after_wrap_up: Some(64),
+    };
+    Ok((think, injections))
 }

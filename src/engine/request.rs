@@ -2,6 +2,9 @@
 
 use std::time::Instant;
 
+use crate::reasoning::control::{ReasoningSettings, ThinkStopReason};
+use crate::reasoning::phase::Phase;
+
 /// How the next token is chosen. Validated by the server before it gets here.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -48,6 +51,8 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// When the server received the request (for time-to-first-token).
     pub received_at: Instant,
+    /// How long the model may think, and how it is stopped.
+    pub reasoning: ReasoningSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +81,27 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
+/// How the completion's tokens split between thinking and answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReasoningUsage {
+    pub thinking_tokens: usize,
+    pub answer_tokens: usize,
+    /// Injected by budget forcing or min-thinking (counted in the two above too).
+    pub forced_tokens: usize,
+    /// Why thinking ended; `None` when the completion had no controlled thinking phase.
+    pub think_stop_reason: Option<ThinkStopReason>,
+}
+
 /// Streamed from the engine to the handler of one request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
-    /// Newly decoded text. One event per generated token; `text` may be empty
-    /// when the token ends inside a UTF-8 character or might start a stop string.
-    Token { id: u32, text: String },
+    /// Newly decoded text of one completion token (sampled or injected), in the
+    /// phase it belongs to. `text` may be empty when the token ends inside a UTF-8
+    /// character or might start a stop string; held-back text may come with a
+    /// later token. Count tokens from `Finished`, not from these events.
+    Token { id: u32, text: String, phase: Phase },
     /// The last event of a successful generation; any held-back text has been sent.
-    Finished { reason: FinishReason, usage: Usage },
+    Finished { reason: FinishReason, usage: Usage, reasoning: ReasoningUsage },
     /// The engine failed on this sequence; nothing more follows.
     Failed { message: String },
 }

@@ -13,19 +13,23 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::handle::{Shared, Submission};
-use super::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, Usage};
 use super::sampling::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{SeqChunk, SeqKvCache, Transformer};
+use crate::reasoning::control::{Decision, ReasoningControl, ThinkStopReason};
+use crate::reasoning::phase::PhaseTracker;
 use crate::tokenize::IncrementalDecoder;
 
 struct Sequence {
     request: GenerationRequest,
     events: UnboundedSender<GenerationEvent>,
-    /// Prompt followed by generated tokens.
+    /// Prompt followed by completion tokens (sampled and injected).
     tokens: Vec<u32>,
-    generated: usize,
+    /// Completion tokens so far, the end-of-turn token included.
+    completion: usize,
+    control: ReasoningControl,
     cache: SeqKvCache,
     sampler: Sampler,
     decoder: IncrementalDecoder,
@@ -111,7 +115,13 @@ impl Scheduler {
                     sampler: Sampler::new(s.request.sampling.clone(), &s.request.prompt),
                     stop: StopMatcher::new(s.request.stop.clone()),
                     tokens: s.request.prompt.clone(),
-                    generated: 0,
+                    completion: 0,
+                    control: ReasoningControl::new(
+                        s.request.reasoning.clone(),
+                        self.shared.injections.clone(),
+                        PhaseTracker::new(self.shared.think, &s.request.prompt),
+                        self.shared.tokenizer.end_of_turn_ids().to_vec(),
+                    ),
                     cache: SeqKvCache::new(self.model.config.n_layer),
                     decoder: IncrementalDecoder::new(),
                     reserved_bytes: need,
@@ -174,18 +184,27 @@ impl Scheduler {
                 }
             };
 
-            // 5. Sample for every sequence whose prompt is now fully fed; stream; retire.
+            // 5. Choose the next token(s) of every sequence whose prompt is fully fed; stream; retire.
             let mut finished: Vec<usize> = Vec::new();
             for (row, &i) in stepping.iter().enumerate() {
                 let seq = &mut running[i];
                 if seq.pending() > 0 {
                     continue; // still prefilling
                 }
-                let token = seq.sampler.sample(&mut logits[row]);
-                seq.generated += 1;
-                if let Some(reason) = self.advance(seq, token) {
-                    let usage = Usage { prompt_tokens: seq.request.prompt.len(), completion_tokens: seq.generated };
-                    let _ = seq.events.send(GenerationEvent::Finished { reason, usage });
+                if let Some(reason) = self.step_sequence(seq, &mut logits[row]) {
+                    let ended_by = match reason {
+                        FinishReason::Stop => ThinkStopReason::Natural,
+                        FinishReason::Length => ThinkStopReason::Length,
+                        FinishReason::Cancelled => ThinkStopReason::Cancelled,
+                    };
+                    let usage = Usage { prompt_tokens: seq.request.prompt.len(), completion_tokens: seq.completion };
+                    let reasoning = ReasoningUsage {
+                        thinking_tokens: seq.control.thinking_tokens(),
+                        answer_tokens: seq.control.answer_tokens(),
+                        forced_tokens: seq.control.forced_tokens(),
+                        think_stop_reason: seq.control.stop_reason(ended_by),
+                    };
+                    let _ = seq.events.send(GenerationEvent::Finished { reason, usage, reasoning });
                     finished.push(i);
                 }
             }
@@ -198,44 +217,66 @@ impl Scheduler {
         tracing::info!("engine thread stopped");
     }
 
-    /// Take a sampled token into the sequence; `Some` when it ends the sequence.
-    fn advance(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
-        let tokenizer = &self.shared.tokenizer;
-        if tokenizer.end_of_turn_ids().contains(&token) {
-            let rest = seq.decoder.flush(tokenizer);
-            let rest = match seq.stop.push(&rest) {
-                StopOutcome::Continue(t) => t + &seq.stop.flush(),
-                StopOutcome::Stopped(t) => t,
-            };
-            if !rest.is_empty() {
-                let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest });
-            }
-            return Some(FinishReason::Stop);
+    /// Inject forced tokens, or edit the logits, sample and take the token in.
+    /// `Some` when the sequence has ended.
+    fn step_sequence(&self, seq: &mut Sequence, logits: &mut [f32]) -> Option<FinishReason> {
+        if let Some(forced) = seq.control.forced_now() {
+            return self.push_tokens(seq, &forced, true);
         }
-        seq.tokens.push(token);
-        seq.sampler.observe(token);
-        let delta = seq.decoder.push(tokenizer, token);
-        let (text, stopped) = match seq.stop.push(&delta) {
-            StopOutcome::Continue(t) => (t, false),
-            StopOutcome::Stopped(t) => (t, true),
-        };
-        let out_of_room = seq.generated >= seq.request.max_tokens || seq.tokens.len() >= self.shared.context_length;
-        let text = if out_of_room && !stopped {
-            let tail = seq.decoder.flush(tokenizer);
-            match seq.stop.push(&tail) {
-                StopOutcome::Continue(t) => text + &t + &seq.stop.flush(),
-                StopOutcome::Stopped(t) => text + &t,
+        seq.control.edit_logits(logits);
+        let token = seq.sampler.sample(logits);
+        match seq.control.after_sample(token) {
+            Decision::Replace(continuation) => self.push_tokens(seq, &continuation, true),
+            Decision::Keep if self.shared.tokenizer.end_of_turn_ids().contains(&token) => {
+                seq.completion += 1;
+                let phase = seq.control.observe(token, false);
+                let rest = self.flush_text(seq);
+                if !rest.is_empty() {
+                    let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase });
+                }
+                Some(FinishReason::Stop)
             }
-        } else {
-            text
-        };
-        let _ = seq.events.send(GenerationEvent::Token { id: token, text });
-        if stopped {
-            Some(FinishReason::Stop)
-        } else if out_of_room {
-            Some(FinishReason::Length)
-        } else {
-            None
+            Decision::Keep => self.push_tokens(seq, &[token], false),
+        }
+    }
+
+    /// Add completion tokens to the sequence (fed through the model at its next
+    /// step) and stream their text; `Some` when the sequence has ended.
+    fn push_tokens(&self, seq: &mut Sequence, tokens: &[u32], forced: bool) -> Option<FinishReason> {
+        let tokenizer = &self.shared.tokenizer;
+        for &token in tokens {
+            seq.tokens.push(token);
+            seq.completion += 1;
+            seq.sampler.observe(token);
+            let phase = seq.control.observe(token, forced);
+            let delta = seq.decoder.push(tokenizer, token);
+            let (mut text, stopped) = match seq.stop.push(&delta) {
+                StopOutcome::Continue(t) => (t, false),
+                StopOutcome::Stopped(t) => (t, true),
+            };
+            let out_of_room = seq.completion >= seq.request.max_tokens
+                || seq.tokens.len() >= self.shared.context_length
+                || seq.control.answer_allowance_spent();
+            if out_of_room && !stopped {
+                text += &self.flush_text(seq);
+            }
+            let _ = seq.events.send(GenerationEvent::Token { id: token, text, phase });
+            if stopped {
+                return Some(FinishReason::Stop);
+            }
+            if out_of_room {
+                return Some(FinishReason::Length);
+            }
+        }
+        None
+    }
+
+    /// Text still held back by the decoder and the stop matcher, at the end.
+    fn flush_text(&self, seq: &mut Sequence) -> String {
+        let tail = seq.decoder.flush(&self.shared.tokenizer);
+        match seq.stop.push(&tail) {
+            StopOutcome::Continue(t) => t + &seq.stop.flush(),
+            StopOutcome::Stopped(t) => t,
         }
     }
 }

@@ -113,6 +113,8 @@ pub struct ReasoningControl {
     /// Models without think tokens: answer tokens still allowed after the wrap-up.
     after_wrap_up: Option<usize>,
     stop_reason: Option<ThinkStopReason>,
+    /// Budget forcing has fired.
+    budget_spent: bool,
 }
 
 impl ReasoningControl {
@@ -128,6 +130,7 @@ impl ReasoningControl {
             forced_tokens: 0,
             after_wrap_up: None,
             stop_reason: None,
+            budget_spent: false,
         }
     }
 
@@ -163,33 +166,23 @@ impl ReasoningControl {
     }
 
     /// Tokens to inject now instead of sampling: the end-of-thinking text once the
-    /// controlled phase reaches `max_thinking_tokens` under budget forcing.
+    /// controlled phase reaches `max_thinking_tokens` under budget forcing. The
+    /// caller adds them to the sequence and reports each to [`Self::observe`].
     pub fn forced_now(&mut self) -> Option<Vec<u32>> {
         let s = &self.settings;
-        if s.strategy != Strategy::Budget || !self.controlling() {
+        if s.strategy != Strategy::Budget || self.budget_spent || !self.controlling() {
             return None;
         }
-        let cap = s.max_thinking_tokens?;
-        if self.controlled < cap {
+        if self.controlled < s.max_thinking_tokens? {
             return None;
         }
-        let forced = self.injections.end_of_thinking.clone();
+        // Once only, even if the configured text lacks the close token.
+        self.budget_spent = true;
         self.stop_reason = Some(ThinkStopReason::Budget);
-        self.forced_tokens += forced.len();
-        if self.has_think_tokens() {
-            // The close delimiter inside the forced text moves the phase.
-            for &t in &forced {
-                self.count(t);
-            }
-            if self.tracker.phase() == Phase::Thinking {
-                // The text held no close token: leave the phase by force.
-                self.tracker = PhaseTracker::new(None, &[]);
-            }
-        } else {
-            self.answer_tokens += forced.len();
+        if !self.has_think_tokens() {
             self.after_wrap_up = Some(self.injections.answer_tokens_after_wrap_up.unwrap_or(usize::MAX));
         }
-        Some(forced)
+        Some(self.injections.end_of_thinking.clone())
     }
 
     /// Apply TS to the logits of the next token (no-op when τ = 1).
@@ -201,44 +194,49 @@ impl ReasoningControl {
         }
     }
 
-    /// Take the sampled token in; may replace an early stop by the continuation.
+    /// Judge a sampled token: a stop before `min_thinking_tokens` is replaced by
+    /// the continuation text (the caller injects it and reports each token to
+    /// [`Self::observe`]); otherwise the caller keeps and observes the token.
     pub fn after_sample(&mut self, token: u32) -> Decision {
         let stops_phase = self.controlling() && self.tracker.stop_set(&self.end_of_turn).contains(&token);
-        if stops_phase {
-            let min = self.settings.min_thinking_tokens.unwrap_or(0);
-            if self.controlled < min && !self.injections.continuation.is_empty() {
-                let cont = self.injections.continuation.clone();
-                self.forced_tokens += cont.len();
-                for &t in &cont {
-                    self.count(t);
-                }
-                return Decision::Replace(cont);
-            }
-            if self.stop_reason.is_none() {
-                self.stop_reason = Some(if self.current_stop_temperature() > 1.0 {
-                    ThinkStopReason::StopTemperature
-                } else {
-                    ThinkStopReason::Natural
-                });
-            }
+        if !stops_phase {
+            return Decision::Keep;
         }
-        self.count(token);
+        let min = self.settings.min_thinking_tokens.unwrap_or(0);
+        if self.controlled < min && !self.injections.continuation.is_empty() {
+            return Decision::Replace(self.injections.continuation.clone());
+        }
+        if self.stop_reason.is_none() {
+            self.stop_reason = Some(if self.current_stop_temperature() > 1.0 {
+                ThinkStopReason::StopTemperature
+            } else {
+                ThinkStopReason::Natural
+            });
+        }
         Decision::Keep
     }
 
-    /// Count a token the sequence now holds, in its phase.
-    fn count(&mut self, token: u32) {
+    /// Count a token the sequence now holds (sampled, or `forced` by an
+    /// injection); returns the phase it belongs to.
+    pub fn observe(&mut self, token: u32, forced: bool) -> Phase {
         let was_controlling = self.controlling();
-        match self.tracker.observe(token) {
+        let phase = self.tracker.observe(token);
+        match phase {
             Phase::Thinking => self.thinking_tokens += 1,
             Phase::Answer => self.answer_tokens += 1,
         }
-        if was_controlling {
+        if forced {
+            self.forced_tokens += 1;
+        }
+        if was_controlling && !self.budget_spent {
             self.controlled += 1;
         }
         if let Some(left) = self.after_wrap_up.as_mut() {
-            *left = left.saturating_sub(1);
+            if !forced {
+                *left = left.saturating_sub(1);
+            }
         }
+        phase
     }
 
     /// Models without think tokens: the wrap-up's answer allowance is used up.
@@ -262,16 +260,17 @@ impl ReasoningControl {
         self.forced_tokens
     }
 
-    /// Why thinking ended; `ended_by` is used when it is still running at the end.
+    /// Why the controlled phase ended; `ended_by` says how the completion ended,
+    /// for a phase that ran to the end. A model without think tokens always has
+    /// one (its whole response); a thinking model only if it thought.
     pub fn stop_reason(&self, ended_by: ThinkStopReason) -> Option<ThinkStopReason> {
-        if !self.has_think_tokens() && self.settings.strategy == Strategy::None {
+        if self.stop_reason.is_some() {
             return self.stop_reason;
         }
-        self.stop_reason.or(if self.controlling() && self.thinking_tokens + self.answer_tokens > 0 {
-            Some(ended_by)
-        } else {
-            None
-        })
+        if !self.has_think_tokens() || (self.thinking_tokens > 0 && self.controlling()) {
+            return Some(ended_by);
+        }
+        None
     }
 }
 
@@ -295,32 +294,61 @@ mod tests {
         ReasoningSettings { strategy: Strategy::Budget, max_thinking_tokens: Some(max), ..Default::default() }
     }
 
+    /// What the engine does with one sampled token; returns injected tokens.
+    fn step(c: &mut ReasoningControl, sampled: u32) -> Vec<u32> {
+        if let Some(forced) = c.forced_now() {
+            for &t in &forced {
+                c.observe(t, true);
+            }
+            return forced;
+        }
+        match c.after_sample(sampled) {
+            Decision::Keep => {
+                c.observe(sampled, false);
+                vec![]
+            }
+            Decision::Replace(cont) => {
+                for &t in &cont {
+                    c.observe(t, true);
+                }
+                cont
+            }
+        }
+    }
+
     #[test]
     fn budget_forces_the_delimiter_exactly_at_the_cap() {
         let mut c = thinking(budget(3));
         for t in [5, 6, 7] {
-            assert_eq!(c.forced_now(), None);
-            assert_eq!(c.after_sample(t), Decision::Keep);
+            assert_eq!(step(&mut c, t), Vec::<u32>::new());
         }
         assert_eq!(c.thinking_tokens(), 3);
-        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]));
+        assert_eq!(step(&mut c, 8), vec![12, 11, 13]);
         assert_eq!(c.phase(), Phase::Answer);
         assert_eq!(c.forced_tokens(), 3);
         // 3 sampled + "12" and the close token belong to the thought; 13 is the answer's.
         assert_eq!((c.thinking_tokens(), c.answer_tokens()), (5, 1));
-        assert_eq!(c.forced_now(), None, "forced once");
+        assert_eq!(step(&mut c, 8), Vec::<u32>::new(), "forced once");
         assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::Budget));
+    }
+
+    #[test]
+    fn a_delimiter_text_without_the_close_token_forces_only_once() {
+        let inj = Injections { end_of_thinking: vec![12], ..injections() };
+        let mut c = ReasoningControl::new(budget(1), inj, PhaseTracker::new(Some(THINK), &[10]), vec![EOT]);
+        assert_eq!(step(&mut c, 5), Vec::<u32>::new());
+        assert_eq!(step(&mut c, 6), vec![12]);
+        assert_eq!(step(&mut c, 7), Vec::<u32>::new());
     }
 
     #[test]
     fn min_thinking_replaces_an_early_stop() {
         let s = ReasoningSettings { min_thinking_tokens: Some(2), ..Default::default() };
         let mut c = thinking(s);
-        assert_eq!(c.after_sample(11), Decision::Replace(vec![20]));
+        assert_eq!(step(&mut c, 11), vec![20]);
         assert_eq!(c.phase(), Phase::Thinking);
-        assert_eq!(c.after_sample(11), Decision::Replace(vec![20]), "1 thinking token < 2");
-        assert_eq!(c.after_sample(5), Decision::Keep);
-        assert_eq!(c.after_sample(11), Decision::Keep, "minimum reached: the stop stands");
+        assert_eq!(step(&mut c, 11), vec![20], "1 thinking token < 2");
+        assert_eq!(step(&mut c, 11), Vec::<u32>::new(), "minimum reached: the stop stands");
         assert_eq!(c.phase(), Phase::Answer);
         assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::Natural));
         assert_eq!(c.forced_tokens(), 2);
@@ -334,7 +362,7 @@ mod tests {
         logits[11] = -5.0;
         c.edit_logits(&mut logits);
         assert!(logits[11] > logits[5], "the close token now leads: {logits:?}");
-        assert_eq!(c.after_sample(11), Decision::Keep);
+        step(&mut c, 11);
         assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::StopTemperature));
         let mut answer_logits = vec![0.0f32; 14];
         c.edit_logits(&mut answer_logits);
@@ -347,7 +375,7 @@ mod tests {
         let mut c = thinking(s);
         let mut taus = vec![c.current_stop_temperature()];
         for t in [5, 6, 7, 8, 9] {
-            c.after_sample(t);
+            step(&mut c, t);
             taus.push(c.current_stop_temperature());
         }
         assert_eq!(taus, vec![1.0, 2.0, 3.0, 4.0, 5.0, 5.0]);
@@ -356,13 +384,12 @@ mod tests {
     #[test]
     fn models_without_think_tokens_wrap_up_then_answer_briefly() {
         let mut c = ReasoningControl::new(budget(2), injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
-        c.after_sample(5);
-        c.after_sample(6);
-        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]));
+        step(&mut c, 5);
+        step(&mut c, 6);
+        assert_eq!(step(&mut c, 99), vec![12, 11, 13]);
         assert!(!c.answer_allowance_spent());
         for t in [7, 8, 9] {
-            assert_eq!(c.forced_now(), None);
-            c.after_sample(t);
+            assert_eq!(step(&mut c, t), Vec::<u32>::new());
         }
         assert!(c.answer_allowance_spent());
         assert_eq!((c.thinking_tokens(), c.answer_tokens(), c.forced_tokens()), (0, 8, 3));

@@ -11,8 +11,10 @@ use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, RequestRecord};
 use super::openai::{
-    unix_now, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, UsageBody,
+    unix_now, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta,
+    TerseExtension, UsageBody,
 };
+use crate::reasoning::phase::Phase;
 use super::sse::{self, ChunkFormat};
 use super::validate::{self, Fields};
 use super::{request_id, AppState};
@@ -46,11 +48,13 @@ pub async fn chat_completions(
                         message: AssistantMessage {
                             role: "assistant",
                             content: done.text,
+                            reasoning_content: done.reasoning,
                         },
                         finish_reason: done.reason.as_openai(),
                         logprobs: None,
                     }],
-                    usage: done.usage.into(),
+                    usage: UsageBody::new(done.usage, &done.reasoning_usage),
+                    terse: TerseExtension::new(record.mode_label(), &done.reasoning_usage),
                 })
                 .into_response(),
                 Err(e) => record.reject(e),
@@ -98,7 +102,7 @@ struct Ids {
 }
 
 impl Ids {
-    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<UsageBody>) -> String {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<UsageBody>, terse: Option<TerseExtension>) -> String {
         let chunk = ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -106,6 +110,7 @@ impl Ids {
             model: self.model.clone(),
             choices,
             usage,
+            terse,
         };
         serde_json::to_string(&chunk).unwrap_or_default()
     }
@@ -127,31 +132,28 @@ impl ChunkFormat for Ids {
                 Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    reasoning_content: None,
                 },
                 None,
             ),
+            None,
             None,
         ))
     }
 
-    fn text(&self, text: String) -> String {
-        self.chunk(
-            Ids::choice(
-                Delta {
-                    role: None,
-                    content: Some(text),
-                },
-                None,
-            ),
-            None,
-        )
+    fn text(&self, text: String, phase: Phase) -> String {
+        let delta = match phase {
+            Phase::Thinking => Delta { reasoning_content: Some(text), ..Default::default() },
+            Phase::Answer => Delta { content: Some(text), ..Default::default() },
+        };
+        self.chunk(Ids::choice(delta, None), None, None)
     }
 
-    fn finish(&self, reason: &'static str) -> String {
-        self.chunk(Ids::choice(Delta::default(), Some(reason)), None)
+    fn finish(&self, reason: &'static str, terse: TerseExtension) -> String {
+        self.chunk(Ids::choice(Delta::default(), Some(reason)), None, Some(terse))
     }
 
     fn usage(&self, usage: UsageBody) -> String {
-        self.chunk(vec![], Some(usage))
+        self.chunk(vec![], Some(usage), None)
     }
 }

@@ -10,7 +10,8 @@ use axum::Json;
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, RequestRecord};
-use super::openai::{unix_now, TextChoice, TextCompletion, UsageBody};
+use super::openai::{unix_now, TerseExtension, TextChoice, TextCompletion, UsageBody};
+use crate::reasoning::phase::Phase;
 use super::sse::{self, ChunkFormat};
 use super::validate::{self, Fields, Prompt};
 use super::{request_id, AppState};
@@ -35,8 +36,13 @@ pub async fn completions(
                 return sse::response(events, record, ids, params.include_usage);
             }
             match generate::collect(events, &mut record).await {
-                Ok(done) => Json(ids.completion(done.text, Some(done.reason.as_openai()), Some(done.usage.into())))
-                    .into_response(),
+                Ok(done) => {
+                    let terse = TerseExtension::new(record.mode_label(), &done.reasoning_usage);
+                    let mut body = ids.completion(done.text, done.reasoning, Some(done.reason.as_openai()));
+                    body.usage = Some(UsageBody::new(done.usage, &done.reasoning_usage));
+                    body.terse = Some(terse);
+                    Json(body).into_response()
+                }
                 Err(e) => record.reject(e),
             }
         }
@@ -84,29 +90,26 @@ struct Ids {
 }
 
 impl Ids {
-    fn completion(
-        &self,
-        text: String,
-        finish_reason: Option<&'static str>,
-        usage: Option<UsageBody>,
-    ) -> TextCompletion {
+    fn completion(&self, text: String, reasoning_content: Option<String>, finish_reason: Option<&'static str>) -> TextCompletion {
         let choices = vec![TextChoice {
             index: 0,
             text,
+            reasoning_content,
             finish_reason,
             logprobs: None,
         }];
-        self.object(choices, usage)
+        self.object(choices)
     }
 
-    fn object(&self, choices: Vec<TextChoice>, usage: Option<UsageBody>) -> TextCompletion {
+    fn object(&self, choices: Vec<TextChoice>) -> TextCompletion {
         TextCompletion {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
             model: self.model.clone(),
             choices,
-            usage,
+            usage: None,
+            terse: None,
         }
     }
 }
@@ -116,15 +119,23 @@ impl ChunkFormat for Ids {
         None
     }
 
-    fn text(&self, text: String) -> String {
-        serde_json::to_string(&self.completion(text, None, None)).unwrap_or_default()
+    fn text(&self, text: String, phase: Phase) -> String {
+        let body = match phase {
+            Phase::Thinking => self.completion(String::new(), Some(text), None),
+            Phase::Answer => self.completion(text, None, None),
+        };
+        serde_json::to_string(&body).unwrap_or_default()
     }
 
-    fn finish(&self, reason: &'static str) -> String {
-        serde_json::to_string(&self.completion(String::new(), Some(reason), None)).unwrap_or_default()
+    fn finish(&self, reason: &'static str, terse: TerseExtension) -> String {
+        let mut body = self.completion(String::new(), None, Some(reason));
+        body.terse = Some(terse);
+        serde_json::to_string(&body).unwrap_or_default()
     }
 
     fn usage(&self, usage: UsageBody) -> String {
-        serde_json::to_string(&self.object(vec![], Some(usage))).unwrap_or_default()
+        let mut body = self.object(vec![]);
+        body.usage = Some(usage);
+        serde_json::to_string(&body).unwrap_or_default()
     }
 }

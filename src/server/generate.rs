@@ -8,7 +8,10 @@ use std::time::Instant;
 use super::error::ApiError;
 use super::validate::{CommonParams, Mode};
 use super::AppState;
-use crate::engine::{EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, Usage};
+use crate::engine::{
+    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, ReasoningUsage, Usage,
+};
+use crate::reasoning::phase::Phase;
 use crate::metrics::Metrics;
 
 /// The `status` label of a request whose client went away before the end
@@ -29,6 +32,7 @@ pub struct RequestRecord {
     completion_tokens: usize,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    reasoning: Option<ReasoningUsage>,
 }
 
 impl RequestRecord {
@@ -46,6 +50,7 @@ impl RequestRecord {
             completion_tokens: 0,
             first_token: None,
             last_token: None,
+            reasoning: None,
         }
     }
 
@@ -79,8 +84,13 @@ impl RequestRecord {
         self.completion_tokens += 1;
     }
 
-    pub fn on_finished(&mut self, usage: &Usage) {
+    pub fn mode_label(&self) -> &'static str {
+        self.mode.label()
+    }
+
+    pub fn on_finished(&mut self, usage: &Usage, reasoning: &ReasoningUsage) {
         self.status = 200;
+        self.reasoning = Some(*reasoning);
         self.prompt_tokens = usage.prompt_tokens;
         self.completion_tokens = usage.completion_tokens;
     }
@@ -116,6 +126,17 @@ impl Drop for RequestRecord {
         m.completion_tokens_total
             .with_label_values(&labels)
             .inc_by(self.completion_tokens as u64);
+        if let Some(r) = &self.reasoning {
+            let by_mode = [self.model.as_str(), mode];
+            m.reasoning_tokens_total.with_label_values(&by_mode).inc_by(r.thinking_tokens as u64);
+            m.answer_tokens_total.with_label_values(&by_mode).inc_by(r.answer_tokens as u64);
+            m.reasoning_tokens_per_request.with_label_values(&by_mode).observe(r.thinking_tokens as f64);
+            m.answer_tokens_per_request.with_label_values(&by_mode).observe(r.answer_tokens as f64);
+            m.forced_tokens_total.with_label_values(&by_mode).inc_by(r.forced_tokens as u64);
+            if let Some(reason) = r.think_stop_reason {
+                m.think_stops_total.with_label_values(&[self.model.as_str(), mode, reason.as_str()]).inc();
+            }
+        }
         if let Some(first) = self.first_token {
             m.time_to_first_token_seconds
                 .with_label_values(&labels)
@@ -172,6 +193,7 @@ pub fn submit(
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
         received_at: record.received(),
+        reasoning: params.reasoning.clone(),
     };
     let stream = engine.submit(request)?;
     record.on_submitted(prompt_len);
@@ -180,22 +202,30 @@ pub fn submit(
 
 /// A whole (non-streamed) generation.
 pub struct Collected {
+    /// The answer.
     pub text: String,
+    /// The thinking, if the model thought.
+    pub reasoning: Option<String>,
     pub reason: FinishReason,
     pub usage: Usage,
+    pub reasoning_usage: ReasoningUsage,
 }
 
 pub async fn collect(mut stream: GenerationStream, record: &mut RequestRecord) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut thinking: Option<String> = None;
     while let Some(event) = stream.next().await {
         match event {
-            GenerationEvent::Token { text: piece, .. } => {
+            GenerationEvent::Token { text: piece, phase, .. } => {
                 record.on_token();
-                text.push_str(&piece);
+                match phase {
+                    Phase::Thinking => thinking.get_or_insert_with(String::new).push_str(&piece),
+                    Phase::Answer => text.push_str(&piece),
+                }
             }
-            GenerationEvent::Finished { reason, usage } => {
-                record.on_finished(&usage);
-                return Ok(Collected { text, reason, usage });
+            GenerationEvent::Finished { reason, usage, reasoning } => {
+                record.on_finished(&usage, &reasoning);
+                return Ok(Collected { text, reasoning: thinking, reason, usage, reasoning_usage: reasoning });
             }
             GenerationEvent::Failed { message } => {
                 return Err(ApiError::Internal(format!("generation failed: {message}")));

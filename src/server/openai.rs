@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::engine::Usage;
+use crate::engine::{ReasoningUsage, Usage};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct UsageBody {
@@ -18,13 +18,36 @@ pub struct CompletionTokensDetails {
     pub reasoning_tokens: usize,
 }
 
-impl From<Usage> for UsageBody {
-    fn from(u: Usage) -> Self {
+impl UsageBody {
+    pub fn new(u: Usage, r: &ReasoningUsage) -> Self {
         UsageBody {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
-            completion_tokens_details: CompletionTokensDetails { reasoning_tokens: 0 },
+            completion_tokens_details: CompletionTokensDetails { reasoning_tokens: r.thinking_tokens },
+        }
+    }
+}
+
+/// terse's extension object: how the completion's tokens were spent.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TerseExtension {
+    pub mode: &'static str,
+    pub thinking_tokens: usize,
+    pub answer_tokens: usize,
+    pub forced_tokens: usize,
+    /// `natural | stop_temperature | budget | length | cancelled`; null without a thinking phase.
+    pub think_stop_reason: Option<&'static str>,
+}
+
+impl TerseExtension {
+    pub fn new(mode: &'static str, r: &ReasoningUsage) -> Self {
+        TerseExtension {
+            mode,
+            thinking_tokens: r.thinking_tokens,
+            answer_tokens: r.answer_tokens,
+            forced_tokens: r.forced_tokens,
+            think_stop_reason: r.think_stop_reason.map(|s| s.as_str()),
         }
     }
 }
@@ -39,6 +62,7 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: UsageBody,
+    pub terse: TerseExtension,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +77,9 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     pub role: &'static str,
     pub content: String,
+    /// The thinking, apart from the answer; absent when the model did not think.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +91,9 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
+    /// Sent with the chunk that carries `finish_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terse: Option<TerseExtension>,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,6 +110,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 // ---- /v1/completions ----
@@ -93,12 +125,17 @@ pub struct TextCompletion {
     pub choices: Vec<TextChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terse: Option<TerseExtension>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct TextChoice {
     pub index: u32,
+    /// The answer (the thinking is in `reasoning_content`).
     pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     pub finish_reason: Option<&'static str>,
     pub logprobs: Option<()>,
 }

@@ -14,8 +14,9 @@ use futures::stream::{self, Stream, StreamExt};
 
 use super::error::ApiError;
 use super::generate::RequestRecord;
-use super::openai::UsageBody;
+use super::openai::{TerseExtension, UsageBody};
 use crate::engine::{GenerationEvent, GenerationStream};
+use crate::reasoning::phase::Phase as TextPhase;
 
 /// Comment lines sent while no token arrives (e.g. a long queue wait), so that
 /// proxies keep the connection open.
@@ -25,8 +26,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 pub trait ChunkFormat: Send + 'static {
     /// Sent before any token (the chat role chunk), if any.
     fn opening(&self) -> Option<String>;
-    fn text(&self, text: String) -> String;
-    fn finish(&self, reason: &'static str) -> String;
+    /// A piece of the thinking or of the answer, never both.
+    fn text(&self, text: String, phase: TextPhase) -> String;
+    fn finish(&self, reason: &'static str, terse: TerseExtension) -> String;
     /// The usage-only chunk of `stream_options.include_usage`.
     fn usage(&self, usage: UsageBody) -> String;
 }
@@ -67,18 +69,19 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
             }
             Phase::Streaming => loop {
                 match st.events.next().await {
-                    Some(GenerationEvent::Token { text, .. }) => {
+                    Some(GenerationEvent::Token { text, phase, .. }) => {
                         st.record.on_token();
                         if !text.is_empty() {
-                            break vec![data(st.format.text(text))];
+                            break vec![data(st.format.text(text, phase))];
                         }
                     }
-                    Some(GenerationEvent::Finished { reason, usage }) => {
-                        st.record.on_finished(&usage);
+                    Some(GenerationEvent::Finished { reason, usage, reasoning }) => {
+                        st.record.on_finished(&usage, &reasoning);
                         st.phase = Phase::Done;
-                        let mut out = vec![data(st.format.finish(reason.as_openai()))];
+                        let terse = TerseExtension::new(st.record.mode_label(), &reasoning);
+                        let mut out = vec![data(st.format.finish(reason.as_openai(), terse))];
                         if st.include_usage {
-                            out.push(data(st.format.usage(usage.into())));
+                            out.push(data(st.format.usage(UsageBody::new(usage, &reasoning))));
                         }
                         out.push(done());
                         break out;

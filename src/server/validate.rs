@@ -2,6 +2,7 @@
 //! JSON object, type- and range-checked, and named in the error when it is
 //! wrong. Unknown fields are ignored (OpenAI clients send extras).
 
+use crate::reasoning::control::{ReasoningSettings, Strategy};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -170,6 +171,8 @@ pub struct CommonParams {
     pub stream: bool,
     pub include_usage: bool,
     pub mode: Mode,
+    /// Explicit `reasoning` fields (mode presets are not applied yet).
+    pub reasoning: ReasoningSettings,
 }
 
 /// `model` must be absent or the served name.
@@ -290,7 +293,7 @@ pub fn common_params(fields: &Fields) -> Result<CommonParams, ApiError> {
         None => false,
     };
 
-    let mode = reasoning_mode(fields)?;
+    let (mode, reasoning) = reasoning_params(fields)?;
 
     Ok(CommonParams {
         max_tokens,
@@ -307,6 +310,7 @@ pub fn common_params(fields: &Fields) -> Result<CommonParams, ApiError> {
         stream,
         include_usage,
         mode,
+        reasoning,
     })
 }
 
@@ -316,14 +320,16 @@ fn parse_mode(param: &str, s: &str) -> Result<Mode, ApiError> {
     Mode::parse(s).ok_or_else(|| ApiError::field(param, format!("`{param}` must be one of {MODE_VALUES}, got \"{s}\"")))
 }
 
-/// `reasoning_effort` and the `reasoning` object: validated; only the mode is used so far.
-fn reasoning_mode(fields: &Fields) -> Result<Mode, ApiError> {
+/// `reasoning_effort` and the `reasoning` object. Without an explicit
+/// `strategy`, a `stop_temperature` above 1 means TS and a `max_thinking_tokens`
+/// alone means budget forcing.
+fn reasoning_params(fields: &Fields) -> Result<(Mode, ReasoningSettings), ApiError> {
     let effort = fields
         .str("reasoning_effort")?
         .map(|s| parse_mode("reasoning_effort", s))
         .transpose()?;
     let Some(r) = fields.object("reasoning")? else {
-        return Ok(effort.unwrap_or(Mode::None));
+        return Ok((effort.unwrap_or(Mode::None), ReasoningSettings::default()));
     };
     let mode = r.str("mode")?.map(|s| parse_mode(&r.param("mode"), s)).transpose()?;
     if let (Some(a), Some(b)) = (effort, mode) {
@@ -338,15 +344,20 @@ fn reasoning_mode(fields: &Fields) -> Result<Mode, ApiError> {
             ));
         }
     }
-    if let Some(s) = r.str("strategy")? {
-        if !matches!(s, "ts" | "budget" | "none") {
+    let strategy = match r.str("strategy")? {
+        None => None,
+        Some("ts") => Some(Strategy::Ts),
+        Some("budget") => Some(Strategy::Budget),
+        Some("none") => Some(Strategy::None),
+        Some(s) => {
             return Err(ApiError::field(
                 r.param("strategy"),
                 format!("`reasoning.strategy` must be one of ts, budget or none, got \"{s}\""),
             ));
         }
-    }
-    if let Some(t) = r.f64("stop_temperature")? {
+    };
+    let stop_temperature = r.f64("stop_temperature")?;
+    if let Some(t) = stop_temperature {
         if t < 1.0 {
             return Err(ApiError::field(
                 r.param("stop_temperature"),
@@ -354,7 +365,7 @@ fn reasoning_mode(fields: &Fields) -> Result<Mode, ApiError> {
             ));
         }
     }
-    r.bool("ramp")?;
+    let ramp = r.bool("ramp")?.unwrap_or(false);
     let mut bounds = [None, None];
     for (slot, name) in bounds.iter_mut().zip(["min_thinking_tokens", "max_thinking_tokens"]) {
         if let Some(n) = r.i64(name)? {
@@ -375,7 +386,20 @@ fn reasoning_mode(fields: &Fields) -> Result<Mode, ApiError> {
             ));
         }
     }
-    Ok(mode.or(effort).unwrap_or(Mode::None))
+    let [min_thinking_tokens, max_thinking_tokens] = bounds.map(|b| b.map(|n| n as usize));
+    let strategy = strategy.unwrap_or(match (stop_temperature, max_thinking_tokens) {
+        (Some(t), _) if t > 1.0 => Strategy::Ts,
+        (_, Some(_)) => Strategy::Budget,
+        _ => Strategy::None,
+    });
+    let settings = ReasoningSettings {
+        strategy,
+        stop_temperature: stop_temperature.unwrap_or(1.0) as f32,
+        ramp,
+        max_thinking_tokens,
+        min_thinking_tokens,
+    };
+    Ok((mode.or(effort).unwrap_or(Mode::None), settings))
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];

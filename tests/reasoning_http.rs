@@ -1,0 +1,136 @@
+//! Reasoning control over real HTTP on the real default model. SmolLM2 has no
+//! think tokens, so its whole response is the controlled phase: TS raises the
+//! end-of-turn probability, budget forcing appends the wrap-up text.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use terse::engine::EngineConfig;
+
+const CHAT: &str = "/v1/chat/completions";
+const PROMPTS: [&str; 5] = [
+    "Tell me about the history of Rome.",
+    "Explain how a steam engine works.",
+    "Write a short story about a lost cat.",
+    "What are the benefits of exercise?",
+    "Describe the water cycle.",
+];
+
+fn body(prompt: &str, reasoning: Option<Value>) -> Value {
+    let mut b = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 160,
+        "temperature": 0,
+    });
+    if let Some(r) = reasoning {
+        b["reasoning"] = r;
+    }
+    b
+}
+
+async fn ask(server: &TestServer, body: &Value) -> Value {
+    let r = post_json(&server.url(CHAT), body).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json
+}
+
+fn completion_tokens(reply: &Value) -> u64 {
+    reply["usage"]["completion_tokens"].as_u64().unwrap()
+}
+
+/// Sum of the samples of `name` whose labels include every pair in `labels`.
+fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One server for this file: several engines in one process on two cores
+/// would only fight over the cores.
+fn server() -> &'static TestServer {
+    static SERVER: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| TestServer::start(EngineConfig::default()))
+}
+
+#[tokio::test]
+async fn ts_shortens_answers_and_tau_one_changes_nothing() {
+    let server = server();
+    let (mut base_total, mut ts_total) = (0, 0);
+    for prompt in PROMPTS {
+        let base = ask(server, &body(prompt, None)).await;
+        let tau_one = ask(server, &body(prompt, Some(json!({"strategy": "ts", "stop_temperature": 1.0})))).await;
+        assert_eq!(base["choices"][0]["message"]["content"], tau_one["choices"][0]["message"]["content"], "τ = 1 changes nothing");
+        assert_eq!(completion_tokens(&base), completion_tokens(&tau_one));
+        let ts = ask(server, &body(prompt, Some(json!({"strategy": "ts", "stop_temperature": 4.0})))).await;
+        if ts["choices"][0]["finish_reason"] == "stop" && completion_tokens(&ts) < completion_tokens(&base) {
+            assert_eq!(ts["terse"]["think_stop_reason"], "stop_temperature", "{ts}");
+        }
+        assert_eq!(ts["usage"]["completion_tokens_details"]["reasoning_tokens"], 0, "no think block in SmolLM2");
+        assert_eq!(ts["terse"]["answer_tokens"].as_u64().unwrap(), completion_tokens(&ts));
+        base_total += completion_tokens(&base);
+        ts_total += completion_tokens(&ts);
+    }
+    eprintln!("mean completion tokens: τ=1 {:.1}, τ=4 {:.1}", base_total as f64 / 5.0, ts_total as f64 / 5.0);
+    assert!(ts_total < base_total, "TS at τ = 4 must shorten answers: {ts_total} vs {base_total} tokens");
+}
+
+#[tokio::test]
+async fn budget_forcing_wraps_up_at_the_cap_and_metrics_count_it_exactly() {
+    let server = server();
+    // The `long` label is this test's alone, so the other tests' requests do not
+    // move the series it counts.
+    let before = metrics_text(server).await;
+    let mut sums = [0u64; 3]; // answer, forced, reasoning
+    for prompt in &PROMPTS[..3] {
+        let mut b = body(prompt, Some(json!({"max_thinking_tokens": 8})));
+        b["reasoning_effort"] = json!("long");
+        let reply = ask(server, &b).await;
+        let t = &reply["terse"];
+        assert_eq!(t["think_stop_reason"], "budget", "{reply}");
+        assert_eq!(t["mode"], "long");
+        let forced = t["forced_tokens"].as_u64().unwrap();
+        assert!(forced > 0, "the wrap-up text is injected: {reply}");
+        let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(content.contains("\nFinal answer:"), "the wrap-up text is part of the answer: {content:?}");
+        // 8 tokens, the wrap-up, then at most 64 tokens (the default allowance).
+        let total = completion_tokens(&reply);
+        assert!(total <= 8 + forced + 64, "{total} tokens");
+        assert_eq!(t["answer_tokens"].as_u64().unwrap(), total);
+        sums[0] += t["answer_tokens"].as_u64().unwrap();
+        sums[1] += forced;
+        sums[2] += t["thinking_tokens"].as_u64().unwrap();
+    }
+    let after = metrics_text(server).await;
+    let labels = [("model", MODEL), ("mode", "long")];
+    let delta = |name: &str| metric_sum(&after, name, &labels) - metric_sum(&before, name, &labels);
+    assert_eq!(delta("terse_answer_tokens_total"), sums[0] as f64);
+    assert_eq!(delta("terse_forced_tokens_total"), sums[1] as f64);
+    assert_eq!(delta("terse_reasoning_tokens_total"), sums[2] as f64);
+    assert_eq!(delta("terse_answer_tokens_per_request_count"), 3.0);
+    let stops = |t: &str| metric_sum(t, "terse_think_stops_total", &[("model", MODEL), ("mode", "long"), ("reason", "budget")]);
+    assert_eq!(stops(&after) - stops(&before), 3.0);
+}
+
+#[tokio::test]
+async fn streamed_and_whole_answers_agree_under_control() {
+    let server = server();
+    for reasoning in [json!({"strategy": "ts", "stop_temperature": 3.0}), json!({"max_thinking_tokens": 6})] {
+        let mut b = body(PROMPTS[1], Some(reasoning.clone()));
+        let whole = ask(server, &b).await;
+        b["stream"] = json!(true);
+        let (status, chunks) = post_sse(&server.url(CHAT), &b).await;
+        assert_eq!(status, 200);
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap(), "{reasoning}");
+        let last = chunks.iter().rev().find(|c| c.get("terse").is_some()).expect("a chunk carries `terse`");
+        assert_eq!(last["terse"], whole["terse"], "{reasoning}");
+    }
+}
