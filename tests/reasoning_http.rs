@@ -21,7 +21,7 @@ fn body(prompt: &str, reasoning: Option<Value>) -> Value {
     let mut b = json!({
         "model": MODEL,
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 160,
+        "max_tokens": 128,
         "temperature": 0,
     });
     if let Some(r) = reasoning {
