@@ -220,7 +220,8 @@ impl Scheduler {
     /// Inject forced tokens, or edit the logits, sample and take the token in.
     /// `Some` when the sequence has ended.
     fn step_sequence(&self, seq: &mut Sequence, logits: &mut [f32]) -> Option<FinishReason> {
-        if let Some(forced) = seq.control.forced_now() {
+        // An empty injection text (a misconfigured model) would leave nothing to feed.
+        if let Some(forced) = seq.control.forced_now().filter(|f| !f.is_empty()) {
             return self.push_tokens(seq, &forced, true);
         }
         seq.control.edit_logits(logits);
