@@ -190,7 +190,7 @@ impl ReasoningControl {
         let tau = self.current_stop_temperature();
         if tau > 1.0 {
             let stops = self.tracker.stop_set(&self.end_of_turn);
-            scale_stop_mass(logits, &stops, tau);
+            scale_stop_mass(logits, stops, tau);
         }
     }
 

@@ -69,10 +69,10 @@ impl PhaseTracker {
 
     /// The tokens that end the current phase: the close token while thinking,
     /// the end-of-turn tokens while answering.
-    pub fn stop_set(&self, end_of_turn: &[u32]) -> Vec<u32> {
-        match (self.phase, self.think) {
-            (Phase::Thinking, Some(t)) => vec![t.close],
-            _ => end_of_turn.to_vec(),
+    pub fn stop_set<'a>(&'a self, end_of_turn: &'a [u32]) -> &'a [u32] {
+        match (self.phase, &self.think) {
+            (Phase::Thinking, Some(t)) => std::slice::from_ref(&t.close),
+            _ => end_of_turn,
         }
     }
 }
