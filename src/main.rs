@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use terse::engine::{start_engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
-use terse::manifest::resolve_model;
+use terse::manifest::resolve_model_with;
 use terse::metrics::Metrics;
 use terse::tokenize::ChatMessage;
 
@@ -32,6 +32,10 @@ struct ModelArgs {
     /// A model name from models/*.toml (fetched with `./models/fetch NAME`) or a path to a .gguf file.
     #[arg(long, default_value = "smollm2-135m", env = "TERSE_MODEL")]
     model: String,
+    /// For a model given by path: the manifest (models/NAME.toml) whose think
+    /// tokens, injected texts and mode presets it gets, e.g. deepseek-r1-distill-qwen-1.5b.
+    #[arg(long, env = "TERSE_MANIFEST")]
+    manifest: Option<String>,
 }
 
 #[derive(Args)]
@@ -96,7 +100,7 @@ fn main() -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let model = resolve_model(&args.model.model)?;
+    let model = resolve_model_with(&args.model.model, args.model.manifest.as_deref())?;
     let config = terse::server::ServeConfig {
         host: args.host,
         port: args.port,
@@ -107,6 +111,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_queue: args.max_queue,
             kv_cache_budget_bytes: args.kv_cache_bytes,
             prefill_chunk: args.prefill_chunk,
+            reasoning: model.reasoning,
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -115,11 +120,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let model = resolve_model(&args.model.model)?;
+    let model = resolve_model_with(&args.model.model, args.model.manifest.as_deref())?;
     let path: PathBuf = model.path.clone();
     let name = model.served_name.clone();
+    let reasoning = model.reasoning.clone();
     let engine = tokio::task::spawn_blocking(move || {
-        start_engine(&path, &name, EngineConfig::default(), Arc::new(Metrics::new()))
+        let config = EngineConfig { reasoning, ..EngineConfig::default() };
+        start_engine(&path, &name, config, Arc::new(Metrics::new()))
     })
     .await??;
     let tokenizer = engine.tokenizer();

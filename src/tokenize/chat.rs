@@ -1,6 +1,6 @@
 //! Chat prompts rendered with minijinja from the template the model ships.
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,13 +40,26 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with(messages, add_generation_prompt, None)
+    }
+
+    /// `enable_thinking`: the switch thinking templates (Qwen3) read; `None`
+    /// leaves it undefined, so the template's own default applies.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+        let enable_thinking = enable_thinking.map(Value::from).unwrap_or(Value::UNDEFINED);
         template
             .render(context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                enable_thinking => enable_thinking,
             })
             .map_err(|e| TemplateError(format!("chat template: {}", e.detail().unwrap_or(&e.to_string()))))
     }

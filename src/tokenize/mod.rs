@@ -4,6 +4,8 @@
 mod chat;
 mod stream;
 
+use std::path::Path;
+
 use anyhow::{anyhow, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
@@ -13,13 +15,27 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateError};
-pub use stream::IncrementalDecoder;
+pub use stream::{IncrementalDecoder, PhasedDecoder};
 
 pub struct TextTokenizer {
     inner: Tokenizer,
     template: Option<ChatTemplate>,
     /// Tokens that end the assistant's turn (EOS, `<|im_end|>`, ...).
     end_of_turn: Vec<u32>,
+}
+
+/// EOS, and the turn-closing tokens chat models use even where their EOS is
+/// another token (Qwen2.5: EOS `<|endoftext|>`, turn end `<|im_end|>`).
+fn end_of_turn_ids(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<｜end▁of▁sentence｜>"] {
+        if let Some(id) = tokenizer.token_to_id(name) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
 }
 
 impl TextTokenizer {
@@ -48,19 +64,44 @@ impl TextTokenizer {
             )?),
             None => None,
         };
-        let mut end_of_turn = Vec::new();
-        if let Some(id) = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
-            end_of_turn.push(id);
-        }
-        // Chat models end a turn with their template's closing token even where the
-        // GGUF names another EOS (Qwen2.5: EOS <|endoftext|>, turn end <|im_end|>).
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"] {
-            if let Some(id) = inner.token_to_id(name) {
-                if !end_of_turn.contains(&id) {
-                    end_of_turn.push(id);
-                }
+        let eos_id = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok());
+        let end_of_turn = end_of_turn_ids(&inner, eos_id);
+        Ok(TextTokenizer { inner, template, end_of_turn })
+    }
+
+    /// Build the tokenizer from a Hugging Face `tokenizer.json`, and the template
+    /// and special tokens from its `tokenizer_config.json`.
+    pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config_json: &Path) -> Result<Self> {
+        let inner = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| anyhow!("reading {}: {e}", tokenizer_json.display()))?;
+        let text = std::fs::read_to_string(tokenizer_config_json)
+            .with_context(|| format!("reading {}", tokenizer_config_json.display()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", tokenizer_config_json.display()))?;
+        // Special tokens are written either as strings or as {"content": ...} objects.
+        let special = |key: &str| -> Option<String> {
+            match config.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
             }
-        }
+        };
+        let bos = special("bos_token");
+        let eos = special("eos_token");
+        let template = match config.get("chat_template") {
+            Some(serde_json::Value::String(source)) => Some(source.clone()),
+            // A list of named templates: the one named "default".
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        let template = template
+            .map(|source| ChatTemplate::new(&source, bos.clone().unwrap_or_default(), eos.clone().unwrap_or_default()))
+            .transpose()?;
+        let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
+        let end_of_turn = end_of_turn_ids(&inner, eos_id);
         Ok(TextTokenizer { inner, template, end_of_turn })
     }
 
@@ -77,8 +118,18 @@ impl TextTokenizer {
 
     /// Render a conversation with the model's own chat template.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.apply_chat_template_with(messages, add_generation_prompt, None)
+    }
+
+    /// Like [`Self::apply_chat_template`], with the template's `enable_thinking` switch.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, TemplateError> {
         match &self.template {
-            Some(t) => t.render(messages, add_generation_prompt),
+            Some(t) => t.render_with(messages, add_generation_prompt, enable_thinking),
             None => Err(TemplateError("the model has no chat template; use /v1/completions".into())),
         }
     }
