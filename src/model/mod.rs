@@ -4,12 +4,14 @@ mod config;
 mod gguf;
 mod kv_cache;
 mod linear;
+mod synthetic;
 mod transformer;
 
 pub use config::{Arch, TransformerConfig};
 pub use gguf::{load_gguf, LoadedModel};
 pub use kv_cache::SeqKvCache;
 pub use linear::Linear;
+pub use synthetic::{write_random_gguf, SyntheticSpec};
 pub use transformer::{SeqChunk, Transformer};
 
 /// What the server says about the model it serves.

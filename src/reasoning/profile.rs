@@ -21,6 +21,11 @@ pub struct ReasoningProfile {
     pub answer_tokens_after_wrap_up: usize,
     /// Replaces a stop sampled before `min_thinking_tokens`.
     pub continuation: String,
+    /// Open the thought in the prompt (`think_open` and a newline after the
+    /// generation prompt) where the chat template does not: DeepSeek-R1-Distill
+    /// GGUFs carry a template whose prompt ends at `<｜Assistant｜>`, and the
+    /// model is meant to start with `<think>\n`.
+    pub start_thinking: bool,
     #[serde(skip)]
     pub modes: ModePresets,
 }
@@ -34,7 +39,32 @@ impl Default for ReasoningProfile {
             wrap_up: "\nFinal answer:".into(),
             answer_tokens_after_wrap_up: 64,
             continuation: "Wait".into(),
+            start_thinking: false,
             modes: ModePresets::default(),
         }
+    }
+}
+
+impl ReasoningProfile {
+    /// The rendered chat prompt, with the thought opened if the model needs it.
+    pub fn open_thought(&self, mut prompt: String) -> String {
+        if self.start_thinking && !prompt.trim_end().ends_with(&self.think_open) {
+            prompt.push_str(&self.think_open);
+            prompt.push('\n');
+        }
+        prompt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_thinking_opens_the_thought_once() {
+        let p = ReasoningProfile { start_thinking: true, ..Default::default() };
+        assert_eq!(p.open_thought("<|A|>".into()), "<|A|><think>\n");
+        assert_eq!(p.open_thought("<|A|><think>\n".into()), "<|A|><think>\n");
+        assert_eq!(ReasoningProfile::default().open_thought("<|A|>".into()), "<|A|>");
     }
 }

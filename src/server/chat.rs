@@ -91,6 +91,7 @@ async fn handle(
             let text = tokenizer
                 .apply_chat_template_with(&messages, true, enable_thinking)
                 .map_err(|e| ApiError::Template(e.to_string()))?;
+            let text = engine.reasoning_profile().open_thought(text);
             let mut prompt = tokenizer
                 .encode(&text)
                 .map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;

@@ -24,6 +24,17 @@ pub struct TextTokenizer {
     end_of_turn: Vec<u32>,
 }
 
+/// llama.cpp's names for pre-tokenizers that candle builds under another name.
+/// Without this, candle falls back to GPT-2's pipeline, which adds a space in
+/// front of every prompt (DeepSeek-R1-Distill-Qwen GGUFs say `deepseek-r1-qwen`).
+fn candle_pipeline_alias(pre: &str) -> Option<&'static str> {
+    match pre {
+        "deepseek-r1-qwen" => Some("qwen2"),
+        "llama-bpe" => Some("llama3"),
+        _ => None,
+    }
+}
+
 /// EOS, and the turn-closing tokens chat models use even where their EOS is
 /// another token (Qwen2.5: EOS `<|endoftext|>`, turn end `<|im_end|>`).
 fn end_of_turn_ids(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
@@ -41,9 +52,24 @@ fn end_of_turn_ids(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
 impl TextTokenizer {
     /// Build the tokenizer, template and end-of-turn set from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let mut inner = Tokenizer::from_gguf(content).context("building the tokenizer from GGUF metadata")?;
+        let pre = content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
+        let mut inner = match pre.as_deref().and_then(candle_pipeline_alias) {
+            // candle knows the pipeline under another name: build from a copy of the
+            // metadata that uses it (the tensors are not needed for a tokenizer).
+            Some(alias) => {
+                let mut renamed = gguf_file::Content {
+                    magic: content.magic,
+                    metadata: content.metadata.clone(),
+                    tensor_infos: Default::default(),
+                    tensor_data_offset: content.tensor_data_offset,
+                };
+                renamed.metadata.insert("tokenizer.ggml.pre".into(), gguf_file::Value::String(alias.into()));
+                Tokenizer::from_gguf(&renamed)
+            }
+            None => Tokenizer::from_gguf(content),
+        }
+        .context("building the tokenizer from GGUF metadata")?;
         let meta = |key: &str| content.metadata.get(key);
-        let pre = meta("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
         if pre.as_deref() == Some("smollm") {
             // SmolLM's own tokenizer splits digits one by one before the GPT-2 byte-level
             // step; candle's GGUF builder treats "smollm" as plain GPT-2.
