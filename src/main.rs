@@ -12,6 +12,8 @@ use terse::manifest::resolve_model_with;
 use terse::metrics::Metrics;
 use terse::tokenize::ChatMessage;
 
+mod tools;
+
 #[derive(Parser)]
 #[command(name = "terse", version, about = "An inference server for small reasoning language models")]
 struct Cli {
@@ -25,17 +27,29 @@ enum Command {
     Serve(ServeArgs),
     /// Answer one prompt in the terminal, streamed as it is generated.
     Generate(GenerateArgs),
+    /// Write a GGUF model as a Hugging Face directory (dequantized weights).
+    Convert(tools::ConvertArgs),
+    /// Prune a Hugging Face directory to the 2:4 pattern by magnitude (a
+    /// baseline: it loses quality without a learned mask such as ProxSparse's).
+    Prune(tools::PruneArgs),
+    /// Print a model's architecture, parameters, weight type and sparsity.
+    Inspect(tools::InspectArgs),
 }
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A model name from models/*.toml (fetched with `./models/fetch NAME`) or a path to a .gguf file.
+    /// A model name from models/*.toml (fetched with `./models/fetch NAME`), a
+    /// path to a .gguf file, or a Hugging Face directory.
     #[arg(long, default_value = "smollm2-135m", env = "TERSE_MODEL")]
     model: String,
     /// For a model given by path: the manifest (models/NAME.toml) whose think
     /// tokens, injected texts and mode presets it gets, e.g. deepseek-r1-distill-qwen-1.5b.
     #[arg(long, env = "TERSE_MANIFEST")]
     manifest: Option<String>,
+    /// Hugging Face directories: run projections that follow the 2:4 pattern
+    /// compressed on the sparse kernel (auto), or keep every weight dense (off).
+    #[arg(long, value_enum, default_value = "auto", env = "TERSE_SPARSE")]
+    sparse: terse::model::SparseMode,
 }
 
 #[derive(Args)]
@@ -96,6 +110,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Generate(args) => runtime.block_on(generate(args)),
+        Command::Convert(args) => tools::convert(args),
+        Command::Prune(args) => tools::prune(args),
+        Command::Inspect(args) => tools::inspect(args),
     }
 }
 
@@ -112,6 +129,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             kv_cache_budget_bytes: args.kv_cache_bytes,
             prefill_chunk: args.prefill_chunk,
             reasoning: model.reasoning,
+            sparse: args.model.sparse,
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -124,8 +142,9 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     let path: PathBuf = model.path.clone();
     let name = model.served_name.clone();
     let reasoning = model.reasoning.clone();
+    let sparse = args.model.sparse;
     let engine = tokio::task::spawn_blocking(move || {
-        let config = EngineConfig { reasoning, ..EngineConfig::default() };
+        let config = EngineConfig { reasoning, sparse, ..EngineConfig::default() };
         start_engine(&path, &name, config, Arc::new(Metrics::new()))
     })
     .await??;

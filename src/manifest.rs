@@ -71,7 +71,8 @@ pub struct ResolvedModel {
     pub reasoning: ReasoningProfile,
 }
 
-/// `spec` is a manifest name (e.g. `smollm2-135m`) or a path to a .gguf file.
+/// `spec` is a manifest name (e.g. `smollm2-135m`), a path to a .gguf file, or
+/// a Hugging Face directory (with `config.json`).
 pub fn resolve_model(spec: &str) -> Result<ResolvedModel> {
     resolve_model_with(spec, None)
 }
@@ -80,8 +81,9 @@ pub fn resolve_model(spec: &str) -> Result<ResolvedModel> {
 /// by path gets (e.g. a DeepSeek-R1-Distill GGUF the user brings).
 pub fn resolve_model_with(spec: &str, manifest: Option<&str>) -> Result<ResolvedModel> {
     let as_path = Path::new(spec);
-    if as_path.extension().is_some_and(|e| e == "gguf") || as_path.is_file() {
-        if !as_path.is_file() {
+    let hf_dir = as_path.join("config.json").is_file();
+    if as_path.extension().is_some_and(|e| e == "gguf") || as_path.is_file() || hf_dir {
+        if !as_path.is_file() && !hf_dir {
             bail!("model file {} does not exist", as_path.display());
         }
         let served_name = as_path.file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_string();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::request::{GenerationEvent, GenerationRequest, SubmitError};
-use crate::model::ModelInfo;
+use crate::model::{ModelInfo, SparseMode};
 use crate::reasoning::control::Injections;
 use crate::reasoning::phase::ThinkTokens;
 use crate::reasoning::profile::ReasoningProfile;
@@ -25,6 +25,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// The model's think delimiters, injected texts and mode presets.
     pub reasoning: ReasoningProfile,
+    /// Hugging Face directories: run 2:4-conforming projections on the sparse kernel.
+    pub sparse: SparseMode,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +37,7 @@ impl Default for EngineConfig {
             kv_cache_budget_bytes: None,
             prefill_chunk: 512,
             reasoning: ReasoningProfile::default(),
+            sparse: SparseMode::Auto,
         }
     }
 }

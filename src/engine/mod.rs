@@ -21,7 +21,7 @@ pub use request::*;
 pub use sampling::{argmax, Sampler};
 
 use crate::metrics::Metrics;
-use crate::model::{load_gguf, LoadedModel};
+use crate::model::{load_gguf, load_hf_dir, LoadedModel, SparseMode};
 use crate::reasoning::control::Injections;
 use crate::reasoning::phase::ThinkTokens;
 use crate::reasoning::profile::ReasoningProfile;
@@ -34,8 +34,17 @@ const DEFAULT_KV_BUDGET_CAP: u64 = 4 << 30;
 
 /// Load the model file and start the engine thread (blocking: call it off the async runtime).
 pub fn start_engine(model_path: &Path, served_name: &str, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
-    let model = load_gguf(model_path, served_name)?;
+    let model = load_model(model_path, served_name, config.sparse)?;
     start_with_model(model, config, metrics)
+}
+
+/// A GGUF file, or a Hugging Face directory.
+pub fn load_model(path: &Path, served_name: &str, sparse: SparseMode) -> Result<LoadedModel> {
+    if path.is_dir() {
+        Ok(load_hf_dir(path, served_name, sparse)?.0)
+    } else {
+        load_gguf(path, served_name)
+    }
 }
 
 pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {

@@ -2,9 +2,10 @@
 //! merged with the request's own `reasoning` fields into the settings one
 //! sequence runs with.
 //!
-//! Merge rules: every field the request gives replaces the preset's; a request
-//! without a mode gets no preset, and its strategy, when not named, follows
-//! from its fields (τ > 1 → `ts`, a lone `max_thinking_tokens` → `budget`).
+//! Merge rules: every field the request gives replaces the preset's. The
+//! strategy, when the request does not name one, is the preset's; where the
+//! mode has none (or no mode was asked for) it follows from the request's
+//! fields: τ > 1 → `ts`, a lone `max_thinking_tokens` → `budget`.
 //! Under `ts`, `max_thinking_tokens` is the ramp's horizon, not a hard cap.
 
 use serde::Deserialize;
@@ -190,10 +191,11 @@ pub struct MergeError {
 /// The settings a request runs with: its mode's preset, then its own fields.
 pub fn merge(preset: Option<&ModePreset>, req: &ReasoningOverrides) -> Result<ReasoningSettings, MergeError> {
     let base = preset.map(ModePreset::settings).unwrap_or_default();
-    let strategy = match (req.strategy, preset) {
-        (Some(s), _) => s,
-        (None, Some(p)) => p.strategy,
-        (None, None) => match (req.stop_temperature, req.max_thinking_tokens) {
+    let preset_strategy = preset.map_or(Strategy::None, |p| p.strategy);
+    let strategy = match req.strategy {
+        Some(s) => s,
+        None if preset_strategy != Strategy::None => preset_strategy,
+        None => match (req.stop_temperature, req.max_thinking_tokens) {
             (Some(t), _) if t > 1.0 => Strategy::Ts,
             (_, Some(_)) => Strategy::Budget,
             _ => Strategy::None,
@@ -283,6 +285,10 @@ mod tests {
         let cap = merge(None, &ReasoningOverrides { max_thinking_tokens: Some(8), ..Default::default() }).unwrap();
         assert_eq!(cap.strategy, Strategy::Budget);
         assert_eq!(merge(None, &ReasoningOverrides::default()).unwrap(), ReasoningSettings::default());
+        // A mode without control of its own does not silence the request's fields.
+        let uncontrolled = ModePreset { max_thinking_tokens: None, min_thinking_tokens: None, ..preset(Strategy::None) };
+        let cap = merge(Some(&uncontrolled), &ReasoningOverrides { max_thinking_tokens: Some(8), ..Default::default() });
+        assert_eq!(cap.unwrap().strategy, Strategy::Budget);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub struct TemplateError(pub String);
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -36,7 +37,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow::anyhow!("the model's chat template does not parse: {e}"))?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token, eos_token })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {

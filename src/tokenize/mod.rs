@@ -131,6 +131,34 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner, template, end_of_turn })
     }
 
+    /// Add the end-of-sequence ids a Hugging Face `generation_config.json` names
+    /// (`eos_token_id`, one id or a list) to the end-of-turn set.
+    pub fn add_end_of_turn_from_generation_config(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let ids: Vec<u32> = match config.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Some(serde_json::Value::Array(list)) => list.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
+            _ => vec![],
+        };
+        for id in ids {
+            if !self.end_of_turn.contains(&id) {
+                self.end_of_turn.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The underlying Hugging Face tokenizer (to write it out as `tokenizer.json`).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// The chat template's source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.source())
+    }
+
     /// Tokens of `text`; special tokens written in it (e.g. `<|im_start|>`) are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
