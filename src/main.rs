@@ -34,6 +34,8 @@ enum Command {
     Prune(tools::PruneArgs),
     /// Print a model's architecture, parameters, weight type and sparsity.
     Inspect(tools::InspectArgs),
+    /// Write a GGUF with random weights, real shapes and a real tokenizer.
+    Synth(tools::SynthArgs),
 }
 
 #[derive(Args)]
@@ -113,6 +115,7 @@ fn main() -> Result<()> {
         Command::Convert(args) => tools::convert(args),
         Command::Prune(args) => tools::prune(args),
         Command::Inspect(args) => tools::inspect(args),
+        Command::Synth(args) => tools::synth(args),
     }
 }
 

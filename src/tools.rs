@@ -103,3 +103,61 @@ fn print_common(info: &terse::model::ModelInfo, config: &terse::model::Transform
     println!("weight type: {}, weights in memory: {} bytes", info.dtype, info.weight_bytes);
     println!("context: {} tokens, vocabulary: {}", info.context_length, info.vocab_size);
 }
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SynthShape {
+    /// 2 layers, hidden 64: for mechanism tests.
+    Tiny,
+    /// DeepSeek-R1-Distill-Qwen-1.5B's exact shapes (28 layers, hidden 1536, 12 / 2 heads).
+    #[value(name = "r1-distill-qwen-1.5b")]
+    R1DistillQwen1_5b,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SynthType {
+    F32,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4k,
+}
+
+/// A GGUF with random weights, real shapes and a real tokenizer: for
+/// benchmarks on machines no model can reach, and for mechanism tests.
+#[derive(Args)]
+pub struct SynthArgs {
+    #[arg(long, value_enum, default_value = "r1-distill-qwen-1.5b")]
+    shape: SynthShape,
+    /// The GGUF (or manifest name) whose tokenizer and chat template to copy.
+    #[arg(long, default_value = "r1-distill-tokenizer")]
+    tokenizer_from: String,
+    #[arg(long, value_enum, default_value = "q4_k")]
+    dtype: SynthType,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn synth(args: SynthArgs) -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    use terse::model::{write_random_gguf, SyntheticSpec};
+    let tokenizer_from = match terse::manifest::load_manifest(&args.tokenizer_from) {
+        Ok(m) => terse::manifest::models_dir().join("cache").join(&m.name).join(&m.file),
+        Err(_) => PathBuf::from(&args.tokenizer_from),
+    };
+    let mut spec = match args.shape {
+        SynthShape::Tiny => SyntheticSpec::tiny_qwen2(152_064),
+        SynthShape::R1DistillQwen1_5b => SyntheticSpec::r1_distill_qwen_1_5b(),
+    };
+    spec.dtype = match args.dtype {
+        SynthType::F32 => GgmlDType::F32,
+        SynthType::Q8_0 => GgmlDType::Q8_0,
+        SynthType::Q4k => GgmlDType::Q4K,
+    };
+    spec.seed = args.seed;
+    write_random_gguf(&args.out, &spec, &tokenizer_from)?;
+    println!("{}", args.out.display());
+    Ok(())
+}
