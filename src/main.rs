@@ -25,6 +25,8 @@ enum Command {
     Serve(ServeArgs),
     /// Answer one prompt in the terminal, streamed as it is generated.
     Generate(GenerateArgs),
+    /// Measure accuracy against tokens on GSM8K / MATH-500 over a grid of reasoning settings.
+    Eval(terse::eval::cli::EvalArgs),
 }
 
 #[derive(Args)]
@@ -92,6 +94,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Generate(args) => runtime.block_on(generate(args)),
+        Command::Eval(args) => runtime.block_on(terse::eval::cli::eval(args)).map(|_| ()),
     }
 }
 
