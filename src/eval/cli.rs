@@ -108,8 +108,8 @@ pub async fn eval(args: EvalArgs) -> Result<EvalOutput> {
     if !args.prompt.contains("{question}") {
         bail!("--prompt must contain `{{question}}`, where the problem goes");
     }
-    if args.max_tokens == 0 || args.concurrency == 0 {
-        bail!("--max-tokens and --concurrency must be at least 1");
+    if args.max_tokens == 0 || args.concurrency == 0 || args.limit == Some(0) {
+        bail!("--max-tokens, --concurrency and --limit must be at least 1");
     }
     if !(0.0..=2.0).contains(&args.temperature) {
         bail!("--temperature must be in [0, 2]");

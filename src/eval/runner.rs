@@ -111,11 +111,12 @@ fn request_body(config: &RunConfig, model: &str, problem: &Problem, setting: &Se
 
 /// Why one request did not give a row.
 enum Failure {
-    /// The server refused the request itself (a 4xx other than 429): every
-    /// other request of the grid would fail the same way, so the run stops.
+    /// The server refused the request itself (a 4xx other than 413 and 429):
+    /// every other request of the grid would fail the same way, so the run stops.
     Fatal(String),
-    /// Still failing after the retries (overload, a dropped connection).
-    Transient(String),
+    /// This request only: still failing after the retries (overload, a dropped
+    /// connection), or its prompt is too long for the model (413).
+    Skipped(String),
 }
 
 const ATTEMPTS: u32 = 4;
@@ -153,11 +154,14 @@ async fn post_with_retries(client: &reqwest::Client, url: &str, body: &Value) ->
             .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
             .unwrap_or(text);
         last = format!("{status}: {message}");
-        if status.is_client_error() && status.as_u16() != 429 {
-            return Err(Failure::Fatal(last));
+        match status.as_u16() {
+            413 => return Err(Failure::Skipped(last)),
+            429 => {}
+            _ if status.is_client_error() => return Err(Failure::Fatal(last)),
+            _ => {}
         }
     }
-    Err(Failure::Transient(last))
+    Err(Failure::Skipped(last))
 }
 
 /// One graded row from the server's answer.
@@ -292,7 +296,7 @@ pub async fn run(
                 bar.abandon();
                 bail!("the server refused a request of setting `{}`: {why}", setting.name);
             }
-            Err(Failure::Transient(why)) => Err(anyhow!(why)),
+            Err(Failure::Skipped(why)) => Err(anyhow!(why)),
         };
         match row {
             Ok(row) => {
