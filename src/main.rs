@@ -83,13 +83,18 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // `terse eval` draws a progress bar, which per-request logs would tear.
+    let default_filter = match cli.command {
+        Command::Eval(_) => "info,tower_http=warn",
+        _ => "info,tower_http=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),

@@ -176,6 +176,21 @@ fn eval_runs_a_grid_resumes_and_reports() {
 }
 
 #[test]
+fn eval_can_serve_the_model_itself() {
+    let dir = out_dir("local");
+    let out = run(terse()
+        .args(["eval", "--model", MODEL, "--limit", "1", "--max-tokens", "8", "-s", "baseline", "--quiet", "--out"])
+        .arg(&dir));
+    assert!(out.status.success());
+    let rows = rows(&dir);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["model"], MODEL);
+    assert!((1..=8).contains(&rows[0]["completion_tokens"].as_u64().unwrap()), "{}", rows[0]);
+    assert!(dir.join("pareto.png").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bad_options_fail_before_any_request() {
     let dir = out_dir("bad");
     for (args, why) in [
@@ -184,6 +199,8 @@ fn bad_options_fail_before_any_request() {
         (vec!["--data", "gsm9k"], "unknown data set `gsm9k`"),
         (vec!["--prompt", "no placeholder"], "{question}"),
         (vec!["--server", "http://127.0.0.1:9"], "cannot reach a terse server at http://127.0.0.1:9"),
+        (vec!["--model", "no-such-model"], "unknown model `no-such-model`"),
+        (vec!["--model", MODEL, "--server", "http://127.0.0.1:9"], "cannot be used with"),
     ] {
         let out = run(terse().args(["eval", "--quiet", "--limit", "1"]).args(&args).arg("--out").arg(&dir));
         assert!(!out.status.success(), "{args:?}");

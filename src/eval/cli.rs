@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +15,9 @@ use super::report::{markdown_table, summarize, SettingSummary};
 use super::rows::{Existing, Row};
 use super::runner::{self, request_fingerprint, RunConfig, DEFAULT_PROMPT};
 use super::settings::{parse_grid, read_grid_file};
+use crate::manifest::resolve_model;
+use crate::metrics::Metrics;
+use crate::server::{spawn, RunningServer, ServeConfig};
 
 const SETTINGS_HELP: &str = "\
 Settings (--setting SPEC, repeatable; or --grid FILE):
@@ -38,9 +42,10 @@ Output (--out, default bench-results/eval/MODEL-DATA/):
   pareto.png     accuracy against mean completion tokens, one point per setting,
   pareto.svg     the Pareto front drawn
 
-Example:
+Examples:
   terse serve --model qwen2.5-0.5b --max-batch 8 &
-  terse eval --data gsm8k --limit 200 --seed 1 -s baseline -s ts=4 -s budget=256";
+  terse eval --data gsm8k --limit 200 --seed 1 -s baseline -s ts=4 -s budget=256
+  terse eval --model qwen2.5-0.5b --data math500 --limit 100 --grid grid.toml";
 
 #[derive(Args, Debug)]
 #[command(after_long_help = SETTINGS_HELP)]
@@ -51,6 +56,10 @@ pub struct EvalArgs {
     /// Base URL of the running terse server to evaluate.
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "TERSE_EVAL_SERVER")]
     pub server: String,
+    /// Instead of --server: serve this model inside this process for the run
+    /// (a name from models/*.toml or a .gguf path; batch size --concurrency).
+    #[arg(long, conflicts_with = "server")]
+    pub model: Option<String>,
     /// A setting to compare (repeatable; see below). Without any: baseline.
     #[arg(long = "setting", short = 's', value_name = "SPEC")]
     pub settings: Vec<String>,
@@ -117,8 +126,17 @@ pub async fn eval(args: EvalArgs) -> Result<EvalOutput> {
     let (dataset, path) = data::resolve(&args.data)?;
     let problems = data::select(data::load(&path)?, args.limit, args.seed);
 
+    // Requests still go over HTTP on the loopback: the server under test is the real one.
+    let local = match &args.model {
+        Some(spec) => Some(start_local_server(spec, args.concurrency).await?),
+        None => None,
+    };
+    let server = match &local {
+        Some(s) => s.url(),
+        None => args.server.trim_end_matches('/').to_string(),
+    };
     let config = RunConfig {
-        server: args.server.trim_end_matches('/').to_string(),
+        server,
         dataset: dataset.clone(),
         prompt: args.prompt.clone(),
         system: args.system.clone(),
@@ -172,6 +190,10 @@ pub async fn eval(args: EvalArgs) -> Result<EvalOutput> {
     println!("{title}\n\n{table}");
     eprintln!("eval: wrote {}", dir.display());
 
+    if let Some(server) = local {
+        server.shutdown();
+        server.join().await?;
+    }
     if outcome.failed > 0 {
         bail!(
             "{} requests failed (first: {}); run the same command again to retry them",
@@ -180,6 +202,17 @@ pub async fn eval(args: EvalArgs) -> Result<EvalOutput> {
         );
     }
     Ok(EvalOutput { dir, summaries, table })
+}
+
+/// A server on a free loopback port, its model loaded.
+async fn start_local_server(spec: &str, max_batch: usize) -> Result<RunningServer> {
+    let model = resolve_model(spec)?;
+    let mut config = ServeConfig::new(model.path, model.served_name);
+    config.port = 0;
+    config.engine.max_batch = max_batch;
+    let server = spawn(config, Arc::new(Metrics::new())).await?;
+    server.wait_ready().await.context("loading the model")?;
+    Ok(server)
 }
 
 fn write_summary(dir: &Path, title: &str, summaries: &[SettingSummary], table: &str) -> Result<()> {

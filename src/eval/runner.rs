@@ -275,6 +275,7 @@ pub async fn run(
         ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}, eta {eta}]")
             .expect("a valid template"),
     );
+    bar.enable_steady_tick(Duration::from_secs(1));
     bar.set_position(tally.done as u64);
     bar.set_message(tally.message());
 
