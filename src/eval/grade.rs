@@ -122,8 +122,8 @@ fn matching_brace(s: &str) -> Option<usize> {
 }
 
 /// The answer in the text after an answer phrase: a `$...$` span if it opens
-/// with one, else the rest of the sentence; a sentence with words in it
-/// ("Janet makes $18 a day") gives its first number.
+/// with one, else the rest of the sentence (after its last `=`); a sentence
+/// with words in it ("Janet makes $18 a day") gives its first number.
 fn clean_phrase(rest: &str) -> String {
     let line = rest.lines().next().unwrap_or("").trim().trim_matches('*').trim();
     for (open, close) in [("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")] {
@@ -134,6 +134,11 @@ fn clean_phrase(rest: &str) -> String {
         }
     }
     let sentence = end_of_sentence(line);
+    // "56 + 2 = 58 points": the result is after the last `=`.
+    let sentence = match sentence.rsplit_once('=') {
+        Some((_, result)) if !result.trim().is_empty() => result,
+        _ => sentence,
+    };
     let sentence = sentence.trim().trim_end_matches(['.', ',', ';', '!']).trim();
     let unwrapped = unwrap_text_commands(sentence);
     if WORD_RE.is_match(&unwrapped) && number_value(sentence).is_none() {
@@ -296,6 +301,8 @@ mod tests {
             extracted("The answer is that Janet makes $18 per day."),
             Some(("18".into(), Source::Phrase))
         );
+        assert_eq!(extracted("Final answer: 56 + 2 = 58 points."), Some(("58 points".into(), Source::Phrase)));
+        assert_eq!(extracted("#### 9 * 2 = 18"), Some(("18".into(), Source::Hashes)));
         // An answer phrase with nothing after it falls back to the last number.
         assert_eq!(extracted("We get 7 and then 9. The answer is"), Some(("9".into(), Source::LastNumber)));
     }
