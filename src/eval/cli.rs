@@ -1,7 +1,6 @@
 //! The `terse eval` subcommand: run a grid of settings on a data set against a
 //! running server, then write the summary table and the Pareto plot.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use super::plot::write_plots;
 use super::report::{markdown_table, summarize, SettingSummary};
 use super::rows::{Existing, Row};
 use super::runner::{self, request_fingerprint, RunConfig, DEFAULT_PROMPT};
-use super::settings::{parse_grid, read_grid_file};
+use super::settings::{parse_grid, read_grid_file, Setting};
 use crate::manifest::resolve_model;
 use crate::metrics::Metrics;
 use crate::server::{spawn, RunningServer, ServeConfig};
@@ -167,21 +166,7 @@ pub async fn eval(args: EvalArgs) -> Result<EvalOutput> {
         outcome.written, outcome.skipped, outcome.failed
     );
 
-    // Summarise from the file, so that rows of earlier runs count too.
-    let existing = Existing::load(&rows_path)?;
-    let mut by_setting: HashMap<&str, Vec<&Row>> = HashMap::new();
-    for problem in &problems {
-        for setting in &settings {
-            let fp = request_fingerprint(&config, &model, setting);
-            if let Some(row) = existing.finished(&problem.id, &setting.name, &fp)? {
-                by_setting.entry(setting.name.as_str()).or_default().push(row);
-            }
-        }
-    }
-    let summaries: Vec<SettingSummary> = settings
-        .iter()
-        .map(|s| summarize(&s.name, by_setting.get(s.name.as_str()).map_or(&[][..], Vec::as_slice)))
-        .collect();
+    let summaries = summarize_file(&rows_path, &config, &model, &problems, &settings)?;
     let table = markdown_table(&summaries);
     let title = format!("{model} on {dataset} ({} problems)", problems.len());
     write_summary(&dir, &title, &summaries, &table)?;
@@ -202,6 +187,28 @@ pub async fn eval(args: EvalArgs) -> Result<EvalOutput> {
         );
     }
     Ok(EvalOutput { dir, summaries, table })
+}
+
+/// One summary per setting, from the rows file (so that rows of earlier runs
+/// count too), over the selected problems only.
+fn summarize_file(
+    rows_path: &Path,
+    config: &RunConfig,
+    model: &str,
+    problems: &[data::Problem],
+    settings: &[Setting],
+) -> Result<Vec<SettingSummary>> {
+    let existing = Existing::load(rows_path)?;
+    let mut summaries = Vec::new();
+    for setting in settings {
+        let fp = request_fingerprint(config, model, setting);
+        let mut rows: Vec<&Row> = Vec::new();
+        for problem in problems {
+            rows.extend(existing.finished(&problem.id, &setting.name, &fp)?);
+        }
+        summaries.push(summarize(&setting.name, &rows));
+    }
+    Ok(summaries)
 }
 
 /// A server on a free loopback port, its model loaded.
