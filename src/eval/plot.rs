@@ -96,6 +96,31 @@ fn labels(summaries: &[SettingSummary]) -> Vec<((f64, f64), String)> {
     out
 }
 
+/// Approximate width of a 14 px label in pixels (DejaVu Sans averages ~0.55 em).
+fn label_width(text: &str) -> i32 {
+    (text.chars().count() as f64 * 7.7).ceil() as i32 + 8
+}
+
+/// Stack labels that would overlap: each label (anchored at its point's x
+/// pixel, extending right) goes to the lowest row where it clears the labels
+/// already placed, by increasing x.
+fn label_rows(x_pixels: &[i32], texts: &[&str]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..x_pixels.len()).collect();
+    order.sort_by_key(|&i| x_pixels[i]);
+    let mut row_ends: Vec<i32> = Vec::new();
+    let mut rows = vec![0; x_pixels.len()];
+    for i in order {
+        let left = x_pixels[i];
+        let row = row_ends.iter().position(|&end| end <= left).unwrap_or(row_ends.len());
+        if row == row_ends.len() {
+            row_ends.push(0);
+        }
+        row_ends[row] = left + label_width(texts[i]);
+        rows[i] = row;
+    }
+    rows
+}
+
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, summaries: &[SettingSummary], title: &str) -> Result<()> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the plot: {e:?}");
     root.fill(&WHITE).map_err(err)?;
@@ -139,9 +164,13 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, summaries: &[SettingS
         .map_err(err)?
         .label("setting (bar: 95% interval)")
         .legend(|(x, y)| Circle::new((x + 10, y), 5, BLUE.filled()));
+    let labels = labels(summaries);
+    let pixels: Vec<i32> = labels.iter().map(|(at, _)| chart.backend_coord(at).0).collect();
+    let rows = label_rows(&pixels, &labels.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>());
     chart
-        .draw_series(labels(summaries).into_iter().map(|(at, text)| {
-            EmptyElement::at(at) + Text::new(text, (8, -16), ("sans-serif", 14).into_font())
+        .draw_series(labels.into_iter().zip(rows).map(|((at, text), row)| {
+            let lift = -16 - 16 * row as i32;
+            EmptyElement::at(at) + Text::new(text, (8, lift), ("sans-serif", 14).into_font())
         }))
         .map_err(err)?;
     chart
@@ -168,5 +197,14 @@ mod tests {
         assert_eq!(pareto_front(&points), vec![3, 1, 5, 0]);
         assert_eq!(pareto_front(&[]), Vec::<usize>::new());
         assert_eq!(pareto_front(&[(10.0, 0.0)]), vec![0]);
+    }
+
+    #[test]
+    fn close_labels_stack() {
+        // Far apart: one row. Close: the second goes up a row, the third (clear
+        // of the first) comes back down.
+        assert_eq!(label_rows(&[0, 500], &["a", "b"]), vec![0, 0]);
+        assert_eq!(label_rows(&[100, 110, 300], &["baseline", "ts=4", "budget"]), vec![0, 1, 0]);
+        assert_eq!(label_rows(&[110, 100], &["x", "y"]), vec![1, 0]);
     }
 }
