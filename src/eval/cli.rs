@@ -217,6 +217,8 @@ async fn start_local_server(spec: &str, max_batch: usize) -> Result<RunningServe
     let mut config = ServeConfig::new(model.path, model.served_name);
     config.port = 0;
     config.engine.max_batch = max_batch;
+    // The manifest's reasoning profile and mode presets, as `terse serve` gives them.
+    config.engine.reasoning = model.reasoning;
     let server = spawn(config, Arc::new(Metrics::new())).await?;
     server.wait_ready().await.context("loading the model")?;
     Ok(server)

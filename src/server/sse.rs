@@ -70,7 +70,7 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
             Phase::Streaming => loop {
                 match st.events.next().await {
                     Some(GenerationEvent::Token { text, phase, .. }) => {
-                        st.record.on_token();
+                        st.record.on_token(phase);
                         if !text.is_empty() {
                             break vec![data(st.format.text(text, phase))];
                         }

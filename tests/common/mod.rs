@@ -31,7 +31,8 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("{e:#} (run `./models/fetch {MODEL}` first)"));
         let mut config = ServeConfig::new(model.path, model.served_name);
         config.port = 0;
-        config.engine = engine;
+        // The model's own reasoning profile and mode presets, as `terse serve` gives it.
+        config.engine = EngineConfig { reasoning: model.reasoning, ..engine };
         config.shutdown_grace = Duration::from_secs(60);
         let metrics = Arc::new(Metrics::new());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
