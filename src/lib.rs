@@ -5,6 +5,7 @@
 //! sequences over one model, `server` speaks OpenAI's HTTP API.
 
 pub mod engine;
+pub mod eval;
 pub mod manifest;
 pub mod metrics;
 pub mod model;

@@ -36,6 +36,8 @@ enum Command {
     Inspect(tools::InspectArgs),
     /// Write a GGUF with random weights, real shapes and a real tokenizer.
     Synth(tools::SynthArgs),
+    /// Measure accuracy against tokens on GSM8K / MATH-500 over a grid of reasoning settings.
+    Eval(terse::eval::cli::EvalArgs),
 }
 
 #[derive(Args)]
@@ -101,13 +103,18 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // `terse eval` draws a progress bar, which per-request logs would tear.
+    let default_filter = match cli.command {
+        Command::Eval(_) => "info,tower_http=warn",
+        _ => "info,tower_http=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
@@ -116,6 +123,7 @@ fn main() -> Result<()> {
         Command::Prune(args) => tools::prune(args),
         Command::Inspect(args) => tools::inspect(args),
         Command::Synth(args) => tools::synth(args),
+        Command::Eval(args) => runtime.block_on(terse::eval::cli::eval(args)).map(|_| ()),
     }
 }
 
