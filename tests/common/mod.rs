@@ -27,12 +27,17 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(engine: EngineConfig) -> TestServer {
+        Self::start_with(|config| config.engine = engine)
+    }
+
+    /// A server on the default model, with `configure` applied to its settings.
+    pub fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let model = terse::manifest::resolve_model(MODEL)
             .unwrap_or_else(|e| panic!("{e:#} (run `./models/fetch {MODEL}` first)"));
         let mut config = ServeConfig::new(model.path, model.served_name);
         config.port = 0;
-        config.engine = engine;
         config.shutdown_grace = Duration::from_secs(60);
+        configure(&mut config);
         let metrics = Arc::new(Metrics::new());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
