@@ -10,6 +10,7 @@ pub mod engine;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod probe;
 pub mod reasoning;
 pub mod server;
 pub mod tokenize;

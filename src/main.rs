@@ -30,6 +30,22 @@ enum Command {
     Serve(ServeArgs),
     /// Answer one prompt in the terminal, streamed as it is generated.
     Generate(GenerateArgs),
+    /// GET a path of the local server; exit 0 on a 2xx answer (for container health checks).
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// The path to ask for, e.g. /health or /ready.
+    #[arg(default_value = "/health")]
+    path: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The server's port (the same variable as `serve --port`).
+    #[arg(long, default_value_t = 8080, env = "TERSE_PORT")]
+    port: u16,
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -129,7 +145,17 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Generate(args) => runtime.block_on(generate(args)),
+        Command::Probe(args) => probe(args),
     }
+}
+
+fn probe(args: ProbeArgs) -> Result<()> {
+    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    let status = terse::probe::http_status(&args.host, args.port, &args.path, timeout)?;
+    if !(200..300).contains(&status) {
+        bail!("GET {} answered {status}", args.path);
+    }
+    Ok(())
 }
 
 /// Logs go to stderr; `RUST_LOG` filters them (default: info).

@@ -145,6 +145,14 @@ async fn json_logs_one_line_per_request_and_sigterm_lets_requests_finish() {
     served.wait_for(|l| l["message"].as_str().is_some_and(|m| m.contains("ready")));
     let http = client();
 
+    // The container health check: `terse probe` exits 0 on 2xx only.
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let probe = |path: &str| terse().args(["probe", path, "--port", &port]).output().unwrap();
+    assert!(probe("/ready").status.success());
+    let refused = probe("/v1/models");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+
     // A wrong key: logged as a 401, without the key.
     let r = http.get(format!("{url}/v1/models")).bearer_auth("wrong-key-777").send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -186,6 +194,7 @@ async fn json_logs_one_line_per_request_and_sigterm_lets_requests_finish() {
     while served.next_json().is_some() {}
     let status = served.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", served.log.join("\n"));
+    assert!(!probe("/health").status.success(), "nothing listens any more");
     let log = served.log.join("\n");
     assert!(!log.contains(key) && !log.contains("wrong-key-777"), "a key was logged:\n{log}");
 }
