@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # terse in a container: built with the Rust toolchain, run on slim Debian as a
 # non-root user.
 #
@@ -14,6 +13,10 @@
 # it stops with an illegal instruction: build with TARGET_CPU=x86-64-v2
 # (portable, 3-5x slower matmuls); for a known fleet, TARGET_CPU=native on a
 # node of that fleet, or e.g. znver4 / sapphirerapids.
+#
+# Needs BuildKit (the default since Docker 23; DOCKER_BUILDKIT=1 before) for
+# the cache mounts. No `# syntax=` line: that would make every build pull the
+# Dockerfile frontend image from Docker Hub, which fails on closed networks.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
