@@ -22,8 +22,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use terse::engine::argmax;
-use terse::model::{load_gguf, SeqChunk, SeqKvCache, Transformer, TransformerConfig};
+use terse::engine::{argmax, load_model};
+use terse::model::{load_gguf, SeqChunk, SeqKvCache, SparseMode, Transformer, TransformerConfig};
 use terse::tokenize::TextTokenizer;
 
 /// Ordinary English text, tokenized and repeated to the prompt length.
@@ -35,6 +35,8 @@ never knowing his name, yet every one of them owed him a safe return to the quie
 struct Args {
     model: PathBuf,
     engine: String,
+    /// Hugging Face directories: 2:4 sparse kernel (auto) or dense (off).
+    sparse: SparseMode,
     prompt_tokens: usize,
     decode_tokens: usize,
     runs: usize,
@@ -43,7 +45,8 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench_forward MODEL(.gguf path or manifest name) [--engine terse|reference] \
+        "usage: bench_forward MODEL(.gguf path, Hugging Face directory or manifest name) \
+         [--engine terse|reference] [--sparse auto|off] \
          [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1]"
     );
     std::process::exit(2)
@@ -54,6 +57,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         model: PathBuf::new(),
         engine: "terse".into(),
+        sparse: SparseMode::Auto,
         prompt_tokens: 256,
         decode_tokens: 128,
         runs: 5,
@@ -64,6 +68,13 @@ fn parse_args() -> Result<Args> {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match a.as_str() {
             "--engine" => args.engine = value("--engine")?,
+            "--sparse" => {
+                args.sparse = match value("--sparse")?.as_str() {
+                    "auto" => SparseMode::Auto,
+                    "off" => SparseMode::Off,
+                    other => bail!("--sparse must be auto or off, not {other}"),
+                }
+            }
             "--prompt-tokens" => args.prompt_tokens = value("--prompt-tokens")?.parse()?,
             "--decode-tokens" => args.decode_tokens = value("--decode-tokens")?.parse()?,
             "--runs" => args.runs = value("--runs")?.parse()?,
@@ -206,7 +217,17 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     // The prompt comes from the GGUF's own tokenizer (terse's reading of it),
     // whatever the engine; only the metadata is read here, no weights.
-    let (prompt, context, arch) = {
+    let hf_dir = args.model.is_dir();
+    if hf_dir && args.engine != "terse" {
+        bail!("the reference engine reads GGUF files only");
+    }
+    let load_start = Instant::now();
+    let mut loaded = hf_dir.then(|| load_model(&args.model, "bench", args.sparse)).transpose()?;
+    let (prompt, context, arch) = if let Some(m) = &loaded {
+        let text_ids = m.tokenizer.encode(PROMPT_TEXT)?;
+        let prompt: Vec<u32> = text_ids.iter().copied().cycle().take(args.prompt_tokens).collect();
+        (prompt, m.info.context_length, m.info.arch.clone())
+    } else {
         let mut file = File::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
         let content = gguf_file::Content::read(&mut file)?;
         let config = TransformerConfig::from_gguf(&content)?;
@@ -221,9 +242,11 @@ fn main() -> Result<()> {
         bail!("{} prompt + {} decode tokens exceed the context of {context}", prompt.len(), args.decode_tokens);
     }
 
-    let load_start = Instant::now();
     let mut engine: Box<dyn Engine> = if args.engine == "terse" {
-        let model = load_gguf(&args.model, "bench")?.transformer;
+        let model = match loaded.take() {
+            Some(m) => m.transformer,
+            None => load_gguf(&args.model, "bench")?.transformer,
+        };
         let cache = SeqKvCache::new(model.config.n_layer);
         Box::new(Terse { model, cache })
     } else {

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use terse::engine::{start_engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
-use terse::manifest::resolve_model;
+use terse::manifest::resolve_model_with;
 use terse::metrics::Metrics;
 use terse::server::{ApiKeys, RequestLimits};
 use terse::tokenize::ChatMessage;
+
+mod tools;
 
 #[derive(Parser)]
 #[command(name = "terse", version, about = "An inference server for small reasoning language models")]
@@ -30,6 +32,15 @@ enum Command {
     Serve(ServeArgs),
     /// Answer one prompt in the terminal, streamed as it is generated.
     Generate(GenerateArgs),
+    /// Write a GGUF model as a Hugging Face directory (dequantized weights).
+    Convert(tools::ConvertArgs),
+    /// Prune a Hugging Face directory to the 2:4 pattern by magnitude (a
+    /// baseline: it loses quality without a learned mask such as ProxSparse's).
+    Prune(tools::PruneArgs),
+    /// Print a model's architecture, parameters, weight type and sparsity.
+    Inspect(tools::InspectArgs),
+    /// Write a GGUF with random weights, real shapes and a real tokenizer.
+    Synth(tools::SynthArgs),
     /// GET a path of the local server; exit 0 on a 2xx answer (for container health checks).
     Probe(ProbeArgs),
 }
@@ -50,9 +61,18 @@ struct ProbeArgs {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A model name from models/*.toml (fetched with `./models/fetch NAME`) or a path to a .gguf file.
+    /// A model name from models/*.toml (fetched with `./models/fetch NAME`), a
+    /// path to a .gguf file, or a Hugging Face directory.
     #[arg(long, default_value = "smollm2-135m", env = "TERSE_MODEL")]
     model: String,
+    /// For a model given by path: the manifest (models/NAME.toml) whose think
+    /// tokens, injected texts and mode presets it gets, e.g. deepseek-r1-distill-qwen-1.5b.
+    #[arg(long, env = "TERSE_MANIFEST")]
+    manifest: Option<String>,
+    /// Hugging Face directories: run projections that follow the 2:4 pattern
+    /// compressed on the sparse kernel (auto), or keep every weight dense (off).
+    #[arg(long, value_enum, default_value = "auto", env = "TERSE_SPARSE")]
+    sparse: terse::model::SparseMode,
 }
 
 #[derive(Args)]
@@ -145,6 +165,10 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Generate(args) => runtime.block_on(generate(args)),
+        Command::Convert(args) => tools::convert(args),
+        Command::Prune(args) => tools::prune(args),
+        Command::Inspect(args) => tools::inspect(args),
+        Command::Synth(args) => tools::synth(args),
         Command::Probe(args) => probe(args),
     }
 }
@@ -189,7 +213,7 @@ fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let model = resolve_model(&args.model.model)?;
+    let model = resolve_model_with(&args.model.model, args.model.manifest.as_deref())?;
     let api_keys = api_keys(&args)?;
     let config = terse::server::ServeConfig {
         host: args.host,
@@ -201,6 +225,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_queue: args.max_queue,
             kv_cache_budget_bytes: args.kv_cache_bytes,
             prefill_chunk: args.prefill_chunk,
+            reasoning: model.reasoning,
+            sparse: args.model.sparse,
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -214,11 +240,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn generate(args: GenerateArgs) -> Result<()> {
-    let model = resolve_model(&args.model.model)?;
+    let model = resolve_model_with(&args.model.model, args.model.manifest.as_deref())?;
     let path: PathBuf = model.path.clone();
     let name = model.served_name.clone();
+    let reasoning = model.reasoning.clone();
+    let sparse = args.model.sparse;
     let engine = tokio::task::spawn_blocking(move || {
-        start_engine(&path, &name, EngineConfig::default(), Arc::new(Metrics::new()))
+        let config = EngineConfig { reasoning, sparse, ..EngineConfig::default() };
+        start_engine(&path, &name, config, Arc::new(Metrics::new()))
     })
     .await??;
     let tokenizer = engine.tokenizer();

@@ -117,8 +117,11 @@ impl Metrics {
         )
         .unwrap();
         let forced_tokens_total = IntCounterVec::new(
-            Opts::new("forced_tokens_total", "Tokens injected by budget forcing (end of thinking) or min-thinking (continuation)"),
-            by_mode,
+            Opts::new(
+                "forced_tokens_total",
+                "Tokens injected into completions, by kind: end_of_thinking (the budget's closing or wrap-up text), continuation (min-thinking's `Wait`)",
+            ),
+            &["model", "mode", "kind"],
         )
         .unwrap();
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting to join the running batch").unwrap();

@@ -37,8 +37,18 @@ async fn wait_for(server: &TestServer, series: &str, want: f64) {
     panic!("{series} stayed at {last:?}, expected {want}");
 }
 
-fn status_series(status: u16) -> String {
-    format!("terse_requests_total{{endpoint=\"chat_completions\",mode=\"none\",model=\"{MODEL}\",status=\"{status}\"}}")
+/// Polls /metrics until the chat requests counted with `status` number `want`.
+async fn wait_for_status(server: &TestServer, status: u16, want: f64) {
+    let label = format!("status=\"{status}\"");
+    let mut last = 0.0;
+    for _ in 0..1200 {
+        last = metric_sum(&metrics_text(server).await, "terse_requests_total", &["endpoint=\"chat_completions\"", &label]);
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{last} chat requests with status {status}, expected {want}");
 }
 
 async fn still_serves(server: &TestServer) {
@@ -75,7 +85,7 @@ async fn hanging_up_during_prefill_or_in_the_queue_frees_everything() {
     drop(prefilling);
     wait_for(&server, "terse_running_sequences", 0.0).await;
     wait_for(&server, "terse_kv_cache_used_bytes", 0.0).await;
-    wait_for(&server, &status_series(499), 2.0).await;
+    wait_for_status(&server, 499, 2.0).await;
     // Neither produced a token, so neither has a time to first token.
     let text = metrics_text(&server).await;
     assert!(!text.contains("terse_time_to_first_token_seconds_count"), "no first token was generated");
@@ -94,7 +104,7 @@ async fn a_very_slow_reader_gets_its_whole_stream_and_blocks_no_one() {
 
     // Others are served meanwhile, and the engine finishes the slow one unread.
     still_serves(&server).await;
-    wait_for(&server, &status_series(200), 1.0).await;
+    wait_for_status(&server, 200, 1.0).await;
     wait_for(&server, "terse_running_sequences", 0.0).await;
 
     // Then the slow reader takes its stream a few bytes at a time: all of it is there.
@@ -119,6 +129,6 @@ async fn a_very_slow_reader_gets_its_whole_stream_and_blocks_no_one() {
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(r.json["choices"][0]["message"]["content"].as_str().unwrap(), streamed);
-    wait_for(&server, &status_series(200), 3.0).await;
+    wait_for_status(&server, 200, 3.0).await;
     server.shutdown_and_wait().unwrap();
 }

@@ -110,6 +110,12 @@ async fn budget_forcing_wraps_up_at_the_cap_and_metrics_count_it_exactly() {
     let delta = |name: &str| metric_sum(&after, name, &labels) - metric_sum(&before, name, &labels);
     assert_eq!(delta("terse_answer_tokens_total"), sums[0] as f64);
     assert_eq!(delta("terse_forced_tokens_total"), sums[1] as f64);
+    let by_kind = |kind: &str| {
+        let labels = [("model", MODEL), ("mode", "long"), ("kind", kind)];
+        metric_sum(&after, "terse_forced_tokens_total", &labels) - metric_sum(&before, "terse_forced_tokens_total", &labels)
+    };
+    assert_eq!(by_kind("end_of_thinking"), sums[1] as f64, "the budget's wrap-up");
+    assert_eq!(by_kind("continuation"), 0.0);
     assert_eq!(delta("terse_reasoning_tokens_total"), sums[2] as f64);
     assert_eq!(delta("terse_answer_tokens_per_request_count"), 3.0);
     let stops = |t: &str| metric_sum(t, "terse_think_stops_total", &[("model", MODEL), ("mode", "long"), ("reason", "budget")]);
@@ -133,4 +139,75 @@ async fn streamed_and_whole_answers_agree_under_control() {
         let last = chunks.iter().rev().find(|c| c.get("terse").is_some()).expect("a chunk carries `terse`");
         assert_eq!(last["terse"], whole["terse"], "{reasoning}");
     }
+}
+
+fn prompt_tokens(reply: &Value) -> u64 {
+    reply["usage"]["prompt_tokens"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn modes_apply_the_manifest_presets_and_request_fields_override_them() {
+    let server = server();
+    let (mut base_total, mut short_total) = (0, 0);
+    for prompt in PROMPTS {
+        let base = ask(server, &body(prompt, None)).await;
+        assert_eq!(base["terse"]["mode"], "default");
+        let mut b = body(prompt, None);
+        b["reasoning_effort"] = json!("short");
+        let short = ask(server, &b).await;
+        assert_eq!(short["terse"]["mode"], "short");
+        assert!(prompt_tokens(&short) > prompt_tokens(&base), "short's level prompt joins the user turn");
+        base_total += completion_tokens(&base);
+        short_total += completion_tokens(&short);
+
+        // `none`: SmolLM2 cannot stop thinking, so it is the uncontrolled answer.
+        b["reasoning_effort"] = json!("none");
+        let none = ask(server, &b).await;
+        assert_eq!(none["terse"]["mode"], "none");
+        assert_eq!(prompt_tokens(&none), prompt_tokens(&base));
+        assert_eq!(none["choices"][0]["message"]["content"], base["choices"][0]["message"]["content"]);
+    }
+    eprintln!("mean completion tokens: default {:.1}, short {:.1}", base_total as f64 / 5.0, short_total as f64 / 5.0);
+    assert!(short_total < base_total, "short answers are shorter: {short_total} vs {base_total} tokens");
+
+    // The request's own fields win over the preset (short is TS; here a cap of 4).
+    let mut b = body(PROMPTS[0], Some(json!({"strategy": "budget", "max_thinking_tokens": 4})));
+    b["reasoning_effort"] = json!("low");
+    let capped = ask(server, &b).await;
+    assert_eq!(capped["terse"]["mode"], "short", "low is short's alias");
+    assert_eq!(capped["terse"]["think_stop_reason"], "budget", "{capped}");
+
+    // A minimum above the preset's budget is the request's mistake.
+    let mut b = body(PROMPTS[0], Some(json!({"min_thinking_tokens": 100})));
+    b["reasoning_effort"] = json!("short");
+    let reply = post_json(&server.url(CHAT), &b).await;
+    let error = assert_openai_error(&reply, 400);
+    assert_eq!(error["param"], "reasoning.min_thinking_tokens", "{error}");
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_thought_counts_as_a_cancelled_stop() {
+    let server = server();
+    // `medium` is this test's alone among the tests of this file.
+    let labels = [("model", MODEL), ("mode", "medium"), ("reason", "cancelled")];
+    let before = metric_sum(&metrics_text(server).await, "terse_think_stops_total", &labels);
+    let mut b = body(PROMPTS[2], None);
+    b["reasoning_effort"] = json!("medium");
+    b["stream"] = json!(true);
+    b["max_tokens"] = json!(512);
+    let mut response = client().post(server.url(CHAT)).json(&b).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().expect("a first chunk");
+    assert!(!first.is_empty());
+    drop(response);
+    // The server notices at its next write; wait for the record (bounded, not timed).
+    let mut after = before;
+    for _ in 0..600 {
+        after = metric_sum(&metrics_text(server).await, "terse_think_stops_total", &labels);
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(after - before, 1.0, "one cancelled stop for mode medium");
 }

@@ -123,16 +123,14 @@ async fn a_request_past_its_deadline_is_cancelled_with_a_clear_error() {
     let mut text = String::new();
     for _ in 0..600 {
         text = metrics_text(&server).await;
-        let counted = metric_value(
-            &text,
-            &format!("terse_requests_total{{endpoint=\"chat_completions\",mode=\"none\",model=\"{MODEL}\",status=\"504\"}}"),
-        );
-        if metric_value(&text, "terse_running_sequences") == Some(0.0) && counted == Some(2.0) {
+        let counted = metric_sum(&text, "terse_requests_total", &["status=\"504\""]);
+        if metric_value(&text, "terse_running_sequences") == Some(0.0) && counted == 2.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(metric_value(&text, "terse_running_sequences"), Some(0.0), "{text}");
     assert_eq!(metric_value(&text, "terse_queue_depth"), Some(0.0));
+    assert_eq!(metric_sum(&text, "terse_requests_total", &["status=\"504\""]), 2.0, "{text}");
     server.shutdown_and_wait().unwrap();
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::request::{GenerationEvent, GenerationRequest, SubmitError};
-use crate::model::ModelInfo;
+use crate::model::{ModelInfo, SparseMode};
 use crate::reasoning::control::Injections;
 use crate::reasoning::phase::ThinkTokens;
+use crate::reasoning::profile::ReasoningProfile;
 use crate::tokenize::TextTokenizer;
 
 /// Limits of the scheduler.
@@ -22,11 +23,22 @@ pub struct EngineConfig {
     pub kv_cache_budget_bytes: Option<u64>,
     /// Prompt tokens a sequence feeds per step while it prefills.
     pub prefill_chunk: usize,
+    /// The model's think delimiters, injected texts and mode presets.
+    pub reasoning: ReasoningProfile,
+    /// Hugging Face directories: run 2:4-conforming projections on the sparse kernel.
+    pub sparse: SparseMode,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 8, max_queue: 64, kv_cache_budget_bytes: None, prefill_chunk: 512 }
+        EngineConfig {
+            max_batch: 8,
+            max_queue: 64,
+            kv_cache_budget_bytes: None,
+            prefill_chunk: 512,
+            reasoning: ReasoningProfile::default(),
+            sparse: SparseMode::Auto,
+        }
     }
 }
 
@@ -53,6 +65,7 @@ pub(crate) struct Shared {
     /// The model's think delimiters, if it has them.
     pub think: Option<ThinkTokens>,
     pub injections: Injections,
+    pub profile: ReasoningProfile,
     pub max_queue: usize,
     pub context_length: usize,
     pub kv_bytes_per_token: u64,
@@ -112,6 +125,21 @@ impl EngineHandle {
 
     pub fn model_info(&self) -> &ModelInfo {
         &self.shared.info
+    }
+
+    /// The model's mode presets and injected texts.
+    pub fn reasoning_profile(&self) -> &ReasoningProfile {
+        &self.shared.profile
+    }
+
+    /// The model's think delimiters, if it has them.
+    pub fn think_tokens(&self) -> Option<ThinkTokens> {
+        self.shared.think
+    }
+
+    /// The tokens injected to close a thought at the budget.
+    pub fn end_of_thinking_tokens(&self) -> &[u32] {
+        &self.shared.injections.end_of_thinking
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {

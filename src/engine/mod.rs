@@ -21,9 +21,10 @@ pub use request::*;
 pub use sampling::{argmax, Sampler};
 
 use crate::metrics::Metrics;
-use crate::model::{load_gguf, LoadedModel};
+use crate::model::{load_gguf, load_hf_dir, LoadedModel, SparseMode};
 use crate::reasoning::control::Injections;
 use crate::reasoning::phase::ThinkTokens;
+use crate::reasoning::profile::ReasoningProfile;
 use crate::tokenize::TextTokenizer;
 
 /// Default KV-cache budget: room for a full batch of full-context sequences,
@@ -33,8 +34,17 @@ const DEFAULT_KV_BUDGET_CAP: u64 = 4 << 30;
 
 /// Load the model file and start the engine thread (blocking: call it off the async runtime).
 pub fn start_engine(model_path: &Path, served_name: &str, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
-    let model = load_gguf(model_path, served_name)?;
+    let model = load_model(model_path, served_name, config.sparse)?;
     start_with_model(model, config, metrics)
+}
+
+/// A GGUF file, or a Hugging Face directory.
+pub fn load_model(path: &Path, served_name: &str, sparse: SparseMode) -> Result<LoadedModel> {
+    if path.is_dir() {
+        Ok(load_hf_dir(path, served_name, sparse)?.0)
+    } else {
+        load_gguf(path, served_name)
+    }
 }
 
 pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
@@ -53,12 +63,13 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         .with_label_values(&[&info.id, &info.arch, &info.format, &info.dtype, &format!("{}", info.sparse_fraction)])
         .set(1);
 
-    let (think, injections) = reasoning_profile(&tokenizer)?;
+    let (think, injections) = reasoning_profile(&tokenizer, &config.reasoning)?;
     let shared = Arc::new(handle::Shared {
         info,
         tokenizer: Arc::new(tokenizer),
         think,
         injections,
+        profile: config.reasoning.clone(),
         max_queue: config.max_queue,
         context_length,
         kv_bytes_per_token,
@@ -83,18 +94,18 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
     Ok(EngineHandle { shared, submit_tx })
 }
 
-/// The think delimiters and injected texts of a model. Until manifests carry
-/// them: `<think>` / `</think>` when the vocabulary has both, and s1's texts.
-fn reasoning_profile(tokenizer: &TextTokenizer) -> Result<(Option<ThinkTokens>, Injections)> {
-    let think = match (tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")) {
-        (Some(open), Some(close)) => Some(ThinkTokens { open, close }),
+/// The think delimiters and injected texts of a model, tokenized once. The
+/// delimiters count only when the vocabulary holds each as one token.
+fn reasoning_profile(tokenizer: &TextTokenizer, profile: &ReasoningProfile) -> Result<(Option<ThinkTokens>, Injections)> {
+    let think = match (tokenizer.token_to_id(&profile.think_open), tokenizer.token_to_id(&profile.think_close)) {
+        (Some(open), Some(close)) if open != close => Some(ThinkTokens { open, close }),
         _ => None,
     };
-    let end_of_thinking = if think.is_some() { "\n</think>\n\n" } else { "\nFinal answer:" };
+    let end_of_thinking = if think.is_some() { &profile.end_of_thinking } else { &profile.wrap_up };
     let injections = Injections {
         end_of_thinking: tokenizer.encode(end_of_thinking)?,
-        continuation: tokenizer.encode("Wait")?,
-        answer_tokens_after_wrap_up: Some(64),
+        continuation: tokenizer.encode(&profile.continuation)?,
+        answer_tokens_after_wrap_up: Some(profile.answer_tokens_after_wrap_up),
     };
     Ok((think, injections))
 }

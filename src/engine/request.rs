@@ -88,6 +88,10 @@ pub struct ReasoningUsage {
     pub answer_tokens: usize,
     /// Injected by budget forcing or min-thinking (counted in the two above too).
     pub forced_tokens: usize,
+    /// The part of `forced_tokens` that closed the thought (or wrapped up) at the budget.
+    pub forced_end_of_thinking: usize,
+    /// The part of `forced_tokens` that replaced early stops (`Wait`).
+    pub forced_continuation: usize,
     /// Why thinking ended; `None` when the completion had no controlled thinking phase.
     pub think_stop_reason: Option<ThinkStopReason>,
 }
@@ -99,7 +103,8 @@ pub enum GenerationEvent {
     /// phase it belongs to. `text` may be empty when the token ends inside a UTF-8
     /// character or might start a stop string; held-back text may come with a
     /// later token. Count tokens from `Finished`, not from these events.
-    Token { id: u32, text: String, phase: Phase },
+    /// `forced` marks tokens injected by reasoning control.
+    Token { id: u32, text: String, phase: Phase, forced: bool },
     /// The last event of a successful generation; any held-back text has been sent.
     Finished { reason: FinishReason, usage: Usage, reasoning: ReasoningUsage },
     /// The engine failed on this sequence; nothing more follows.

@@ -18,9 +18,9 @@ use super::sampling::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{SeqChunk, SeqKvCache, Transformer};
-use crate::reasoning::control::{Decision, ReasoningControl, ThinkStopReason};
+use crate::reasoning::control::{Decision, ForcedKind, ReasoningControl, ThinkStopReason};
 use crate::reasoning::phase::PhaseTracker;
-use crate::tokenize::IncrementalDecoder;
+use crate::tokenize::PhasedDecoder;
 
 struct Sequence {
     request: GenerationRequest,
@@ -32,7 +32,7 @@ struct Sequence {
     control: ReasoningControl,
     cache: SeqKvCache,
     sampler: Sampler,
-    decoder: IncrementalDecoder,
+    decoder: PhasedDecoder,
     stop: StopMatcher,
     reserved_bytes: u64,
 }
@@ -128,7 +128,7 @@ impl Scheduler {
                         self.shared.tokenizer.end_of_turn_ids().to_vec(),
                     ),
                     cache: SeqKvCache::new(self.model.config.n_layer),
-                    decoder: IncrementalDecoder::new(),
+                    decoder: PhasedDecoder::new(self.shared.think),
                     reserved_bytes: need,
                     request: s.request,
                     events: s.events,
@@ -207,6 +207,8 @@ impl Scheduler {
                         thinking_tokens: seq.control.thinking_tokens(),
                         answer_tokens: seq.control.answer_tokens(),
                         forced_tokens: seq.control.forced_tokens(),
+                        forced_end_of_thinking: seq.control.forced_tokens_of(ForcedKind::EndOfThinking),
+                        forced_continuation: seq.control.forced_tokens_of(ForcedKind::Continuation),
                         think_stop_reason: seq.control.stop_reason(ended_by),
                     };
                     let _ = seq.events.send(GenerationEvent::Finished { reason, usage, reasoning });
@@ -227,28 +229,28 @@ impl Scheduler {
     fn step_sequence(&self, seq: &mut Sequence, logits: &mut [f32]) -> Option<FinishReason> {
         // An empty injection text (a misconfigured model) would leave nothing to feed.
         if let Some(forced) = seq.control.forced_now().filter(|f| !f.is_empty()) {
-            return self.push_tokens(seq, &forced, true);
+            return self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking));
         }
         seq.control.edit_logits(logits);
         let token = seq.sampler.sample(logits);
         match seq.control.after_sample(token) {
-            Decision::Replace(continuation) => self.push_tokens(seq, &continuation, true),
+            Decision::Replace(continuation) => self.push_tokens(seq, &continuation, Some(ForcedKind::Continuation)),
             Decision::Keep if self.shared.tokenizer.end_of_turn_ids().contains(&token) => {
                 seq.completion += 1;
-                let phase = seq.control.observe(token, false);
+                let phase = seq.control.observe(token, None);
                 let rest = self.flush_text(seq);
                 if !rest.is_empty() {
-                    let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase });
+                    let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase, forced: false });
                 }
                 Some(FinishReason::Stop)
             }
-            Decision::Keep => self.push_tokens(seq, &[token], false),
+            Decision::Keep => self.push_tokens(seq, &[token], None),
         }
     }
 
     /// Add completion tokens to the sequence (fed through the model at its next
     /// step) and stream their text; `Some` when the sequence has ended.
-    fn push_tokens(&self, seq: &mut Sequence, tokens: &[u32], forced: bool) -> Option<FinishReason> {
+    fn push_tokens(&self, seq: &mut Sequence, tokens: &[u32], forced: Option<ForcedKind>) -> Option<FinishReason> {
         let tokenizer = &self.shared.tokenizer;
         for &token in tokens {
             seq.tokens.push(token);
@@ -266,7 +268,7 @@ impl Scheduler {
             if out_of_room && !stopped {
                 text += &self.flush_text(seq);
             }
-            let _ = seq.events.send(GenerationEvent::Token { id: token, text, phase });
+            let _ = seq.events.send(GenerationEvent::Token { id: token, text, phase, forced: forced.is_some() });
             if stopped {
                 return Some(FinishReason::Stop);
             }

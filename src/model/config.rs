@@ -45,6 +45,10 @@ pub struct TransformerConfig {
     pub rms_eps: f64,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// Rotary embedding on the two halves of each head (Hugging Face layout,
+    /// and every qwen2 file); otherwise on adjacent pairs (llama GGUFs, whose
+    /// q/k rows llama.cpp permuted).
+    pub rope_halves: bool,
 }
 
 impl TransformerConfig {
@@ -88,6 +92,7 @@ impl TransformerConfig {
             rms_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
             context_length: get("context_length")?.to_u32()? as usize,
             vocab_size,
+            rope_halves: arch.rope_is_neox(),
         };
         if cfg.n_head == 0 || cfg.n_kv_head == 0 || cfg.n_head % cfg.n_kv_head != 0 {
             bail!("head counts {} / {} are inconsistent", cfg.n_head, cfg.n_kv_head);

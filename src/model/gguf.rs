@@ -22,6 +22,16 @@ pub struct LoadedModel {
 }
 
 pub fn load_gguf(path: &Path, served_name: &str) -> Result<LoadedModel> {
+    load_gguf_as(path, served_name, false)
+}
+
+/// The GGUF's weights dequantized to f32 and multiplied densely: the same
+/// numbers a converted Hugging Face directory holds, for exact comparisons.
+pub fn load_gguf_dequantized(path: &Path, served_name: &str) -> Result<LoadedModel> {
+    load_gguf_as(path, served_name, true)
+}
+
+fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool) -> Result<LoadedModel> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
@@ -47,6 +57,9 @@ pub fn load_gguf(path: &Path, served_name: &str) -> Result<LoadedModel> {
         let weight = load(&format!("{prefix}.weight"))?;
         let bias_name = format!("{prefix}.bias");
         let bias = if has(&bias_name) { Some(load(&bias_name)?.dequantize(&device)?) } else { None };
+        if dequantize {
+            return Ok(Linear::dense(weight.dequantize(&device)?, bias)?);
+        }
         Ok(Linear::from_qtensor(weight, bias)?)
     };
     let norm = |load: &mut dyn FnMut(&str) -> Result<candle_core::quantized::QTensor>, name: &str| -> Result<RmsNorm> {
@@ -79,7 +92,11 @@ pub fn load_gguf(path: &Path, served_name: &str) -> Result<LoadedModel> {
     let lm_head = if has("output.weight") {
         linear(&mut load, "output")?
     } else {
-        Linear::from_qtensor(embedding_q, None)?
+        if dequantize {
+            Linear::dense(embedding_q.dequantize(&device)?, None)?
+        } else {
+            Linear::from_qtensor(embedding_q, None)?
+        }
     };
     drop(load);
 

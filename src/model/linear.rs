@@ -1,10 +1,20 @@
-//! One linear layer behind one interface, whatever its weights' format.
+//! One linear layer behind one interface, whatever its weights' format:
+//! quantized (GGUF), dense f32, or 2:4 sparse.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
+
+use super::sparse::Sparse24;
+
+enum Weight {
+    /// candle's quantized or dense matmul.
+    Candle(QMatMul),
+    /// Our 2:4 sparse kernel.
+    Sparse(Sparse24),
+}
 
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     /// candle multiplies a single row of Q6_K with a compact GEMV kernel and two
     /// or more rows with repacked tiles, whose results differ in the last bits.
@@ -16,17 +26,37 @@ pub struct Linear {
 impl Linear {
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;
-        Ok(Linear { weight: QMatMul::from_qtensor(weight)?, bias, pad_single_row })
+        Ok(Linear { weight: Weight::Candle(QMatMul::from_qtensor(weight)?), bias, pad_single_row })
+    }
+
+    /// A dense (out × in) weight, computed in f32.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
+    }
+
+    pub fn sparse(weight: Sparse24, bias: Option<Tensor>) -> Self {
+        Linear { weight: Weight::Sparse(weight), bias, pad_single_row: false }
+    }
+
+    pub fn is_sparse(&self) -> bool {
+        matches!(self.weight, Weight::Sparse(_))
     }
 
     /// `xs` is (rows, in); every row's result is computed independently of
     /// the other rows, so a sequence gets the same bits alone or in a batch.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = if self.pad_single_row && xs.dim(0)? == 1 {
-            let two = Tensor::cat(&[xs, xs], 0)?;
-            self.weight.forward(&two)?.narrow(0, 0, 1)?
-        } else {
-            self.weight.forward(xs)?
+        let ys = match &self.weight {
+            Weight::Candle(w) if self.pad_single_row && xs.dim(0)? == 1 => {
+                let two = Tensor::cat(&[xs, xs], 0)?;
+                w.forward(&two)?.narrow(0, 0, 1)?
+            }
+            Weight::Candle(w) => w.forward(xs)?,
+            Weight::Sparse(s) => {
+                let n = xs.dim(0)?;
+                let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(s.matmul_t(&input, n), (n, s.rows()), xs.device())?
+            }
         };
         match &self.bias {
             Some(b) => ys.broadcast_add(b),

@@ -1,15 +1,24 @@
 //! Weights to logits: GGUF loading and our own batched transformer forward pass.
 
 mod config;
+mod convert;
 mod gguf;
+mod hf;
 mod kv_cache;
 mod linear;
+mod prune;
+pub mod sparse;
+mod synthetic;
 mod transformer;
 
 pub use config::{Arch, TransformerConfig};
-pub use gguf::{load_gguf, LoadedModel};
+pub use convert::convert_gguf_to_hf;
+pub use prune::{is_projection_weight, prune_hf_dir};
+pub use gguf::{load_gguf, load_gguf_dequantized, LoadedModel};
+pub use hf::{load_hf_dir, HfConfig, SparseMode, SparsityReport};
 pub use kv_cache::SeqKvCache;
 pub use linear::Linear;
+pub use synthetic::{write_random_gguf, SyntheticSpec};
 pub use transformer::{SeqChunk, Transformer};
 
 /// What the server says about the model it serves.

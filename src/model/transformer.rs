@@ -161,7 +161,7 @@ impl Transformer {
         let cos = self.cos.narrow(0, start, len)?;
         let sin = self.sin.narrow(0, start, len)?;
         let x = x.unsqueeze(0)?;
-        let y = if self.config.arch.rope_is_neox() {
+        let y = if self.config.rope_halves {
             candle_nn::rotary_emb::rope(&x, &cos, &sin)?
         } else {
             candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?

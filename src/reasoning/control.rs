@@ -24,6 +24,35 @@ pub enum Strategy {
     Budget,
 }
 
+impl Strategy {
+    pub fn parse(name: &str) -> Option<Strategy> {
+        Some(match name {
+            "ts" => Strategy::Ts,
+            "budget" => Strategy::Budget,
+            "none" => Strategy::None,
+            _ => return None,
+        })
+    }
+}
+
+/// Why tokens were injected: the `kind` label of the forced-token metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForcedKind {
+    /// The end-of-thinking (or wrap-up) text at the budget.
+    EndOfThinking,
+    /// The continuation text replacing an early stop.
+    Continuation,
+}
+
+impl ForcedKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ForcedKind::EndOfThinking => "end_of_thinking",
+            ForcedKind::Continuation => "continuation",
+        }
+    }
+}
+
 /// The per-request settings, after the mode preset and the request's overrides are merged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReasoningSettings {
@@ -109,7 +138,8 @@ pub struct ReasoningControl {
     controlled: usize,
     thinking_tokens: usize,
     answer_tokens: usize,
-    forced_tokens: usize,
+    /// Injected tokens, by [`ForcedKind`] (end of thinking, continuation).
+    forced: [usize; 2],
     /// Models without think tokens: answer tokens still allowed after the wrap-up.
     after_wrap_up: Option<usize>,
     stop_reason: Option<ThinkStopReason>,
@@ -127,7 +157,7 @@ impl ReasoningControl {
             controlled: 0,
             thinking_tokens: 0,
             answer_tokens: 0,
-            forced_tokens: 0,
+            forced: [0; 2],
             after_wrap_up: None,
             stop_reason: None,
             budget_spent: false,
@@ -217,22 +247,22 @@ impl ReasoningControl {
     }
 
     /// Count a token the sequence now holds (sampled, or `forced` by an
-    /// injection); returns the phase it belongs to.
-    pub fn observe(&mut self, token: u32, forced: bool) -> Phase {
+    /// injection of that kind); returns the phase it belongs to.
+    pub fn observe(&mut self, token: u32, forced: Option<ForcedKind>) -> Phase {
         let was_controlling = self.controlling();
         let phase = self.tracker.observe(token);
         match phase {
             Phase::Thinking => self.thinking_tokens += 1,
             Phase::Answer => self.answer_tokens += 1,
         }
-        if forced {
-            self.forced_tokens += 1;
+        if let Some(kind) = forced {
+            self.forced[kind as usize] += 1;
         }
         if was_controlling && !self.budget_spent {
             self.controlled += 1;
         }
         if let Some(left) = self.after_wrap_up.as_mut() {
-            if !forced {
+            if forced.is_none() {
                 *left = left.saturating_sub(1);
             }
         }
@@ -257,7 +287,11 @@ impl ReasoningControl {
     }
 
     pub fn forced_tokens(&self) -> usize {
-        self.forced_tokens
+        self.forced.iter().sum()
+    }
+
+    pub fn forced_tokens_of(&self, kind: ForcedKind) -> usize {
+        self.forced[kind as usize]
     }
 
     /// Why the controlled phase ended; `ended_by` says how the completion ended,
@@ -298,18 +332,18 @@ mod tests {
     fn step(c: &mut ReasoningControl, sampled: u32) -> Vec<u32> {
         if let Some(forced) = c.forced_now() {
             for &t in &forced {
-                c.observe(t, true);
+                c.observe(t, Some(ForcedKind::EndOfThinking));
             }
             return forced;
         }
         match c.after_sample(sampled) {
             Decision::Keep => {
-                c.observe(sampled, false);
+                c.observe(sampled, None);
                 vec![]
             }
             Decision::Replace(cont) => {
                 for &t in &cont {
-                    c.observe(t, true);
+                    c.observe(t, Some(ForcedKind::Continuation));
                 }
                 cont
             }
@@ -352,6 +386,7 @@ mod tests {
         assert_eq!(c.phase(), Phase::Answer);
         assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::Natural));
         assert_eq!(c.forced_tokens(), 2);
+        assert_eq!(c.forced_tokens_of(ForcedKind::Continuation), 2);
     }
 
     #[test]

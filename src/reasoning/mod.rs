@@ -2,5 +2,7 @@
 //! with no HTTP and no model code, so it is tested on its own.
 
 pub mod control;
+pub mod modes;
 pub mod phase;
+pub mod profile;
 pub mod stopping;

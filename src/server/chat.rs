@@ -14,6 +14,7 @@ use super::openai::{
     unix_now, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta,
     TerseExtension, UsageBody,
 };
+use crate::reasoning::modes::{apply_level_prompt, Mode};
 use crate::reasoning::phase::Phase;
 use super::sse::{self, ChunkFormat};
 use super::validate::{self, Fields};
@@ -73,20 +74,31 @@ async fn handle(
     let fields = Fields::new(&map);
     record.set_mode(validate::mode_of(&fields));
     validate::check_model(&fields, &state.served_name)?;
-    let messages = validate::chat_messages(&fields)?;
+    let mut messages = validate::chat_messages(&fields)?;
     let params = validate::common_params(&fields)?;
     validate::refuse_unsupported(&fields, true)?;
     let engine = generate::engine(state)?;
+    if let Some(preset) = engine.reasoning_profile().modes.get(params.mode) {
+        apply_level_prompt(&mut messages, preset);
+    }
+    let thinking_off = params.mode == Mode::None;
     let prompt = {
         let engine = engine.clone();
         generate::blocking(move || {
             let tokenizer = engine.tokenizer();
+            // Thinking templates (Qwen3) close the thought themselves when told to.
+            let enable_thinking = if thinking_off { Some(false) } else { None };
             let text = tokenizer
-                .apply_chat_template(&messages, true)
+                .apply_chat_template_with(&messages, true, enable_thinking)
                 .map_err(|e| ApiError::Template(e.to_string()))?;
-            tokenizer
+            let text = engine.reasoning_profile().open_thought(text);
+            let mut prompt = tokenizer
                 .encode(&text)
-                .map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))
+                .map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;
+            if thinking_off {
+                generate::close_open_thought(&engine, &mut prompt);
+            }
+            Ok(prompt)
         })
         .await?
     };

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, RequestRecord};
 use super::openai::{unix_now, TerseExtension, TextChoice, TextCompletion, UsageBody};
+use crate::reasoning::modes::Mode;
 use crate::reasoning::phase::Phase;
 use super::sse::{self, ChunkFormat};
 use super::validate::{self, Fields, Prompt};
@@ -79,6 +80,10 @@ async fn handle(
             .await?
         }
     };
+    let mut prompt = prompt;
+    if params.mode == Mode::None {
+        generate::close_open_thought(&engine, &mut prompt);
+    }
     let events = generate::submit(&engine, prompt, &params, record)?;
     Ok((events, params))
 }

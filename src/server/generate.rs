@@ -11,7 +11,9 @@ use super::AppState;
 use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, ReasoningUsage, Usage,
 };
-use crate::reasoning::phase::Phase;
+use crate::reasoning::control::{ForcedKind, ReasoningSettings, ThinkStopReason};
+use crate::reasoning::modes::merge;
+use crate::reasoning::phase::{Phase, PhaseTracker};
 use crate::metrics::Metrics;
 
 /// The `status` label of a request whose client went away before the end
@@ -38,6 +40,13 @@ pub struct RequestRecord {
     max_tokens_limit: Option<usize>,
     /// Why it failed, for the log line.
     error: Option<String>,
+    /// Tokens streamed so far by phase, for requests that never finish.
+    seen_thinking: usize,
+    seen_answer: usize,
+    /// Whether the controlled phase (thinking, or the whole answer of a model
+    /// without think tokens) is still running, as far as the streamed tokens tell.
+    controlled_open: bool,
+    has_think_tokens: bool,
 }
 
 impl RequestRecord {
@@ -47,7 +56,7 @@ impl RequestRecord {
             model: state.served_name.clone(),
             endpoint,
             request_id,
-            mode: Mode::None,
+            mode: Mode::Default,
             received: Instant::now(),
             status: STATUS_CLIENT_CLOSED,
             submitted: false,
@@ -59,6 +68,10 @@ impl RequestRecord {
             deadline: state.limits.timeout.map(|t| Instant::now() + t),
             max_tokens_limit: state.limits.max_tokens,
             error: None,
+            seen_thinking: 0,
+            seen_answer: 0,
+            controlled_open: false,
+            has_think_tokens: false,
         }
     }
 
@@ -92,16 +105,25 @@ impl RequestRecord {
             .map_err(|_| ApiError::Timeout(deadline.duration_since(self.received).as_secs()))
     }
 
-    fn on_submitted(&mut self, prompt_tokens: usize) {
+    fn on_submitted(&mut self, prompt_tokens: usize, has_think_tokens: bool, prompt_opens_thought: bool) {
         self.submitted = true;
         self.prompt_tokens = prompt_tokens;
+        self.has_think_tokens = has_think_tokens;
+        self.controlled_open = !has_think_tokens || prompt_opens_thought;
     }
 
-    pub fn on_token(&mut self) {
+    pub fn on_token(&mut self, phase: Phase) {
         let now = Instant::now();
         self.first_token.get_or_insert(now);
         self.last_token = Some(now);
         self.completion_tokens += 1;
+        match phase {
+            Phase::Thinking => self.seen_thinking += 1,
+            Phase::Answer => self.seen_answer += 1,
+        }
+        if self.has_think_tokens {
+            self.controlled_open = phase == Phase::Thinking;
+        }
     }
 
     pub fn mode_label(&self) -> &'static str {
@@ -123,8 +145,8 @@ impl RequestRecord {
         let error = self.error.as_deref().unwrap_or("");
         let (thinking_tokens, answer_tokens) = match &self.reasoning {
             Some(r) => (r.thinking_tokens, r.answer_tokens),
-            // Not finished: all that is known is how many tokens were streamed.
-            None => (0, self.completion_tokens),
+            // Not finished: what was streamed so far.
+            None => (self.seen_thinking, self.seen_answer),
         };
         tracing::info!(
             request_id = %self.request_id,
@@ -164,13 +186,28 @@ impl Drop for RequestRecord {
         m.completion_tokens_total
             .with_label_values(&labels)
             .inc_by(self.completion_tokens as u64);
-        if let Some(r) = &self.reasoning {
+        // A request that never finished (its client went away) counts what it
+        // streamed, and a thought it left running ended as `cancelled`.
+        let reasoning = self.reasoning.unwrap_or(ReasoningUsage {
+            thinking_tokens: self.seen_thinking,
+            answer_tokens: self.seen_answer,
+            think_stop_reason: (self.controlled_open && self.status == STATUS_CLIENT_CLOSED)
+                .then_some(ThinkStopReason::Cancelled),
+            ..Default::default()
+        });
+        {
+            let r = &reasoning;
             let by_mode = [self.model.as_str(), mode];
             m.reasoning_tokens_total.with_label_values(&by_mode).inc_by(r.thinking_tokens as u64);
             m.answer_tokens_total.with_label_values(&by_mode).inc_by(r.answer_tokens as u64);
             m.reasoning_tokens_per_request.with_label_values(&by_mode).observe(r.thinking_tokens as f64);
             m.answer_tokens_per_request.with_label_values(&by_mode).observe(r.answer_tokens as f64);
-            m.forced_tokens_total.with_label_values(&by_mode).inc_by(r.forced_tokens as u64);
+            for (kind, n) in [
+                (ForcedKind::EndOfThinking, r.forced_end_of_thinking),
+                (ForcedKind::Continuation, r.forced_continuation),
+            ] {
+                m.forced_tokens_total.with_label_values(&[self.model.as_str(), mode, kind.as_str()]).inc_by(n as u64);
+            }
             if let Some(reason) = r.think_stop_reason {
                 m.think_stops_total.with_label_values(&[self.model.as_str(), mode, reason.as_str()]).inc();
             }
@@ -204,6 +241,22 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal(format!("prompt processing failed: {e}")))?
+}
+
+/// The mode's preset for this model, overridden by the request's own fields.
+pub fn reasoning_settings(engine: &EngineHandle, params: &CommonParams) -> Result<ReasoningSettings, ApiError> {
+    let preset = engine.reasoning_profile().modes.get(params.mode);
+    merge(preset, &params.reasoning).map_err(|e| ApiError::field(format!("reasoning.{}", e.field), e.message))
+}
+
+/// Mode `none` on a model whose prompt opens a thought (DeepSeek-R1-Distill's
+/// template ends with `<think>\n`): close it at once, so the model answers
+/// without thinking. The closing text is part of the prompt, not the completion.
+pub fn close_open_thought(engine: &EngineHandle, prompt: &mut Vec<u32>) {
+    let opens_a_thought = PhaseTracker::new(engine.think_tokens(), prompt).phase() == Phase::Thinking;
+    if opens_a_thought {
+        prompt.extend_from_slice(engine.end_of_thinking_tokens());
+    }
 }
 
 /// Check the prompt against the context and queue it.
@@ -243,10 +296,12 @@ pub fn submit(
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
         received_at: record.received(),
-        reasoning: params.reasoning.clone(),
+        reasoning: reasoning_settings(engine, params)?,
     };
+    let think = engine.think_tokens();
+    let opens_thought = PhaseTracker::new(think, &request.prompt).phase() == Phase::Thinking;
     let stream = engine.submit(request)?;
-    record.on_submitted(prompt_len);
+    record.on_submitted(prompt_len, think.is_some(), opens_thought);
     Ok(stream)
 }
 
@@ -268,7 +323,7 @@ pub async fn collect(mut stream: GenerationStream, record: &mut RequestRecord) -
     while let Some(event) = record.next_event(&mut stream).await? {
         match event {
             GenerationEvent::Token { text: piece, phase, .. } => {
-                record.on_token();
+                record.on_token(phase);
                 match phase {
                     Phase::Thinking => thinking.get_or_insert_with(String::new).push_str(&piece),
                     Phase::Answer => text.push_str(&piece),

@@ -76,7 +76,7 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
                 };
                 match event {
                     Some(GenerationEvent::Token { text, phase, .. }) => {
-                        st.record.on_token();
+                        st.record.on_token(phase);
                         if !text.is_empty() {
                             break vec![data(st.format.text(text, phase))];
                         }

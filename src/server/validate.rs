@@ -2,7 +2,8 @@
 //! JSON object, type- and range-checked, and named in the error when it is
 //! wrong. Unknown fields are ignored (OpenAI clients send extras).
 
-use crate::reasoning::control::{ReasoningSettings, Strategy};
+use crate::reasoning::control::Strategy;
+use crate::reasoning::modes::ReasoningOverrides;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -130,36 +131,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The reasoning mode a request asked for (`reasoning_effort` or `reasoning.mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    None,
-    Short,
-    Medium,
-    Long,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        Some(match s {
-            "none" => Mode::None,
-            "short" | "low" => Mode::Short,
-            "medium" => Mode::Medium,
-            "long" | "high" => Mode::Long,
-            _ => return None,
-        })
-    }
-
-    /// The `mode` label of the request metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Mode::None => "none",
-            Mode::Short => "short",
-            Mode::Medium => "medium",
-            Mode::Long => "long",
-        }
-    }
-}
+pub use crate::reasoning::modes::Mode;
 
 /// What every generation endpoint reads besides its prompt.
 #[derive(Debug, Clone)]
@@ -171,8 +143,8 @@ pub struct CommonParams {
     pub stream: bool,
     pub include_usage: bool,
     pub mode: Mode,
-    /// Explicit `reasoning` fields (mode presets are not applied yet).
-    pub reasoning: ReasoningSettings,
+    /// The request's own `reasoning` fields, merged with the mode's preset at submission.
+    pub reasoning: ReasoningOverrides,
 }
 
 /// `model` must be absent or the served name.
@@ -194,7 +166,7 @@ pub fn mode_of(fields: &Fields) -> Mode {
         .and_then(|r| r.get("mode"))
         .and_then(Value::as_str)
         .and_then(Mode::parse);
-    nested.or(effort).unwrap_or(Mode::None)
+    nested.or(effort).unwrap_or(Mode::Default)
 }
 
 pub fn common_params(fields: &Fields) -> Result<CommonParams, ApiError> {
@@ -320,16 +292,15 @@ fn parse_mode(param: &str, s: &str) -> Result<Mode, ApiError> {
     Mode::parse(s).ok_or_else(|| ApiError::field(param, format!("`{param}` must be one of {MODE_VALUES}, got \"{s}\"")))
 }
 
-/// `reasoning_effort` and the `reasoning` object. Without an explicit
-/// `strategy`, a `stop_temperature` above 1 means TS and a `max_thinking_tokens`
-/// alone means budget forcing.
-fn reasoning_params(fields: &Fields) -> Result<(Mode, ReasoningSettings), ApiError> {
+/// `reasoning_effort` and the `reasoning` object, each field checked on its
+/// own; [`crate::reasoning::modes::merge`] combines them with the mode's preset.
+fn reasoning_params(fields: &Fields) -> Result<(Mode, ReasoningOverrides), ApiError> {
     let effort = fields
         .str("reasoning_effort")?
         .map(|s| parse_mode("reasoning_effort", s))
         .transpose()?;
     let Some(r) = fields.object("reasoning")? else {
-        return Ok((effort.unwrap_or(Mode::None), ReasoningSettings::default()));
+        return Ok((effort.unwrap_or(Mode::Default), ReasoningOverrides::default()));
     };
     let mode = r.str("mode")?.map(|s| parse_mode(&r.param("mode"), s)).transpose()?;
     if let (Some(a), Some(b)) = (effort, mode) {
@@ -346,26 +317,23 @@ fn reasoning_params(fields: &Fields) -> Result<(Mode, ReasoningSettings), ApiErr
     }
     let strategy = match r.str("strategy")? {
         None => None,
-        Some("ts") => Some(Strategy::Ts),
-        Some("budget") => Some(Strategy::Budget),
-        Some("none") => Some(Strategy::None),
-        Some(s) => {
-            return Err(ApiError::field(
+        Some(s) => Some(Strategy::parse(s).ok_or_else(|| {
+            ApiError::field(
                 r.param("strategy"),
                 format!("`reasoning.strategy` must be one of ts, budget or none, got \"{s}\""),
-            ));
-        }
+            )
+        })?),
     };
     let stop_temperature = r.f64("stop_temperature")?;
     if let Some(t) = stop_temperature {
-        if t < 1.0 {
+        if !(t >= 1.0) || !t.is_finite() {
             return Err(ApiError::field(
                 r.param("stop_temperature"),
-                format!("`reasoning.stop_temperature` must be >= 1, got {t}"),
+                format!("`reasoning.stop_temperature` must be a finite number >= 1, got {t}"),
             ));
         }
     }
-    let ramp = r.bool("ramp")?.unwrap_or(false);
+    let ramp = r.bool("ramp")?;
     let mut bounds = [None, None];
     for (slot, name) in bounds.iter_mut().zip(["min_thinking_tokens", "max_thinking_tokens"]) {
         if let Some(n) = r.i64(name)? {
@@ -375,31 +343,18 @@ fn reasoning_params(fields: &Fields) -> Result<(Mode, ReasoningSettings), ApiErr
                     format!("`{}` must be >= 0, got {n}", r.param(name)),
                 ));
             }
-            *slot = Some(n);
+            *slot = Some(n as usize);
         }
     }
-    if let [Some(min), Some(max)] = bounds {
-        if min > max {
-            return Err(ApiError::field(
-                r.param("min_thinking_tokens"),
-                format!("`reasoning.min_thinking_tokens` ({min}) exceeds `reasoning.max_thinking_tokens` ({max})"),
-            ));
-        }
-    }
-    let [min_thinking_tokens, max_thinking_tokens] = bounds.map(|b| b.map(|n| n as usize));
-    let strategy = strategy.unwrap_or(match (stop_temperature, max_thinking_tokens) {
-        (Some(t), _) if t > 1.0 => Strategy::Ts,
-        (_, Some(_)) => Strategy::Budget,
-        _ => Strategy::None,
-    });
-    let settings = ReasoningSettings {
+    let [min_thinking_tokens, max_thinking_tokens] = bounds;
+    let overrides = ReasoningOverrides {
         strategy,
-        stop_temperature: stop_temperature.unwrap_or(1.0) as f32,
+        stop_temperature: stop_temperature.map(|t| t as f32),
         ramp,
         max_thinking_tokens,
         min_thinking_tokens,
     };
-    Ok((mode.or(effort).unwrap_or(Mode::None), settings))
+    Ok((mode.or(effort).unwrap_or(Mode::Default), overrides))
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -583,7 +538,7 @@ mod tests {
         let p = common_params(&Fields::new(&m)).unwrap();
         assert_eq!(p.sampling, SamplingParams::default());
         assert_eq!(p.max_tokens, None);
-        assert_eq!(p.mode, Mode::None);
+        assert_eq!(p.mode, Mode::Default);
 
         for (body, param) in [
             (json!({"temperature": -0.1}), "temperature"),

@@ -1,6 +1,6 @@
 //! Chat prompts rendered with minijinja from the template the model ships.
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -15,6 +15,7 @@ pub struct TemplateError(pub String);
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -36,17 +37,34 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow::anyhow!("the model's chat template does not parse: {e}"))?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token, eos_token })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with(messages, add_generation_prompt, None)
+    }
+
+    /// `enable_thinking`: the switch thinking templates (Qwen3) read; `None`
+    /// leaves it undefined, so the template's own default applies.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+        let enable_thinking = enable_thinking.map(Value::from).unwrap_or(Value::UNDEFINED);
         template
             .render(context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                enable_thinking => enable_thinking,
             })
             .map_err(|e| TemplateError(format!("chat template: {}", e.detail().unwrap_or(&e.to_string()))))
     }

@@ -4,6 +4,8 @@
 mod chat;
 mod stream;
 
+use std::path::Path;
+
 use anyhow::{anyhow, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
@@ -13,7 +15,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateError};
-pub use stream::IncrementalDecoder;
+pub use stream::{IncrementalDecoder, PhasedDecoder};
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -22,12 +24,52 @@ pub struct TextTokenizer {
     end_of_turn: Vec<u32>,
 }
 
+/// llama.cpp's names for pre-tokenizers that candle builds under another name.
+/// Without this, candle falls back to GPT-2's pipeline, which adds a space in
+/// front of every prompt (DeepSeek-R1-Distill-Qwen GGUFs say `deepseek-r1-qwen`).
+fn candle_pipeline_alias(pre: &str) -> Option<&'static str> {
+    match pre {
+        "deepseek-r1-qwen" => Some("qwen2"),
+        "llama-bpe" => Some("llama3"),
+        _ => None,
+    }
+}
+
+/// EOS, and the turn-closing tokens chat models use even where their EOS is
+/// another token (Qwen2.5: EOS `<|endoftext|>`, turn end `<|im_end|>`).
+fn end_of_turn_ids(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<｜end▁of▁sentence｜>"] {
+        if let Some(id) = tokenizer.token_to_id(name) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
 impl TextTokenizer {
     /// Build the tokenizer, template and end-of-turn set from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let mut inner = Tokenizer::from_gguf(content).context("building the tokenizer from GGUF metadata")?;
+        let pre = content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
+        let mut inner = match pre.as_deref().and_then(candle_pipeline_alias) {
+            // candle knows the pipeline under another name: build from a copy of the
+            // metadata that uses it (the tensors are not needed for a tokenizer).
+            Some(alias) => {
+                let mut renamed = gguf_file::Content {
+                    magic: content.magic,
+                    metadata: content.metadata.clone(),
+                    tensor_infos: Default::default(),
+                    tensor_data_offset: content.tensor_data_offset,
+                };
+                renamed.metadata.insert("tokenizer.ggml.pre".into(), gguf_file::Value::String(alias.into()));
+                Tokenizer::from_gguf(&renamed)
+            }
+            None => Tokenizer::from_gguf(content),
+        }
+        .context("building the tokenizer from GGUF metadata")?;
         let meta = |key: &str| content.metadata.get(key);
-        let pre = meta("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
         if pre.as_deref() == Some("smollm") {
             // SmolLM's own tokenizer splits digits one by one before the GPT-2 byte-level
             // step; candle's GGUF builder treats "smollm" as plain GPT-2.
@@ -48,20 +90,73 @@ impl TextTokenizer {
             )?),
             None => None,
         };
-        let mut end_of_turn = Vec::new();
-        if let Some(id) = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
-            end_of_turn.push(id);
-        }
-        // Chat models end a turn with their template's closing token even where the
-        // GGUF names another EOS (Qwen2.5: EOS <|endoftext|>, turn end <|im_end|>).
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"] {
-            if let Some(id) = inner.token_to_id(name) {
-                if !end_of_turn.contains(&id) {
-                    end_of_turn.push(id);
-                }
+        let eos_id = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok());
+        let end_of_turn = end_of_turn_ids(&inner, eos_id);
+        Ok(TextTokenizer { inner, template, end_of_turn })
+    }
+
+    /// Build the tokenizer from a Hugging Face `tokenizer.json`, and the template
+    /// and special tokens from its `tokenizer_config.json`.
+    pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config_json: &Path) -> Result<Self> {
+        let inner = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| anyhow!("reading {}: {e}", tokenizer_json.display()))?;
+        let text = std::fs::read_to_string(tokenizer_config_json)
+            .with_context(|| format!("reading {}", tokenizer_config_json.display()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", tokenizer_config_json.display()))?;
+        // Special tokens are written either as strings or as {"content": ...} objects.
+        let special = |key: &str| -> Option<String> {
+            match config.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let bos = special("bos_token");
+        let eos = special("eos_token");
+        let template = match config.get("chat_template") {
+            Some(serde_json::Value::String(source)) => Some(source.clone()),
+            // A list of named templates: the one named "default".
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        let template = template
+            .map(|source| ChatTemplate::new(&source, bos.clone().unwrap_or_default(), eos.clone().unwrap_or_default()))
+            .transpose()?;
+        let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
+        let end_of_turn = end_of_turn_ids(&inner, eos_id);
+        Ok(TextTokenizer { inner, template, end_of_turn })
+    }
+
+    /// Add the end-of-sequence ids a Hugging Face `generation_config.json` names
+    /// (`eos_token_id`, one id or a list) to the end-of-turn set.
+    pub fn add_end_of_turn_from_generation_config(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let ids: Vec<u32> = match config.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Some(serde_json::Value::Array(list)) => list.iter().filter_map(|v| v.as_u64().map(|n| n as u32)).collect(),
+            _ => vec![],
+        };
+        for id in ids {
+            if !self.end_of_turn.contains(&id) {
+                self.end_of_turn.push(id);
             }
         }
-        Ok(TextTokenizer { inner, template, end_of_turn })
+        Ok(())
+    }
+
+    /// The underlying Hugging Face tokenizer (to write it out as `tokenizer.json`).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// The chat template's source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.source())
     }
 
     /// Tokens of `text`; special tokens written in it (e.g. `<|im_start|>`) are recognised.
@@ -77,8 +172,18 @@ impl TextTokenizer {
 
     /// Render a conversation with the model's own chat template.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.apply_chat_template_with(messages, add_generation_prompt, None)
+    }
+
+    /// Like [`Self::apply_chat_template`], with the template's `enable_thinking` switch.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, TemplateError> {
         match &self.template {
-            Some(t) => t.render(messages, add_generation_prompt),
+            Some(t) => t.render_with(messages, add_generation_prompt, enable_thinking),
             None => Err(TemplateError("the model has no chat template; use /v1/completions".into())),
         }
     }

@@ -5,6 +5,7 @@
 //! the deltas concatenate to the decoded whole.
 
 use super::TextTokenizer;
+use crate::reasoning::phase::ThinkTokens;
 
 #[derive(Debug, Default, Clone)]
 pub struct IncrementalDecoder {
@@ -42,5 +43,32 @@ impl IncrementalDecoder {
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         after.strip_prefix(before.as_str()).unwrap_or("").to_string()
+    }
+}
+
+/// The text deltas of a completion whose think delimiters show no text of
+/// their own: a delimiter instead releases the text held back before it, so a
+/// character split across tokens just before `</think>` stays in the thought.
+#[derive(Debug, Clone)]
+pub struct PhasedDecoder {
+    decoder: IncrementalDecoder,
+    think: Option<ThinkTokens>,
+}
+
+impl PhasedDecoder {
+    pub fn new(think: Option<ThinkTokens>) -> Self {
+        PhasedDecoder { decoder: IncrementalDecoder::new(), think }
+    }
+
+    /// The text `id` completes, to be shown in the phase `id` belongs to.
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> String {
+        match self.think {
+            Some(t) if id == t.open || id == t.close => self.decoder.flush(tokenizer),
+            _ => self.decoder.push(tokenizer, id),
+        }
+    }
+
+    pub fn flush(&mut self, tokenizer: &TextTokenizer) -> String {
+        self.decoder.flush(tokenizer)
     }
 }

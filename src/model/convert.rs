@@ -1,0 +1,142 @@
+//! `terse convert`: a GGUF file to a Hugging Face directory, dequantized, with
+//! `config.json`, `tokenizer.json`, `tokenizer_config.json` and
+//! `generation_config.json` built from the GGUF's own metadata. This gives the
+//! project real dense weights to test safetensors loading and 2:4 pruning with.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::{Arch, TransformerConfig};
+use crate::tokenize::TextTokenizer;
+
+/// The Hugging Face name of a GGUF tensor of the llama / qwen2 layout.
+fn hf_name(gguf: &str) -> Option<String> {
+    if let Some(rest) = gguf.strip_prefix("blk.") {
+        let (layer, part) = rest.split_once('.')?;
+        let (module, kind) = part.rsplit_once('.')?;
+        let hf = match module {
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        };
+        return Some(format!("model.layers.{layer}.{hf}.{kind}"));
+    }
+    Some(
+        match gguf {
+            "token_embd.weight" => "model.embed_tokens.weight",
+            "output_norm.weight" => "model.norm.weight",
+            "output.weight" => "lm_head.weight",
+            _ => return None,
+        }
+        .to_string(),
+    )
+}
+
+/// llama.cpp stores llama q/k rows permuted so that rotary pairs are adjacent;
+/// Hugging Face keeps each head's two halves apart. Undo it per head.
+fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+/// Convert the GGUF at `gguf` into the directory `out` (created), weights in `dtype` (f32 or bf16).
+pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
+    let mut file = File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", gguf.display()))?;
+    let config = TransformerConfig::from_gguf(&content)?;
+    let tokenizer = TextTokenizer::from_gguf(&content)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(name) else {
+            tracing::warn!("{}: tensor {name} has no Hugging Face counterpart; left out", gguf.display());
+            continue;
+        };
+        let q = content.tensor(&mut file, name, &Device::Cpu).with_context(|| format!("{}: tensor {name}", gguf.display()))?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if config.arch == Arch::Llama && !config.rope_halves {
+            if name.ends_with("attn_q.weight") {
+                t = unpermute_rows(&t, config.n_head)?;
+            } else if name.ends_with("attn_k.weight") {
+                t = unpermute_rows(&t, config.n_kv_head)?;
+            }
+        }
+        tensors.insert(hf, t.to_dtype(dtype)?);
+    }
+    let tied = !tensors.contains_key("lm_head.weight");
+    let vocab_rows = tensors
+        .get("model.embed_tokens.weight")
+        .ok_or_else(|| anyhow!("{} has no token_embd.weight", gguf.display()))?
+        .dim(0)?;
+    let weights = out.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).with_context(|| format!("writing {}", weights.display()))?;
+
+    let (class, model_type) = match config.arch {
+        Arch::Llama => ("LlamaForCausalLM", "llama"),
+        Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+    };
+    let torch_dtype = if dtype == DType::BF16 { "bfloat16" } else { "float32" };
+    let hf_config = json!({
+        "architectures": [class],
+        "model_type": model_type,
+        "hidden_size": config.hidden,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.context_length,
+        "vocab_size": vocab_rows,
+        "tie_word_embeddings": tied,
+        "torch_dtype": torch_dtype,
+        "hidden_act": "silu",
+    });
+    write_json(&out.join("config.json"), &hf_config)?;
+
+    let tokenizer_json = out.join("tokenizer.json");
+    tokenizer
+        .inner()
+        .save(&tokenizer_json, false)
+        .map_err(|e| anyhow!("writing {}: {e}", tokenizer_json.display()))?;
+    let token_text = |key: &str| -> Option<String> {
+        let id = content.metadata.get(key)?.to_u32().ok()?;
+        tokenizer.inner().id_to_token(id)
+    };
+    let mut tokenizer_config = json!({"tokenizer_class": "PreTrainedTokenizerFast"});
+    if let Some(template) = tokenizer.chat_template_source() {
+        tokenizer_config["chat_template"] = json!(template);
+    }
+    if let Some(bos) = token_text("tokenizer.ggml.bos_token_id") {
+        tokenizer_config["bos_token"] = json!(bos);
+    }
+    if let Some(eos) = token_text("tokenizer.ggml.eos_token_id") {
+        tokenizer_config["eos_token"] = json!(eos);
+    }
+    write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&out.join("generation_config.json"), &json!({"eos_token_id": tokenizer.end_of_turn_ids()}))?;
+    Ok(())
+}
+
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}

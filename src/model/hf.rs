@@ -1,0 +1,300 @@
+//! Hugging Face model directories: `config.json`, `model.safetensors` or
+//! shards named by `model.safetensors.index.json`, `tokenizer.json`,
+//! `tokenizer_config.json` and, when present, `generation_config.json`.
+//! Weights in f32, f16 or bf16 are computed in f32; projection weights that
+//! follow the 2:4 pattern are stored compressed and run on the sparse kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Embedding, RmsNorm};
+use serde::Deserialize;
+
+use super::sparse::Sparse24;
+use super::transformer::{Attention, Block, Mlp};
+use super::{Arch, Linear, LoadedModel, ModelInfo, Transformer, TransformerConfig};
+use crate::tokenize::TextTokenizer;
+
+/// Whether conforming projection weights run on the sparse kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SparseMode {
+    /// Compress every projection that follows the 2:4 pattern.
+    #[default]
+    Auto,
+    /// Keep every weight dense.
+    Off,
+}
+
+/// The fields of `config.json` terse reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub torch_dtype: Option<String>,
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+
+impl HfConfig {
+    pub fn arch(&self) -> Result<Arch> {
+        let from_class = self.architectures.iter().find_map(|a| match a.as_str() {
+            "LlamaForCausalLM" => Some(Arch::Llama),
+            "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            _ => None,
+        });
+        match (from_class, self.model_type.as_deref()) {
+            (Some(arch), _) => Ok(arch),
+            (None, Some(t)) => Arch::parse(t),
+            (None, None) => bail!("config.json names no architecture (architectures / model_type)"),
+        }
+    }
+
+    pub fn transformer_config(&self) -> Result<TransformerConfig> {
+        let arch = self.arch()?;
+        let n_kv_head = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if self.num_attention_heads == 0 || n_kv_head == 0 || self.num_attention_heads % n_kv_head != 0 {
+            bail!("config.json: head counts {} / {n_kv_head} are inconsistent", self.num_attention_heads);
+        }
+        Ok(TransformerConfig {
+            arch,
+            n_layer: self.num_hidden_layers,
+            hidden: self.hidden_size,
+            n_head: self.num_attention_heads,
+            n_kv_head,
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            ffn_hidden: self.intermediate_size,
+            rope_theta: self.rope_theta,
+            rms_eps: self.rms_norm_eps,
+            context_length: self.max_position_embeddings,
+            vocab_size: self.vocab_size,
+            rope_halves: true,
+        })
+    }
+}
+
+/// The safetensors files of a directory and which file holds each tensor.
+struct Weights {
+    dir: PathBuf,
+    files: MmapedSafetensors,
+    /// Tensor name → file name, for error messages.
+    owner: BTreeMap<String, String>,
+}
+
+impl Weights {
+    fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if index.is_file() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+            let parsed: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+            let map = parsed
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
+            let shards: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            shards.into_iter().collect()
+        } else {
+            vec!["model.safetensors".to_string()]
+        };
+        let mut paths = Vec::new();
+        for name in &names {
+            let path = dir.join(name);
+            if !path.is_file() {
+                bail!("{} is missing (named by {})", path.display(), if index.is_file() { "model.safetensors.index.json" } else { "the Hugging Face layout" });
+            }
+            paths.push(path);
+        }
+        let mut owner = BTreeMap::new();
+        for (name, path) in names.iter().zip(&paths) {
+            // Each file alone first, so a truncated or corrupt one is named.
+            let single = unsafe { MmapedSafetensors::new(path) }.map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+            for (tensor, _) in single.tensors() {
+                owner.insert(tensor, name.clone());
+            }
+        }
+        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+        Ok(Weights { dir: dir.to_path_buf(), files, owner })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against `shape`, in f32.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(file) = self.owner.get(name) else {
+            bail!("{}: no tensor {name} in any safetensors file", self.dir.display());
+        };
+        let t = self
+            .files
+            .load(name, &Device::Cpu)
+            .map_err(|e| anyhow!("{}: tensor {name}: {e}", self.dir.join(file).display()))?;
+        if t.dims() != shape {
+            bail!("{}: tensor {name} has shape {:?}, expected {shape:?}", self.dir.join(file).display(), t.dims());
+        }
+        match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => Ok(t.to_dtype(DType::F32)?),
+            other => bail!("{}: tensor {name} is {other:?}; terse reads f32, f16 and bf16", self.dir.join(file).display()),
+        }
+    }
+
+    fn dtype_of(&self, name: &str) -> Option<String> {
+        let view = self.files.get(name).ok()?;
+        Some(format!("{:?}", view.dtype()).to_lowercase())
+    }
+}
+
+/// Per-projection sparsity, for `terse inspect` and the model info.
+#[derive(Debug, Clone, Default)]
+pub struct SparsityReport {
+    /// (tensor name, share of zero weights, stored compressed).
+    pub projections: Vec<(String, f64, bool)>,
+    pub dense_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+impl SparsityReport {
+    /// Share of projection weights stored 2:4-compressed.
+    pub fn sparse_fraction(&self) -> f64 {
+        let n = self.projections.len();
+        if n == 0 {
+            return 0.0;
+        }
+        self.projections.iter().filter(|p| p.2).count() as f64 / n as f64
+    }
+}
+
+/// A projection as `Linear`: compressed when it follows 2:4 and `sparse` allows.
+fn projection(
+    w: &Weights,
+    name: &str,
+    shape: [usize; 2],
+    bias: Option<Tensor>,
+    sparse: SparseMode,
+    report: &mut SparsityReport,
+) -> Result<Linear> {
+    let weight = w.load(&format!("{name}.weight"), &shape)?;
+    let values = weight.flatten_all()?.to_vec1::<f32>()?;
+    let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len().max(1) as f64;
+    let dense_bytes = (values.len() * 4) as u64;
+    report.dense_bytes += dense_bytes;
+    if sparse == SparseMode::Auto {
+        match Sparse24::compress(&values, shape[0], shape[1]) {
+            Ok(s) => {
+                report.stored_bytes += s.storage_bytes() as u64;
+                report.projections.push((format!("{name}.weight"), zeros, true));
+                return Ok(Linear::sparse(s, bias));
+            }
+            // Only worth a warning when the weight looks pruned but breaks the pattern.
+            Err(why) if zeros >= 0.25 => {
+                tracing::warn!("{name}.weight stays dense: it breaks the 2:4 pattern at {why}");
+            }
+            Err(_) => {}
+        }
+    }
+    report.stored_bytes += dense_bytes;
+    report.projections.push((format!("{name}.weight"), zeros, false));
+    Ok(Linear::dense(weight, bias)?)
+}
+
+/// Load a Hugging Face directory as a servable model.
+pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<(LoadedModel, SparsityReport)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+    let hf: HfConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let config = hf.transformer_config().with_context(|| format!("{}", config_path.display()))?;
+    let mut tokenizer = TextTokenizer::from_hf_files(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json"))?;
+    let generation_config = dir.join("generation_config.json");
+    if generation_config.is_file() {
+        tokenizer.add_end_of_turn_from_generation_config(&generation_config)?;
+    }
+    let weights = Weights::open(dir)?;
+
+    let (h, kv, ffn) = (config.hidden, config.n_kv_head * config.head_dim, config.ffn_hidden);
+    let q_width = config.n_head * config.head_dim;
+    let mut report = SparsityReport::default();
+    let embedding_table = weights.load("model.embed_tokens.weight", &[config.vocab_size, h])?;
+    let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(weights.load(name, &[h])?, config.rms_eps)) };
+    let bias = |name: &str, width: usize| -> Result<Option<Tensor>> {
+        let full = format!("{name}.bias");
+        if weights.has(&full) {
+            Ok(Some(weights.load(&full, &[width])?))
+        } else {
+            Ok(None)
+        }
+    };
+    let mut blocks = Vec::with_capacity(config.n_layer);
+    for i in 0..config.n_layer {
+        let p = format!("model.layers.{i}");
+        let a = format!("{p}.self_attn");
+        let m = format!("{p}.mlp");
+        blocks.push(Block {
+            attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+            attn: Attention {
+                q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &mut report)?,
+                k: projection(&weights, &format!("{a}.k_proj"), [kv, h], bias(&format!("{a}.k_proj"), kv)?, sparse, &mut report)?,
+                v: projection(&weights, &format!("{a}.v_proj"), [kv, h], bias(&format!("{a}.v_proj"), kv)?, sparse, &mut report)?,
+                o: projection(&weights, &format!("{a}.o_proj"), [h, q_width], None, sparse, &mut report)?,
+            },
+            ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            mlp: Mlp {
+                gate: projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &mut report)?,
+                up: projection(&weights, &format!("{m}.up_proj"), [ffn, h], None, sparse, &mut report)?,
+                down: projection(&weights, &format!("{m}.down_proj"), [h, ffn], None, sparse, &mut report)?,
+            },
+        });
+    }
+    let final_norm = norm("model.norm.weight")?;
+    // The head stays dense (like the embedding) whatever its zeros.
+    let lm_head = if weights.has("lm_head.weight") && !hf.tie_word_embeddings {
+        Linear::dense(weights.load("lm_head.weight", &[config.vocab_size, h])?, None)?
+    } else {
+        Linear::dense(embedding_table.clone(), None)?
+    };
+    let other_bytes = (embedding_table.elem_count() * 4) as u64;
+    let dtype = weights
+        .dtype_of(&format!("model.layers.0.self_attn.q_proj.weight"))
+        .or(hf.torch_dtype.clone())
+        .unwrap_or_else(|| "f32".into());
+    if report.sparse_fraction() > 0.0 {
+        tracing::info!(
+            "2:4 sparse: {} of {} projections compressed ({} → {} bytes)",
+            report.projections.iter().filter(|p| p.2).count(),
+            report.projections.len(),
+            report.dense_bytes,
+            report.stored_bytes
+        );
+    }
+    let info = ModelInfo {
+        id: served_name.to_string(),
+        arch: config.arch.name().to_string(),
+        format: "safetensors".into(),
+        dtype,
+        context_length: config.context_length,
+        vocab_size: config.vocab_size,
+        weight_bytes: report.stored_bytes + other_bytes,
+        sparse_fraction: report.sparse_fraction(),
+    };
+    let embedding = Embedding::new(embedding_table, h);
+    let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, Device::Cpu)?;
+    Ok((LoadedModel { transformer, tokenizer, info }, report))
+}

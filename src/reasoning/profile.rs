@@ -1,0 +1,70 @@
+//! What a model brings to reasoning control: its think delimiters, the texts
+//! injected into its output, and its mode presets. Read from the model's
+//! manifest (`[reasoning]` and `[modes.*]`); a bare GGUF gets the defaults.
+
+use serde::Deserialize;
+
+use super::modes::ModePresets;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReasoningProfile {
+    /// The token opening a thought; a model whose vocabulary lacks either
+    /// delimiter has no thinking phase.
+    pub think_open: String,
+    pub think_close: String,
+    /// Injected at the thinking budget of a model with think tokens.
+    pub end_of_thinking: String,
+    /// Injected at the budget of a model without think tokens, which then
+    /// answers in at most `answer_tokens_after_wrap_up` more tokens.
+    pub wrap_up: String,
+    pub answer_tokens_after_wrap_up: usize,
+    /// Replaces a stop sampled before `min_thinking_tokens`.
+    pub continuation: String,
+    /// Open the thought in the prompt (`think_open` and a newline after the
+    /// generation prompt) where the chat template does not: DeepSeek-R1-Distill
+    /// GGUFs carry a template whose prompt ends at `<｜Assistant｜>`, and the
+    /// model is meant to start with `<think>\n`.
+    pub start_thinking: bool,
+    #[serde(skip)]
+    pub modes: ModePresets,
+}
+
+impl Default for ReasoningProfile {
+    fn default() -> Self {
+        ReasoningProfile {
+            think_open: "<think>".into(),
+            think_close: "</think>".into(),
+            end_of_thinking: "\n</think>\n\n".into(),
+            wrap_up: "\nFinal answer:".into(),
+            answer_tokens_after_wrap_up: 64,
+            continuation: "Wait".into(),
+            start_thinking: false,
+            modes: ModePresets::default(),
+        }
+    }
+}
+
+impl ReasoningProfile {
+    /// The rendered chat prompt, with the thought opened if the model needs it.
+    pub fn open_thought(&self, mut prompt: String) -> String {
+        if self.start_thinking && !prompt.trim_end().ends_with(&self.think_open) {
+            prompt.push_str(&self.think_open);
+            prompt.push('\n');
+        }
+        prompt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_thinking_opens_the_thought_once() {
+        let p = ReasoningProfile { start_thinking: true, ..Default::default() };
+        assert_eq!(p.open_thought("<|A|>".into()), "<|A|><think>\n");
+        assert_eq!(p.open_thought("<|A|><think>\n".into()), "<|A|><think>\n");
+        assert_eq!(ReasoningProfile::default().open_thought("<|A|>".into()), "<|A|>");
+    }
+}

@@ -1,0 +1,163 @@
+//! Model tools of the `terse` command line: convert, prune, inspect.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use terse::manifest::resolve_model;
+use terse::model::{convert_gguf_to_hf, load_gguf, load_hf_dir, prune_hf_dir, SparseMode};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WeightType {
+    F32,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// The GGUF file (or a manifest name) to convert.
+    model: String,
+    /// The Hugging Face directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The type the dequantized weights are stored in.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: WeightType,
+}
+
+/// One-shot magnitude pruning to the 2:4 pattern. Magnitude pruning is a
+/// baseline: without a learned mask (such as ProxSparse's) it loses quality.
+/// The server runs any 2:4 checkpoint, learned or not.
+#[derive(Args)]
+pub struct PruneArgs {
+    /// The Hugging Face directory to prune.
+    model: PathBuf,
+    /// The directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The sparsity pattern; only 2:4 (two non-zeros in every four inputs).
+    #[arg(long, default_value = "2:4")]
+    pattern: String,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A manifest name, a GGUF file or a Hugging Face directory.
+    model: String,
+}
+
+pub fn convert(args: ConvertArgs) -> Result<()> {
+    let model = resolve_model(&args.model)?;
+    if model.path.is_dir() {
+        bail!("{} is already a Hugging Face directory", model.path.display());
+    }
+    let dtype = match args.dtype {
+        WeightType::F32 => DType::F32,
+        WeightType::Bf16 => DType::BF16,
+    };
+    convert_gguf_to_hf(&model.path, &args.out, dtype)?;
+    println!("{}", args.out.display());
+    Ok(())
+}
+
+pub fn prune(args: PruneArgs) -> Result<()> {
+    if args.pattern != "2:4" {
+        bail!("unsupported pattern `{}`: terse prunes to 2:4", args.pattern);
+    }
+    let pruned = prune_hf_dir(&args.model, &args.out)?;
+    eprintln!("pruned {pruned} projection matrices to 2:4 by magnitude");
+    println!("{}", args.out.display());
+    Ok(())
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let model = resolve_model(&args.model)?;
+    let name = model.served_name.clone();
+    if model.path.is_dir() {
+        let (loaded, report) = load_hf_dir(&model.path, &name, SparseMode::Auto)?;
+        print_common(&loaded.info, &loaded.transformer.config);
+        println!("projections: {} of {} stored 2:4-compressed", report.projections.iter().filter(|p| p.2).count(), report.projections.len());
+        println!("projection bytes: {} dense, {} as stored", report.dense_bytes, report.stored_bytes);
+        println!("{:<52} {:>8}  stored", "tensor", "zeros");
+        for (tensor, zeros, sparse) in &report.projections {
+            println!("{tensor:<52} {:>7.1}%  {}", zeros * 100.0, if *sparse { "2:4" } else { "dense" });
+        }
+    } else {
+        let loaded = load_gguf(&model.path, &name)?;
+        print_common(&loaded.info, &loaded.transformer.config);
+        println!("sparsity: GGUF weights are quantized and run dense");
+    }
+    Ok(())
+}
+
+fn print_common(info: &terse::model::ModelInfo, config: &terse::model::TransformerConfig) {
+    let params = config.n_layer
+        * (config.hidden * config.n_head * config.head_dim * 2
+            + config.hidden * config.n_kv_head * config.head_dim * 2
+            + 3 * config.hidden * config.ffn_hidden)
+        + config.vocab_size * config.hidden;
+    println!("model: {} ({}, {})", info.id, info.arch, info.format);
+    println!("layers: {}, hidden: {}, heads: {} / {} kv, ffn: {}", config.n_layer, config.hidden, config.n_head, config.n_kv_head, config.ffn_hidden);
+    println!("parameters: {:.1} M (without norms and biases)", params as f64 / 1e6);
+    println!("weight type: {}, weights in memory: {} bytes", info.dtype, info.weight_bytes);
+    println!("context: {} tokens, vocabulary: {}", info.context_length, info.vocab_size);
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SynthShape {
+    /// 2 layers, hidden 64: for mechanism tests.
+    Tiny,
+    /// DeepSeek-R1-Distill-Qwen-1.5B's exact shapes (28 layers, hidden 1536, 12 / 2 heads).
+    #[value(name = "r1-distill-qwen-1.5b")]
+    R1DistillQwen1_5b,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SynthType {
+    F32,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4k,
+}
+
+/// A GGUF with random weights, real shapes and a real tokenizer: for
+/// benchmarks on machines no model can reach, and for mechanism tests.
+#[derive(Args)]
+pub struct SynthArgs {
+    #[arg(long, value_enum, default_value = "r1-distill-qwen-1.5b")]
+    shape: SynthShape,
+    /// The GGUF (or manifest name) whose tokenizer and chat template to copy.
+    #[arg(long, default_value = "r1-distill-tokenizer")]
+    tokenizer_from: String,
+    #[arg(long, value_enum, default_value = "q4_k")]
+    dtype: SynthType,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn synth(args: SynthArgs) -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    use terse::model::{write_random_gguf, SyntheticSpec};
+    let tokenizer_from = match terse::manifest::load_manifest(&args.tokenizer_from) {
+        Ok(m) => terse::manifest::models_dir().join("cache").join(&m.name).join(&m.file),
+        Err(_) => PathBuf::from(&args.tokenizer_from),
+    };
+    let mut spec = match args.shape {
+        SynthShape::Tiny => SyntheticSpec::tiny_qwen2(152_064),
+        SynthShape::R1DistillQwen1_5b => SyntheticSpec::r1_distill_qwen_1_5b(),
+    };
+    spec.dtype = match args.dtype {
+        SynthType::F32 => GgmlDType::F32,
+        SynthType::Q8_0 => GgmlDType::Q8_0,
+        SynthType::Q4k => GgmlDType::Q4K,
+    };
+    spec.seed = args.seed;
+    write_random_gguf(&args.out, &spec, &tokenizer_from)?;
+    println!("{}", args.out.display());
+    Ok(())
+}

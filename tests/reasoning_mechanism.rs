@@ -1,0 +1,144 @@
+//! Reasoning control on a model: a tiny qwen2 checkpoint with random weights
+//! and the real DeepSeek-R1-Distill vocabulary and template, written by the
+//! test. Random weights spread the next-token distribution over ~150k tokens,
+//! so the model practically never closes its thought by itself: every stop
+//! seen here is the control's doing.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use terse::engine::{
+    start_engine, EngineConfig, EngineHandle, GenerationEvent, GenerationRequest, ReasoningUsage, SamplingParams,
+};
+use terse::metrics::Metrics;
+use terse::model::{write_random_gguf, SyntheticSpec};
+use terse::reasoning::control::{ReasoningSettings, Strategy, ThinkStopReason};
+use terse::reasoning::phase::{Phase, PhaseTracker};
+use terse::tokenize::ChatMessage;
+
+fn r1_header() -> PathBuf {
+    let path = terse::manifest::models_dir()
+        .join("cache/r1-distill-tokenizer/DeepSeek-R1-Distill-Qwen-7B.header.gguf");
+    assert!(path.is_file(), "{} is missing: run ./models/fetch r1-distill-tokenizer", path.display());
+    path
+}
+
+/// One engine for the whole file (the engine thread outlives each test's runtime).
+fn engine() -> &'static EngineHandle {
+    static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("terse-mechanism-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("tiny-r1-vocab.gguf");
+        // 152064 rows: the R1-Distill vocabulary with Qwen's padding.
+        write_random_gguf(&model, &SyntheticSpec::tiny_qwen2(152_064), &r1_header()).unwrap();
+        let manifest = terse::manifest::load_manifest("deepseek-r1-distill-qwen-1.5b").unwrap();
+        let config = EngineConfig { reasoning: manifest.reasoning_profile().unwrap(), ..Default::default() };
+        let engine = start_engine(&model, "tiny-r1", config, Arc::new(Metrics::new())).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        engine
+    })
+}
+
+/// The chat prompt, with the thought opened as the manifest says.
+fn prompt(engine: &EngineHandle) -> Vec<u32> {
+    let t = engine.tokenizer();
+    let chat = [ChatMessage { role: "user".into(), content: "What is 7 times 6?".into() }];
+    let text = engine.reasoning_profile().open_thought(t.apply_chat_template(&chat, true).unwrap());
+    t.encode(&text).unwrap()
+}
+
+struct Token {
+    id: u32,
+    phase: Phase,
+    forced: bool,
+}
+
+async fn run(reasoning: ReasoningSettings, max_tokens: usize) -> (Vec<Token>, ReasoningUsage) {
+    let engine = engine();
+    let prompt = prompt(engine);
+    assert_eq!(PhaseTracker::new(engine.think_tokens(), &prompt).phase(), Phase::Thinking);
+    let request = GenerationRequest {
+        id: "mechanism".into(),
+        prompt,
+        max_tokens,
+        sampling: SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() },
+        stop: vec![],
+        received_at: std::time::Instant::now(),
+        reasoning,
+    };
+    let mut events = engine.submit(request).unwrap();
+    let mut tokens = Vec::new();
+    loop {
+        match events.next().await.expect("the stream ends with Finished") {
+            GenerationEvent::Token { id, phase, forced, .. } => tokens.push(Token { id, phase, forced }),
+            GenerationEvent::Finished { reasoning, .. } => return (tokens, reasoning),
+            GenerationEvent::Failed { message } => panic!("generation failed: {message}"),
+        }
+    }
+}
+
+fn close_token() -> u32 {
+    engine().think_tokens().expect("R1 vocabulary has think tokens").close
+}
+
+#[tokio::test]
+async fn without_control_the_random_model_keeps_thinking() {
+    let (tokens, usage) = run(ReasoningSettings::default(), 24).await;
+    assert_eq!(tokens.len(), 24);
+    assert!(tokens.iter().all(|t| t.phase == Phase::Thinking && !t.forced));
+    assert_eq!(usage.think_stop_reason, Some(ThinkStopReason::Length));
+}
+
+#[tokio::test]
+async fn a_huge_stop_temperature_ends_thinking_on_the_first_step() {
+    let settings = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 1e6, ..Default::default() };
+    let (tokens, usage) = run(settings, 12).await;
+    assert_eq!(tokens[0].id, close_token(), "the first sampled token closes the thought");
+    assert!(!tokens[0].forced, "sampled, not injected");
+    assert!(tokens[1..].iter().all(|t| t.phase == Phase::Answer), "TS leaves the answer alone");
+    assert_eq!((usage.thinking_tokens, usage.answer_tokens, usage.forced_tokens), (1, 11, 0));
+    assert_eq!(usage.think_stop_reason, Some(ThinkStopReason::StopTemperature));
+}
+
+#[tokio::test]
+async fn a_budget_of_n_gives_n_thinking_tokens_then_the_delimiter_then_the_answer() {
+    const N: usize = 5;
+    let settings = ReasoningSettings { strategy: Strategy::Budget, max_thinking_tokens: Some(N), ..Default::default() };
+    let (tokens, usage) = run(settings, 20).await;
+    let delimiter = engine().end_of_thinking_tokens().to_vec();
+    assert!(delimiter.contains(&close_token()), "the injected text closes the thought: {delimiter:?}");
+
+    let (sampled, rest) = tokens.split_at(N);
+    assert!(sampled.iter().all(|t| t.phase == Phase::Thinking && !t.forced && t.id != close_token()));
+    let (injected, answer) = rest.split_at(delimiter.len());
+    assert_eq!(injected.iter().map(|t| t.id).collect::<Vec<_>>(), delimiter);
+    assert!(injected.iter().all(|t| t.forced));
+    assert!(!answer.is_empty() && answer.iter().all(|t| t.phase == Phase::Answer && !t.forced));
+
+    let close_at = delimiter.iter().position(|&id| id == close_token()).unwrap();
+    assert_eq!(usage.thinking_tokens, N + close_at + 1, "the delimiter up to `</think>` belongs to the thought");
+    assert_eq!(usage.forced_tokens, delimiter.len());
+    assert_eq!(usage.forced_end_of_thinking, delimiter.len());
+    assert_eq!(usage.think_stop_reason, Some(ThinkStopReason::Budget));
+}
+
+#[tokio::test]
+async fn min_thinking_tokens_hold_off_every_stop_before_the_minimum() {
+    const MIN: usize = 6;
+    // τ huge: the model wants to stop at every step; each early stop becomes "Wait".
+    let settings = ReasoningSettings {
+        strategy: Strategy::Ts,
+        stop_temperature: 1e6,
+        min_thinking_tokens: Some(MIN),
+        ..Default::default()
+    };
+    let (tokens, usage) = run(settings, 24).await;
+    let close_at = tokens.iter().position(|t| t.id == close_token()).expect("the thought ends once allowed");
+    assert!(close_at >= MIN, "no stop before {MIN} thinking tokens (closed after {close_at})");
+    assert!(tokens[..close_at].iter().all(|t| t.phase == Phase::Thinking && t.forced), "only continuations before it");
+    assert!(!tokens[close_at].forced);
+    assert_eq!(usage.forced_continuation, close_at);
+    assert_eq!(usage.thinking_tokens, close_at + 1);
+    assert_eq!(usage.think_stop_reason, Some(ThinkStopReason::StopTemperature));
+}

@@ -1,0 +1,177 @@
+//! Hugging Face directories and 2:4 sparse checkpoints, made from the real
+//! default model: `terse convert` writes SmolLM2's GGUF as a dense directory,
+//! `terse prune` makes a 2:4 copy of it, and terse loads all of them.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::DType;
+use terse::engine::argmax;
+use terse::model::{
+    convert_gguf_to_hf, load_gguf_dequantized, load_hf_dir, prune_hf_dir, LoadedModel, SeqChunk, SeqKvCache,
+    SparseMode,
+};
+use terse::tokenize::ChatMessage;
+
+const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about rain.", "2+2="];
+
+fn gguf() -> PathBuf {
+    terse::manifest::resolve_model("smollm2-135m").expect("run ./models/fetch smollm2-135m").path
+}
+
+fn work_dir() -> PathBuf {
+    // One fixed place, cleared by each run: the converted copies are large.
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-safetensors")
+}
+
+/// The converted f32 and bf16 directories and the 2:4-pruned copy, made once.
+fn dirs() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static DIRS: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        let base = work_dir();
+        let _ = std::fs::remove_dir_all(&base);
+        let (f32_dir, bf16_dir, sparse_dir) = (base.join("f32"), base.join("bf16"), base.join("sparse"));
+        convert_gguf_to_hf(&gguf(), &f32_dir, DType::F32).unwrap();
+        convert_gguf_to_hf(&gguf(), &bf16_dir, DType::BF16).unwrap();
+        assert_eq!(prune_hf_dir(&f32_dir, &sparse_dir).unwrap(), 30 * 7, "every projection of 30 layers");
+        (f32_dir, bf16_dir, sparse_dir)
+    })
+}
+
+fn prompt(model: &LoadedModel, text: &str) -> Vec<u32> {
+    let chat = [ChatMessage { role: "user".into(), content: text.into() }];
+    model.tokenizer.encode(&model.tokenizer.apply_chat_template(&chat, true).unwrap()).unwrap()
+}
+
+/// Greedy decoding: the logits of each step and the tokens chosen.
+fn greedy(model: &LoadedModel, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut cache = SeqKvCache::new(model.transformer.config.n_layer);
+    let (mut all, mut tokens) = (Vec::new(), Vec::new());
+    let mut feed = prompt.to_vec();
+    for _ in 0..steps {
+        let logits = model.transformer.forward(&mut [SeqChunk { tokens: &feed, cache: &mut cache }]).unwrap();
+        let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let next = argmax(&logits);
+        all.push(logits);
+        tokens.push(next);
+        feed = vec![next];
+    }
+    (all, tokens)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn a_converted_directory_computes_what_its_gguf_computes() {
+    let (f32_dir, _, _) = dirs();
+    let (hf, report) = load_hf_dir(f32_dir, "smol-hf", SparseMode::Auto).unwrap();
+    assert_eq!(report.sparse_fraction(), 0.0, "a dense checkpoint stays dense");
+    assert_eq!((hf.info.format.as_str(), hf.info.dtype.as_str()), ("safetensors", "f32"));
+    // The GGUF's own weights, dequantized: the same numbers, no activation quantization.
+    let reference = load_gguf_dequantized(&gguf(), "smol-gguf").unwrap();
+    for text in PROMPTS {
+        let p = prompt(&hf, text);
+        assert_eq!(p, prompt(&reference, text), "tokenizer and template survive the conversion");
+        let (ours, our_tokens) = greedy(&hf, &p, 8);
+        let (theirs, their_tokens) = greedy(&reference, &p, 8);
+        assert_eq!(our_tokens, their_tokens, "{text}");
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!(max_diff(a, b) < 1e-3, "{text}: logits differ by {}", max_diff(a, b));
+        }
+    }
+}
+
+#[test]
+fn bf16_weights_load_and_stay_close() {
+    let (f32_dir, bf16_dir, _) = dirs();
+    let (bf16, _) = load_hf_dir(bf16_dir, "smol-bf16", SparseMode::Auto).unwrap();
+    assert_eq!(bf16.info.dtype, "bf16");
+    let (full, _) = load_hf_dir(f32_dir, "smol-f32", SparseMode::Auto).unwrap();
+    let p = prompt(&full, PROMPTS[0]);
+    let (a, _) = greedy(&full, &p, 1);
+    let (b, _) = greedy(&bf16, &p, 1);
+    // bf16 keeps 8 bits of mantissa: logits move, but not far.
+    assert!(max_diff(&a[0], &b[0]) < 2.0, "bf16 logits differ by {}", max_diff(&a[0], &b[0]));
+}
+
+#[test]
+fn a_2_4_checkpoint_runs_compressed_and_matches_its_dense_computation() {
+    let (_, _, sparse_dir) = dirs();
+    let (sparse, report) = load_hf_dir(sparse_dir, "smol-24", SparseMode::Auto).unwrap();
+    assert_eq!(report.sparse_fraction(), 1.0);
+    assert!(report.projections.iter().all(|(_, zeros, stored)| *stored && *zeros >= 0.5));
+    assert_eq!(report.stored_bytes * 16, report.dense_bytes * 9, "9 bytes per group of four instead of 16");
+    let (dense, dense_report) = load_hf_dir(sparse_dir, "smol-24-dense", SparseMode::Off).unwrap();
+    assert_eq!(dense_report.sparse_fraction(), 0.0);
+    assert!(sparse.info.weight_bytes < dense.info.weight_bytes);
+    for text in PROMPTS {
+        let p = prompt(&sparse, text);
+        let (a, ta) = greedy(&sparse, &p, 4);
+        let (b, tb) = greedy(&dense, &p, 4);
+        assert_eq!(ta, tb, "{text}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(max_diff(x, y) < 1e-3, "{text}: sparse and dense differ by {}", max_diff(x, y));
+        }
+    }
+}
+
+/// A directory that shares the converted files by link, with `config.json` replaced.
+fn variant(name: &str, edit_config: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let (f32_dir, _, _) = dirs();
+    let dir = work_dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let _ = std::fs::remove_file(dir.join(file));
+        std::os::unix::fs::symlink(f32_dir.join(file), dir.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f32_dir.join("config.json")).unwrap()).unwrap();
+    edit_config(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+fn load_error(dir: &Path) -> String {
+    match load_hf_dir(dir, "broken", SparseMode::Auto) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn broken_directories_get_one_clear_error_naming_the_file_and_tensor() {
+    let wrong_shape = variant("wrong-shape", |c| c["intermediate_size"] = 1535.into());
+    let e = load_error(&wrong_shape);
+    assert!(e.contains("model.safetensors") && e.contains("gate_proj.weight") && e.contains("1535"), "{e}");
+
+    let unknown = variant("unknown-arch", |c| {
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        c["model_type"] = "gpt2".into();
+    });
+    let e = load_error(&unknown);
+    assert!(e.contains("gpt2") && e.contains("config.json"), "{e}");
+
+    let missing_shard = variant("missing-shard", |_| {});
+    std::fs::rename(missing_shard.join("model.safetensors"), missing_shard.join("model-00001-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00002-of-00002.safetensors",
+    }});
+    std::fs::write(missing_shard.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let e = load_error(&missing_shard);
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("missing"), "{e}");
+
+    let truncated = variant("truncated", |_| {});
+    let whole = std::fs::read(truncated.join("model.safetensors")).unwrap();
+    std::fs::remove_file(truncated.join("model.safetensors")).unwrap();
+    std::fs::write(truncated.join("model.safetensors"), &whole[..whole.len() / 3]).unwrap();
+    let e = load_error(&truncated);
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors file"), "{e}");
+
+    let no_config = variant("no-config", |_| {});
+    std::fs::remove_file(no_config.join("config.json")).unwrap();
+    let e = load_error(&no_config);
+    assert!(e.contains("config.json"), "{e}");
+}
