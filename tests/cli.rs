@@ -63,7 +63,8 @@ fn flags_beat_environment_beat_config_file_beat_defaults() {
 
     // `--help` names every setting's variable and default, and never a key's value.
     let out = terse().args(["serve", "--help"]).env("TERSE_API_KEY", "env-secret").output().unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    // (clap puts `[env: ...]` and `[default: ...]` on one line or two, by width.)
+    let help = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
     for want in ["[env: TERSE_PORT=] [default: 8080]", "[env: TERSE_LOG_FORMAT=] [default: text]", "--config <FILE>"] {
         assert!(help.contains(want), "missing `{want}` in:\n{help}");
     }
