@@ -534,7 +534,7 @@ async fn a_dropped_stream_frees_its_slot() {
     wait_for_metric(&server, "terse_running_sequences", 0.0).await;
     // The abandoned request is counted, as the client's closing (499).
     let series =
-        format!("terse_requests_total{{endpoint=\"chat_completions\",mode=\"none\",model=\"{MODEL}\",status=\"499\"}}");
+        format!("terse_requests_total{{endpoint=\"chat_completions\",mode=\"default\",model=\"{MODEL}\",status=\"499\"}}");
     wait_for_metric(&server, &series, 1.0).await;
     // And the server still serves.
     assert!(!chat_text(&server, &chat_body("Hi", 4)).await.is_empty());
