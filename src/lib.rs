@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod manifest;
 pub mod metrics;
 pub mod model;

@@ -41,6 +41,8 @@ enum Command {
     Inspect(tools::InspectArgs),
     /// Write a GGUF with random weights, real shapes and a real tokenizer.
     Synth(tools::SynthArgs),
+    /// Measure accuracy against tokens on GSM8K / MATH-500 over a grid of reasoning settings.
+    Eval(terse::eval::cli::EvalArgs),
     /// GET a path of the local server; exit 0 on a 2xx answer (for container health checks).
     Probe(ProbeArgs),
 }
@@ -159,7 +161,13 @@ fn main() -> Result<()> {
         }
         log_format = args.log_format;
     }
-    init_logging(log_format);
+    // `terse eval` draws a progress bar, which the in-process server's
+    // per-request lines would tear.
+    let default_filter = match parsed.value.command {
+        Command::Eval(_) => "info,terse::server=warn",
+        _ => "info",
+    };
+    init_logging(log_format, default_filter);
     let cli = parsed.value;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
@@ -169,6 +177,7 @@ fn main() -> Result<()> {
         Command::Prune(args) => tools::prune(args),
         Command::Inspect(args) => tools::inspect(args),
         Command::Synth(args) => tools::synth(args),
+        Command::Eval(args) => runtime.block_on(terse::eval::cli::eval(args)).map(|_| ()),
         Command::Probe(args) => probe(args),
     }
 }
@@ -182,9 +191,9 @@ fn probe(args: ProbeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr; `RUST_LOG` filters them (default: info).
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+/// Logs go to stderr; `RUST_LOG` filters them, else `default_filter`.
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

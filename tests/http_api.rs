@@ -61,6 +61,10 @@ async fn health_ready_models_and_request_ids() {
     assert_eq!(r.json["data"][0]["id"], MODEL);
     assert_eq!(r.json["data"][0]["object"], "model");
     assert!(r.json["data"][0]["context_length"].as_u64().unwrap() > 0);
+    let details = &r.json["data"][0]["terse"];
+    assert_eq!((details["arch"].as_str(), details["format"].as_str()), (Some("llama"), Some("gguf")));
+    assert!(details["weight_bytes"].as_u64().unwrap() > 50_000_000, "{details}");
+    assert_eq!(details["sparse_fraction"], 0.0);
     let r = get(&s.url(&format!("/v1/models/{MODEL}"))).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["id"], MODEL);

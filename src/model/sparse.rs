@@ -100,9 +100,27 @@ impl Sparse24 {
     pub fn matmul_t(&self, xs: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(xs.len(), n * self.cols, "input and matrix widths disagree");
         let groups_per_row = self.cols / 4;
+        let row = |r: usize| {
+            (
+                &self.values[r * groups_per_row * 2..(r + 1) * groups_per_row * 2],
+                &self.positions[r * groups_per_row..(r + 1) * groups_per_row],
+            )
+        };
+        let kernel = Kernel::detect();
         let mut out = vec![0f32; n * self.rows];
-        // Work on blocks of weight rows so each block's compressed data is read
-        // once for all n inputs (prefill and batched decode), from cache.
+        if n == 1 {
+            // Decode: few large tasks, each writing its rows of the output in place.
+            const BLOCK: usize = 64;
+            out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
+                for (j, o) in chunk.iter_mut().enumerate() {
+                    let (vals, pos) = row(b * BLOCK + j);
+                    kernel.row_dots(vals, pos, xs, self.cols, std::slice::from_mut(o));
+                }
+            });
+            return out;
+        }
+        // Prefill and batched decode: blocks of weight rows, so each block's
+        // compressed data is read once for all n inputs, from cache.
         const BLOCK: usize = 16;
         let blocks: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(BLOCK))
             .into_par_iter()
@@ -110,11 +128,9 @@ impl Sparse24 {
                 let lo = b * BLOCK;
                 let hi = (lo + BLOCK).min(self.rows);
                 let mut part = vec![0f32; n * (hi - lo)];
-                let kernel = Kernel::detect();
                 let mut dots = vec![0f32; n];
                 for r in lo..hi {
-                    let vals = &self.values[r * groups_per_row * 2..(r + 1) * groups_per_row * 2];
-                    let pos = &self.positions[r * groups_per_row..(r + 1) * groups_per_row];
+                    let (vals, pos) = row(r);
                     kernel.row_dots(vals, pos, xs, self.cols, &mut dots);
                     for (i, d) in dots.iter().enumerate() {
                         part[i * (hi - lo) + (r - lo)] = *d;
@@ -124,7 +140,7 @@ impl Sparse24 {
             })
             .collect();
         for (lo, part) in blocks {
-            let width = part.len() / n.max(1);
+            let width = part.len() / n;
             for i in 0..n {
                 out[i * self.rows + lo..i * self.rows + lo + width].copy_from_slice(&part[i * width..(i + 1) * width]);
             }
@@ -172,32 +188,36 @@ impl Kernel {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Four groups (eight kept weights) per step: the four position bytes are
-    /// broadcast and shifted so each lane holds its 2-bit position, which with
-    /// the lane's group offset indexes a gather of the inputs; the eight values
-    /// are contiguous already. Inputs are taken four at a time, sharing the
-    /// index and value loads.
+    /// Four groups (eight kept weights) per step, without gathers: the four
+    /// position bytes are broadcast and shifted so that lane j holds the 2-bit
+    /// position of kept weight j, plus 4 for the odd group of each pair; the 16
+    /// inputs of the four groups are two vectors, and one cross-lane permute of
+    /// each (`vpermps`) brings their kept inputs to the lower and upper half,
+    /// which a blend joins in the stored values' order. Inputs are taken
+    /// `INPUTS` at a time, sharing the index and value loads.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn row_dots(vals: &[f32], pos: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
+        const INPUTS: usize = 4;
         let groups = pos.len();
         let full = groups / 4 * 4;
         let shifts = _mm256_setr_epi32(0, 2, 8, 10, 16, 18, 24, 26);
-        let group_base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+        let odd_group = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
         let three = _mm256_set1_epi32(3);
         let n = out.len();
         let mut first = 0;
         while first < n {
-            let count = (n - first).min(4);
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let count = (n - first).min(INPUTS);
+            let mut acc = [_mm256_setzero_ps(); INPUTS];
             let mut g = 0;
             while g < full {
-                let bytes = u32::from_le_bytes([pos[g], pos[g + 1], pos[g + 2], pos[g + 3]]);
-                let lanes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bytes as i32), shifts), three);
-                let idx = _mm256_add_epi32(group_base, lanes);
+                let bytes = _mm256_set1_epi32(i32::from_le_bytes([pos[g], pos[g + 1], pos[g + 2], pos[g + 3]]));
+                let idx = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(bytes, shifts), three), odd_group);
                 let v = _mm256_loadu_ps(vals.as_ptr().add(2 * g));
                 for k in 0..count {
                     let x = xs.as_ptr().add((first + k) * cols + 4 * g);
-                    acc[k] = _mm256_fmadd_ps(v, _mm256_i32gather_ps::<4>(x, idx), acc[k]);
+                    let low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), idx);
+                    let high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x.add(8)), idx);
+                    acc[k] = _mm256_fmadd_ps(v, _mm256_blend_ps::<0xF0>(low, high), acc[k]);
                 }
                 g += 4;
             }

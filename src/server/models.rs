@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
-use super::openai::{ModelCard, ModelList};
+use super::openai::{ModelCard, ModelDetails, ModelList};
 use super::AppState;
 
 fn card(state: &AppState) -> ModelCard {
@@ -17,6 +17,16 @@ fn card(state: &AppState) -> ModelCard {
         created: state.started_at,
         owned_by: "terse",
         context_length: state.engine.get().map(|e| e.context_length()),
+        terse: state.engine.get().map(|e| {
+            let info = e.model_info();
+            ModelDetails {
+                arch: info.arch.clone(),
+                format: info.format.clone(),
+                dtype: info.dtype.clone(),
+                weight_bytes: info.weight_bytes,
+                sparse_fraction: info.sparse_fraction,
+            }
+        }),
     }
 }
 

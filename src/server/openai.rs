@@ -157,6 +157,21 @@ pub struct ModelCard {
     /// Prompt + completion tokens one request may use (known once the model is loaded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_length: Option<usize>,
+    /// What terse knows of the loaded model (absent until it is loaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terse: Option<ModelDetails>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelDetails {
+    pub arch: String,
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    pub dtype: String,
+    /// Bytes the weights take in memory, as stored (2:4-compressed where they are).
+    pub weight_bytes: u64,
+    /// Share of projection weights stored 2:4-compressed.
+    pub sparse_fraction: f64,
 }
 
 /// Seconds since the Unix epoch.
