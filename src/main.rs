@@ -1,15 +1,20 @@
 //! The `terse` command line: serve, generate.
+//!
+//! Every `serve` setting comes from, in order of precedence: its flag, its
+//! `TERSE_*` environment variable, the TOML file of `--config`, its default
+//! (see `terse::config`). `terse serve --print-config` shows the outcome.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use terse::engine::{start_engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
 use terse::manifest::resolve_model_with;
 use terse::metrics::Metrics;
+use terse::server::{ApiKeys, RequestLimits};
 use terse::tokenize::ChatMessage;
 
 mod tools;
@@ -38,6 +43,22 @@ enum Command {
     Synth(tools::SynthArgs),
     /// Measure accuracy against tokens on GSM8K / MATH-500 over a grid of reasoning settings.
     Eval(terse::eval::cli::EvalArgs),
+    /// GET a path of the local server; exit 0 on a 2xx answer (for container health checks).
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// The path to ask for, e.g. /health or /ready.
+    #[arg(default_value = "/health")]
+    path: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The server's port (the same variable as `serve --port`).
+    #[arg(long, default_value_t = 8080, env = "TERSE_PORT")]
+    port: u16,
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -58,8 +79,15 @@ struct ModelArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// A TOML file of settings, keyed by flag name (e.g. `max_batch = 16`); flags and TERSE_* variables override it.
+    #[arg(long, env = "TERSE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print each setting's value and where it came from (flag, environment, config file, default), then exit.
+    #[arg(long)]
+    print_config: bool,
     #[command(flatten)]
     model: ModelArgs,
+    /// Address to listen on (0.0.0.0 in a container).
     #[arg(long, default_value = "127.0.0.1", env = "TERSE_HOST")]
     host: String,
     #[arg(long, default_value_t = 8080, env = "TERSE_PORT")]
@@ -82,6 +110,27 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM / SIGINT.
     #[arg(long, default_value_t = 30, env = "TERSE_SHUTDOWN_GRACE_SECS")]
     shutdown_grace_secs: u64,
+    /// An API key clients must send as `Authorization: Bearer KEY` (repeatable; the variable takes a comma-separated list). Default: none, no authentication.
+    #[arg(long = "api-key", env = "TERSE_API_KEY", value_delimiter = ',', hide_env_values = true, value_name = "KEY")]
+    api_key: Vec<String>,
+    /// A file of API keys, one a line (`#` comments allowed), added to --api-key.
+    #[arg(long, env = "TERSE_API_KEY_FILE", value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Seconds a generation request may take in all, queueing included; then it is cancelled with 504 (0: no limit).
+    #[arg(long, default_value_t = 600, env = "TERSE_REQUEST_TIMEOUT_SECS")]
+    request_timeout_secs: u64,
+    /// Most completion tokens a request may ask for; more is refused with 400, and it is the default for requests that set none. Default: the model's context length.
+    #[arg(long, env = "TERSE_MAX_TOKENS_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens_limit: Option<u64>,
+    /// Log lines as human-readable text or as one JSON object a line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "TERSE_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -103,18 +152,23 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
-    // `terse eval` draws a progress bar, which per-request logs would tear.
-    let default_filter = match cli.command {
-        Command::Eval(_) => "info,tower_http=warn",
-        _ => "info,tower_http=info",
+    let parsed = terse::config::parse::<Cli>("serve")?;
+    let mut log_format = LogFormat::Text;
+    if let Command::Serve(args) = &parsed.value.command {
+        if args.print_config {
+            print!("{}", parsed.describe("serve"));
+            return Ok(());
+        }
+        log_format = args.log_format;
+    }
+    // `terse eval` draws a progress bar, which the in-process server's
+    // per-request lines would tear.
+    let default_filter = match parsed.value.command {
+        Command::Eval(_) => "info,terse::server=warn",
+        _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(log_format, default_filter);
+    let cli = parsed.value;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
@@ -124,11 +178,52 @@ fn main() -> Result<()> {
         Command::Inspect(args) => tools::inspect(args),
         Command::Synth(args) => tools::synth(args),
         Command::Eval(args) => runtime.block_on(terse::eval::cli::eval(args)).map(|_| ()),
+        Command::Probe(args) => probe(args),
     }
+}
+
+fn probe(args: ProbeArgs) -> Result<()> {
+    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    let status = terse::probe::http_status(&args.host, args.port, &args.path, timeout)?;
+    if !(200..300).contains(&status) {
+        bail!("GET {} answered {status}", args.path);
+    }
+    Ok(())
+}
+
+/// Logs go to stderr; `RUST_LOG` filters them, else `default_filter`.
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // One object a line, the event's fields at the top level.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// `--api-key` values and the keys of `--api-key-file`.
+fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
+    let mut keys = args.api_key.clone();
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+        let from_file = ApiKeys::parse_file(&text);
+        if from_file.is_empty() {
+            bail!("the API key file {} holds no key", path.display());
+        }
+        keys.extend(from_file);
+    }
+    ApiKeys::new(keys)
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let model = resolve_model_with(&args.model.model, args.model.manifest.as_deref())?;
+    let api_keys = api_keys(&args)?;
     let config = terse::server::ServeConfig {
         host: args.host,
         port: args.port,
@@ -144,6 +239,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        api_keys,
+        limits: RequestLimits {
+            timeout: (args.request_timeout_secs > 0).then(|| Duration::from_secs(args.request_timeout_secs)),
+            max_tokens: args.max_tokens_limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        },
     };
     terse::server::serve(config, Arc::new(Metrics::new())).await
 }

@@ -62,6 +62,11 @@ impl Scheduler {
         loop {
             // 1. Take in submissions; sleep on the channel when there is nothing to do.
             if running.is_empty() && waiting.is_empty() {
+                // Idle: the gauges were last set before the step that retired
+                // the last sequences; they must not keep those while we sleep.
+                self.metrics.queue_depth.set(0);
+                self.metrics.running_sequences.set(0);
+                self.metrics.kv_cache_used_bytes.set(reserved as i64);
                 if !open {
                     break;
                 }

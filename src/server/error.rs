@@ -46,6 +46,12 @@ pub enum ApiError {
     ShuttingDown,
     #[error("{0}")]
     Internal(String),
+    /// No API key, or not a valid one (see `auth.rs`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The request ran past the server's whole-request deadline.
+    #[error("the request did not finish within the server's limit of {0} seconds; ask for fewer tokens or retry later")]
+    Timeout(u64),
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +96,8 @@ impl ApiError {
             ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -128,6 +136,8 @@ impl ApiError {
             ApiError::NotReady => "model_not_ready",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal(_) => "internal_error",
+            ApiError::Unauthorized(_) => "invalid_api_key",
+            ApiError::Timeout(_) => "request_timeout",
         })
     }
 
@@ -155,10 +165,12 @@ impl IntoResponse for ApiError {
         let status = self.status();
         // Worth retrying here soon: the queue drains, the model finishes loading.
         let retry = matches!(self, ApiError::QueueFull(_) | ApiError::NotReady);
+        // The one line per request is the access log's (`access_log.rs`) or
+        // the generation record's; this is detail for debugging.
         if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), error = %self, "request failed");
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         } else {
-            tracing::info!(status = status.as_u16(), error = %self, "request rejected");
+            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         if retry {

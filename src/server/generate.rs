@@ -35,6 +35,11 @@ pub struct RequestRecord {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     reasoning: Option<ReasoningUsage>,
+    /// The whole request's deadline (`RequestLimits::timeout`).
+    deadline: Option<Instant>,
+    max_tokens_limit: Option<usize>,
+    /// Why it failed, for the log line.
+    error: Option<String>,
     /// Tokens streamed so far by phase, for requests that never finish.
     seen_thinking: usize,
     seen_answer: usize,
@@ -60,6 +65,9 @@ impl RequestRecord {
             first_token: None,
             last_token: None,
             reasoning: None,
+            deadline: state.limits.timeout.map(|t| Instant::now() + t),
+            max_tokens_limit: state.limits.max_tokens,
+            error: None,
             seen_thinking: 0,
             seen_answer: 0,
             controlled_open: false,
@@ -75,14 +83,26 @@ impl RequestRecord {
         self.mode = mode;
     }
 
-    pub fn set_status(&mut self, status: u16) {
-        self.status = status;
-    }
-
     /// Record `e`'s status and answer with it.
     pub fn reject(&mut self, e: ApiError) -> axum::response::Response {
-        self.status = e.status().as_u16();
+        self.set_error(&e);
         axum::response::IntoResponse::into_response(e)
+    }
+
+    /// Record the status and message of an error (for a stream, whose status was 200).
+    pub fn set_error(&mut self, e: &ApiError) {
+        self.status = e.status().as_u16();
+        self.error = Some(e.to_string());
+    }
+
+    /// The next event of `stream`, or a timeout error once the request's deadline has passed.
+    pub async fn next_event(&self, stream: &mut GenerationStream) -> Result<Option<GenerationEvent>, ApiError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(stream.next().await);
+        };
+        tokio::time::timeout_at(deadline.into(), stream.next())
+            .await
+            .map_err(|_| ApiError::Timeout(deadline.duration_since(self.received).as_secs()))
     }
 
     fn on_submitted(&mut self, prompt_tokens: usize, has_think_tokens: bool, prompt_opens_thought: bool) {
@@ -118,6 +138,33 @@ impl RequestRecord {
     }
 }
 
+impl RequestRecord {
+    /// The one log line of a generation request.
+    fn log(&self, secs: f64) {
+        let latency_ms = secs * 1000.0;
+        let error = self.error.as_deref().unwrap_or("");
+        let (thinking_tokens, answer_tokens) = match &self.reasoning {
+            Some(r) => (r.thinking_tokens, r.answer_tokens),
+            // Not finished: what was streamed so far.
+            None => (self.seen_thinking, self.seen_answer),
+        };
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model,
+            endpoint = self.endpoint,
+            mode = self.mode.label(),
+            status = self.status,
+            prompt_tokens = self.prompt_tokens,
+            thinking_tokens,
+            answer_tokens,
+            completion_tokens = self.completion_tokens,
+            latency_ms,
+            error,
+            "request"
+        );
+    }
+}
+
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         let m = &self.metrics;
@@ -126,20 +173,11 @@ impl Drop for RequestRecord {
         m.requests_total
             .with_label_values(&[&self.model, self.endpoint, mode, &status])
             .inc();
+        let secs = self.received.elapsed().as_secs_f64();
+        self.log(secs);
         if !self.submitted {
             return;
         }
-        let secs = self.received.elapsed().as_secs_f64();
-        tracing::info!(
-            request_id = %self.request_id,
-            endpoint = self.endpoint,
-            mode,
-            status = self.status,
-            prompt_tokens = self.prompt_tokens,
-            completion_tokens = self.completion_tokens,
-            secs,
-            "generation ended"
-        );
         let labels = [self.model.as_str(), self.endpoint, mode];
         m.request_duration_seconds.with_label_values(&labels).observe(secs);
         m.prompt_tokens_total
@@ -239,10 +277,22 @@ pub fn submit(
         });
     }
     let prompt_len = prompt.len();
+    let room = context - prompt_len;
+    let max_tokens = match (params.max_tokens, record.max_tokens_limit) {
+        (Some(asked), Some(limit)) if asked > limit => {
+            return Err(ApiError::field(
+                "max_tokens",
+                format!("`max_tokens` (or `max_completion_tokens`) is {asked} but this server allows at most {limit}"),
+            ))
+        }
+        (Some(asked), _) => asked,
+        (None, Some(limit)) => limit.min(room),
+        (None, None) => room,
+    };
     let request = GenerationRequest {
         id: record.request_id.clone(),
         prompt,
-        max_tokens: params.max_tokens.unwrap_or(context - prompt_len),
+        max_tokens,
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
         received_at: record.received(),
@@ -269,7 +319,8 @@ pub struct Collected {
 pub async fn collect(mut stream: GenerationStream, record: &mut RequestRecord) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut thinking: Option<String> = None;
-    while let Some(event) = stream.next().await {
+    // On a timeout `stream` is dropped on return, which cancels the sequence.
+    while let Some(event) = record.next_event(&mut stream).await? {
         match event {
             GenerationEvent::Token { text: piece, phase, .. } => {
                 record.on_token(phase);

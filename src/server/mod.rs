@@ -19,7 +19,19 @@
 //!   `unsupported_parameter`) rather than silently ignored.
 //! - A request whose client hung up is counted with status `499`.
 //! - 429 (queue full) and 503 while loading carry `Retry-After: 1`.
+//! - With API keys configured (`auth.rs`), all but `/health`, `/ready` and
+//!   `/metrics` need `Authorization: Bearer KEY`, else 401 `invalid_api_key`.
+//! - [`RequestLimits::timeout`] is a deadline for the whole request, queueing
+//!   included: past it the generation is cancelled and the client gets 504
+//!   `request_timeout` (or, once a stream has begun, that error as its last
+//!   event before `[DONE]`).
+//! - [`RequestLimits::max_tokens`] is a ceiling on `max_tokens`: a request
+//!   asking for more gets 400 naming the field rather than a silently shorter
+//!   answer; a request that sets no `max_tokens` gets the ceiling (or what
+//!   the context leaves, if less).
 
+mod access_log;
+pub mod auth;
 mod chat;
 mod completions;
 pub mod error;
@@ -49,6 +61,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
+pub use auth::ApiKeys;
 use crate::metrics::Metrics;
 
 pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
@@ -75,6 +88,18 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// How long requests in flight may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Keys a client must present; empty: no authentication.
+    pub api_keys: ApiKeys,
+    pub limits: RequestLimits,
+}
+
+/// Per-request limits beyond the engine's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestLimits {
+    /// Deadline of a whole generation request, from its arrival; `None`: none.
+    pub timeout: Option<Duration>,
+    /// Most completion tokens one request may ask for; `None`: the context is the limit.
+    pub max_tokens: Option<usize>,
 }
 
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
@@ -91,6 +116,8 @@ impl ServeConfig {
             engine: EngineConfig::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            api_keys: ApiKeys::default(),
+            limits: RequestLimits::default(),
         }
     }
 }
@@ -104,6 +131,8 @@ pub struct AppState {
     pub engine: OnceLock<EngineHandle>,
     /// Unix seconds of the server's start (`created` of `/v1/models`).
     pub started_at: u64,
+    pub limits: RequestLimits,
+    api_keys: ApiKeys,
     shutting_down: AtomicBool,
 }
 
@@ -153,11 +182,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                         .unwrap_or("-");
                     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
                 })
-                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                // The request's own line is the access log's or the generation record's.
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG))
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         .layer(PropagateRequestIdLayer::new(request_id));
-    Router::new()
+    let app = Router::new()
         .route(CHAT_COMPLETIONS, post(chat::chat_completions))
         .route(COMPLETIONS, post(completions::completions))
         .route(MODELS, get(models::list))
@@ -167,8 +197,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(METRICS, get(health::metrics))
         .fallback(health::not_found)
         .method_not_allowed_fallback(health::method_not_allowed)
-        .layer(layers)
-        .with_state(state)
+        .layer(axum::middleware::from_fn(access_log::log_request));
+    // Outside the access log (401s log themselves), inside the request id.
+    let app = if state.api_keys.is_empty() {
+        app
+    } else {
+        app.layer(axum::middleware::from_fn_with_state(
+            state.api_keys.clone(),
+            auth::require_api_key,
+        ))
+    };
+    app.layer(layers).with_state(state)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -238,7 +277,12 @@ pub async fn spawn(config: ServeConfig, metrics: Arc<Metrics>) -> Result<Running
         .await
         .with_context(|| format!("binding {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, model = %config.served_name, "listening");
+    tracing::info!(
+        %addr,
+        model = %config.served_name,
+        api_keys = config.api_keys.len(),
+        "listening"
+    );
 
     let state = Arc::new(AppState {
         served_name: config.served_name.clone(),
@@ -246,6 +290,8 @@ pub async fn spawn(config: ServeConfig, metrics: Arc<Metrics>) -> Result<Running
         max_body_bytes: config.max_body_bytes,
         engine: OnceLock::new(),
         started_at: openai::unix_now(),
+        limits: config.limits,
+        api_keys: config.api_keys.clone(),
         shutting_down: AtomicBool::new(false),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -68,7 +68,13 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
                 }
             }
             Phase::Streaming => loop {
-                match st.events.next().await {
+                let event = match st.record.next_event(&mut st.events).await {
+                    Ok(event) => event,
+                    // Past the deadline: the stream ends with the error and the
+                    // sequence is cancelled when the body is dropped.
+                    Err(e) => break fail(&mut st, e),
+                };
+                match event {
                     Some(GenerationEvent::Token { text, phase, .. }) => {
                         st.record.on_token(phase);
                         if !text.is_empty() {
@@ -105,8 +111,8 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
 
 /// An error after the stream has begun: an SSE event with OpenAI's error body.
 fn fail<F>(st: &mut State<F>, error: ApiError) -> Vec<Event> {
-    tracing::error!(error = %error, "stream failed");
-    st.record.set_status(error.status().as_u16());
+    tracing::warn!(error = %error, "stream failed");
+    st.record.set_error(&error);
     st.phase = Phase::Done;
     vec![data(error.to_json()), done()]
 }

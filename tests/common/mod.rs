@@ -27,13 +27,20 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(engine: EngineConfig) -> TestServer {
+        // `engine`'s limits, the model's own reasoning profile.
+        Self::start_with(|config| config.engine = EngineConfig { reasoning: config.engine.reasoning.clone(), ..engine })
+    }
+
+    /// A server on the default model, with `configure` applied to its settings.
+    pub fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let model = terse::manifest::resolve_model(MODEL)
             .unwrap_or_else(|e| panic!("{e:#} (run `./models/fetch {MODEL}` first)"));
         let mut config = ServeConfig::new(model.path, model.served_name);
         config.port = 0;
         // The model's own reasoning profile and mode presets, as `terse serve` gives it.
-        config.engine = EngineConfig { reasoning: model.reasoning, ..engine };
+        config.engine = EngineConfig { reasoning: model.reasoning, ..EngineConfig::default() };
         config.shutdown_grace = Duration::from_secs(60);
+        configure(&mut config);
         let metrics = Arc::new(Metrics::new());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -195,6 +202,15 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels` (e.g. `status="499"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 pub async fn metrics_text(server: &TestServer) -> String {
