@@ -165,14 +165,30 @@ async fn json_logs_one_line_per_request_and_sigterm_lets_requests_finish() {
     let body = json!({
         "model": MODEL,
         "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
-        "max_tokens": 32, "temperature": 0, "stream": true,
+        "max_tokens": 200, "temperature": 0, "stream": true,
         "reasoning_effort": "low",
+        // At least 150 tokens (early stops become "Wait"): the drain outlasts the checks below.
+        "reasoning": {"strategy": "none", "min_thinking_tokens": 150, "max_thinking_tokens": 200},
     });
     let mut resp = http.post(format!("{url}/v1/chat/completions")).bearer_auth(key).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let first = resp.chunk().await.unwrap().unwrap();
     served.sigterm();
+    // While it drains, the server still answers: not ready, and 503 to new work.
+    let mut ready = http.get(format!("{url}/ready")).send().await.unwrap();
+    for _ in 0..200 {
+        if ready.status() == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        ready = http.get(format!("{url}/ready")).send().await.unwrap();
+    }
+    assert_eq!(ready.status(), 503, "/ready turns 503 once SIGTERM is in");
+    let late = http.post(format!("{url}/v1/chat/completions")).bearer_auth(key).json(&body).send().await.unwrap();
+    assert_eq!(late.status(), 503, "a request after SIGTERM is told, not refused");
+    let error: serde_json::Value = late.json().await.unwrap();
+    assert!(error["error"]["message"].is_string(), "{error}");
     let mut stream = String::from_utf8_lossy(&first).to_string();
     while let Some(chunk) = resp.chunk().await.unwrap() {
         stream.push_str(&String::from_utf8_lossy(&chunk));

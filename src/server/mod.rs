@@ -358,8 +358,15 @@ async fn run(
         let state = state.clone();
         async move {
             let _ = shutdown.wait_for(|s| *s).await;
-            tracing::info!("shutting down: no new connections, new requests get 503");
+            tracing::info!("shutting down: requests in flight finish, new ones get 503");
             state.begin_shutdown();
+            // Keep accepting (and answering 503, `/ready` included) until the
+            // engine has drained, so clients are told rather than refused; the
+            // grace period below bounds the wait.
+            while state.engine.get().is_some_and(|e| e.in_flight() > 0) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!("drained: no new connections");
         }
     };
     let server = std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(signal));
