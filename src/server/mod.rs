@@ -2,9 +2,10 @@
 //!
 //! The listener is bound first and the model loads in the background, so
 //! `/health` answers at once and `/ready` says 503 until the engine is up.
-//! Shutdown (SIGTERM / SIGINT, or [`RunningServer::shutdown`]) stops accepting
-//! connections, makes new generation requests 503, and gives requests in flight
-//! [`ServeConfig::shutdown_grace`] to finish.
+//! Shutdown (SIGTERM / SIGINT, or [`RunningServer::shutdown`]) makes new
+//! generation requests and `/ready` 503, keeps accepting until the requests in
+//! flight are done, then closes the listener; [`ServeConfig::shutdown_grace`]
+//! bounds the whole drain.
 //!
 //! One file per endpoint (`chat.rs`, `completions.rs`, `models.rs`, `health.rs`);
 //! request checks in `validate.rs`; the one error type in `error.rs`; streaming
