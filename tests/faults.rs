@@ -12,7 +12,6 @@ use common::*;
 use serde_json::{json, Value};
 use terse::engine::EngineConfig;
 
-const CHAT: &str = "/v1/chat/completions";
 
 fn stream_body(prompt: &str, max_tokens: usize) -> Value {
     json!({

@@ -21,7 +21,6 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
 use terse::server::RequestLimits;
 
-const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
 /// Small enough that hostile-but-valid and fuzzed requests finish quickly.
 const MAX_TOKENS_LIMIT: usize = 4;

@@ -11,17 +11,7 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use terse::engine::EngineConfig;
 
-const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
-
-fn chat_body(prompt: &str, max_tokens: usize) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    })
-}
 
 fn completion_body(prompt: &str, max_tokens: usize) -> Value {
     json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})

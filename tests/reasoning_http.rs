@@ -8,7 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use terse::engine::EngineConfig;
 
-const CHAT: &str = "/v1/chat/completions";
 const PROMPTS: [&str; 5] = [
     "Tell me about the history of Rome.",
     "Explain how a steam engine works.",

@@ -9,17 +9,7 @@ use common::*;
 use serde_json::{json, Value};
 use terse::server::{ApiKeys, RequestLimits};
 
-const CHAT: &str = "/v1/chat/completions";
 const KEY: &str = "test-key-0123456789";
-
-fn chat_body(prompt: &str, max_tokens: usize) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    })
-}
 
 async fn send(req: reqwest::RequestBuilder) -> Reply {
     let resp = req.send().await.expect("request failed");

@@ -17,6 +17,19 @@ use terse::server::{spawn, ServeConfig};
 /// The default model; `./models/fetch smollm2-135m` must have been run.
 pub const MODEL: &str = "smollm2-135m";
 
+/// The chat route, as the server defines it.
+pub const CHAT: &str = terse::server::CHAT_COMPLETIONS;
+
+/// A greedy one-turn chat request for the default model.
+pub fn chat_body(prompt: &str, max_tokens: usize) -> Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
 /// A server running on a runtime of its own; dropping it shuts the server down.
 pub struct TestServer {
     pub url: String,
