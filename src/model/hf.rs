@@ -272,7 +272,7 @@ pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<
     };
     let other_bytes = (embedding_table.elem_count() * 4) as u64;
     let dtype = weights
-        .dtype_of(&format!("model.layers.0.self_attn.q_proj.weight"))
+        .dtype_of("model.layers.0.self_attn.q_proj.weight")
         .or(hf.torch_dtype.clone())
         .unwrap_or_else(|| "f32".into());
     if report.sparse_fraction() > 0.0 {

@@ -110,15 +110,10 @@ impl ModePreset {
         if !(self.stop_temperature >= 1.0) {
             return Err(format!("modes.{mode}.stop_temperature must be >= 1, got {}", self.stop_temperature));
         }
-        if let (Some(min), Some(max)) = (self.min_thinking_tokens, self.max_thinking_tokens) {
-            if min > max {
-                return Err(format!("modes.{mode}: min_thinking_tokens ({min}) exceeds max_thinking_tokens ({max})"));
-            }
-        }
-        if self.strategy == Strategy::Budget && self.max_thinking_tokens.is_none() {
-            return Err(format!("modes.{mode}: strategy budget needs max_thinking_tokens"));
-        }
-        Ok(())
+        // The same consistency rules as a request merged with no fields of its own.
+        merge(Some(self), &ReasoningOverrides::default())
+            .map(|_| ())
+            .map_err(|e| format!("modes.{mode}: {}", e.message.replace("`reasoning.", "`")))
     }
 }
 
