@@ -258,6 +258,28 @@ def stream_completion(port, body):
             "usage": usage or {}, "finish_reason": finish_reason}
 
 
+def concurrent_streams(port, bodies):
+    """Stream every body at once (released together by a barrier); their results."""
+    results, errors = [None] * len(bodies), []
+    barrier = threading.Barrier(len(bodies))
+
+    def worker(i):
+        try:
+            barrier.wait()
+            results[i] = stream_completion(port, bodies[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(bodies)} streams failed: {errors[0]}")
+    return results
+
+
 def decode_request(name, max_tokens, variant=0):
     prompt = STORY if variant == 0 else STORY.replace("Mara", ["Ilse", "Tomas", "Nadia", "Oren", "Lea",
                                                                  "Piet", "Saro", "Juno"][variant % 8])
@@ -317,24 +339,7 @@ def bench_server(name, prompt_ids, args):
         for c in args.concurrency:
             rates, totals, walls = [], [], []
             for _ in range(args.runs):
-                results = [None] * c
-                errors = []
-                barrier = threading.Barrier(c)
-
-                def worker(i):
-                    try:
-                        barrier.wait()
-                        results[i] = stream_completion(port, decode_request(name, args.decode_tokens, i))
-                    except Exception as e:  # noqa: BLE001 - reported below
-                        errors.append(repr(e))
-
-                threads = [threading.Thread(target=worker, args=(i,)) for i in range(c)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                if errors:
-                    raise RuntimeError(f"concurrency {c}: {errors[0]}")
+                results = concurrent_streams(port, [decode_request(name, args.decode_tokens, i) for i in range(c)])
                 wall = max(r["done"] for r in results) - min(r["sent"] for r in results)
                 total = sum(r["usage"].get("completion_tokens", 0) for r in results)
                 rates.append(total / wall)

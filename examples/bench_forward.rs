@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo run --release --example bench_forward -- MODEL.gguf \
-//!     --engine terse --prompt-tokens 256 --decode-tokens 128 --runs 5
+//!     --engine terse --prompt-tokens 256 --decode-tokens 128 --runs 5 [--device cuda]
 //! ```
 //!
 //! Each run clears the cache, prefills the prompt in one forward call (prefill
@@ -22,8 +22,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use terse::engine::{argmax, load_model};
-use terse::model::{load_gguf, SeqChunk, SeqKvCache, SparseMode, Transformer, TransformerConfig};
+use terse::engine::{argmax, load_model_on};
+use terse::model::{load_gguf_on, DeviceSpec, SeqChunk, SeqKvCache, SparseMode, Transformer, TransformerConfig};
 use terse::tokenize::TextTokenizer;
 
 /// Ordinary English text, tokenized and repeated to the prompt length.
@@ -37,6 +37,7 @@ struct Args {
     engine: String,
     /// Hugging Face directories: 2:4 sparse kernel (auto) or dense (off).
     sparse: SparseMode,
+    device: DeviceSpec,
     prompt_tokens: usize,
     decode_tokens: usize,
     runs: usize,
@@ -46,7 +47,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: bench_forward MODEL(.gguf path, Hugging Face directory or manifest name) \
-         [--engine terse|reference] [--sparse auto|off] \
+         [--engine terse|reference] [--sparse auto|off] [--device cpu|cuda[:N]] \
          [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1]"
     );
     std::process::exit(2)
@@ -58,6 +59,7 @@ fn parse_args() -> Result<Args> {
         model: PathBuf::new(),
         engine: "terse".into(),
         sparse: SparseMode::Auto,
+        device: DeviceSpec::Cpu,
         prompt_tokens: 256,
         decode_tokens: 128,
         runs: 5,
@@ -75,6 +77,7 @@ fn parse_args() -> Result<Args> {
                     other => bail!("--sparse must be auto or off, not {other}"),
                 }
             }
+            "--device" => args.device = value("--device")?.parse().map_err(anyhow::Error::msg)?,
             "--prompt-tokens" => args.prompt_tokens = value("--prompt-tokens")?.parse()?,
             "--decode-tokens" => args.decode_tokens = value("--decode-tokens")?.parse()?,
             "--runs" => args.runs = value("--runs")?.parse()?,
@@ -128,12 +131,12 @@ impl Engine for Terse {
 }
 
 enum Reference {
-    Llama(candle_transformers::models::quantized_llama::ModelWeights),
-    Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
+    Llama(candle_transformers::models::quantized_llama::ModelWeights, Device),
+    Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights, Device),
 }
 
 impl Reference {
-    fn load(path: &Path) -> Result<Reference> {
+    fn load(path: &Path, device: &Device) -> Result<Reference> {
         let mut file = File::open(path)?;
         let content = gguf_file::Content::read(&mut file)?;
         let arch = match content.metadata.get("general.architecture") {
@@ -144,22 +147,21 @@ impl Reference {
             "llama" => Reference::Llama(candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
                 content,
                 &mut file,
-                &Device::Cpu,
-            )?),
+                device,
+            )?, device.clone()),
             "qwen2" => Reference::Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
                 content,
                 &mut file,
-                &Device::Cpu,
-            )?),
+                device,
+            )?, device.clone()),
             other => bail!("no reference model for architecture {other}"),
         })
     }
 
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
-        let x = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
         let logits = match self {
-            Reference::Llama(m) => m.forward(&x, pos)?,
-            Reference::Qwen2(m) => m.forward(&x, pos)?,
+            Reference::Llama(m, device) => m.forward(&Tensor::new(tokens, device)?.unsqueeze(0)?, pos)?,
+            Reference::Qwen2(m, device) => m.forward(&Tensor::new(tokens, device)?.unsqueeze(0)?, pos)?,
         };
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
@@ -168,8 +170,8 @@ impl Reference {
 impl Engine for Reference {
     fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
         match self {
-            Reference::Llama(m) => m.clear_kv_cache(),
-            Reference::Qwen2(m) => m.clear_kv_cache(),
+            Reference::Llama(m, _) => m.clear_kv_cache(),
+            Reference::Qwen2(m, _) => m.clear_kv_cache(),
         }
         self.forward(prompt, 0)
     }
@@ -221,8 +223,9 @@ fn main() -> Result<()> {
     if hf_dir && args.engine != "terse" {
         bail!("the reference engine reads GGUF files only");
     }
+    let device = args.device.open()?;
     let load_start = Instant::now();
-    let mut loaded = hf_dir.then(|| load_model(&args.model, "bench", args.sparse)).transpose()?;
+    let mut loaded = hf_dir.then(|| load_model_on(&args.model, "bench", args.sparse, &device)).transpose()?;
     let (prompt, context, arch) = if let Some(m) = &loaded {
         let text_ids = m.tokenizer.encode(PROMPT_TEXT)?;
         let prompt: Vec<u32> = text_ids.iter().copied().cycle().take(args.prompt_tokens).collect();
@@ -245,12 +248,12 @@ fn main() -> Result<()> {
     let mut engine: Box<dyn Engine> = if args.engine == "terse" {
         let model = match loaded.take() {
             Some(m) => m.transformer,
-            None => load_gguf(&args.model, "bench")?.transformer,
+            None => load_gguf_on(&args.model, "bench", &device)?.transformer,
         };
         let cache = SeqKvCache::new(model.config.n_layer);
         Box::new(Terse { model, cache })
     } else {
-        Box::new(Reference::load(&args.model)?)
+        Box::new(Reference::load(&args.model, &device)?)
     };
     let load_s = load_start.elapsed().as_secs_f64();
 
@@ -271,6 +274,7 @@ fn main() -> Result<()> {
         "model": args.model.display().to_string(),
         "arch": arch,
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        "device": args.device.to_string(),
         "prompt_tokens": prompt.len(),
         "decode_tokens": args.decode_tokens,
         "runs": args.runs,

@@ -75,6 +75,13 @@ struct ModelArgs {
     /// compressed on the sparse kernel (auto), or keep every weight dense (off).
     #[arg(long, value_enum, default_value = "auto", env = "TERSE_SPARSE")]
     sparse: terse::model::SparseMode,
+    /// Where the model runs: cpu, cuda or cuda:N (a GPU needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", env = "TERSE_DEVICE")]
+    device: terse::model::DeviceSpec,
+    /// Choose greedy tokens (temperature-scaled stopping included) on the model's
+    /// device, copying a few numbers per sequence instead of its logits: auto = on a GPU.
+    #[arg(long, value_enum, default_value = "auto", env = "TERSE_GREEDY_ON_DEVICE")]
+    greedy_on_device: terse::engine::PickOnDevice,
 }
 
 #[derive(Args)]
@@ -236,6 +243,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             prefill_chunk: args.prefill_chunk,
             reasoning: model.reasoning,
             sparse: args.model.sparse,
+            device: args.model.device,
+            pick_on_device: args.model.greedy_on_device,
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
@@ -253,9 +262,9 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     let path: PathBuf = model.path.clone();
     let name = model.served_name.clone();
     let reasoning = model.reasoning.clone();
-    let sparse = args.model.sparse;
+    let (sparse, device, pick_on_device) = (args.model.sparse, args.model.device, args.model.greedy_on_device);
     let engine = tokio::task::spawn_blocking(move || {
-        let config = EngineConfig { reasoning, sparse, ..EngineConfig::default() };
+        let config = EngineConfig { reasoning, sparse, device, pick_on_device, ..EngineConfig::default() };
         start_engine(&path, &name, config, Arc::new(Metrics::new()))
     })
     .await??;

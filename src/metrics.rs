@@ -135,7 +135,7 @@ impl Metrics {
         let kv_cache_budget_bytes = IntGauge::new("kv_cache_budget_bytes", "KV-cache bytes the engine may reserve in all").unwrap();
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "The served model (value is always 1)"),
-            &["model", "arch", "format", "dtype", "sparse_fraction"],
+            &["model", "arch", "format", "dtype", "sparse_fraction", "device"],
         )
         .unwrap();
         let model_weight_bytes = IntGauge::new("model_weight_bytes", "Bytes taken by the model's weights").unwrap();

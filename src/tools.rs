@@ -79,6 +79,9 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         print_common(&loaded.info, &loaded.transformer.config);
         println!("projections: {} of {} stored 2:4-compressed", report.projections.iter().filter(|p| p.2).count(), report.projections.len());
         println!("projection bytes: {} dense, {} as stored", report.dense_bytes, report.stored_bytes);
+        if report.sparse_fraction() > 0.0 {
+            println!("on a GPU (--device cuda) every projection runs dense, in bf16: the 2:4 kernels are CPU-only for now");
+        }
         println!("{:<52} {:>8}  stored", "tensor", "zeros");
         for (tensor, zeros, sparse) in &report.projections {
             println!("{tensor:<52} {:>7.1}%  {}", zeros * 100.0, if *sparse { "2:4" } else { "dense" });
@@ -111,6 +114,9 @@ pub enum SynthShape {
     /// DeepSeek-R1-Distill-Qwen-1.5B's exact shapes (28 layers, hidden 1536, 12 / 2 heads).
     #[value(name = "r1-distill-qwen-1.5b")]
     R1DistillQwen1_5b,
+    /// No tensors: only the tokenizer and chat template (a few MB), to carry to
+    /// a machine without models and pass there as --tokenizer-from.
+    TokenizerOnly,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,7 +148,7 @@ pub struct SynthArgs {
 
 pub fn synth(args: SynthArgs) -> Result<()> {
     use candle_core::quantized::GgmlDType;
-    use terse::model::{write_random_gguf, SyntheticSpec};
+    use terse::model::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
     let tokenizer_from = match terse::manifest::load_manifest(&args.tokenizer_from) {
         Ok(m) => terse::manifest::models_dir().join("cache").join(&m.name).join(&m.file),
         Err(_) => PathBuf::from(&args.tokenizer_from),
@@ -150,6 +156,11 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     let mut spec = match args.shape {
         SynthShape::Tiny => SyntheticSpec::tiny_qwen2(152_064),
         SynthShape::R1DistillQwen1_5b => SyntheticSpec::r1_distill_qwen_1_5b(),
+        SynthShape::TokenizerOnly => {
+            write_tokenizer_gguf(&args.out, &tokenizer_from)?;
+            println!("{}", args.out.display());
+            return Ok(());
+        }
     };
     spec.dtype = match args.dtype {
         SynthType::F32 => GgmlDType::F32,

@@ -245,3 +245,20 @@ fn a_truncated_or_garbage_model_file_fails_the_start_clearly() {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+#[test]
+fn a_device_this_build_cannot_use_fails_the_start_in_one_line() {
+    let out = terse().args(["serve", "--port", "0", "--device", "cuda:0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started anyway:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    if cfg!(feature = "cuda") {
+        assert!(err.contains("cannot use GPU cuda:0"), "{err}");
+    } else {
+        assert!(err.contains("built without CUDA") && err.contains("--features cuda"), "{err}");
+    }
+    let out = terse().args(["serve", "--port", "0", "--device", "tpu"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error:\n{err}");
+    assert!(err.contains("cpu, cuda or cuda:N"), "{err}");
+}

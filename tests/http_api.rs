@@ -55,6 +55,7 @@ async fn health_ready_models_and_request_ids() {
     assert_eq!((details["arch"].as_str(), details["format"].as_str()), (Some("llama"), Some("gguf")));
     assert!(details["weight_bytes"].as_u64().unwrap() > 50_000_000, "{details}");
     assert_eq!(details["sparse_fraction"], 0.0);
+    assert_eq!(details["device"], "cpu");
     let r = get(&s.url(&format!("/v1/models/{MODEL}"))).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["id"], MODEL);

@@ -210,3 +210,37 @@ async fn a_client_leaving_mid_thought_counts_as_a_cancelled_stop() {
     }
     assert_eq!(after - before, 1.0, "one cancelled stop for mode medium");
 }
+
+#[tokio::test]
+async fn greedy_choice_on_the_device_path_gives_the_host_paths_tokens() {
+    // On the CPU `auto` keeps the host path; `on` takes the path a GPU takes:
+    // argmax and TS reduced where the logits are, a few numbers copied out.
+    let device_path = TestServer::start(EngineConfig { pick_on_device: terse::engine::PickOnDevice::On, ..EngineConfig::default() });
+    let mut bodies = vec![
+        body(PROMPTS[0], None),
+        body(PROMPTS[1], Some(json!({"strategy": "ts", "stop_temperature": 4}))),
+        body(PROMPTS[2], Some(json!({"strategy": "ts", "stop_temperature": 8, "ramp": true, "max_thinking_tokens": 16}))),
+        body(PROMPTS[3], Some(json!({"strategy": "budget", "max_thinking_tokens": 12}))),
+    ];
+    // Rows the host still samples, in the same steps as the device's rows.
+    let mut sampled = body(PROMPTS[4], Some(json!({"strategy": "ts", "stop_temperature": 2})));
+    sampled["temperature"] = json!(0.8);
+    sampled["seed"] = json!(5);
+    let mut penalised = body(PROMPTS[0], None);
+    penalised["frequency_penalty"] = json!(0.5);
+    bodies.extend([sampled, penalised]);
+    for b in bodies.iter_mut() {
+        b["max_tokens"] = json!(48);
+    }
+    let on_device = futures::future::join_all(bodies.iter().map(|b| ask(&device_path, b))).await;
+    for (b, got) in bodies.iter().zip(&on_device) {
+        let want = ask(server(), b).await;
+        for field in ["content"] {
+            assert_eq!(got["choices"][0]["message"][field], want["choices"][0]["message"][field], "{b}");
+        }
+        assert_eq!(got["terse"], want["terse"], "{b}");
+        assert_eq!(got["usage"], want["usage"], "{b}");
+    }
+    let ts_stops = on_device.iter().filter(|r| r["terse"]["think_stop_reason"] == "stop_temperature").count();
+    assert!(ts_stops >= 1, "no request ended by TS: the device path's TS went untested: {on_device:?}");
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::request::{GenerationEvent, GenerationRequest, SubmitError};
-use crate::model::{ModelInfo, SparseMode};
+use crate::model::{DeviceSpec, ModelInfo, SparseMode};
 use crate::reasoning::control::Injections;
 use crate::reasoning::phase::ThinkTokens;
 use crate::reasoning::profile::ReasoningProfile;
@@ -27,6 +27,10 @@ pub struct EngineConfig {
     pub reasoning: ReasoningProfile,
     /// Hugging Face directories: run 2:4-conforming projections on the sparse kernel.
     pub sparse: SparseMode,
+    /// Where the model runs.
+    pub device: DeviceSpec,
+    /// Whether greedy tokens are chosen on the model's device.
+    pub pick_on_device: super::PickOnDevice,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +42,8 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             reasoning: ReasoningProfile::default(),
             sparse: SparseMode::Auto,
+            device: DeviceSpec::Cpu,
+            pick_on_device: super::PickOnDevice::Auto,
         }
     }
 }

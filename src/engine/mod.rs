@@ -4,6 +4,7 @@
 //! reads [`GenerationEvent`]s from the returned [`GenerationStream`]. Dropping
 //! the stream cancels the sequence; the engine frees its KV cache at its next step.
 
+mod device_pick;
 mod handle;
 mod request;
 mod sampling;
@@ -16,12 +17,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+pub use device_pick::PickOnDevice;
 pub use handle::{EngineConfig, EngineHandle, GenerationStream};
 pub use request::*;
 pub use sampling::{argmax, Sampler};
 
 use crate::metrics::Metrics;
-use crate::model::{load_gguf, load_hf_dir, LoadedModel, SparseMode};
+use candle_core::Device;
+
+use crate::model::{load_gguf_on, load_hf_dir_on, LoadedModel, SparseMode};
 use crate::reasoning::control::Injections;
 use crate::reasoning::phase::ThinkTokens;
 use crate::reasoning::profile::ReasoningProfile;
@@ -34,33 +38,42 @@ const DEFAULT_KV_BUDGET_CAP: u64 = 4 << 30;
 
 /// Load the model file and start the engine thread (blocking: call it off the async runtime).
 pub fn start_engine(model_path: &Path, served_name: &str, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
-    let model = load_model(model_path, served_name, config.sparse)?;
+    let device = config.device.open()?;
+    let model = load_model_on(model_path, served_name, config.sparse, &device)?;
     start_with_model(model, config, metrics)
 }
 
-/// A GGUF file, or a Hugging Face directory.
+/// A GGUF file, or a Hugging Face directory, on the CPU.
 pub fn load_model(path: &Path, served_name: &str, sparse: SparseMode) -> Result<LoadedModel> {
+    load_model_on(path, served_name, sparse, &Device::Cpu)
+}
+
+/// A GGUF file, or a Hugging Face directory, on `device`.
+pub fn load_model_on(path: &Path, served_name: &str, sparse: SparseMode, device: &Device) -> Result<LoadedModel> {
     if path.is_dir() {
-        Ok(load_hf_dir(path, served_name, sparse)?.0)
+        Ok(load_hf_dir_on(path, served_name, sparse, device)?.0)
     } else {
-        load_gguf(path, served_name)
+        load_gguf_on(path, served_name, device)
     }
 }
 
 pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
     let LoadedModel { transformer, tokenizer, info } = model;
+    warm_up(&transformer).context("the warm-up forward pass failed")?;
     let context_length = info.context_length;
-    let kv_bytes_per_token = transformer.config.kv_bytes_per_token();
+    let kv_bytes_per_token = transformer.kv_bytes_per_token();
     let full_sequence = context_length as u64 * kv_bytes_per_token;
     let kv_budget_bytes = config.kv_cache_budget_bytes.unwrap_or_else(|| {
-        (full_sequence * config.max_batch as u64).min(DEFAULT_KV_BUDGET_CAP).max(full_sequence)
+        let cap = gpu_kv_cap(transformer.device()).unwrap_or(DEFAULT_KV_BUDGET_CAP);
+        (full_sequence * config.max_batch as u64).min(cap).max(full_sequence)
     });
+    tracing::info!(device = %info.device, kv_budget_bytes, "model loaded");
 
     metrics.kv_cache_budget_bytes.set(kv_budget_bytes as i64);
     metrics.model_weight_bytes.set(info.weight_bytes as i64);
     metrics
         .model_info
-        .with_label_values(&[&info.id, &info.arch, &info.format, &info.dtype, &format!("{}", info.sparse_fraction)])
+        .with_label_values(&[&info.id, &info.arch, &info.format, &info.dtype, &format!("{}", info.sparse_fraction), &info.device])
         .set(1);
 
     let (think, injections) = reasoning_profile(&tokenizer, &config.reasoning)?;
@@ -79,6 +92,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         shutting_down: AtomicBool::new(false),
     });
     let (submit_tx, submissions) = std::sync::mpsc::channel();
+    let pick_on_device = config.pick_on_device.enabled(transformer.device());
     let scheduler = scheduler::Scheduler {
         model: transformer,
         shared: shared.clone(),
@@ -86,12 +100,42 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         submissions,
         max_batch: config.max_batch.max(1),
         prefill_chunk: config.prefill_chunk.max(1),
+        pick_on_device,
     };
     std::thread::Builder::new()
         .name("terse-engine".into())
         .spawn(move || scheduler.run())
         .context("spawning the engine thread")?;
     Ok(EngineHandle { shared, submit_tx })
+}
+
+/// One small forward pass (a one-token and a two-token sequence) before the
+/// engine exists, so before `/ready`: candle repacks some quantized weights and
+/// a GPU loads its kernels on first use, which the first request would wait for.
+fn warm_up(model: &crate::model::Transformer) -> Result<()> {
+    use crate::model::{SeqChunk, SeqKvCache};
+    let started = std::time::Instant::now();
+    let (mut one, mut two) = (SeqKvCache::new(model.config.n_layer), SeqKvCache::new(model.config.n_layer));
+    let logits = model.forward(&mut [SeqChunk { tokens: &[0], cache: &mut one }, SeqChunk { tokens: &[0, 0], cache: &mut two }])?;
+    // The device path's argmax too; reading the result waits for the GPU.
+    logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    tracing::info!(secs = started.elapsed().as_secs_f64(), "warm-up forward pass done");
+    Ok(())
+}
+
+/// On a GPU the default KV budget is measured in its own memory: half of what
+/// is free once the weights are in (the rest is headroom for activations and
+/// cuBLAS workspaces). `None` on the CPU.
+#[cfg(feature = "cuda")]
+fn gpu_kv_cap(device: &Device) -> Option<u64> {
+    let Device::Cuda(cuda) = device else { return None };
+    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some(free as u64 / 2)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_kv_cap(_device: &Device) -> Option<u64> {
+    None
 }
 
 /// The think delimiters and injected texts of a model, tokenized once. The

@@ -25,6 +25,13 @@ impl Sampler {
         Sampler { params, rng, counts: HashMap::new(), seen }
     }
 
+    /// Greedy with no penalties: the argmax of the (TS-edited) logits is the
+    /// whole choice, so it can be made where the logits are.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0 && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    }
+
     /// Record a token the sequence now contains (sampled or injected).
     pub fn observe(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;

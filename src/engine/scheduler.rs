@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use candle_core::Tensor;
+
+use super::device_pick::{pick_greedy, GreedyRow};
 use super::handle::{Shared, Submission};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, Usage};
 use super::sampling::Sampler;
@@ -44,6 +47,14 @@ impl Sequence {
     }
 }
 
+/// What a sequence takes in after a step.
+enum Next {
+    /// Injected text (budget forcing's end of thinking).
+    Forced(Vec<u32>),
+    /// A token chosen from the logits.
+    Sampled(u32),
+}
+
 pub(crate) struct Scheduler {
     pub model: Transformer,
     pub shared: Arc<Shared>,
@@ -51,6 +62,8 @@ pub(crate) struct Scheduler {
     pub submissions: Receiver<Submission>,
     pub max_batch: usize,
     pub prefill_chunk: usize,
+    /// Choose greedy tokens where the logits are (see `device_pick`).
+    pub pick_on_device: bool,
 }
 
 impl Scheduler {
@@ -174,10 +187,10 @@ impl Scheduler {
                     rest = after;
                     base = i + 1;
                 }
-                self.model.forward(&mut chunks).and_then(|t| t.to_vec2::<f32>())
+                self.model.forward(&mut chunks)
             };
-            let mut logits = match logits {
-                Ok(l) => l,
+            let choices = match logits.and_then(|logits| self.choose(&mut running, &stepping, &logits)) {
+                Ok(c) => c,
                 Err(e) => {
                     tracing::error!("forward pass failed: {e}");
                     for seq in running.drain(..) {
@@ -189,14 +202,15 @@ impl Scheduler {
                 }
             };
 
-            // 5. Choose the next token(s) of every sequence whose prompt is fully fed; stream; retire.
+            // 5. Take in the next token(s) of every sequence whose prompt is fully fed; stream; retire.
             let mut finished: Vec<usize> = Vec::new();
-            for (row, &i) in stepping.iter().enumerate() {
+            for (i, next) in choices {
                 let seq = &mut running[i];
-                if seq.pending() > 0 {
-                    continue; // still prefilling
-                }
-                if let Some(reason) = self.step_sequence(seq, &mut logits[row]) {
+                let ended = match next {
+                    Next::Forced(tokens) => self.push_tokens(seq, &tokens, Some(ForcedKind::EndOfThinking)),
+                    Next::Sampled(token) => self.take_token(seq, token),
+                };
+                if let Some(reason) = ended {
                     let ended_by = match reason {
                         FinishReason::Stop => ThinkStopReason::Natural,
                         FinishReason::Length => ThinkStopReason::Length,
@@ -224,15 +238,61 @@ impl Scheduler {
         tracing::info!("engine thread stopped");
     }
 
-    /// Inject forced tokens, or edit the logits, sample and take the token in.
-    /// `Some` when the sequence has ended.
-    fn step_sequence(&self, seq: &mut Sequence, logits: &mut [f32]) -> Option<FinishReason> {
-        // An empty injection text (a misconfigured model) would leave nothing to feed.
-        if let Some(forced) = seq.control.forced_now().filter(|f| !f.is_empty()) {
-            return self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking));
+    /// What each stepped sequence whose prompt is fully fed takes in next:
+    /// forced tokens, or a token chosen from its row of `logits`. Greedy rows
+    /// are chosen on the model's device when `pick_on_device`; only the other
+    /// rows are copied to the host, edited (TS) and sampled there.
+    fn choose(&self, running: &mut [Sequence], stepping: &[usize], logits: &Tensor) -> candle_core::Result<Vec<(usize, Next)>> {
+        let mut choices = Vec::with_capacity(stepping.len());
+        let mut host_rows: Vec<(usize, usize)> = Vec::new(); // (row, index in choices)
+        let mut device_rows: Vec<(usize, usize)> = Vec::new();
+        for (row, &i) in stepping.iter().enumerate() {
+            let seq = &mut running[i];
+            if seq.pending() > 0 {
+                continue; // still prefilling
+            }
+            // An empty injection text (a misconfigured model) would leave nothing to feed.
+            if let Some(forced) = seq.control.forced_now().filter(|f| !f.is_empty()) {
+                choices.push((i, Next::Forced(forced)));
+                continue;
+            }
+            let slot = (row, choices.len());
+            if self.pick_on_device && seq.sampler.is_plain_greedy() {
+                device_rows.push(slot);
+            } else {
+                host_rows.push(slot);
+            }
+            choices.push((i, Next::Sampled(0)));
         }
-        seq.control.edit_logits(logits);
-        let token = seq.sampler.sample(logits);
+        if !device_rows.is_empty() {
+            let rows: Vec<GreedyRow<'_>> = device_rows
+                .iter()
+                .map(|&(row, slot)| GreedyRow { row, ts: running[choices[slot].0].control.stop_edit() })
+                .collect();
+            for (&(_, slot), token) in device_rows.iter().zip(pick_greedy(logits, &rows)?) {
+                choices[slot].1 = Next::Sampled(token);
+            }
+        }
+        if !host_rows.is_empty() {
+            // Copy only the rows the host needs (all of them on the CPU path).
+            let rows = if host_rows.len() == logits.dim(0)? {
+                logits.to_vec2::<f32>()?
+            } else {
+                let index: Vec<u32> = host_rows.iter().map(|&(row, _)| row as u32).collect();
+                logits.index_select(&Tensor::new(index.as_slice(), logits.device())?, 0)?.to_vec2::<f32>()?
+            };
+            for (&(_, slot), mut row) in host_rows.iter().zip(rows) {
+                let seq = &mut running[choices[slot].0];
+                seq.control.edit_logits(&mut row);
+                choices[slot].1 = Next::Sampled(seq.sampler.sample(&mut row));
+            }
+        }
+        Ok(choices)
+    }
+
+    /// Judge a chosen token and take it in (or its replacement). `Some` when
+    /// the sequence has ended.
+    fn take_token(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
         match seq.control.after_sample(token) {
             Decision::Replace(continuation) => self.push_tokens(seq, &continuation, Some(ForcedKind::Continuation)),
             Decision::Keep if self.shared.tokenizer.end_of_turn_ids().contains(&token) => {

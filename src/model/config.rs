@@ -100,8 +100,8 @@ impl TransformerConfig {
         Ok(cfg)
     }
 
-    /// Bytes of KV cache one token takes in every layer (f32 keys and values).
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.n_layer * 2 * self.n_kv_head * self.head_dim * std::mem::size_of::<f32>()) as u64
+    /// Bytes of KV cache one token takes in every layer, keys and values in `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: candle_core::DType) -> u64 {
+        (self.n_layer * 2 * self.n_kv_head * self.head_dim * dtype.size_in_bytes()) as u64
     }
 }

@@ -22,22 +22,28 @@ pub struct LoadedModel {
 }
 
 pub fn load_gguf(path: &Path, served_name: &str) -> Result<LoadedModel> {
-    load_gguf_as(path, served_name, false)
+    load_gguf_as(path, served_name, false, &Device::Cpu)
+}
+
+/// The GGUF's quantized weights on `device` (candle's quantized matmuls run
+/// there too: CUDA kernels on a GPU).
+pub fn load_gguf_on(path: &Path, served_name: &str, device: &Device) -> Result<LoadedModel> {
+    load_gguf_as(path, served_name, false, device)
 }
 
 /// The GGUF's weights dequantized to f32 and multiplied densely: the same
 /// numbers a converted Hugging Face directory holds, for exact comparisons.
 pub fn load_gguf_dequantized(path: &Path, served_name: &str) -> Result<LoadedModel> {
-    load_gguf_as(path, served_name, true)
+    load_gguf_as(path, served_name, true, &Device::Cpu)
 }
 
-fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool) -> Result<LoadedModel> {
+fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Device) -> Result<LoadedModel> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
     let config = TransformerConfig::from_gguf(&content)?;
     let tokenizer = TextTokenizer::from_gguf(&content)?;
-    let device = Device::Cpu;
+    let device = device.clone();
 
     let mut weight_bytes = 0u64;
     let mut type_counts: std::collections::BTreeMap<String, u64> = Default::default();
@@ -115,6 +121,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool) -> Result<Load
         vocab_size: config.vocab_size,
         weight_bytes,
         sparse_fraction: 0.0,
+        device: super::describe_device(&device),
     };
     let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device)?;
     Ok(LoadedModel { transformer, tokenizer, info })

@@ -1,8 +1,9 @@
 //! Hugging Face model directories: `config.json`, `model.safetensors` or
 //! shards named by `model.safetensors.index.json`, `tokenizer.json`,
 //! `tokenizer_config.json` and, when present, `generation_config.json`.
-//! Weights in f32, f16 or bf16 are computed in f32; projection weights that
-//! follow the 2:4 pattern are stored compressed and run on the sparse kernel.
+//! Weights in f32, f16 or bf16 are computed in f32 on the CPU (bf16 on a GPU);
+//! on the CPU, projection weights that follow the 2:4 pattern are stored
+//! compressed and run on the sparse kernel. A GPU runs them dense for now.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -183,21 +184,35 @@ impl SparsityReport {
     }
 }
 
-/// A projection as `Linear`: compressed when it follows 2:4 and `sparse` allows.
+/// Where and in what dtype the weights go.
+struct Placement {
+    device: Device,
+    dtype: DType,
+}
+
+impl Placement {
+    fn put(&self, t: Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+}
+
+/// A projection as `Linear`: compressed when it follows 2:4, `sparse` allows
+/// and the model runs on the CPU (the sparse kernel is CPU code).
 fn projection(
     w: &Weights,
     name: &str,
     shape: [usize; 2],
     bias: Option<Tensor>,
     sparse: SparseMode,
+    at: &Placement,
     report: &mut SparsityReport,
 ) -> Result<Linear> {
     let weight = w.load(&format!("{name}.weight"), &shape)?;
     let values = weight.flatten_all()?.to_vec1::<f32>()?;
     let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len().max(1) as f64;
-    let dense_bytes = (values.len() * 4) as u64;
+    let dense_bytes = (values.len() * at.dtype.size_in_bytes()) as u64;
     report.dense_bytes += dense_bytes;
-    if sparse == SparseMode::Auto {
+    if sparse == SparseMode::Auto && at.device.is_cpu() {
         match Sparse24::compress(&values, shape[0], shape[1]) {
             Ok(s) => {
                 report.stored_bytes += s.storage_bytes() as u64;
@@ -213,11 +228,18 @@ fn projection(
     }
     report.stored_bytes += dense_bytes;
     report.projections.push((format!("{name}.weight"), zeros, false));
-    Ok(Linear::dense(weight, bias)?)
+    let bias = bias.map(|b| at.put(b)).transpose()?;
+    Ok(Linear::dense_as(at.put(weight)?, bias, at.dtype)?)
 }
 
-/// Load a Hugging Face directory as a servable model.
+/// Load a Hugging Face directory as a servable model, on the CPU.
 pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<(LoadedModel, SparsityReport)> {
+    load_hf_dir_on(dir, served_name, sparse, &Device::Cpu)
+}
+
+/// Load a Hugging Face directory onto `device`, dense weights in the
+/// device's compute dtype (f32 on the CPU, bf16 on a GPU).
+pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device: &Device) -> Result<(LoadedModel, SparsityReport)> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
     let hf: HfConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
@@ -228,12 +250,16 @@ pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<
         tokenizer.add_end_of_turn_from_generation_config(&generation_config)?;
     }
     let weights = Weights::open(dir)?;
+    let at = Placement { device: device.clone(), dtype: super::dense_compute_dtype(device) };
+    if device.is_cuda() && sparse == SparseMode::Auto {
+        tracing::info!("on a GPU every weight runs dense: 2:4 sparse kernels are CPU-only for now");
+    }
 
     let (h, kv, ffn) = (config.hidden, config.n_kv_head * config.head_dim, config.ffn_hidden);
     let q_width = config.n_head * config.head_dim;
     let mut report = SparsityReport::default();
     let embedding_table = weights.load("model.embed_tokens.weight", &[config.vocab_size, h])?;
-    let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(weights.load(name, &[h])?, config.rms_eps)) };
+    let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(at.put(weights.load(name, &[h])?)?, config.rms_eps)) };
     let bias = |name: &str, width: usize| -> Result<Option<Tensor>> {
         let full = format!("{name}.bias");
         if weights.has(&full) {
@@ -250,27 +276,30 @@ pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<
         blocks.push(Block {
             attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
             attn: Attention {
-                q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &mut report)?,
-                k: projection(&weights, &format!("{a}.k_proj"), [kv, h], bias(&format!("{a}.k_proj"), kv)?, sparse, &mut report)?,
-                v: projection(&weights, &format!("{a}.v_proj"), [kv, h], bias(&format!("{a}.v_proj"), kv)?, sparse, &mut report)?,
-                o: projection(&weights, &format!("{a}.o_proj"), [h, q_width], None, sparse, &mut report)?,
+                q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,
+                k: projection(&weights, &format!("{a}.k_proj"), [kv, h], bias(&format!("{a}.k_proj"), kv)?, sparse, &at, &mut report)?,
+                v: projection(&weights, &format!("{a}.v_proj"), [kv, h], bias(&format!("{a}.v_proj"), kv)?, sparse, &at, &mut report)?,
+                o: projection(&weights, &format!("{a}.o_proj"), [h, q_width], None, sparse, &at, &mut report)?,
             },
             ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
             mlp: Mlp {
-                gate: projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &mut report)?,
-                up: projection(&weights, &format!("{m}.up_proj"), [ffn, h], None, sparse, &mut report)?,
-                down: projection(&weights, &format!("{m}.down_proj"), [h, ffn], None, sparse, &mut report)?,
+                gate: projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &at, &mut report)?,
+                up: projection(&weights, &format!("{m}.up_proj"), [ffn, h], None, sparse, &at, &mut report)?,
+                down: projection(&weights, &format!("{m}.down_proj"), [h, ffn], None, sparse, &at, &mut report)?,
             },
         });
     }
     let final_norm = norm("model.norm.weight")?;
     // The head stays dense (like the embedding) whatever its zeros.
+    let embedding_table = at.put(embedding_table)?;
     let lm_head = if weights.has("lm_head.weight") && !hf.tie_word_embeddings {
-        Linear::dense(weights.load("lm_head.weight", &[config.vocab_size, h])?, None)?
+        Linear::dense_as(at.put(weights.load("lm_head.weight", &[config.vocab_size, h])?)?, None, at.dtype)?
     } else {
-        Linear::dense(embedding_table.clone(), None)?
+        Linear::dense_as(embedding_table.clone(), None, at.dtype)?
     };
-    let other_bytes = (embedding_table.elem_count() * 4) as u64;
+    let untied_head = weights.has("lm_head.weight") && !hf.tie_word_embeddings;
+    let head_elems = if untied_head { config.vocab_size * h } else { 0 };
+    let other_bytes = ((embedding_table.elem_count() + head_elems) * at.dtype.size_in_bytes()) as u64;
     let dtype = weights
         .dtype_of("model.layers.0.self_attn.q_proj.weight")
         .or(hf.torch_dtype.clone())
@@ -293,8 +322,9 @@ pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<
         vocab_size: config.vocab_size,
         weight_bytes: report.stored_bytes + other_bytes,
         sparse_fraction: report.sparse_fraction(),
+        device: super::describe_device(device),
     };
     let embedding = Embedding::new(embedding_table, h);
-    let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, Device::Cpu)?;
+    let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device.clone())?;
     Ok((LoadedModel { transformer, tokenizer, info }, report))
 }

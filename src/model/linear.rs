@@ -35,6 +35,13 @@ impl Linear {
         Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
     }
 
+    /// A dense (out × in) weight, computed in `dtype` (bf16 on a GPU).
+    pub fn dense_as(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let weight = weight.to_dtype(dtype)?.contiguous()?;
+        let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
+        Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
+    }
+
     pub fn sparse(weight: Sparse24, bias: Option<Tensor>) -> Self {
         Linear { weight: Weight::Sparse(weight), bias, pad_single_row: false }
     }

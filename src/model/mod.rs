@@ -2,6 +2,7 @@
 
 mod config;
 mod convert;
+mod device;
 mod gguf;
 mod hf;
 mod kv_cache;
@@ -13,12 +14,13 @@ mod transformer;
 
 pub use config::{Arch, TransformerConfig};
 pub use convert::convert_gguf_to_hf;
+pub use device::{dense_compute_dtype, describe as describe_device, DeviceSpec};
 pub use prune::{is_projection_weight, prune_hf_dir};
-pub use gguf::{load_gguf, load_gguf_dequantized, LoadedModel};
-pub use hf::{load_hf_dir, HfConfig, SparseMode, SparsityReport};
+pub use gguf::{load_gguf, load_gguf_dequantized, load_gguf_on, LoadedModel};
+pub use hf::{load_hf_dir, load_hf_dir_on, HfConfig, SparseMode, SparsityReport};
 pub use kv_cache::SeqKvCache;
 pub use linear::Linear;
-pub use synthetic::{write_random_gguf, SyntheticSpec};
+pub use synthetic::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
 pub use transformer::{SeqChunk, Transformer};
 
 /// What the server says about the model it serves.
@@ -34,6 +36,8 @@ pub struct ModelInfo {
     pub context_length: usize,
     pub vocab_size: usize,
     pub weight_bytes: u64,
-    /// Share of projection weights stored 2:4-sparse (0 until sparse loading lands).
+    /// Share of projection weights stored 2:4-sparse.
     pub sparse_fraction: f64,
+    /// Where it runs: `cpu` or `cuda:N`.
+    pub device: String,
 }

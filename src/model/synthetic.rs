@@ -28,6 +28,8 @@ pub struct SyntheticSpec {
     pub vocab_size: usize,
     pub context_length: usize,
     pub rope_theta: f32,
+    /// The embedding table doubles as the output head (no `output.weight`).
+    pub tied_head: bool,
     /// Storage type of the projection matrices (the embedding is stored the same way).
     pub dtype: GgmlDType,
     pub seed: u64,
@@ -46,12 +48,14 @@ impl SyntheticSpec {
             vocab_size,
             context_length: 4096,
             rope_theta: 10_000.0,
+            tied_head: true,
             dtype: GgmlDType::F32,
             seed: 0,
         }
     }
 
-    /// The exact shapes of DeepSeek-R1-Distill-Qwen-1.5B (Qwen2.5-1.5B's).
+    /// The exact shapes of DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-1.5B's, but
+    /// with an output head of its own (1.78 B parameters).
     pub fn r1_distill_qwen_1_5b() -> Self {
         SyntheticSpec {
             arch: Arch::Qwen2,
@@ -63,6 +67,7 @@ impl SyntheticSpec {
             vocab_size: 151_936,
             context_length: 131_072,
             rope_theta: 10_000.0,
+            tied_head: false,
             dtype: GgmlDType::Q4K,
             seed: 0,
         }
@@ -137,8 +142,27 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
         tensors.push((format!("{p}.ffn_down.weight"), matrix(&mut rng, spec.hidden, spec.ffn_hidden)?));
     }
     tensors.push(("output_norm.weight".into(), vector(ones(spec.hidden)?)?));
+    if !spec.tied_head {
+        tensors.push(("output.weight".into(), matrix(&mut rng, spec.vocab_size, spec.hidden)?));
+    }
+    write_atomically(out, &metadata, &tensors)
+}
 
-    // Write under a temporary name, so a failed run leaves nothing that looks finished.
+/// A GGUF with no tensors: only the tokenizer and chat template of the GGUF at
+/// `tokenizer_from` (a few MB). It carries a real tokenizer to a machine that
+/// has no model, where `write_random_gguf` can then take it from.
+pub fn write_tokenizer_gguf(out: &Path, tokenizer_from: &Path) -> Result<()> {
+    let mut source = File::open(tokenizer_from).with_context(|| format!("opening {}", tokenizer_from.display()))?;
+    let header = gguf_file::Content::read(&mut source)
+        .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", tokenizer_from.display()))?;
+    let mut metadata: Vec<(String, gguf_file::Value)> =
+        header.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.") || *k == "general.architecture").map(|(k, v)| (k.clone(), v.clone())).collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    write_atomically(out, &metadata, &[])
+}
+
+/// Write under a temporary name, so a failed run leaves nothing that looks finished.
+fn write_atomically(out: &Path, metadata: &[(String, gguf_file::Value)], tensors: &[(String, QTensor)]) -> Result<()> {
     let partial = out.with_extension("partial");
     {
         let mut writer = BufWriter::new(File::create(&partial).with_context(|| format!("creating {}", partial.display()))?);

@@ -42,6 +42,8 @@ pub struct Transformer {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// What activations and the KV cache are held in: the embedding table's dtype.
+    dtype: DType,
 }
 
 /// The new tokens of one sequence in a step and its cache; the tokens sit at
@@ -60,15 +62,22 @@ impl Transformer {
         lm_head: Linear,
         device: Device,
     ) -> Result<Self> {
+        let dtype = embedding.embeddings().dtype();
         let (cos, sin) = rope_tables(&config, &device)?;
-        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device })
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Run one step. Returns the logits (chunks.len(), vocab) of the last token of each chunk.
+    /// KV-cache bytes per token, in the dtype the cache is kept in.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        self.config.kv_bytes_per_token(self.dtype)
+    }
+
+    /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
     pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         if ids.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
@@ -97,7 +106,7 @@ impl Transformer {
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let x = x.index_select(&last, 0)?;
         let x = self.final_norm.forward(&x)?;
-        self.lm_head.forward(&x)
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 
     fn attention(
@@ -146,7 +155,7 @@ impl Transformer {
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?; // (nkv, group*len, total)
         let scores = if len > 1 {
-            let mask = causal_mask(len, start, &self.device)?; // (len, total)
+            let mask = causal_mask(len, start, &self.device)?.to_dtype(self.dtype)?; // (len, total)
             scores.reshape((nkv, group, len, total))?.broadcast_add(&mask)?.reshape((nkv, group * len, total))?
         } else {
             scores

@@ -215,6 +215,12 @@ impl ReasoningControl {
         Some(self.injections.end_of_thinking.clone())
     }
 
+    /// The stop set and τ of TS for the next token, when TS moves anything (τ > 1).
+    pub fn stop_edit(&self) -> Option<(&[u32], f32)> {
+        let tau = self.current_stop_temperature();
+        (tau > 1.0).then(|| (self.tracker.stop_set(&self.end_of_turn), tau))
+    }
+
     /// Apply TS to the logits of the next token (no-op when τ = 1).
     pub fn edit_logits(&self, logits: &mut [f32]) {
         let tau = self.current_stop_temperature();

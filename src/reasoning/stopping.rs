@@ -19,8 +19,30 @@ pub fn scale_stop_mass(logits: &mut [f32], stop_ids: &[u32], tau: f32) -> Option
     let log_all = log_sum_exp(logits.iter().copied());
     let log_stop = log_sum_exp(stop_ids.iter().filter_map(|&s| logits.get(s as usize).copied()));
     let log_rest = log_sum_exp(logits.iter().enumerate().filter(|(i, _)| !is_stop(*i)).map(|(_, &l)| l));
-    if !log_all.is_finite() || !log_stop.is_finite() || !log_rest.is_finite() {
-        // No stop mass to scale, or nothing but stop mass: nothing to move.
+    let shift = stop_shifts(log_all, log_stop, log_rest, tau)?;
+    for (i, l) in logits.iter_mut().enumerate() {
+        if *l == f32::NEG_INFINITY {
+            continue;
+        }
+        *l += if is_stop(i) { shift.stop } else { shift.rest };
+    }
+    Some((shift.p, shift.p_new))
+}
+
+/// The two log-space shifts of TS, and the stop probability before and after.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StopShift {
+    pub stop: f32,
+    pub rest: f32,
+    pub p: f64,
+    pub p_new: f64,
+}
+
+/// TS's shifts from the log-sum-exps of all logits, of the stop logits and of
+/// the others (computed wherever the logits are: host or GPU). `None` when
+/// there is nothing to move: τ ≤ 1, no stop mass, or nothing but stop mass.
+pub fn stop_shifts(log_all: f64, log_stop: f64, log_rest: f64, tau: f32) -> Option<StopShift> {
+    if !(tau > 1.0) || !log_all.is_finite() || !log_stop.is_finite() || !log_rest.is_finite() {
         return None;
     }
     let log_rest_old = log_rest - log_all; // log(1 − p), exact even when p ≈ 1
@@ -33,18 +55,16 @@ pub fn scale_stop_mass(logits: &mut [f32], stop_ids: &[u32], tau: f32) -> Option
     let log_p_new = log_p / tau as f64; // p' = p^(1/τ), closer to 0 in log space
     // log(1 − p') = log(−expm1(log p')), stable for p' near 0 and near 1.
     let log_rest_new = (-(log_p_new.exp_m1())).ln();
-    let stop_shift = (log_p_new - log_p) as f32;
-    let rest_shift = (log_rest_new - log_rest_old) as f32;
-    for (i, l) in logits.iter_mut().enumerate() {
-        if *l == f32::NEG_INFINITY {
-            continue;
-        }
-        *l += if is_stop(i) { stop_shift } else { rest_shift };
-    }
-    Some((log_p.exp(), log_p_new.exp()))
+    Some(StopShift {
+        stop: (log_p_new - log_p) as f32,
+        rest: (log_rest_new - log_rest_old) as f32,
+        p: log_p.exp(),
+        p_new: log_p_new.exp(),
+    })
 }
 
-fn log_sum_exp(values: impl Iterator<Item = f32> + Clone) -> f64 {
+/// log Σ exp(v), in f64.
+pub fn log_sum_exp(values: impl Iterator<Item = f32> + Clone) -> f64 {
     let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;

@@ -25,6 +25,7 @@ fn card(state: &AppState) -> ModelCard {
                 dtype: info.dtype.clone(),
                 weight_bytes: info.weight_bytes,
                 sparse_fraction: info.sparse_fraction,
+                device: info.device.clone(),
             }
         }),
     }

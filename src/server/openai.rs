@@ -172,6 +172,8 @@ pub struct ModelDetails {
     pub weight_bytes: u64,
     /// Share of projection weights stored 2:4-compressed.
     pub sparse_fraction: f64,
+    /// Where the model runs: `cpu` or `cuda:N`.
+    pub device: String,
 }
 
 /// Seconds since the Unix epoch.

@@ -49,6 +49,7 @@ def main(url: str) -> None:
     assert ttft and sum(s.value for s in ttft) >= 1, "no time-to-first-token observed"
     info = families["terse_model_info"].samples
     assert info and info[0].value == 1 and info[0].labels.get("arch"), info
+    assert info[0].labels.get("device") == "cpu", info
     assert families["terse_model_weight_bytes"].samples[0].value > 0
     assert families["terse_kv_cache_budget_bytes"].samples[0].value > 0
 
