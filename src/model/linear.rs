@@ -4,11 +4,14 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
+use super::quant::{BlockFormat, QuantMatrix};
 use super::sparse::Sparse24;
 
 enum Weight {
     /// candle's quantized or dense matmul.
     Candle(QMatMul),
+    /// Our kernels for the block formats candle runs with scalar code (CPU only).
+    Quant(QuantMatrix),
     /// Our 2:4 sparse kernel.
     Sparse(Sparse24),
 }
@@ -25,6 +28,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        if let (true, Some(format), (rows, cols)) = (weight.device().is_cpu(), BlockFormat::from_ggml(weight.dtype()), weight.shape().dims2()?) {
+            // The file's blocks move into our matrix; the QTensor is dropped.
+            let matrix = QuantMatrix::new(format, rows, cols, weight.data()?.into_owned())?;
+            return Ok(Linear { weight: Weight::Quant(matrix), bias, pad_single_row: false });
+        }
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;
         Ok(Linear { weight: Weight::Candle(QMatMul::from_qtensor(weight)?), bias, pad_single_row })
     }
@@ -59,6 +67,11 @@ impl Linear {
                 w.forward(&two)?.narrow(0, 0, 1)?
             }
             Weight::Candle(w) => w.forward(xs)?,
+            Weight::Quant(q) => {
+                let n = xs.dim(0)?;
+                let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(q.matmul_t(&input, n), (n, q.rows()), xs.device())?
+            }
             Weight::Sparse(s) => {
                 let n = xs.dim(0)?;
                 let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

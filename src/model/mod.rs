@@ -8,6 +8,7 @@ mod hf;
 mod kv_cache;
 mod linear;
 mod prune;
+pub mod quant;
 pub mod sparse;
 mod synthetic;
 mod transformer;
