@@ -1,17 +1,22 @@
-//! Our own CPU kernels for the GGUF block formats that candle multiplies with
-//! scalar code: Q4_1 (SmolLM2's projections) and Q5_0 (most of Qwen2.5-0.5B's).
+//! Our own CPU kernels for GGUF's Q4_1 (SmolLM2's projections), Q5_0 (most of
+//! Qwen2.5-0.5B's) and Q8_0 (SmolLM2's head, the rest of Qwen2.5-0.5B). candle
+//! multiplies the first two with scalar code; all three run here on candle's
+//! own thread pool, four input rows per unpacked weight block.
 //!
 //! A weight row is a run of 32-value blocks, kept as the file's bytes:
 //! - Q4_1 (20 bytes): scale d and minimum m (f16), 16 bytes of 4-bit q;
 //!   value = d·q + m. Value j is the low nibble of byte j, value 16 + j its high one.
 //! - Q5_0 (22 bytes): scale d (f16), 32 fifth bits (u32), 16 bytes of nibbles;
 //!   value = d·(q − 16), q = nibble | fifth bit << 4.
+//! - Q8_0 (34 bytes): scale d (f16), 32 signed bytes; value = d·q.
 //!
 //! Activations are quantized to 8 bits per block of 32 exactly as candle's
 //! Q8_1 / Q8_0 rows are (scale amax/127 kept as f16), and each block's integer
 //! dot product is exact, so the float arithmetic per block can be candle's own,
 //! in its order: our logits are candle's bit for bit, only faster (the AVX2
-//! path computes the integer sums 32 lanes at a time).
+//! path computes the integer sums 32 lanes at a time). For Q8_0 candle's order
+//! is its AVX2 kernel's (eight lane sums, fused multiply-add, a fixed
+//! horizontal sum); our scalar fallback follows the same lanes.
 //!
 //! Every output element is one row's blocks summed in order, whatever the
 //! number of input rows or threads, so batching keeps the bits.
@@ -26,6 +31,7 @@ const QK: usize = 32;
 pub enum BlockFormat {
     Q4_1,
     Q5_0,
+    Q8_0,
 }
 
 impl BlockFormat {
@@ -34,6 +40,7 @@ impl BlockFormat {
         match dtype {
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             _ => None,
         }
     }
@@ -42,6 +49,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q5_0 => 22,
+            BlockFormat::Q8_0 => 34,
         }
     }
 }
@@ -85,8 +93,11 @@ impl QuantizedRows {
         rows
     }
 
-    fn rows(&self) -> usize {
-        self.d.len() / self.blocks_per_row
+    /// Row `i`'s blocks.
+    fn row(&self, i: usize) -> Activations<'_> {
+        let nb = self.blocks_per_row;
+        let blocks = i * nb..(i + 1) * nb;
+        Activations { d: &self.d[blocks.clone()], sum: &self.sum[blocks.clone()], s: &self.s[blocks], qs: &self.qs[i * nb * QK..(i + 1) * nb * QK] }
     }
 }
 
@@ -132,12 +143,41 @@ impl QuantMatrix {
         let row_bytes = self.row_bytes();
         // Transposed (rows × n) while computing, so each thread owns a contiguous part.
         let mut out_t = vec![0f32; self.rows * n];
+        let xs: Vec<Activations<'_>> = (0..n).map(|i| acts.row(i)).collect();
         on_candles_threads(&mut out_t, n, |first_row, out| {
-            let weights = &self.data[first_row * row_bytes..];
-            for (w, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = self.dot(w, &acts, i);
+            let weights = &self.data[first_row * row_bytes..first_row * row_bytes + out.len() / n * row_bytes];
+            if n >= 4 {
+                // Four input rows share each unpacked weight block.
+                for (w, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+                    let mut four = out.chunks_exact_mut(4);
+                    for (k, o) in (&mut four).enumerate() {
+                        let x = &xs[4 * k..4 * k + 4];
+                        o.copy_from_slice(&self.tile([w], [&x[0], &x[1], &x[2], &x[3]])[0]);
+                    }
+                    let done = n - four.into_remainder().len();
+                    for (i, o) in out[done..].iter_mut().enumerate() {
+                        *o = self.tile([w], [&xs[done + i]])[0][0];
+                    }
                 }
+                return;
+            }
+            // Decode: four weight rows share each loaded activation block.
+            let mut four = weights.chunks_exact(4 * row_bytes);
+            let mut r = 0;
+            for w in &mut four {
+                let w: [&[u8]; 4] = std::array::from_fn(|k| &w[k * row_bytes..(k + 1) * row_bytes]);
+                for (i, x) in xs.iter().enumerate() {
+                    for (k, v) in self.tile(w, [x]).iter().enumerate() {
+                        out[(r + k) * n + i] = v[0];
+                    }
+                }
+                r += 4;
+            }
+            for w in four.remainder().chunks_exact(row_bytes) {
+                for (i, x) in xs.iter().enumerate() {
+                    out[r * n + i] = self.tile([w], [x])[0][0];
+                }
+                r += 1;
             }
         });
         if n == 1 {
@@ -152,25 +192,24 @@ impl QuantMatrix {
         out
     }
 
-    /// Weight row `w` dotted with activation row `i`.
-    fn dot(&self, w: &[u8], acts: &QuantizedRows, i: usize) -> f32 {
-        debug_assert!(i < acts.rows());
-        let nb = acts.blocks_per_row;
-        let range = i * nb..(i + 1) * nb;
-        let x = Activations {
-            d: &acts.d[range.clone()],
-            sum: &acts.sum[range.clone()],
-            s: &acts.s[range],
-            qs: &acts.qs[i * nb * QK..(i + 1) * nb * QK],
-        };
+    /// W weight rows dotted with X activation rows. Every result takes the
+    /// steps of a lone dot product, so tiling never changes a bit.
+    fn tile<const W: usize, const X: usize>(&self, ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         match (self.kernel, self.format) {
-            (Kernel::Scalar, BlockFormat::Q4_1) => scalar::dot_q4_1(w, &x),
-            (Kernel::Scalar, BlockFormat::Q5_0) => scalar::dot_q5_0(w, &x),
-            // SAFETY: `Kernel::detect` saw AVX2 and FMA on this CPU; `new` checked the row's bytes.
+            (Kernel::Scalar, format) => ws.map(|w| {
+                xs.map(|x| match format {
+                    BlockFormat::Q4_1 => scalar::dot_q4_1(w, x),
+                    BlockFormat::Q5_0 => scalar::dot_q5_0(w, x),
+                    BlockFormat::Q8_0 => scalar::dot_q8_0(w, x),
+                })
+            }),
+            // SAFETY: `Kernel::detect` saw AVX2 and FMA on this CPU; `new` checked the rows' bytes.
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2, BlockFormat::Q4_1) => unsafe { avx2::dot_q4_1(w, &x) },
+            (Kernel::Avx2, BlockFormat::Q4_1) => unsafe { avx2::tile_q4_1(ws, xs) },
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2, BlockFormat::Q5_0) => unsafe { avx2::dot_q5_0(w, &x) },
+            (Kernel::Avx2, BlockFormat::Q5_0) => unsafe { avx2::tile_q5_0(ws, xs) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, BlockFormat::Q8_0) => unsafe { avx2::tile_q8_0(ws, xs) },
         }
     }
 }
@@ -249,6 +288,23 @@ mod scalar {
         }
         sumf
     }
+
+    /// The AVX2 kernel's arithmetic, lane by lane: lane k sums values 4k..4k+4
+    /// of each block, scaled and added with one rounding (fused multiply-add).
+    pub fn dot_q8_0(row: &[u8], x: &Activations<'_>) -> f32 {
+        let mut acc = [0f32; 8];
+        for (b, w) in row.chunks_exact(34).enumerate() {
+            let d = f16_at(w, 0) * x.d[b];
+            let xq = &x.qs[b * QK..(b + 1) * QK];
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let lane: i32 = (4 * k..4 * k + 4).map(|j| w[2 + j] as i8 as i32 * xq[j] as i32).sum();
+                *acc = d.mul_add(lane as f32, *acc);
+            }
+        }
+        // The AVX2 kernel's horizontal sum: high half onto low, then pairs.
+        let t: [f32; 4] = std::array::from_fn(|j| acc[j + 4] + acc[j]);
+        (t[0] + t[2]) + (t[1] + t[3])
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -283,33 +339,82 @@ mod avx2 {
         sum_i32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1(row: &[u8], x: &Activations<'_>) -> f32 {
-        let mut sumf = 0f32;
-        for (b, w) in row.chunks_exact(20).enumerate() {
-            let sumi = dot_u8_i8(nibbles(&w[4..20]), &x.qs[b * QK..(b + 1) * QK]);
-            sumf += q4_1_block(sumi, w, x, b);
-        }
-        sumf
+    /// Eight float lanes summed as candle's AVX2 kernels sum them.
+    #[inline(always)]
+    unsafe fn sum_f32(x: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q5_0(row: &[u8], x: &Activations<'_>) -> f32 {
+    /// A Q5_0 block's 5-bit values, unsigned (0..32).
+    #[inline(always)]
+    unsafe fn q5_values(w: &[u8]) -> __m256i {
         // Byte j of the fifth-bit word goes to values 8j..8j+8; each value then
         // tests its own bit.
         let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let sixteen = _mm256_set1_epi8(0x10);
-        let mut sumf = 0f32;
-        for (b, w) in row.chunks_exact(22).enumerate() {
-            let high = _mm256_set1_epi32(i32::from_le_bytes([w[2], w[3], w[4], w[5]]));
-            let is_set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(high, spread), bit), bit);
-            let q = _mm256_or_si256(nibbles(&w[6..22]), _mm256_and_si256(is_set, sixteen));
-            // Σ (q − 16)·x = Σ q·x − 16·Σ x, with q unsigned for maddubs.
-            let sumi = dot_u8_i8(q, &x.qs[b * QK..(b + 1) * QK]) - 16 * x.sum[b];
-            sumf += q5_0_block(sumi, w, x, b);
+        let high = _mm256_set1_epi32(i32::from_le_bytes([w[2], w[3], w[4], w[5]]));
+        let is_set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(high, spread), bit), bit);
+        _mm256_or_si256(nibbles(&w[6..22]), _mm256_and_si256(is_set, _mm256_set1_epi8(0x10)))
+    }
+
+    /// W weight rows × X activation rows of Q4_1: each weight block is unpacked
+    /// once for the X rows, each activation block loaded once for the W rows,
+    /// and every result takes the steps of a lone dot product.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_q4_1<const W: usize, const X: usize>(ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let mut sumf = [[0f32; X]; W];
+        for b in 0..ws[0].len() / 20 {
+            for (sumf, row) in sumf.iter_mut().zip(ws) {
+                let w = &row[b * 20..(b + 1) * 20];
+                let q = nibbles(&w[4..20]);
+                for (sumf, x) in sumf.iter_mut().zip(xs) {
+                    *sumf += q4_1_block(dot_u8_i8(q, &x.qs[b * QK..(b + 1) * QK]), w, x, b);
+                }
+            }
         }
         sumf
+    }
+
+    /// As `tile_q4_1`, for Q5_0: Σ (q − 16)·x = Σ q·x − 16·Σ x, q unsigned for maddubs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_q5_0<const W: usize, const X: usize>(ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let mut sumf = [[0f32; X]; W];
+        for b in 0..ws[0].len() / 22 {
+            for (sumf, row) in sumf.iter_mut().zip(ws) {
+                let w = &row[b * 22..(b + 1) * 22];
+                let q = q5_values(w);
+                for (sumf, x) in sumf.iter_mut().zip(xs) {
+                    let sumi = dot_u8_i8(q, &x.qs[b * QK..(b + 1) * QK]) - 16 * x.sum[b];
+                    *sumf += q5_0_block(sumi, w, x, b);
+                }
+            }
+        }
+        sumf
+    }
+
+    /// As `tile_q4_1`, for Q8_0 in candle's AVX2 order: per block, eight lane
+    /// sums of w·x (signed × signed through the sign trick), scaled by d_w·d_x
+    /// into eight accumulators with fused multiply-adds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_q8_0<const W: usize, const X: usize>(ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let mut acc = [[_mm256_setzero_ps(); X]; W];
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..ws[0].len() / 34 {
+            for (acc, row) in acc.iter_mut().zip(ws) {
+                let w = &row[b * 34..(b + 1) * 34];
+                let q = _mm256_loadu_si256(w[2..].as_ptr() as *const __m256i);
+                let magnitude = _mm256_sign_epi8(q, q);
+                let dw = f16_at(w, 0);
+                for (acc, x) in acc.iter_mut().zip(xs) {
+                    let xq = _mm256_loadu_si256(x.qs[b * QK..].as_ptr() as *const __m256i);
+                    let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq, q)));
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[b]), _mm256_cvtepi32_ps(lanes), *acc);
+                }
+            }
+        }
+        acc.map(|row| row.map(|a| sum_f32(a)))
     }
 }
 
@@ -354,6 +459,13 @@ mod tests {
     }
 
     #[test]
+    fn q8_0_is_candles_result_bit_for_bit() {
+        for (i, &(rows, cols, n)) in [(1, 64, 1), (7, 128, 1), (33, 192, 3), (64, 576, 1), (17, 896, 5), (40, 320, 9)].iter().enumerate() {
+            check(GgmlDType::Q8_0, rows, cols, n, 200 + i as u64);
+        }
+    }
+
+    #[test]
     fn q5_0_is_candles_result_bit_for_bit() {
         for (i, &(rows, cols, n)) in [(1, 64, 1), (7, 128, 1), (33, 192, 3), (64, 896, 1), (17, 4864, 2), (40, 320, 9)].iter().enumerate() {
             check(GgmlDType::Q5_0, rows, cols, n, 100 + i as u64);
@@ -364,7 +476,7 @@ mod tests {
     fn a_row_gets_the_same_bits_alone_or_batched() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (rows, cols) = (48, 256);
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().into_owned()).unwrap();
@@ -382,9 +494,8 @@ mod tests {
         // allow what 8-bit activations can move: half a step (amax/127) per
         // value, times |w|. Odd block counts (cols = 96) included.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for cols in [96, 512] {
-        let rows = 20;
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for (cols, dtype) in [(96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0)] {
+            let rows = 20;
             let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -406,7 +517,6 @@ mod tests {
                     + 1e-3 * exact.abs();
                 assert!((got[r] as f64 - exact).abs() <= bound, "{dtype:?} {cols} row {r}: {} vs {exact} (bound {bound})", got[r]);
             }
-        }
         }
     }
 
