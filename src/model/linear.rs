@@ -29,8 +29,8 @@ pub struct Linear {
 impl Linear {
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         if let (true, Some(format), (rows, cols)) = (weight.device().is_cpu(), BlockFormat::from_ggml(weight.dtype()), weight.shape().dims2()?) {
-            // The file's blocks move into our matrix; the QTensor is dropped.
-            let matrix = QuantMatrix::new(format, rows, cols, weight.data()?.into_owned())?;
+            // The file's blocks are repacked into our matrix; the QTensor is dropped.
+            let matrix = QuantMatrix::new(format, rows, cols, &weight.data()?)?;
             return Ok(Linear { weight: Weight::Quant(matrix), bias, pad_single_row: false });
         }
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;

@@ -11,6 +11,7 @@ mod prune;
 pub mod quant;
 pub mod sparse;
 mod synthetic;
+mod threads;
 mod transformer;
 
 pub use config::{Arch, TransformerConfig};

@@ -1,25 +1,30 @@
 //! Our own CPU kernels for GGUF's Q4_1 (SmolLM2's projections), Q5_0 (most of
 //! Qwen2.5-0.5B's) and Q8_0 (SmolLM2's head, the rest of Qwen2.5-0.5B). candle
 //! multiplies the first two with scalar code; all three run here on candle's
-//! own thread pool, four input rows per unpacked weight block.
+//! own thread pool.
 //!
-//! A weight row is a run of 32-value blocks, kept as the file's bytes:
+//! A GGUF block holds 32 values:
 //! - Q4_1 (20 bytes): scale d and minimum m (f16), 16 bytes of 4-bit q;
 //!   value = d·q + m. Value j is the low nibble of byte j, value 16 + j its high one.
 //! - Q5_0 (22 bytes): scale d (f16), 32 fifth bits (u32), 16 bytes of nibbles;
 //!   value = d·(q − 16), q = nibble | fifth bit << 4.
 //! - Q8_0 (34 bytes): scale d (f16), 32 signed bytes; value = d·q.
+//! At load the blocks are repacked, once and in as many bytes: the quantized
+//! values of a row together, its scales (and minimums, fifth bits) in arrays
+//! beside them, so eight blocks' scales load as one vector.
 //!
 //! Activations are quantized to 8 bits per block of 32 exactly as candle's
 //! Q8_1 / Q8_0 rows are (scale amax/127 kept as f16), and each block's integer
 //! dot product is exact, so the float arithmetic per block can be candle's own,
-//! in its order: our logits are candle's bit for bit, only faster (the AVX2
-//! path computes the integer sums 32 lanes at a time). For Q8_0 candle's order
-//! is its AVX2 kernel's (eight lane sums, fused multiply-add, a fixed
+//! in its order: our logits are candle's bit for bit, only faster. For Q4_1 and
+//! Q5_0 that is one float expression per block added to the row's sum block
+//! after block; the AVX2 path computes eight blocks' integer sums and their
+//! expressions as vectors and only the additions one by one. For Q8_0 it is
+//! candle's AVX2 kernel's order (eight lane sums, fused multiply-add, a fixed
 //! horizontal sum); our scalar fallback follows the same lanes.
 //!
 //! Every output element is one row's blocks summed in order, whatever the
-//! number of input rows or threads, so batching keeps the bits.
+//! number of input rows, the tiling or the threads, so batching keeps the bits.
 
 use half::f16;
 
@@ -50,6 +55,14 @@ impl BlockFormat {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q5_0 => 22,
             BlockFormat::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of quantized values per block.
+    fn value_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 | BlockFormat::Q5_0 => 16,
+            BlockFormat::Q8_0 => 32,
         }
     }
 }
@@ -101,25 +114,75 @@ impl QuantizedRows {
     }
 }
 
-/// A (rows × cols) matrix of Q4_1 or Q5_0 blocks.
+/// One activation row's blocks.
+struct Activations<'a> {
+    d: &'a [f32],
+    sum: &'a [i32],
+    s: &'a [f32],
+    qs: &'a [i8],
+}
+
+/// A (rows × cols) matrix of Q4_1, Q5_0 or Q8_0 blocks, repacked.
 pub struct QuantMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    /// Quantized values, block after block, row after row.
+    values: Vec<u8>,
+    /// Per block: the scale d.
+    scales: Vec<f16>,
+    /// Q4_1: per block, the minimum m (empty for the other formats).
+    minimums: Vec<f16>,
+    /// Q5_0: per block, the fifth bits (empty for the other formats).
+    fifth_bits: Vec<u32>,
     kernel: Kernel,
 }
 
+/// One weight row's repacked blocks.
+#[derive(Clone, Copy)]
+struct WeightRow<'a> {
+    values: &'a [u8],
+    scales: &'a [f16],
+    minimums: &'a [f16],
+    fifth_bits: &'a [u32],
+}
+
 impl QuantMatrix {
-    /// `data` is the rows' blocks, row after row, as a GGUF file holds them.
-    pub fn new(format: BlockFormat, rows: usize, cols: usize, data: Vec<u8>) -> candle_core::Result<Self> {
+    /// `blocks` are the rows' blocks, row after row, as a GGUF file holds them.
+    pub fn new(format: BlockFormat, rows: usize, cols: usize, blocks: &[u8]) -> candle_core::Result<Self> {
         if cols % QK != 0 {
             candle_core::bail!("{format:?} rows need a multiple of {QK} columns, not {cols}");
         }
-        if data.len() != rows * cols / QK * format.block_bytes() {
-            candle_core::bail!("{format:?} ({rows} × {cols}) needs {} bytes, got {}", rows * cols / QK * format.block_bytes(), data.len());
+        let count = rows * cols / QK;
+        if blocks.len() != count * format.block_bytes() {
+            candle_core::bail!("{format:?} ({rows} × {cols}) needs {} bytes, got {}", count * format.block_bytes(), blocks.len());
         }
-        Ok(QuantMatrix { format, rows, cols, data, kernel: Kernel::detect() })
+        let mut m = QuantMatrix {
+            format,
+            rows,
+            cols,
+            values: Vec::with_capacity(count * format.value_bytes()),
+            scales: Vec::with_capacity(count),
+            minimums: Vec::new(),
+            fifth_bits: Vec::new(),
+            kernel: Kernel::detect(),
+        };
+        let half_at = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
+        for block in blocks.chunks_exact(format.block_bytes()) {
+            m.scales.push(half_at(block, 0));
+            match format {
+                BlockFormat::Q4_1 => {
+                    m.minimums.push(half_at(block, 2));
+                    m.values.extend_from_slice(&block[4..20]);
+                }
+                BlockFormat::Q5_0 => {
+                    m.fifth_bits.push(u32::from_le_bytes([block[2], block[3], block[4], block[5]]));
+                    m.values.extend_from_slice(&block[6..22]);
+                }
+                BlockFormat::Q8_0 => m.values.extend_from_slice(&block[2..34]),
+            }
+        }
+        Ok(m)
     }
 
     pub fn rows(&self) -> usize {
@@ -127,28 +190,36 @@ impl QuantMatrix {
     }
 
     pub fn storage_bytes(&self) -> usize {
-        self.data.len()
+        self.values.len() + 2 * (self.scales.len() + self.minimums.len()) + 4 * self.fifth_bits.len()
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / QK * self.format.block_bytes()
+    fn weight_row(&self, r: usize) -> WeightRow<'_> {
+        let nb = self.cols / QK;
+        let blocks = r * nb..(r + 1) * nb;
+        let vb = self.format.value_bytes();
+        WeightRow {
+            values: &self.values[r * nb * vb..(r + 1) * nb * vb],
+            scales: &self.scales[blocks.clone()],
+            // Empty for the formats without them.
+            minimums: self.minimums.get(blocks.clone()).unwrap_or(&[]),
+            fifth_bits: self.fifth_bits.get(blocks).unwrap_or(&[]),
+        }
     }
 
-    /// `xs` (n × cols) times this matrix transposed: (n × rows). Blocks of
-    /// weight rows go to threads; each block's weights are read once for all n
-    /// input rows (from cache), and each output is one in-order sum.
+    /// `xs` (n × cols) times this matrix transposed: (n × rows). Runs of
+    /// weight rows go to threads; each output is one in-order sum.
     pub fn matmul_t(&self, xs: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(xs.len(), n * self.cols, "input and matrix widths disagree");
         let acts = QuantizedRows::new(xs, self.cols);
-        let row_bytes = self.row_bytes();
+        let xs: Vec<Activations<'_>> = (0..n).map(|i| acts.row(i)).collect();
         // Transposed (rows × n) while computing, so each thread owns a contiguous part.
         let mut out_t = vec![0f32; self.rows * n];
-        let xs: Vec<Activations<'_>> = (0..n).map(|i| acts.row(i)).collect();
-        on_candles_threads(&mut out_t, n, |first_row, out| {
-            let weights = &self.data[first_row * row_bytes..first_row * row_bytes + out.len() / n * row_bytes];
+        super::threads::on_candles_threads(&mut out_t, n, |first_row, out| {
+            let rows = first_row..first_row + out.len() / n;
             if n >= 4 {
                 // Four input rows share each unpacked weight block.
-                for (w, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+                for (r, out) in rows.zip(out.chunks_exact_mut(n)) {
+                    let w = self.weight_row(r);
                     let mut four = out.chunks_exact_mut(4);
                     for (k, o) in (&mut four).enumerate() {
                         let x = &xs[4 * k..4 * k + 4];
@@ -162,39 +233,28 @@ impl QuantMatrix {
                 return;
             }
             // Decode: four weight rows share each loaded activation block.
-            let mut four = weights.chunks_exact(4 * row_bytes);
-            let mut r = 0;
-            for w in &mut four {
-                let w: [&[u8]; 4] = std::array::from_fn(|k| &w[k * row_bytes..(k + 1) * row_bytes]);
+            let mut r = rows.start;
+            while r + 4 <= rows.end {
+                let w: [WeightRow<'_>; 4] = std::array::from_fn(|k| self.weight_row(r + k));
                 for (i, x) in xs.iter().enumerate() {
                     for (k, v) in self.tile(w, [x]).iter().enumerate() {
-                        out[(r + k) * n + i] = v[0];
+                        out[(r - rows.start + k) * n + i] = v[0];
                     }
                 }
                 r += 4;
             }
-            for w in four.remainder().chunks_exact(row_bytes) {
+            for r in r..rows.end {
                 for (i, x) in xs.iter().enumerate() {
-                    out[r * n + i] = self.tile([w], [x])[0][0];
+                    out[(r - rows.start) * n + i] = self.tile([self.weight_row(r)], [x])[0][0];
                 }
-                r += 1;
             }
         });
-        if n == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; n * self.rows];
-        for (r, row) in out_t.chunks_exact(n).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                out[i * self.rows + r] = v;
-            }
-        }
-        out
+        super::threads::transpose(out_t, self.rows, n)
     }
 
     /// W weight rows dotted with X activation rows. Every result takes the
     /// steps of a lone dot product, so tiling never changes a bit.
-    fn tile<const W: usize, const X: usize>(&self, ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+    fn tile<const W: usize, const X: usize>(&self, ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         match (self.kernel, self.format) {
             (Kernel::Scalar, format) => ws.map(|w| {
                 xs.map(|x| match format {
@@ -203,7 +263,7 @@ impl QuantMatrix {
                     BlockFormat::Q8_0 => scalar::dot_q8_0(w, x),
                 })
             }),
-            // SAFETY: `Kernel::detect` saw AVX2 and FMA on this CPU; `new` checked the rows' bytes.
+            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C on this CPU; `new` sized the rows.
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, BlockFormat::Q4_1) => unsafe { avx2::tile_q4_1(ws, xs) },
             #[cfg(target_arch = "x86_64")]
@@ -214,90 +274,59 @@ impl QuantMatrix {
     }
 }
 
-/// Split `out` (rows of `width` values) into one contiguous run of rows per
-/// thread of candle's own persistent pool, and run `work(first_row, rows)` on
-/// each. The pool is the one candle's quantized matmuls use: a second pool
-/// (rayon's) would make both spin against each other on a small machine.
-fn on_candles_threads(out: &mut [f32], width: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
-    let rows = out.len() / width;
-    let per_thread = rows.div_ceil(threads).max(1);
-    let parts: Vec<std::sync::Mutex<(usize, &mut [f32])>> =
-        out.chunks_mut(per_thread * width).enumerate().map(|(t, part)| std::sync::Mutex::new((t * per_thread, part))).collect();
-    pool.execute(|thread| {
-        if let Some(part) = parts.get(thread) {
-            let mut part = part.lock().expect("each part has one thread");
-            let (first_row, ref mut rows) = *part;
-            work(first_row, rows);
-        }
-    });
-}
-
-/// One activation row's blocks.
-struct Activations<'a> {
-    d: &'a [f32],
-    sum: &'a [i32],
-    s: &'a [f32],
-    qs: &'a [i8],
-}
-
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-}
-
-/// The float part of a block, shared by both kernels so that they agree bit for bit.
+/// candle's float expression for one Q4_1 block (its order, its roundings).
 #[inline(always)]
-fn q4_1_block(sumi: i32, w: &[u8], x: &Activations<'_>, b: usize) -> f32 {
-    sumi as f32 * f16_at(w, 0) * x.d[b] + f16_at(w, 2) * x.s[b]
+fn q4_1_block(sumi: i32, d: f16, m: f16, x: &Activations<'_>, b: usize) -> f32 {
+    sumi as f32 * d.to_f32() * x.d[b] + m.to_f32() * x.s[b]
 }
 
+/// candle's float expression for one Q5_0 block.
 #[inline(always)]
-fn q5_0_block(sumi: i32, w: &[u8], x: &Activations<'_>, b: usize) -> f32 {
-    sumi as f32 * f16_at(w, 0) * x.d[b]
+fn q5_0_block(sumi: i32, d: f16, x: &Activations<'_>, b: usize) -> f32 {
+    sumi as f32 * d.to_f32() * x.d[b]
 }
 
 mod scalar {
     use super::*;
 
-    pub fn dot_q4_1(row: &[u8], x: &Activations<'_>) -> f32 {
+    pub fn dot_q4_1(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
         let mut sumf = 0f32;
-        for (b, w) in row.chunks_exact(20).enumerate() {
+        for (b, q) in w.values.chunks_exact(16).enumerate() {
             let xq = &x.qs[b * QK..(b + 1) * QK];
             let mut sumi = 0i32;
             for j in 0..QK / 2 {
-                sumi += (w[4 + j] & 0x0F) as i32 * xq[j] as i32 + (w[4 + j] >> 4) as i32 * xq[j + QK / 2] as i32;
+                sumi += (q[j] & 0x0F) as i32 * xq[j] as i32 + (q[j] >> 4) as i32 * xq[j + QK / 2] as i32;
             }
-            sumf += q4_1_block(sumi, w, x, b);
+            sumf += q4_1_block(sumi, w.scales[b], w.minimums[b], x, b);
         }
         sumf
     }
 
-    pub fn dot_q5_0(row: &[u8], x: &Activations<'_>) -> f32 {
+    pub fn dot_q5_0(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
         let mut sumf = 0f32;
-        for (b, w) in row.chunks_exact(22).enumerate() {
+        for (b, q) in w.values.chunks_exact(16).enumerate() {
             let xq = &x.qs[b * QK..(b + 1) * QK];
-            let high = u32::from_le_bytes([w[2], w[3], w[4], w[5]]);
+            let high = w.fifth_bits[b];
             let mut sumi = 0i32;
             for j in 0..QK / 2 {
-                let lo = (w[6 + j] & 0x0F) as i32 | (((high >> j) & 1) << 4) as i32;
-                let hi = (w[6 + j] >> 4) as i32 | (((high >> (j + 16)) & 1) << 4) as i32;
+                let lo = (q[j] & 0x0F) as i32 | (((high >> j) & 1) << 4) as i32;
+                let hi = (q[j] >> 4) as i32 | (((high >> (j + 16)) & 1) << 4) as i32;
                 sumi += (lo - 16) * xq[j] as i32 + (hi - 16) * xq[j + QK / 2] as i32;
             }
-            sumf += q5_0_block(sumi, w, x, b);
+            sumf += q5_0_block(sumi, w.scales[b], x, b);
         }
         sumf
     }
 
     /// The AVX2 kernel's arithmetic, lane by lane: lane k sums values 4k..4k+4
     /// of each block, scaled and added with one rounding (fused multiply-add).
-    pub fn dot_q8_0(row: &[u8], x: &Activations<'_>) -> f32 {
+    pub fn dot_q8_0(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
         let mut acc = [0f32; 8];
-        for (b, w) in row.chunks_exact(34).enumerate() {
-            let d = f16_at(w, 0) * x.d[b];
+        for (b, q) in w.values.chunks_exact(QK).enumerate() {
+            let d = w.scales[b].to_f32() * x.d[b];
             let xq = &x.qs[b * QK..(b + 1) * QK];
             for (k, acc) in acc.iter_mut().enumerate() {
-                let lane: i32 = (4 * k..4 * k + 4).map(|j| w[2 + j] as i8 as i32 * xq[j] as i32).sum();
+                let lane: i32 = (4 * k..4 * k + 4).map(|j| q[j] as i8 as i32 * xq[j] as i32).sum();
                 *acc = d.mul_add(lane as f32, *acc);
             }
         }
@@ -322,6 +351,22 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
+    /// Lane k: the sum of the eight i32 lanes of p[k]. Integer sums are exact
+    /// in any order.
+    #[inline(always)]
+    unsafe fn sum_each_i32(p: [__m256i; 8]) -> __m256i {
+        let h01 = _mm256_hadd_epi32(p[0], p[1]);
+        let h23 = _mm256_hadd_epi32(p[2], p[3]);
+        let h45 = _mm256_hadd_epi32(p[4], p[5]);
+        let h67 = _mm256_hadd_epi32(p[6], p[7]);
+        // Per 128-bit half: [p0, p1, p2, p3] (low half from lanes 0..4, high half from 4..8).
+        let h0123 = _mm256_hadd_epi32(h01, h23);
+        let h4567 = _mm256_hadd_epi32(h45, h67);
+        let s0123 = _mm_add_epi32(_mm256_castsi256_si128(h0123), _mm256_extracti128_si256(h0123, 1));
+        let s4567 = _mm_add_epi32(_mm256_castsi256_si128(h4567), _mm256_extracti128_si256(h4567, 1));
+        _mm256_set_m128i(s4567, s0123)
+    }
+
     /// The 32 nibbles of 16 bytes in value order: low nibbles (values 0..16)
     /// in the low lane, high nibbles (values 16..32) in the high lane.
     #[inline(always)]
@@ -331,12 +376,111 @@ mod avx2 {
         _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low))
     }
 
-    /// Σ w·x over 32 values, w unsigned (< 64), x signed: exact in i32.
+    /// A Q5_0 block's 5-bit values, unsigned (0..32).
     #[inline(always)]
-    unsafe fn dot_u8_i8(w: __m256i, x: &[i8]) -> i32 {
+    unsafe fn q5_values(nibble_bytes: &[u8], fifth_bits: u32) -> __m256i {
+        // Byte j of the fifth-bit word goes to values 8j..8j+8; each value then
+        // tests its own bit.
+        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let high = _mm256_set1_epi32(fifth_bits as i32);
+        let is_set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(high, spread), bit), bit);
+        _mm256_or_si256(nibbles(nibble_bytes), _mm256_and_si256(is_set, _mm256_set1_epi8(0x10)))
+    }
+
+    /// Σ w·x over a block, w unsigned (< 64), x signed, as eight i32 lanes.
+    #[inline(always)]
+    unsafe fn products(w: __m256i, x: &[i8]) -> __m256i {
         let x = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
-        let pairs = _mm256_maddubs_epi16(w, x); // |pair| ≤ 2·63·127: no saturation
-        sum_i32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        // |pair| ≤ 2·63·127: no saturation.
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    /// Eight f16 values as f32.
+    #[inline(always)]
+    unsafe fn halves(v: &[f16]) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i))
+    }
+
+    /// Add each vector's eight lanes to its sum one by one, lane 0 first (the
+    /// scalar order); the X sums' additions interleave, so their latencies overlap.
+    #[inline(always)]
+    unsafe fn add_in_order<const X: usize>(sums: &mut [f32; X], blocks: [__m256; X]) {
+        let mut lanes = [[0f32; 8]; X];
+        for (lanes, v) in lanes.iter_mut().zip(blocks) {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        }
+        let mut s = *sums;
+        for lane in 0..8 {
+            for (s, lanes) in s.iter_mut().zip(&lanes) {
+                *s += lanes[lane];
+            }
+        }
+        *sums = s;
+    }
+
+    /// W weight rows × X activation rows of Q4_1, eight blocks at a time:
+    /// integer sums and candle's per-block expression as vectors, additions in order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_q4_1<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let mut sumf = [[0f32; X]; W];
+        let nb = ws[0].scales.len();
+        let whole = nb / 8 * 8;
+        for g in (0..whole).step_by(8) {
+            for (sumf, w) in sumf.iter_mut().zip(ws) {
+                let q: [__m256i; 8] = std::array::from_fn(|k| nibbles(&w.values[(g + k) * 16..]));
+                let (d, m) = (halves(&w.scales[g..]), halves(&w.minimums[g..]));
+                let blocks: [__m256; X] = std::array::from_fn(|i| {
+                    let x = xs[i];
+                    let sumi = sum_each_i32(std::array::from_fn(|k| products(q[k], &x.qs[(g + k) * QK..])));
+                    let scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), _mm256_loadu_ps(x.d[g..].as_ptr()));
+                    _mm256_add_ps(scaled, _mm256_mul_ps(m, _mm256_loadu_ps(x.s[g..].as_ptr())))
+                });
+                add_in_order(sumf, blocks);
+            }
+        }
+        for b in whole..nb {
+            for (sumf, w) in sumf.iter_mut().zip(ws) {
+                let q = nibbles(&w.values[b * 16..]);
+                for (sumf, x) in sumf.iter_mut().zip(xs) {
+                    *sumf += q4_1_block(sum_i32(products(q, &x.qs[b * QK..])), w.scales[b], w.minimums[b], x, b);
+                }
+            }
+        }
+        sumf
+    }
+
+    /// As `tile_q4_1`, for Q5_0: Σ (q − 16)·x = Σ q·x − 16·Σ x, q unsigned for maddubs.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_q5_0<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let mut sumf = [[0f32; X]; W];
+        let nb = ws[0].scales.len();
+        let whole = nb / 8 * 8;
+        let sixteen = _mm256_set1_epi32(16);
+        for g in (0..whole).step_by(8) {
+            for (sumf, w) in sumf.iter_mut().zip(ws) {
+                let q: [__m256i; 8] = std::array::from_fn(|k| q5_values(&w.values[(g + k) * 16..], w.fifth_bits[g + k]));
+                let d = halves(&w.scales[g..]);
+                let blocks: [__m256; X] = std::array::from_fn(|i| {
+                    let x = xs[i];
+                    let dots = sum_each_i32(std::array::from_fn(|k| products(q[k], &x.qs[(g + k) * QK..])));
+                    let x_sums = _mm256_loadu_si256(x.sum[g..].as_ptr() as *const __m256i);
+                    let sumi = _mm256_sub_epi32(dots, _mm256_mullo_epi32(sixteen, x_sums));
+                    _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), _mm256_loadu_ps(x.d[g..].as_ptr()))
+                });
+                add_in_order(sumf, blocks);
+            }
+        }
+        for b in whole..nb {
+            for (sumf, w) in sumf.iter_mut().zip(ws) {
+                let q = q5_values(&w.values[b * 16..], w.fifth_bits[b]);
+                for (sumf, x) in sumf.iter_mut().zip(xs) {
+                    let sumi = sum_i32(products(q, &x.qs[b * QK..])) - 16 * x.sum[b];
+                    *sumf += q5_0_block(sumi, w.scales[b], x, b);
+                }
+            }
+        }
+        sumf
     }
 
     /// Eight float lanes summed as candle's AVX2 kernels sum them.
@@ -347,66 +491,18 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// A Q5_0 block's 5-bit values, unsigned (0..32).
-    #[inline(always)]
-    unsafe fn q5_values(w: &[u8]) -> __m256i {
-        // Byte j of the fifth-bit word goes to values 8j..8j+8; each value then
-        // tests its own bit.
-        let spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let high = _mm256_set1_epi32(i32::from_le_bytes([w[2], w[3], w[4], w[5]]));
-        let is_set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(high, spread), bit), bit);
-        _mm256_or_si256(nibbles(&w[6..22]), _mm256_and_si256(is_set, _mm256_set1_epi8(0x10)))
-    }
-
-    /// W weight rows × X activation rows of Q4_1: each weight block is unpacked
-    /// once for the X rows, each activation block loaded once for the W rows,
-    /// and every result takes the steps of a lone dot product.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_q4_1<const W: usize, const X: usize>(ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
-        let mut sumf = [[0f32; X]; W];
-        for b in 0..ws[0].len() / 20 {
-            for (sumf, row) in sumf.iter_mut().zip(ws) {
-                let w = &row[b * 20..(b + 1) * 20];
-                let q = nibbles(&w[4..20]);
-                for (sumf, x) in sumf.iter_mut().zip(xs) {
-                    *sumf += q4_1_block(dot_u8_i8(q, &x.qs[b * QK..(b + 1) * QK]), w, x, b);
-                }
-            }
-        }
-        sumf
-    }
-
-    /// As `tile_q4_1`, for Q5_0: Σ (q − 16)·x = Σ q·x − 16·Σ x, q unsigned for maddubs.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_q5_0<const W: usize, const X: usize>(ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
-        let mut sumf = [[0f32; X]; W];
-        for b in 0..ws[0].len() / 22 {
-            for (sumf, row) in sumf.iter_mut().zip(ws) {
-                let w = &row[b * 22..(b + 1) * 22];
-                let q = q5_values(w);
-                for (sumf, x) in sumf.iter_mut().zip(xs) {
-                    let sumi = dot_u8_i8(q, &x.qs[b * QK..(b + 1) * QK]) - 16 * x.sum[b];
-                    *sumf += q5_0_block(sumi, w, x, b);
-                }
-            }
-        }
-        sumf
-    }
-
-    /// As `tile_q4_1`, for Q8_0 in candle's AVX2 order: per block, eight lane
-    /// sums of w·x (signed × signed through the sign trick), scaled by d_w·d_x
-    /// into eight accumulators with fused multiply-adds.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_q8_0<const W: usize, const X: usize>(ws: [&[u8]; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+    /// Q8_0 in candle's AVX2 order: per block, eight lane sums of w·x (signed ×
+    /// signed through the sign trick), scaled by d_w·d_x into eight accumulators
+    /// with fused multiply-adds.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_q8_0<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
         let ones = _mm256_set1_epi16(1);
-        for b in 0..ws[0].len() / 34 {
-            for (acc, row) in acc.iter_mut().zip(ws) {
-                let w = &row[b * 34..(b + 1) * 34];
-                let q = _mm256_loadu_si256(w[2..].as_ptr() as *const __m256i);
+        for b in 0..ws[0].scales.len() {
+            for (acc, w) in acc.iter_mut().zip(ws) {
+                let q = _mm256_loadu_si256(w.values[b * QK..].as_ptr() as *const __m256i);
                 let magnitude = _mm256_sign_epi8(q, q);
-                let dw = f16_at(w, 0);
+                let dw = w.scales[b].to_f32();
                 for (acc, x) in acc.iter_mut().zip(xs) {
                     let xq = _mm256_loadu_si256(x.qs[b * QK..].as_ptr() as *const __m256i);
                     let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq, q)));
@@ -437,7 +533,7 @@ mod tests {
         let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let format = BlockFormat::from_ggml(dtype).unwrap();
-        let ours = QuantMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        let ours = QuantMatrix::new(format, rows, cols, &q.data().unwrap()).unwrap();
         let xs = random(&mut rng, n * cols);
         let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
         let want = candle_core::quantized::QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
@@ -479,7 +575,7 @@ mod tests {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().into_owned()).unwrap();
+            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
             let xs = random(&mut rng, 5 * cols);
             let batched = m.matmul_t(&xs, 5);
             for i in 0..5 {
@@ -495,11 +591,11 @@ mod tests {
         // value, times |w|. Odd block counts (cols = 96) included.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for (cols, dtype) in [(96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0)] {
-            let rows = 20;
+            let rows = 21;
             let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, q.data().unwrap().into_owned()).unwrap();
+            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
             let xs = random(&mut rng, cols);
             let got = m.matmul_t(&xs, 1);
             for r in 0..rows {
@@ -522,7 +618,7 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_refused() {
-        assert!(QuantMatrix::new(BlockFormat::Q4_1, 2, 48, vec![0; 40]).is_err());
-        assert!(QuantMatrix::new(BlockFormat::Q5_0, 2, 64, vec![0; 87]).is_err());
+        assert!(QuantMatrix::new(BlockFormat::Q4_1, 2, 48, &[0; 40]).is_err());
+        assert!(QuantMatrix::new(BlockFormat::Q5_0, 2, 64, &[0; 87]).is_err());
     }
 }

@@ -4,7 +4,6 @@
 //! byte per group holds both), i.e. 9 bytes per group instead of 16, and
 //! multiplied without ever touching the zeros.
 
-use rayon::prelude::*;
 
 /// A (rows × cols) matrix in 2:4 form; `cols` is a multiple of 4.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,45 +106,16 @@ impl Sparse24 {
             )
         };
         let kernel = Kernel::detect();
-        let mut out = vec![0f32; n * self.rows];
-        if n == 1 {
-            // Decode: few large tasks, each writing its rows of the output in place.
-            const BLOCK: usize = 64;
-            out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
-                for (j, o) in chunk.iter_mut().enumerate() {
-                    let (vals, pos) = row(b * BLOCK + j);
-                    kernel.row_dots(vals, pos, xs, self.cols, std::slice::from_mut(o));
-                }
-            });
-            return out;
-        }
-        // Prefill and batched decode: blocks of weight rows, so each block's
-        // compressed data is read once for all n inputs, from cache.
-        const BLOCK: usize = 16;
-        let blocks: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(BLOCK))
-            .into_par_iter()
-            .map(|b| {
-                let lo = b * BLOCK;
-                let hi = (lo + BLOCK).min(self.rows);
-                let mut part = vec![0f32; n * (hi - lo)];
-                let mut dots = vec![0f32; n];
-                for r in lo..hi {
-                    let (vals, pos) = row(r);
-                    kernel.row_dots(vals, pos, xs, self.cols, &mut dots);
-                    for (i, d) in dots.iter().enumerate() {
-                        part[i * (hi - lo) + (r - lo)] = *d;
-                    }
-                }
-                (lo, part)
-            })
-            .collect();
-        for (lo, part) in blocks {
-            let width = part.len() / n;
-            for i in 0..n {
-                out[i * self.rows + lo..i * self.rows + lo + width].copy_from_slice(&part[i * width..(i + 1) * width]);
+        // Each thread takes a run of weight rows and dots each with all n
+        // inputs, so a row's compressed data is read once, from cache.
+        let mut out_t = vec![0f32; self.rows * n];
+        super::threads::on_candles_threads(&mut out_t, n, |first_row, out| {
+            for (r, dots) in out.chunks_exact_mut(n).enumerate() {
+                let (vals, pos) = row(first_row + r);
+                kernel.row_dots(vals, pos, xs, self.cols, dots);
             }
-        }
-        out
+        });
+        super::threads::transpose(out_t, self.rows, n)
     }
 }
 
@@ -161,7 +131,8 @@ pub enum Kernel {
 impl Kernel {
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // F16C (half-precision loads, for the quantized kernels) comes with every AVX2 CPU.
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
             return Kernel::Avx2;
         }
         Kernel::Scalar
