@@ -1,5 +1,6 @@
 //! One linear layer behind one interface, whatever its weights' format:
-//! quantized (GGUF), dense f32, or 2:4 sparse.
+//! quantized (GGUF: our kernels for Q4_1 / Q5_0 / Q8_0 on the CPU, candle's for
+//! the rest and on a GPU), dense, or 2:4 sparse.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
@@ -10,7 +11,7 @@ use super::sparse::Sparse24;
 enum Weight {
     /// candle's quantized or dense matmul.
     Candle(QMatMul),
-    /// Our kernels for the block formats candle runs with scalar code (CPU only).
+    /// Our kernels for Q4_1, Q5_0 and Q8_0 blocks (CPU only).
     Quant(QuantMatrix),
     /// Our 2:4 sparse kernel.
     Sparse(Sparse24),
@@ -39,8 +40,7 @@ impl Linear {
 
     /// A dense (out × in) weight, computed in f32.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
-        Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
+        Self::dense_as(weight, bias, DType::F32)
     }
 
     /// A dense (out × in) weight, computed in `dtype` (bf16 on a GPU).
