@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType};
@@ -10,7 +11,8 @@ use candle_nn::{Embedding, RmsNorm};
 
 use super::config::TransformerConfig;
 use super::linear::Linear;
-use super::transformer::{Attention, Block, Mlp, Transformer};
+use super::quant::{BlockFormat, QuantMatrix};
+use super::transformer::{Attention, Block, Mlp, TokenEmbedding, Transformer};
 use super::ModelInfo;
 use crate::tokenize::TextTokenizer;
 
@@ -73,7 +75,19 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     };
 
     let embedding_q = load("token_embd.weight")?;
-    let embedding = Embedding::new(embedding_q.dequantize(&device)?, config.hidden);
+    // On the CPU, in a format our kernels read, the table stays quantized and
+    // a tied head multiplies with the very same matrix.
+    let shared = match (dequantize || !device.is_cpu(), BlockFormat::from_ggml(embedding_q.dtype())) {
+        (false, Some(format)) => {
+            let (rows, cols) = embedding_q.shape().dims2()?;
+            Some(Arc::new(QuantMatrix::new(format, rows, cols, &embedding_q.data()?)?))
+        }
+        _ => None,
+    };
+    let embedding = match &shared {
+        Some(m) => TokenEmbedding::Quantized(m.clone()),
+        None => TokenEmbedding::Dense(Embedding::new(embedding_q.dequantize(&device)?, config.hidden)),
+    };
     let mut blocks = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let p = format!("blk.{i}");
@@ -97,6 +111,8 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     // Tied embeddings: without an output matrix the embedding table is the head.
     let lm_head = if has("output.weight") {
         linear(&mut load, "output")?
+    } else if let Some(m) = shared {
+        Linear::shared_quant(m)
     } else {
         if dequantize {
             Linear::dense(embedding_q.dequantize(&device)?, None)?

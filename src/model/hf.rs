@@ -15,7 +15,7 @@ use candle_nn::{Embedding, RmsNorm};
 use serde::Deserialize;
 
 use super::sparse::Sparse24;
-use super::transformer::{Attention, Block, Mlp};
+use super::transformer::{Attention, Block, Mlp, TokenEmbedding};
 use super::{Arch, Linear, LoadedModel, ModelInfo, Transformer, TransformerConfig};
 use crate::tokenize::TextTokenizer;
 
@@ -324,7 +324,7 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         sparse_fraction: report.sparse_fraction(),
         device: super::describe_device(device),
     };
-    let embedding = Embedding::new(embedding_table, h);
+    let embedding = TokenEmbedding::Dense(Embedding::new(embedding_table, h));
     let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device.clone())?;
     Ok((LoadedModel { transformer, tokenizer, info }, report))
 }

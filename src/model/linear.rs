@@ -2,6 +2,8 @@
 //! quantized (GGUF: our kernels for Q4_1 / Q5_0 / Q8_0 on the CPU, candle's for
 //! the rest and on a GPU), dense, or 2:4 sparse.
 
+use std::sync::Arc;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
@@ -12,7 +14,7 @@ enum Weight {
     /// candle's quantized or dense matmul.
     Candle(QMatMul),
     /// Our kernels for Q4_1, Q5_0 and Q8_0 blocks (CPU only).
-    Quant(QuantMatrix),
+    Quant(Arc<QuantMatrix>),
     /// Our 2:4 sparse kernel.
     Sparse(Sparse24),
 }
@@ -32,7 +34,7 @@ impl Linear {
         if let (true, Some(format), (rows, cols)) = (weight.device().is_cpu(), BlockFormat::from_ggml(weight.dtype()), weight.shape().dims2()?) {
             // The file's blocks are repacked into our matrix; the QTensor is dropped.
             let matrix = QuantMatrix::new(format, rows, cols, &weight.data()?)?;
-            return Ok(Linear { weight: Weight::Quant(matrix), bias, pad_single_row: false });
+            return Ok(Linear { weight: Weight::Quant(Arc::new(matrix)), bias, pad_single_row: false });
         }
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;
         Ok(Linear { weight: Weight::Candle(QMatMul::from_qtensor(weight)?), bias, pad_single_row })
@@ -48,6 +50,11 @@ impl Linear {
         let weight = weight.to_dtype(dtype)?.contiguous()?;
         let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
         Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
+    }
+
+    /// A quantized matrix that something else (a tied embedding) shares.
+    pub fn shared_quant(matrix: Arc<QuantMatrix>) -> Self {
+        Linear { weight: Weight::Quant(matrix), bias: None, pad_single_row: false }
     }
 
     pub fn sparse(weight: Sparse24, bias: Option<Tensor>) -> Self {

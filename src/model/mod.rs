@@ -23,7 +23,7 @@ pub use hf::{load_hf_dir, load_hf_dir_on, HfConfig, SparseMode, SparsityReport};
 pub use kv_cache::SeqKvCache;
 pub use linear::Linear;
 pub use synthetic::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
-pub use transformer::{SeqChunk, Transformer};
+pub use transformer::{SeqChunk, TokenEmbedding, Transformer};
 
 /// What the server says about the model it serves.
 #[derive(Debug, Clone)]

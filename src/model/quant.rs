@@ -189,6 +189,35 @@ impl QuantMatrix {
         self.rows
     }
 
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` as f32 values (an embedding lookup), as candle dequantizes it.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let w = self.weight_row(r);
+        let mut out = Vec::with_capacity(self.cols);
+        let vb = self.format.value_bytes();
+        for (b, q) in w.values.chunks_exact(vb).enumerate() {
+            let d = w.scales[b].to_f32();
+            match self.format {
+                BlockFormat::Q4_1 => {
+                    let m = w.minimums[b].to_f32();
+                    out.extend(q.iter().map(|&v| (v & 0x0F) as f32 * d + m));
+                    out.extend(q.iter().map(|&v| (v >> 4) as f32 * d + m));
+                }
+                BlockFormat::Q5_0 => {
+                    let high = w.fifth_bits[b];
+                    let value = |nibble: u8, bit: usize| ((nibble as u32 | ((high >> bit) & 1) << 4) as i32 - 16) as f32 * d;
+                    out.extend(q.iter().enumerate().map(|(j, &v)| value(v & 0x0F, j)));
+                    out.extend(q.iter().enumerate().map(|(j, &v)| value(v >> 4, j + 16)));
+                }
+                BlockFormat::Q8_0 => out.extend(q.iter().map(|&v| v as i8 as f32 * d)),
+            }
+        }
+        out
+    }
+
     pub fn storage_bytes(&self) -> usize {
         self.values.len() + 2 * (self.scales.len() + self.minimums.len()) + 4 * self.fifth_bits.len()
     }
@@ -613,6 +642,20 @@ mod tests {
                     + 1e-3 * exact.abs();
                 assert!((got[r] as f64 - exact).abs() <= bound, "{dtype:?} {cols} row {r}: {} vs {exact} (bound {bound})", got[r]);
             }
+        }
+    }
+
+    #[test]
+    fn rows_dequantize_as_candle_dequantizes_them() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (rows, cols) = (5, 96);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+            let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
+            let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
+            assert_eq!(got, want, "{dtype:?}");
         }
     }
 

@@ -5,12 +5,48 @@
 //! KV cache. Every row is computed the same way whatever else is in the batch, so
 //! a sequence's logits have the same bits alone or batched.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
 use super::kv_cache::SeqKvCache;
 use super::linear::Linear;
+use super::quant::QuantMatrix;
+
+/// Token ids to vectors: a dense table, or the rows of a quantized matrix,
+/// dequantized on lookup, which a tied output head shares (one copy of the
+/// largest matrix instead of a quantized and an f32 one).
+pub enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized(Arc<QuantMatrix>),
+}
+
+impl TokenEmbedding {
+    fn dtype(&self) -> DType {
+        match self {
+            TokenEmbedding::Dense(e) => e.embeddings().dtype(),
+            TokenEmbedding::Quantized(_) => DType::F32,
+        }
+    }
+
+    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(&Tensor::new(ids, device)?),
+            TokenEmbedding::Quantized(m) => {
+                let mut values = Vec::with_capacity(ids.len() * m.cols());
+                for &id in ids {
+                    if id as usize >= m.rows() {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {}", m.rows());
+                    }
+                    values.extend(m.dequantize_row(id as usize));
+                }
+                Tensor::from_vec(values, (ids.len(), m.cols()), device)
+            }
+        }
+    }
+}
 
 pub struct Attention {
     pub q: Linear,
@@ -34,7 +70,7 @@ pub struct Block {
 
 pub struct Transformer {
     pub config: TransformerConfig,
-    pub embedding: Embedding,
+    pub embedding: TokenEmbedding,
     pub blocks: Vec<Block>,
     pub final_norm: RmsNorm,
     pub lm_head: Linear,
@@ -56,13 +92,13 @@ pub struct SeqChunk<'a> {
 impl Transformer {
     pub fn new(
         config: TransformerConfig,
-        embedding: Embedding,
+        embedding: TokenEmbedding,
         blocks: Vec<Block>,
         final_norm: RmsNorm,
         lm_head: Linear,
         device: Device,
     ) -> Result<Self> {
-        let dtype = embedding.embeddings().dtype();
+        let dtype = embedding.dtype();
         let (cos, sin) = rope_tables(&config, &device)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype })
@@ -84,8 +120,7 @@ impl Transformer {
             candle_core::bail!("every sequence in a step needs at least one token");
         }
         let starts: Vec<usize> = chunks.iter().map(|c| c.cache.len()).collect();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embedding.forward(&ids)?; // (tokens, hidden)
+        let mut x = self.embedding.forward(&ids, &self.device)?; // (tokens, hidden)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
             let h = self.attention(layer, &block.attn, &h, chunks, &starts)?;
