@@ -432,17 +432,21 @@ mod avx2 {
     }
 
     /// Add each vector's eight lanes to its sum one by one, lane 0 first (the
-    /// scalar order); the X sums' additions interleave, so their latencies overlap.
+    /// scalar order); the W × X sums' additions interleave, so their latencies overlap.
     #[inline(always)]
-    unsafe fn add_in_order<const X: usize>(sums: &mut [f32; X], blocks: [__m256; X]) {
-        let mut lanes = [[0f32; 8]; X];
-        for (lanes, v) in lanes.iter_mut().zip(blocks) {
-            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    unsafe fn add_in_order<const W: usize, const X: usize>(sums: &mut [[f32; X]; W], blocks: [[__m256; X]; W]) {
+        let mut lanes = [[[0f32; 8]; X]; W];
+        for (lanes, row) in lanes.iter_mut().zip(blocks) {
+            for (lanes, v) in lanes.iter_mut().zip(row) {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            }
         }
         let mut s = *sums;
         for lane in 0..8 {
             for (s, lanes) in s.iter_mut().zip(&lanes) {
-                *s += lanes[lane];
+                for (s, lanes) in s.iter_mut().zip(lanes) {
+                    *s += lanes[lane];
+                }
             }
         }
         *sums = s;
@@ -456,17 +460,18 @@ mod avx2 {
         let nb = ws[0].scales.len();
         let whole = nb / 8 * 8;
         for g in (0..whole).step_by(8) {
-            for (sumf, w) in sumf.iter_mut().zip(ws) {
+            let blocks: [[__m256; X]; W] = std::array::from_fn(|r| {
+                let w = ws[r];
                 let q: [__m256i; 8] = std::array::from_fn(|k| nibbles(&w.values[(g + k) * 16..]));
                 let (d, m) = (halves(&w.scales[g..]), halves(&w.minimums[g..]));
-                let blocks: [__m256; X] = std::array::from_fn(|i| {
+                std::array::from_fn(|i| {
                     let x = xs[i];
                     let sumi = sum_each_i32(std::array::from_fn(|k| products(q[k], &x.qs[(g + k) * QK..])));
                     let scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), _mm256_loadu_ps(x.d[g..].as_ptr()));
                     _mm256_add_ps(scaled, _mm256_mul_ps(m, _mm256_loadu_ps(x.s[g..].as_ptr())))
-                });
-                add_in_order(sumf, blocks);
-            }
+                })
+            });
+            add_in_order(&mut sumf, blocks);
         }
         for b in whole..nb {
             for (sumf, w) in sumf.iter_mut().zip(ws) {
@@ -487,18 +492,19 @@ mod avx2 {
         let whole = nb / 8 * 8;
         let sixteen = _mm256_set1_epi32(16);
         for g in (0..whole).step_by(8) {
-            for (sumf, w) in sumf.iter_mut().zip(ws) {
+            let blocks: [[__m256; X]; W] = std::array::from_fn(|r| {
+                let w = ws[r];
                 let q: [__m256i; 8] = std::array::from_fn(|k| q5_values(&w.values[(g + k) * 16..], w.fifth_bits[g + k]));
                 let d = halves(&w.scales[g..]);
-                let blocks: [__m256; X] = std::array::from_fn(|i| {
+                std::array::from_fn(|i| {
                     let x = xs[i];
                     let dots = sum_each_i32(std::array::from_fn(|k| products(q[k], &x.qs[(g + k) * QK..])));
                     let x_sums = _mm256_loadu_si256(x.sum[g..].as_ptr() as *const __m256i);
                     let sumi = _mm256_sub_epi32(dots, _mm256_mullo_epi32(sixteen, x_sums));
                     _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), _mm256_loadu_ps(x.d[g..].as_ptr()))
-                });
-                add_in_order(sumf, blocks);
-            }
+                })
+            });
+            add_in_order(&mut sumf, blocks);
         }
         for b in whole..nb {
             for (sumf, w) in sumf.iter_mut().zip(ws) {
