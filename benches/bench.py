@@ -258,6 +258,16 @@ def stream_completion(port, body):
             "usage": usage or {}, "finish_reason": finish_reason}
 
 
+def stop_process(proc, timeout=60):
+    """SIGTERM (the server drains), then SIGKILL if it takes longer than `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def concurrent_streams(port, bodies):
     """Stream every body at once (released together by a barrier); their results."""
     results, errors = [None] * len(bodies), []
@@ -350,12 +360,7 @@ def bench_server(name, prompt_ids, args):
             print(f"    concurrency {c}: {median(rates):.1f} tok/s", flush=True)
         out["peak_rss_kb"] = vm_hwm_kb(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
     return out
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import concurrent_streams, decode_request, free_port, get_status, median, stream_completion  # noqa: E402
+from bench import concurrent_streams, decode_request, free_port, get_status, median, stop_process, stream_completion  # noqa: E402
 
 STRATEGIES = {
     "baseline": {"strategy": "none"},
@@ -153,11 +153,7 @@ def main():
                                          "fraction_of_bound_per_stream": (median(rates) / c / bound) if bound else None}
         res["strategies"] = strategy_requests(port, name, args.strategy_tokens)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=30)
         log.close()
     out_path.write_text(json.dumps(res, indent=2))
 

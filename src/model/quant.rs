@@ -218,10 +218,6 @@ impl QuantMatrix {
         out
     }
 
-    pub fn storage_bytes(&self) -> usize {
-        self.values.len() + 2 * (self.scales.len() + self.minimums.len()) + 4 * self.fifth_bits.len()
-    }
-
     fn weight_row(&self, r: usize) -> WeightRow<'_> {
         let nb = self.cols / QK;
         let blocks = r * nb..(r + 1) * nb;
