@@ -2,11 +2,16 @@
 
 use candle_core::{Result, Tensor};
 
+use super::host_attention::HostKv;
+
 /// Keys and values of one sequence: per layer a (kv_heads, capacity, head_dim)
 /// buffer of which the first `len` positions are filled. Capacity doubles when
-/// full, so appending costs amortised O(1) copies per token.
+/// full, so appending costs amortised O(1) copies per token. The buffers are
+/// tensors (any device, any dtype) or, for f32 on the CPU, plain vectors that
+/// `host_attention` reads in place; a sequence uses one kind throughout.
 pub struct SeqKvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    host: Vec<HostKv>,
     len: usize,
     capacity: usize,
 }
@@ -15,7 +20,7 @@ const INITIAL_CAPACITY: usize = 64;
 
 impl SeqKvCache {
     pub fn new(n_layer: usize) -> Self {
-        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), len: 0, capacity: 0 }
+        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), host: (0..n_layer).map(|_| HostKv::default()).collect(), len: 0, capacity: 0 }
     }
 
     /// Positions already cached (the position of the next token).
@@ -33,7 +38,27 @@ impl SeqKvCache {
             .iter()
             .flatten()
             .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
-            .sum()
+            .sum::<u64>()
+            + self.host.iter().map(HostKv::bytes).sum::<u64>()
+    }
+
+    /// The host path's `append`: store `keys` and `values` (new × kv_heads·head_dim
+    /// f32, rotated) at positions len.. of `layer`. Call for every layer in
+    /// order; the last layer's call advances `len`.
+    pub fn append_host(&mut self, layer: usize, keys: &[f32], values: &[f32], kv_heads: usize, head_dim: usize) {
+        let needed = self.len + keys.len() / (kv_heads * head_dim);
+        while needed > self.capacity {
+            self.capacity = (self.capacity * 2).max(INITIAL_CAPACITY);
+        }
+        self.host[layer].write(self.len, keys, values, kv_heads, head_dim, self.capacity);
+        if layer + 1 == self.host.len() {
+            self.len = needed;
+        }
+    }
+
+    /// `layer`'s host buffers, for `host_attention::attend`.
+    pub fn host_layer(&self, layer: usize) -> &HostKv {
+        &self.host[layer]
     }
 
     /// Append `k`, `v` (kv_heads, new, head_dim) at positions len.. in `layer` and

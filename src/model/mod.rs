@@ -5,6 +5,7 @@ mod convert;
 mod device;
 mod gguf;
 mod hf;
+mod host_attention;
 mod kv_cache;
 mod linear;
 mod prune;

@@ -232,14 +232,15 @@ impl QuantMatrix {
     }
 
     /// `xs` (n × cols) times this matrix transposed: (n × rows). Runs of
-    /// weight rows go to threads; each output is one in-order sum.
+    /// weight rows (multiples of the decode tile's four) go to threads; each
+    /// output is one in-order sum.
     pub fn matmul_t(&self, xs: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(xs.len(), n * self.cols, "input and matrix widths disagree");
         let acts = QuantizedRows::new(xs, self.cols);
         let xs: Vec<Activations<'_>> = (0..n).map(|i| acts.row(i)).collect();
         // Transposed (rows × n) while computing, so each thread owns a contiguous part.
         let mut out_t = vec![0f32; self.rows * n];
-        super::threads::on_candles_threads(&mut out_t, n, |first_row, out| {
+        super::threads::on_candles_threads(&mut out_t, n, 4, |first_row, out| {
             let rows = first_row..first_row + out.len() / n;
             if n >= 4 {
                 // Four input rows share each unpacked weight block.

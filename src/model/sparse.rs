@@ -109,7 +109,7 @@ impl Sparse24 {
         // Each thread takes a run of weight rows and dots each with all n
         // inputs, so a row's compressed data is read once, from cache.
         let mut out_t = vec![0f32; self.rows * n];
-        super::threads::on_candles_threads(&mut out_t, n, |first_row, out| {
+        super::threads::on_candles_threads(&mut out_t, n, 4, |first_row, out| {
             for (r, dots) in out.chunks_exact_mut(n).enumerate() {
                 let (vals, pos) = row(first_row + r);
                 kernel.row_dots(vals, pos, xs, self.cols, dots);

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
+use super::host_attention::{self, Heads, SeqQueries};
 use super::kv_cache::SeqKvCache;
 use super::linear::Linear;
 use super::quant::QuantMatrix;
@@ -152,6 +153,9 @@ impl Transformer {
         chunks: &mut [SeqChunk<'_>],
         starts: &[usize],
     ) -> Result<Tensor> {
+        if self.device.is_cpu() && self.dtype == DType::F32 {
+            return self.attention_on_host(layer, attn, h, chunks, starts);
+        }
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
         let q = attn.q.forward(h)?;
@@ -174,6 +178,64 @@ impl Transformer {
         }
         let y = Tensor::cat(&outputs, 0)?; // (tokens, heads * hd)
         attn.o.forward(&y)
+    }
+
+    /// `attention` for f32 on the CPU: rotation, cache append and attention as
+    /// loops over the activations' and the cache's own memory (`host_attention`).
+    fn attention_on_host(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        h: &Tensor,
+        chunks: &mut [SeqChunk<'_>],
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
+        let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let mut q = host(attn.q.forward(h)?)?;
+        let mut k = host(attn.k.forward(h)?)?;
+        let v = host(attn.v.forward(h)?)?;
+        let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        {
+            let (cos, cos_layout) = self.cos.storage_and_layout();
+            let (sin, sin_layout) = self.sin.storage_and_layout();
+            let (cos, sin) = match (&*cos, &*sin) {
+                (candle_core::Storage::Cpu(cos), candle_core::Storage::Cpu(sin)) => {
+                    (&cos.as_slice::<f32>()?[cos_layout.start_offset()..], &sin.as_slice::<f32>()?[sin_layout.start_offset()..])
+                }
+                _ => candle_core::bail!("the rotary tables are not on the CPU"),
+            };
+            let half = cfg.head_dim / 2;
+            let mut row = 0;
+            for (chunk, &start) in chunks.iter_mut().zip(starts) {
+                let len = chunk.tokens.len();
+                if start + len > cfg.context_length {
+                    candle_core::bail!("positions up to {} are past the context of {}", start + len, cfg.context_length);
+                }
+                for i in row..row + len {
+                    let at = (start + i - row) * half;
+                    let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
+                    host_attention::rotate(&mut q[i * q_width..(i + 1) * q_width], cfg.head_dim, cfg.rope_halves, cos, sin);
+                    host_attention::rotate(&mut k[i * kv_width..(i + 1) * kv_width], cfg.head_dim, cfg.rope_halves, cos, sin);
+                }
+                let new = row * kv_width..(row + len) * kv_width;
+                chunk.cache.append_host(layer, &k[new.clone()], &v[new], cfg.n_kv_head, cfg.head_dim);
+                row += len;
+            }
+        }
+        let mut row = 0;
+        let seqs: Vec<SeqQueries<'_>> = chunks
+            .iter()
+            .zip(starts)
+            .map(|(chunk, &start)| {
+                let rows = row..row + chunk.tokens.len();
+                row = rows.end;
+                SeqQueries { rows, start, cache: chunk.cache.host_layer(layer) }
+            })
+            .collect();
+        let y = host_attention::attend(&q, &seqs, heads);
+        attn.o.forward(&Tensor::from_vec(y, (row, q_width), &self.device)?)
     }
 
     /// Scaled dot-product attention of one sequence's new queries (heads, len, hd)

@@ -1,0 +1,264 @@
+//! Attention on the CPU in f32, straight on the KV cache's own buffers.
+//!
+//! Through candle ops, one sequence's attention in one layer was some twenty
+//! small tensor ops (splits, copies, two rotary calls, two matmuls, a softmax, a
+//! copy of the whole value cache to make it contiguous) costing a few
+//! microseconds each, paid again for every sequence of a batch. Here rotation,
+//! the cache append and attention are plain loops over slices: each cached key
+//! and value is read once per query head, nothing is copied, and the (token,
+//! KV head) work items of all sequences of a step go to the thread pool at once.
+//!
+//! Every output depends only on its own sequence's tokens and cache, so a
+//! sequence gets the same bits alone or batched.
+
+use std::ops::Range;
+
+/// One layer's keys and values of one sequence: per KV head, `capacity`
+/// positions of `head_dim` values, so a head's keys are one contiguous run.
+#[derive(Default)]
+pub struct HostKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    capacity: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl HostKv {
+    pub fn bytes(&self) -> u64 {
+        ((self.keys.capacity() + self.values.capacity()) * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Store `keys` and `values` (new × kv_heads·head_dim, position after
+    /// position) at positions `at..at + new`, growing to `capacity` positions first if needed.
+    pub fn write(&mut self, at: usize, keys: &[f32], values: &[f32], kv_heads: usize, head_dim: usize, capacity: usize) {
+        let width = kv_heads * head_dim;
+        if capacity > self.capacity || self.kv_heads != kv_heads || self.head_dim != head_dim {
+            self.grow(capacity, kv_heads, head_dim);
+        }
+        for (i, (k, v)) in keys.chunks_exact(width).zip(values.chunks_exact(width)).enumerate() {
+            for h in 0..kv_heads {
+                let to = (h * self.capacity + at + i) * head_dim;
+                self.keys[to..to + head_dim].copy_from_slice(&k[h * head_dim..(h + 1) * head_dim]);
+                self.values[to..to + head_dim].copy_from_slice(&v[h * head_dim..(h + 1) * head_dim]);
+            }
+        }
+    }
+
+    /// Positions `0..len` of head `h`: (keys, values), `len × head_dim` each.
+    fn head(&self, h: usize, len: usize) -> (&[f32], &[f32]) {
+        let from = h * self.capacity * self.head_dim;
+        let to = from + len * self.head_dim;
+        (&self.keys[from..to], &self.values[from..to])
+    }
+
+    /// Re-lay the buffers out for a larger capacity, keeping every head's positions.
+    fn grow(&mut self, capacity: usize, kv_heads: usize, head_dim: usize) {
+        let mut keys = vec![0f32; kv_heads * capacity * head_dim];
+        let mut values = vec![0f32; kv_heads * capacity * head_dim];
+        if self.kv_heads == kv_heads && self.head_dim == head_dim {
+            let old = self.capacity * head_dim;
+            for h in 0..kv_heads {
+                keys[h * capacity * head_dim..][..old].copy_from_slice(&self.keys[h * old..(h + 1) * old]);
+                values[h * capacity * head_dim..][..old].copy_from_slice(&self.values[h * old..(h + 1) * old]);
+            }
+        }
+        *self = HostKv { keys, values, capacity, kv_heads, head_dim };
+    }
+}
+
+/// Rotate each head of one row (`heads × head_dim` values) to position `pos`,
+/// as candle's `rope` (halves) or `rope_i` (interleaved pairs) does, with the
+/// same expressions. `cos` and `sin` are the tables' rows for `pos` (head_dim / 2).
+pub fn rotate(row: &mut [f32], head_dim: usize, halves: bool, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for head in row.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (a, b) = if halves { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (x, y) = (head[a], head[b]);
+            head[a] = x * cos[i] - y * sin[i];
+            head[b] = x * sin[i] + y * cos[i];
+        }
+    }
+}
+
+/// The shapes of a layer's attention.
+#[derive(Clone, Copy)]
+pub struct Heads {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One sequence in a step: its rows of the step's queries, the position of the
+/// first, and its cache (already holding those rows' keys and values).
+pub struct SeqQueries<'a> {
+    pub rows: Range<usize>,
+    pub start: usize,
+    pub cache: &'a HostKv,
+}
+
+/// Causal attention of every query row (rotated, `tokens × q_heads·head_dim`)
+/// over its own sequence's cache. Returns `tokens × q_heads·head_dim`.
+pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32> {
+    let Heads { q_heads, kv_heads, head_dim } = heads;
+    let group = q_heads / kv_heads;
+    let width = q_heads * head_dim;
+    let tokens = queries.len() / width;
+    let mut seq_of_row = vec![0usize; tokens];
+    for (s, seq) in seqs.iter().enumerate() {
+        seq_of_row[seq.rows.clone()].fill(s);
+    }
+    let mut out = vec![0f32; queries.len()];
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    // One item per (row, query head): an output run of head_dim values.
+    let work = |first_item: usize, out: &mut [f32]| {
+        let mut scores = Vec::new();
+        for (item, out) in (first_item..).zip(out.chunks_exact_mut(head_dim)) {
+            let (row, q_head) = (item / q_heads, item % q_heads);
+            let seq = &seqs[seq_of_row[row]];
+            let visible = seq.start + (row - seq.rows.start) + 1;
+            let (keys, values) = seq.cache.head(q_head / group, visible);
+            let q = &queries[item * head_dim..(item + 1) * head_dim];
+            scores.clear();
+            scores.extend(keys.chunks_exact(head_dim).map(|k| dot(q, k) * scale));
+            softmax(&mut scores);
+            out.fill(0.0);
+            for (&p, v) in scores.iter().zip(values.chunks_exact(head_dim)) {
+                for (o, &v) in out.iter_mut().zip(v) {
+                    *o += p * v;
+                }
+            }
+        }
+    };
+    let longest = seqs.iter().map(|s| s.start + s.rows.len()).max().unwrap_or(0);
+    // A few short items are not worth waking the pool for.
+    if tokens * q_heads * longest < 2048 {
+        work(0, &mut out);
+    } else {
+        super::threads::on_candles_threads(&mut out, head_dim, 1, work);
+    }
+    out
+}
+
+/// Eight partial sums, so the compiler can keep them in one vector register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a8.zip(b8) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+fn softmax(xs: &mut [f32]) {
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for x in xs.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in xs.iter_mut() {
+        *x /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Plain attention in f64 for one query row of one head.
+    fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f64> {
+        let scale = 1.0 / (q.len() as f64).sqrt();
+        let scores: Vec<f64> = keys.iter().map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale).collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        (0..q.len()).map(|d| e.iter().zip(values).map(|(p, v)| p / sum * v[d] as f64).sum()).collect()
+    }
+
+    #[test]
+    fn batched_causal_grouped_attention_matches_plain_attention_and_keeps_the_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let heads = Heads { q_heads: 6, kv_heads: 2, head_dim: 12 };
+        let (qw, kvw) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+        // Two sequences: one with 5 cached positions and 3 new, one with 40 new
+        // (so its cache grows through several capacities).
+        let mut caches = [HostKv::default(), HostKv::default()];
+        let mut all_keys = [Vec::new(), Vec::new()];
+        let mut all_values = [Vec::new(), Vec::new()];
+        let starts = [5usize, 0];
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let k = random(&mut rng, starts[s] * kvw);
+            let v = random(&mut rng, starts[s] * kvw);
+            cache.write(0, &k, &v, heads.kv_heads, heads.head_dim, 8);
+            all_keys[s] = k;
+            all_values[s] = v;
+        }
+        let news = [3usize, 40];
+        for s in 0..2 {
+            let k = random(&mut rng, news[s] * kvw);
+            let v = random(&mut rng, news[s] * kvw);
+            for i in 0..news[s] {
+                let cap = (starts[s] + i + 1).next_power_of_two().max(8);
+                caches[s].write(starts[s] + i, &k[i * kvw..(i + 1) * kvw], &v[i * kvw..(i + 1) * kvw], heads.kv_heads, heads.head_dim, cap);
+            }
+            all_keys[s].extend(k);
+            all_values[s].extend(v);
+        }
+        let queries = random(&mut rng, (news[0] + news[1]) * qw);
+        let seqs = [
+            SeqQueries { rows: 0..3, start: 5, cache: &caches[0] },
+            SeqQueries { rows: 3..43, start: 0, cache: &caches[1] },
+        ];
+        let out = attend(&queries, &seqs, heads);
+        for (s, seq) in seqs.iter().enumerate() {
+            for row in seq.rows.clone() {
+                let visible = seq.start + row - seq.rows.start + 1;
+                for h in 0..heads.q_heads {
+                    let kv = h / (heads.q_heads / heads.kv_heads);
+                    let pick = |all: &Vec<f32>| -> Vec<Vec<f32>> {
+                        (0..visible).map(|p| all[p * kvw + kv * heads.head_dim..][..heads.head_dim].to_vec()).collect()
+                    };
+                    let want = reference(&queries[row * qw + h * heads.head_dim..][..heads.head_dim], &pick(&all_keys[s]), &pick(&all_values[s]));
+                    for (d, w) in want.iter().enumerate() {
+                        let got = out[row * qw + h * heads.head_dim + d] as f64;
+                        assert!((got - w).abs() < 1e-5, "seq {s} row {row} head {h}: {got} vs {w}");
+                    }
+                }
+            }
+        }
+        // The second sequence alone gives the same bits as in the batch.
+        let alone = attend(&queries[3 * qw..], &[SeqQueries { rows: 0..40, start: 0, cache: &caches[1] }], heads);
+        assert_eq!(alone, out[3 * qw..].to_vec());
+    }
+
+    #[test]
+    fn rotation_is_candles_rope_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (heads, hd, pos) = (3, 16, 5);
+        let x = random(&mut rng, heads * hd);
+        let cos = random(&mut rng, hd / 2);
+        let sin = random(&mut rng, hd / 2);
+        let dev = Device::Cpu;
+        let t = Tensor::from_vec(x.clone(), (1, heads, 1, hd), &dev).unwrap();
+        let c = Tensor::from_vec(cos.clone(), (1, hd / 2), &dev).unwrap();
+        let s = Tensor::from_vec(sin.clone(), (1, hd / 2), &dev).unwrap();
+        for halves in [true, false] {
+            let want = if halves { candle_nn::rotary_emb::rope(&t, &c, &s) } else { candle_nn::rotary_emb::rope_i(&t, &c, &s) };
+            let want = want.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut got = x.clone();
+            rotate(&mut got, hd, halves, &cos, &sin);
+            assert_eq!(got, want, "halves = {halves}, position {pos}");
+        }
+    }
+}
