@@ -115,7 +115,7 @@ impl Sparse24 {
                 kernel.row_dots(vals, pos, xs, self.cols, dots);
             }
         });
-        super::threads::transpose(out_t, self.rows, n)
+        super::threads::transpose(&out_t, self.rows, n)
     }
 }
 

@@ -35,9 +35,9 @@ impl SharedRows {
 }
 
 /// (rows × n) to (n × rows).
-pub fn transpose(rows_by_n: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
+pub fn transpose(rows_by_n: &[f32], rows: usize, n: usize) -> Vec<f32> {
     if n == 1 {
-        return rows_by_n;
+        return rows_by_n.to_vec();
     }
     let mut out = vec![0f32; n * rows];
     for (r, row) in rows_by_n.chunks_exact(n).enumerate() {

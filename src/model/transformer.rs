@@ -127,8 +127,7 @@ impl Transformer {
             let h = self.attention(layer, &block.attn, &h, chunks, &starts)?;
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
-            let gate = block.mlp.gate.forward(&h)?;
-            let up = block.mlp.up.forward(&h)?;
+            let [gate, up] = Linear::forward_many(&[&block.mlp.gate, &block.mlp.up], &h)?.try_into().expect("two layers, two outputs");
             let h = block.mlp.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + h)?;
         }
@@ -192,10 +191,9 @@ impl Transformer {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
-        let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let mut q = host(attn.q.forward(h)?)?;
-        let mut k = host(attn.k.forward(h)?)?;
-        let v = host(attn.v.forward(h)?)?;
+        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], h)?;
+        let (mut q, mut k, v) = (host(&qkv[0])?, host(&qkv[1])?, host(&qkv[2])?);
         let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
         {
             let (cos, cos_layout) = self.cos.storage_and_layout();
