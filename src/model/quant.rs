@@ -435,6 +435,22 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
     }
 
+    /// `products` on the 32 values at `x` (in bounds: callers check lengths once per tile).
+    #[inline(always)]
+    unsafe fn products_at(w: __m256i, x: *const i8) -> __m256i {
+        let x = _mm256_loadu_si256(x as *const __m256i);
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    /// Every row of a tile holds `nb` blocks, so the inner loops may index
+    /// without checks (which also keeps them small enough to unroll, and the
+    /// accumulators in registers).
+    #[inline(always)]
+    fn check_lengths<const W: usize, const X: usize>(ws: &[WeightRow<'_>; W], xs: &[&Activations<'_>; X], nb: usize) {
+        assert!(ws.iter().all(|w| w.values.len() >= nb * 16 && w.scales.len() >= nb));
+        assert!(xs.iter().all(|x| x.qs.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb && x.sum.len() >= nb));
+    }
+
     /// Eight f16 values as f32.
     #[inline(always)]
     unsafe fn halves(v: &[f16]) -> __m256 {
@@ -459,14 +475,17 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
         let mut acc_m = [[_mm256_setzero_ps(); X]; W];
         let nb = ws[0].scales.len();
+        check_lengths(&ws, &xs, nb);
+        let x_values = xs.map(|x| x.qs.as_ptr());
         let whole = nb / 8 * 8;
         for g in (0..whole).step_by(8) {
             let scales = group_scales(&ws, &xs, g);
             for k in 0..8 {
                 for (r, w) in ws.iter().enumerate() {
                     let q = nibbles(&w.values[(g + k) * 16..]);
-                    for (i, x) in xs.iter().enumerate() {
-                        acc[r][i] = scaled_block(acc[r][i], q, &x.qs[(g + k) * QK..], scales[r][i][k]);
+                    for i in 0..X {
+                        let products = _mm256_cvtepi32_ps(products_at(q, x_values[i].add((g + k) * QK)));
+                        acc[r][i] = _mm256_fmadd_ps(products, _mm256_set1_ps(scales[r][i][k]), acc[r][i]);
                     }
                 }
             }
@@ -511,14 +530,17 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
         let mut acc_16 = [[_mm256_setzero_ps(); X]; W];
         let nb = ws[0].scales.len();
+        check_lengths(&ws, &xs, nb);
+        let x_values = xs.map(|x| x.qs.as_ptr());
         let whole = nb / 8 * 8;
         for g in (0..whole).step_by(8) {
             let scales = group_scales(&ws, &xs, g);
             for k in 0..8 {
                 for (r, w) in ws.iter().enumerate() {
                     let q = q5_values(&w.values[(g + k) * 16..], w.fifth_bits[g + k]);
-                    for (i, x) in xs.iter().enumerate() {
-                        acc[r][i] = scaled_block(acc[r][i], q, &x.qs[(g + k) * QK..], scales[r][i][k]);
+                    for i in 0..X {
+                        let products = _mm256_cvtepi32_ps(products_at(q, x_values[i].add((g + k) * QK)));
+                        acc[r][i] = _mm256_fmadd_ps(products, _mm256_set1_ps(scales[r][i][k]), acc[r][i]);
                     }
                 }
             }
