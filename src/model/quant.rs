@@ -579,20 +579,47 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile_q8_0<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
-        let ones = _mm256_set1_epi16(1);
-        for b in 0..ws[0].scales.len() {
-            for (acc, w) in acc.iter_mut().zip(ws) {
-                let q = _mm256_loadu_si256(w.values[b * QK..].as_ptr() as *const __m256i);
-                let magnitude = _mm256_sign_epi8(q, q);
+        let nb = ws[0].scales.len();
+        assert!(ws.iter().all(|w| w.values.len() >= nb * QK && w.scales.len() >= nb));
+        assert!(xs.iter().all(|x| x.qs.len() >= nb * QK && x.d.len() >= nb));
+        let x_values = xs.map(|x| x.qs.as_ptr());
+        // Blocks eight at a time, their d_w·d_x as one vector product (the
+        // same rounding as one by one); then the remaining blocks.
+        let whole = nb / 8 * 8;
+        for g in (0..whole).step_by(8) {
+            let scales = group_scales(&ws, &xs, g);
+            for k in 0..8 {
+                for (r, w) in ws.iter().enumerate() {
+                    let b = g + k;
+                    let q = _mm256_loadu_si256(w.values.as_ptr().add(b * QK) as *const __m256i);
+                    let q = (q, _mm256_sign_epi8(q, q));
+                    for i in 0..X {
+                        acc[r][i] = q8_0_block(acc[r][i], q, x_values[i].add(b * QK), scales[r][i][k]);
+                    }
+                }
+            }
+        }
+        for b in whole..nb {
+            for (r, w) in ws.iter().enumerate() {
+                let q = _mm256_loadu_si256(w.values.as_ptr().add(b * QK) as *const __m256i);
+                let q = (q, _mm256_sign_epi8(q, q));
                 let dw = w.scales[b].to_f32();
-                for (acc, x) in acc.iter_mut().zip(xs) {
-                    let xq = _mm256_loadu_si256(x.qs[b * QK..].as_ptr() as *const __m256i);
-                    let lanes = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq, q)));
-                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[b]), _mm256_cvtepi32_ps(lanes), *acc);
+                for (i, x) in xs.iter().enumerate() {
+                    acc[r][i] = q8_0_block(acc[r][i], q, x_values[i].add(b * QK), dw * x.d[b]);
                 }
             }
         }
         acc.map(|row| row.map(|a| sum_f32(a)))
+    }
+
+    /// One Q8_0 block (its values and their magnitudes) into `acc`: eight lane
+    /// sums of w·x (signed × signed through the sign trick), scaled with one
+    /// fused multiply-add.
+    #[inline(always)]
+    unsafe fn q8_0_block(acc: __m256, (q, magnitude): (__m256i, __m256i), x: *const i8, scale: f32) -> __m256 {
+        let xq = _mm256_loadu_si256(x as *const __m256i);
+        let lanes = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq, q)));
+        _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(lanes), acc)
     }
 }
 
