@@ -218,8 +218,10 @@ async fn greedy_choice_on_the_device_path_gives_the_host_paths_tokens() {
     let device_path = TestServer::start(EngineConfig { pick_on_device: terse::engine::PickOnDevice::On, ..EngineConfig::default() });
     let mut bodies = vec![
         body(PROMPTS[0], None),
-        body(PROMPTS[1], Some(json!({"strategy": "ts", "stop_temperature": 4}))),
-        body(PROMPTS[2], Some(json!({"strategy": "ts", "stop_temperature": 8, "ramp": true, "max_thinking_tokens": 16}))),
+        // Settings under which these prompts end by TS well within 48 tokens
+        // (at 16 and 34 tokens when written), so TS is exercised.
+        body(PROMPTS[1], Some(json!({"strategy": "ts", "stop_temperature": 8}))),
+        body(PROMPTS[0], Some(json!({"strategy": "ts", "stop_temperature": 8, "ramp": true, "max_thinking_tokens": 16}))),
         body(PROMPTS[3], Some(json!({"strategy": "budget", "max_thinking_tokens": 12}))),
     ];
     // Rows the host still samples, in the same steps as the device's rows.
