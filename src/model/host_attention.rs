@@ -33,6 +33,7 @@ impl HostKv {
     /// position) at positions `at..at + new`, growing to `capacity` positions first if needed.
     pub fn write(&mut self, at: usize, keys: &[f32], values: &[f32], kv_heads: usize, head_dim: usize, capacity: usize) {
         let width = kv_heads * head_dim;
+        assert!(at + keys.len() / width <= capacity && keys.len() == values.len(), "KV write past the capacity asked for");
         if capacity > self.capacity || self.kv_heads != kv_heads || self.head_dim != head_dim {
             self.grow(capacity, kv_heads, head_dim);
         }

@@ -476,6 +476,7 @@ mod avx2 {
         let mut acc_m = [[_mm256_setzero_ps(); X]; W];
         let nb = ws[0].scales.len();
         check_lengths(&ws, &xs, nb);
+        assert!(ws.iter().all(|w| w.minimums.len() >= nb), "a Q4_1 row has a minimum per block");
         let x_values = xs.map(|x| x.qs.as_ptr());
         let whole = nb / 8 * 8;
         for g in (0..whole).step_by(8) {

@@ -195,6 +195,10 @@ impl Transformer {
         let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], h)?;
         let (mut q, mut k, v) = (host(&qkv[0])?, host(&qkv[1])?, host(&qkv[2])?);
         let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if q.len() != tokens * q_width || k.len() != tokens * kv_width || v.len() != tokens * kv_width {
+            candle_core::bail!("layer {layer}: q/k/v widths {}/{}/{} do not fit {} heads and {} KV heads of {}", q.len() / tokens, k.len() / tokens, v.len() / tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim);
+        }
         {
             let (cos, cos_layout) = self.cos.storage_and_layout();
             let (sin, sin_layout) = self.sin.storage_and_layout();
