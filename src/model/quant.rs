@@ -446,8 +446,8 @@ mod avx2 {
     /// without checks (which also keeps them small enough to unroll, and the
     /// accumulators in registers).
     #[inline(always)]
-    fn check_lengths<const W: usize, const X: usize>(ws: &[WeightRow<'_>; W], xs: &[&Activations<'_>; X], nb: usize) {
-        assert!(ws.iter().all(|w| w.values.len() >= nb * 16 && w.scales.len() >= nb));
+    fn check_lengths<const W: usize, const X: usize>(ws: &[WeightRow<'_>; W], xs: &[&Activations<'_>; X], nb: usize, value_bytes: usize) {
+        assert!(ws.iter().all(|w| w.values.len() >= nb * value_bytes && w.scales.len() >= nb));
         assert!(xs.iter().all(|x| x.qs.len() >= nb * QK && x.d.len() >= nb && x.s.len() >= nb && x.sum.len() >= nb));
     }
 
@@ -475,7 +475,7 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
         let mut acc_m = [[_mm256_setzero_ps(); X]; W];
         let nb = ws[0].scales.len();
-        check_lengths(&ws, &xs, nb);
+        check_lengths(&ws, &xs, nb, 16);
         assert!(ws.iter().all(|w| w.minimums.len() >= nb), "a Q4_1 row has a minimum per block");
         let x_values = xs.map(|x| x.qs.as_ptr());
         let whole = nb / 8 * 8;
@@ -531,7 +531,7 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
         let mut acc_16 = [[_mm256_setzero_ps(); X]; W];
         let nb = ws[0].scales.len();
-        check_lengths(&ws, &xs, nb);
+        check_lengths(&ws, &xs, nb, 16);
         let x_values = xs.map(|x| x.qs.as_ptr());
         let whole = nb / 8 * 8;
         for g in (0..whole).step_by(8) {
@@ -581,8 +581,7 @@ mod avx2 {
     pub unsafe fn tile_q8_0<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
         let nb = ws[0].scales.len();
-        assert!(ws.iter().all(|w| w.values.len() >= nb * QK && w.scales.len() >= nb));
-        assert!(xs.iter().all(|x| x.qs.len() >= nb * QK && x.d.len() >= nb));
+        check_lengths(&ws, &xs, nb, QK);
         let x_values = xs.map(|x| x.qs.as_ptr());
         // Blocks eight at a time, their d_w·d_x as one vector product (the
         // same rounding as one by one); then the remaining blocks.
@@ -635,16 +634,21 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
+    /// A random (rows × cols) matrix quantized by candle, and the same blocks as ours.
+    fn random_quantized(rng: &mut rand_chacha::ChaCha8Rng, dtype: GgmlDType, rows: usize, cols: usize) -> (QTensor, QuantMatrix) {
+        let w = Tensor::from_vec(random(rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let ours = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
+        (q, ours)
+    }
+
     /// candle's own quantized matmul (its Q8_1 / Q8_0 activations and scalar
     /// block dot) against ours, on the same blocks: the same bits from our
     /// scalar kernel, the last bits only from the detected one.
     /// (candle's kernels want an even number of blocks per row; ours do not.)
     fn check(dtype: GgmlDType, rows: usize, cols: usize, n: usize, seed: u64) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, dtype).unwrap();
-        let format = BlockFormat::from_ggml(dtype).unwrap();
-        let ours = QuantMatrix::new(format, rows, cols, &q.data().unwrap()).unwrap();
+        let (q, ours) = random_quantized(&mut rng, dtype, rows, cols);
         let xs = random(&mut rng, n * cols);
         let x = Tensor::from_vec(xs.clone(), (n, cols), &Device::Cpu).unwrap();
         let want = candle_core::quantized::QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
@@ -696,9 +700,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (rows, cols) = (48, 256);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
-            let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
+            let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             let xs = random(&mut rng, 5 * cols);
             let batched = m.matmul_t(&xs, 5);
             for i in 0..5 {
@@ -715,11 +717,7 @@ mod tests {
         let cols = 160;
         let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q5_0, 9)]
             .into_iter()
-            .map(|(dtype, rows)| {
-                let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&w, dtype).unwrap();
-                QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap()
-            })
+            .map(|(dtype, rows)| random_quantized(&mut rng, dtype, rows, cols).1)
             .collect();
         for n in [1, 2, 6] {
             let xs = random(&mut rng, n * cols);
@@ -738,10 +736,8 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for (cols, dtype) in [(96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0)] {
             let rows = 21;
-            let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
+            let (q, m) = random_quantized(&mut rng, dtype, rows, cols);
             let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
             let xs = random(&mut rng, cols);
             let got = m.matmul_t(&xs, 1);
             for r in 0..rows {
@@ -767,10 +763,8 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let (rows, cols) = (5, 96);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
-            let w = Tensor::from_vec(random(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
+            let (q, m) = random_quantized(&mut rng, dtype, rows, cols);
             let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let m = QuantMatrix::new(BlockFormat::from_ggml(dtype).unwrap(), rows, cols, &q.data().unwrap()).unwrap();
             let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
             assert_eq!(got, want, "{dtype:?}");
         }

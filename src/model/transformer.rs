@@ -157,9 +157,7 @@ impl Transformer {
         }
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
-        let q = attn.q.forward(h)?;
-        let k = attn.k.forward(h)?;
-        let v = attn.v.forward(h)?;
+        let [q, k, v] = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], h)?.try_into().expect("three layers, three outputs");
         let mut outputs = Vec::with_capacity(chunks.len());
         let mut row = 0;
         for (chunk, &start) in chunks.iter_mut().zip(starts) {
