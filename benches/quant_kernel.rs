@@ -1,5 +1,5 @@
 //! Our quantized kernels alone (`model::quant`) against candle's `QMatMul` on
-//! the same blocks, on SmolLM2-135M's and Qwen2.5-0.5B's shapes and formats,
+//! the same blocks, on SmolLM2-135M's and the Qwen2.5 models' shapes and formats,
 //! for one input row (decode), 8 (batched decode) and 128 (prefill). A shape
 //! that fits the caches ("mlp up") next to one that does not ("head") shows
 //! whether a kernel is bound by arithmetic or by memory.
@@ -20,6 +20,9 @@ fn kernels(c: &mut Criterion) {
         ("smollm2 mlp up q4_1", GgmlDType::Q4_1, 1536, 576),
         ("smollm2 head q8_0", GgmlDType::Q8_0, 49152, 576),
         ("qwen0.5b mlp up q5_0", GgmlDType::Q5_0, 4864, 896),
+        ("qwen0.5b mlp down q4_k", GgmlDType::Q4K, 896, 4864),
+        ("qwen0.5b mlp down q6_k", GgmlDType::Q6K, 896, 4864),
+        ("qwen1.5b mlp up q4_k", GgmlDType::Q4K, 8960, 1536),
     ];
     for (name, dtype, rows, cols) in shapes {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -1,6 +1,6 @@
 //! One linear layer behind one interface, whatever its weights' format:
-//! quantized (GGUF: our kernels for Q4_1 / Q5_0 / Q8_0 on the CPU, candle's for
-//! the rest and on a GPU), dense, or 2:4 sparse.
+//! quantized (GGUF: our kernels for Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K on the
+//! CPU, candle's for the rest and on a GPU), dense, or 2:4 sparse.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use super::sparse::Sparse24;
 enum Weight {
     /// candle's quantized or dense matmul.
     Candle(QMatMul),
-    /// Our kernels for Q4_1, Q5_0 and Q8_0 blocks (CPU only).
+    /// Our kernels for Q4_1, Q5_0, Q8_0, Q4_K and Q6_K blocks (CPU only).
     Quant(Arc<QuantMatrix>),
     /// Our 2:4 sparse kernel.
     Sparse(Sparse24),
@@ -23,7 +23,9 @@ pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     /// candle multiplies a single row of Q6_K with a compact GEMV kernel and two
-    /// or more rows with repacked tiles, whose results differ in the last bits.
+    /// or more rows with repacked tiles, whose results differ in the last bits
+    /// (seen on the CPU, where our kernels now take Q6_K; kept for candle's
+    /// other devices).
     /// Running a lone row as two keeps every row on the tiled kernel, so a
     /// sequence's logits do not depend on how many others share its step.
     pad_single_row: bool,

@@ -1,7 +1,7 @@
 //! Our own CPU kernels for GGUF's Q4_1 (SmolLM2's projections), Q5_0 (most of
-//! Qwen2.5-0.5B's) and Q8_0 (SmolLM2's head, the rest of Qwen2.5-0.5B). candle
-//! multiplies the first two with scalar code; all three run here on candle's
-//! own thread pool.
+//! Qwen2.5-0.5B's) and Q8_0 (SmolLM2's head, the rest of Qwen2.5-0.5B), and
+//! (in `super_blocks`) Q4_K and Q6_K. candle multiplies the first two with
+//! scalar code; all run here on candle's own thread pool.
 //!
 //! A GGUF block holds 32 values:
 //! - Q4_1 (20 bytes): scale d and minimum m (f16), 16 bytes of 4-bit q;
@@ -34,6 +34,10 @@ use half::f16;
 
 use super::sparse::Kernel;
 
+mod super_blocks;
+
+use super_blocks::{SuperRows, QK_K};
+
 const QK: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub enum BlockFormat {
     Q4_1,
     Q5_0,
     Q8_0,
+    Q4K,
+    Q6K,
 }
 
 impl BlockFormat {
@@ -50,6 +56,8 @@ impl BlockFormat {
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            GgmlDType::Q4K => Some(BlockFormat::Q4K),
+            GgmlDType::Q6K => Some(BlockFormat::Q6K),
             _ => None,
         }
     }
@@ -59,6 +67,8 @@ impl BlockFormat {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q5_0 => 22,
             BlockFormat::Q8_0 => 34,
+            BlockFormat::Q4K => 144,
+            BlockFormat::Q6K => 210,
         }
     }
 
@@ -67,32 +77,50 @@ impl BlockFormat {
         match self {
             BlockFormat::Q4_1 | BlockFormat::Q5_0 => 16,
             BlockFormat::Q8_0 => 32,
+            // Super-blocks stay whole (see `super_blocks`).
+            BlockFormat::Q4K => super_blocks::Q4_K_BYTES,
+            BlockFormat::Q6K => super_blocks::Q6_K_BYTES,
         }
+    }
+
+    /// Values per block.
+    fn block_values(self) -> usize {
+        if self.has_super_blocks() { QK_K } else { QK }
+    }
+
+    /// Q4_K and Q6_K: 256-value blocks, whose inputs are quantized per 256 values.
+    fn has_super_blocks(self) -> bool {
+        matches!(self, BlockFormat::Q4K | BlockFormat::Q6K)
     }
 }
 
 /// Rows of activations, 8 bits per value, per block of 32: the scale (an f16
-/// value), the sum of the quantized values, and Q8_1's `s` = f16(sum)·d in f16.
+/// value), the sum of the quantized values, and Q8_1's `s` = f16(sum)·d in f16;
+/// and, for the super-block formats, per block of 256 (`SuperRows`). Each form
+/// is made only when some matrix reads it.
 pub struct QuantizedRows {
-    blocks_per_row: usize,
+    cols: usize,
     d: Vec<f32>,
     sum: Vec<i32>,
     s: Vec<f32>,
     qs: Vec<i8>,
+    k: SuperRows,
 }
 
 impl QuantizedRows {
-    /// `xs` is (n × cols), cols a multiple of 32.
-    pub fn new(xs: &[f32], cols: usize) -> Self {
+    /// `xs` is (n × cols), cols a multiple of 32 (of 256 for `super_blocks`).
+    pub fn new(xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) -> Self {
         assert!(cols % QK == 0 && xs.len() % cols == 0);
-        let blocks = xs.len() / QK;
-        let mut rows = QuantizedRows {
-            blocks_per_row: cols / QK,
-            d: Vec::with_capacity(blocks),
-            sum: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(blocks),
-            qs: vec![0; xs.len()],
-        };
+        let k = if super_blocks { SuperRows::new(xs) } else { SuperRows::default() };
+        let mut rows = QuantizedRows { cols, d: Vec::new(), sum: Vec::new(), s: Vec::new(), qs: Vec::new(), k };
+        if !blocks {
+            return rows;
+        }
+        let count = xs.len() / QK;
+        rows.d.reserve(count);
+        rows.sum.reserve(count);
+        rows.s.reserve(count);
+        rows.qs = vec![0; xs.len()];
         for (block, q) in xs.chunks_exact(QK).zip(rows.qs.chunks_exact_mut(QK)) {
             let amax = block.iter().fold(0f32, |m, &x| m.max(x.abs()));
             let d = amax / 127.0;
@@ -110,23 +138,38 @@ impl QuantizedRows {
         rows
     }
 
-    /// Row `i`'s blocks.
+    /// Row `i`'s blocks (empty slices for a form not made).
     fn row(&self, i: usize) -> Activations<'_> {
-        let nb = self.blocks_per_row;
-        let blocks = i * nb..(i + 1) * nb;
-        Activations { d: &self.d[blocks.clone()], sum: &self.sum[blocks.clone()], s: &self.s[blocks], qs: &self.qs[i * nb * QK..(i + 1) * nb * QK] }
+        let part = |v: usize| i * self.cols / v..(i + 1) * self.cols / v;
+        let (nb, nk) = (part(QK), part(QK_K));
+        let (cols, k16, k32) = (part(1), part(16), part(QK));
+        Activations {
+            d: self.d.get(nb.clone()).unwrap_or(&[]),
+            sum: self.sum.get(nb.clone()).unwrap_or(&[]),
+            s: self.s.get(nb).unwrap_or(&[]),
+            qs: self.qs.get(cols.clone()).unwrap_or(&[]),
+            k_d: self.k.d.get(nk).unwrap_or(&[]),
+            k_sums16: self.k.sums16.get(k16).unwrap_or(&[]),
+            k_sums32: self.k.sums32.get(k32).unwrap_or(&[]),
+            k_qs: self.k.qs.get(cols).unwrap_or(&[]),
+        }
     }
 }
 
-/// One activation row's blocks.
+/// One activation row's blocks, in either form.
 struct Activations<'a> {
     d: &'a [f32],
     sum: &'a [i32],
     s: &'a [f32],
     qs: &'a [i8],
+    /// Per 256 values: the scale, the sums of 16 and of 32 values, the values.
+    k_d: &'a [f32],
+    k_sums16: &'a [i16],
+    k_sums32: &'a [i16],
+    k_qs: &'a [i8],
 }
 
-/// A (rows × cols) matrix of Q4_1, Q5_0 or Q8_0 blocks, repacked.
+/// A (rows × cols) matrix of Q4_1, Q5_0, Q8_0, Q4_K or Q6_K blocks, repacked.
 pub struct QuantMatrix {
     format: BlockFormat,
     rows: usize,
@@ -135,7 +178,7 @@ pub struct QuantMatrix {
     values: Vec<u8>,
     /// Per block: the scale d.
     scales: Vec<f16>,
-    /// Q4_1: per block, the minimum m (empty for the other formats).
+    /// Q4_1: per block, the minimum m; Q4_K: dmin (empty for the other formats).
     minimums: Vec<f16>,
     /// Q5_0: per block, the fifth bits (empty for the other formats).
     fifth_bits: Vec<u32>,
@@ -154,10 +197,11 @@ struct WeightRow<'a> {
 impl QuantMatrix {
     /// `blocks` are the rows' blocks, row after row, as a GGUF file holds them.
     pub fn new(format: BlockFormat, rows: usize, cols: usize, blocks: &[u8]) -> candle_core::Result<Self> {
-        if cols % QK != 0 {
-            candle_core::bail!("{format:?} rows need a multiple of {QK} columns, not {cols}");
+        let per_block = format.block_values();
+        if cols % per_block != 0 {
+            candle_core::bail!("{format:?} rows need a multiple of {per_block} columns, not {cols}");
         }
-        let count = rows * cols / QK;
+        let count = rows * cols / per_block;
         if blocks.len() != count * format.block_bytes() {
             candle_core::bail!("{format:?} ({rows} × {cols}) needs {} bytes, got {}", count * format.block_bytes(), blocks.len());
         }
@@ -166,24 +210,31 @@ impl QuantMatrix {
             rows,
             cols,
             values: Vec::with_capacity(count * format.value_bytes()),
-            scales: Vec::with_capacity(count),
+            // One per block of the 32-value formats; super-blocks keep theirs inside.
+            scales: Vec::with_capacity(if format.has_super_blocks() { 0 } else { count }),
             minimums: Vec::new(),
             fifth_bits: Vec::new(),
             kernel: Kernel::detect(),
         };
         let half_at = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
         for block in blocks.chunks_exact(format.block_bytes()) {
-            m.scales.push(half_at(block, 0));
             match format {
                 BlockFormat::Q4_1 => {
+                    m.scales.push(half_at(block, 0));
                     m.minimums.push(half_at(block, 2));
                     m.values.extend_from_slice(&block[4..20]);
                 }
                 BlockFormat::Q5_0 => {
+                    m.scales.push(half_at(block, 0));
                     m.fifth_bits.push(u32::from_le_bytes([block[2], block[3], block[4], block[5]]));
                     m.values.extend_from_slice(&block[6..22]);
                 }
-                BlockFormat::Q8_0 => m.values.extend_from_slice(&block[2..34]),
+                BlockFormat::Q8_0 => {
+                    m.scales.push(half_at(block, 0));
+                    m.values.extend_from_slice(&block[2..34]);
+                }
+                BlockFormat::Q4K => super_blocks::repack_q4_k(block, &mut m.values),
+                BlockFormat::Q6K => m.values.extend_from_slice(block),
             }
         }
         Ok(m)
@@ -201,6 +252,13 @@ impl QuantMatrix {
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let w = self.weight_row(r);
         let mut out = Vec::with_capacity(self.cols);
+        if self.format.has_super_blocks() {
+            match self.format {
+                BlockFormat::Q4K => super_blocks::dequantize_q4_k(w, &mut out),
+                _ => super_blocks::dequantize_q6_k(w, &mut out),
+            }
+            return out;
+        }
         let vb = self.format.value_bytes();
         for (b, q) in w.values.chunks_exact(vb).enumerate() {
             let d = w.scales[b].to_f32();
@@ -217,19 +275,20 @@ impl QuantMatrix {
                     out.extend(q.iter().enumerate().map(|(j, &v)| value(v >> 4, j + 16)));
                 }
                 BlockFormat::Q8_0 => out.extend(q.iter().map(|&v| v as i8 as f32 * d)),
+                BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("dequantized above"),
             }
         }
         out
     }
 
     fn weight_row(&self, r: usize) -> WeightRow<'_> {
-        let nb = self.cols / QK;
+        let nb = self.cols / self.format.block_values();
         let blocks = r * nb..(r + 1) * nb;
         let vb = self.format.value_bytes();
         WeightRow {
             values: &self.values[r * nb * vb..(r + 1) * nb * vb],
-            scales: &self.scales[blocks.clone()],
             // Empty for the formats without them.
+            scales: self.scales.get(blocks.clone()).unwrap_or(&[]),
             minimums: self.minimums.get(blocks.clone()).unwrap_or(&[]),
             fifth_bits: self.fifth_bits.get(blocks).unwrap_or(&[]),
         }
@@ -243,13 +302,14 @@ impl QuantMatrix {
     /// `xs` (n × cols) times each matrix transposed, for matrices that read the
     /// same input (q, k and v; gate and up): the input is quantized once, and
     /// all the matrices' rows go to the threads in one hand-out. Runs of weight
-    /// rows (multiples of the decode tile's four) go to threads; each output is
+    /// rows (multiples of four) go to threads; each output is
     /// one in-order sum.
     pub fn matmul_t_many(matrices: &[&QuantMatrix], xs: &[f32], n: usize) -> Vec<Vec<f32>> {
         let cols = matrices[0].cols;
         assert!(matrices.iter().all(|m| m.cols == cols), "matrices of one input share its width");
         assert_eq!(xs.len(), n * cols, "input and matrix widths disagree");
-        let acts = QuantizedRows::new(xs, cols);
+        let (blocks, super_blocks) = (matrices.iter().any(|m| !m.format.has_super_blocks()), matrices.iter().any(|m| m.format.has_super_blocks()));
+        let acts = QuantizedRows::new(xs, cols, blocks, super_blocks);
         let xs: Vec<Activations<'_>> = (0..n).map(|i| acts.row(i)).collect();
         // Where each matrix's rows start among all rows, rounded up to a whole
         // run of four so that no run spans two matrices.
@@ -279,39 +339,24 @@ impl QuantMatrix {
             .collect()
     }
 
-    /// Weight rows `rows` dotted with every input: `out` is (rows × n).
+    /// Weight rows `rows` dotted with every input: `out` is (rows × n). One
+    /// weight row after another, so the weights are one stream of memory
+    /// (four rows read side by side, a tile that shared activation loads,
+    /// stalled on memory: 5-25% slower at decode on matrices that do not fit
+    /// the caches, 2.3x on Qwen2.5-1.5B's short Q4_K rows); four input rows
+    /// share each unpacked weight block.
     fn rows_times(&self, rows: std::ops::Range<usize>, xs: &[Activations<'_>], out: &mut [f32]) {
         let n = xs.len();
-        if n >= 4 {
-            // Four input rows share each unpacked weight block.
-            for (r, out) in rows.zip(out.chunks_exact_mut(n)) {
-                let w = self.weight_row(r);
-                let mut four = out.chunks_exact_mut(4);
-                for (k, o) in (&mut four).enumerate() {
-                    let x = &xs[4 * k..4 * k + 4];
-                    o.copy_from_slice(&self.tile([w], [&x[0], &x[1], &x[2], &x[3]])[0]);
-                }
-                let done = n - four.into_remainder().len();
-                for (i, o) in out[done..].iter_mut().enumerate() {
-                    *o = self.tile([w], [&xs[done + i]])[0][0];
-                }
+        for (r, out) in rows.zip(out.chunks_exact_mut(n)) {
+            let w = self.weight_row(r);
+            let mut four = out.chunks_exact_mut(4);
+            for (k, o) in (&mut four).enumerate() {
+                let x = &xs[4 * k..4 * k + 4];
+                o.copy_from_slice(&self.tile([w], [&x[0], &x[1], &x[2], &x[3]])[0]);
             }
-            return;
-        }
-        // Decode: four weight rows share each loaded activation block.
-        let mut r = rows.start;
-        while r + 4 <= rows.end {
-            let w: [WeightRow<'_>; 4] = std::array::from_fn(|k| self.weight_row(r + k));
-            for (i, x) in xs.iter().enumerate() {
-                for (k, v) in self.tile(w, [x]).iter().enumerate() {
-                    out[(r - rows.start + k) * n + i] = v[0];
-                }
-            }
-            r += 4;
-        }
-        for r in r..rows.end {
-            for (i, x) in xs.iter().enumerate() {
-                out[(r - rows.start) * n + i] = self.tile([self.weight_row(r)], [x])[0][0];
+            let done = n - four.into_remainder().len();
+            for (i, o) in out[done..].iter_mut().enumerate() {
+                *o = self.tile([w], [&xs[done + i]])[0][0];
             }
         }
     }
@@ -325,6 +370,8 @@ impl QuantMatrix {
                     BlockFormat::Q4_1 => scalar::dot_q4_1(w, x),
                     BlockFormat::Q5_0 => scalar::dot_q5_0(w, x),
                     BlockFormat::Q8_0 => scalar::dot_q8_0(w, x),
+                    BlockFormat::Q4K => super_blocks::scalar::dot_q4_k(w, x),
+                    BlockFormat::Q6K => super_blocks::scalar::dot_q6_k(w, x),
                 })
             }),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C on this CPU; `new` sized the rows.
@@ -334,6 +381,10 @@ impl QuantMatrix {
             (Kernel::Avx2, BlockFormat::Q5_0) => unsafe { avx2::tile_q5_0(ws, xs) },
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, BlockFormat::Q8_0) => unsafe { avx2::tile_q8_0(ws, xs) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, BlockFormat::Q4K) => unsafe { super_blocks::avx2::tile_q4_k(ws, xs) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, BlockFormat::Q6K) => unsafe { super_blocks::avx2::tile_q6_k(ws, xs) },
         }
     }
 }
@@ -662,11 +713,15 @@ mod tests {
             let magnitude: f32 = dense[out * cols..(out + 1) * cols].iter().zip(&xs[row * cols..(row + 1) * cols]).map(|(w, x)| (w * x).abs()).sum();
             assert!((a - b).abs() <= 1e-6 * magnitude.max(1.0), "{dtype:?} {rows}x{cols} n={n}: element {i}: ours {a}, candle {b}");
         }
-        // The scalar kernel is candle's own arithmetic: the same bits.
+        // The scalar kernel of the 32-value formats is candle's own
+        // arithmetic: the same bits. The super-block formats' scalar kernel
+        // takes the AVX2 kernel's steps: its bits.
+        let format = ours.format;
         let scalar = QuantMatrix { kernel: Kernel::Scalar, ..ours };
+        let same_as = if format.has_super_blocks() { &got } else { &want };
         let got = scalar.matmul_t(&xs, n);
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} {rows}x{cols} n={n} (scalar): element {i}: ours {a}, candle {b}");
+        for (i, (a, b)) in got.iter().zip(same_as).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} {rows}x{cols} n={n} (scalar): element {i}: scalar {a}, other {b}");
         }
     }
 
@@ -696,10 +751,21 @@ mod tests {
     }
 
     #[test]
+    fn q4_k_and_q6_k_are_candles_result() {
+        // Odd super-block counts (3, 19) included.
+        let shapes = [(1, 256, 1), (7, 512, 1), (33, 768, 3), (64, 1536, 1), (17, 4864, 2), (40, 256, 9)];
+        for (seed, dtype) in [(300, GgmlDType::Q4K), (400, GgmlDType::Q6K)] {
+            for (i, &(rows, cols, n)) in shapes.iter().enumerate() {
+                check(dtype, rows, cols, n, seed + i as u64);
+            }
+        }
+    }
+
+    #[test]
     fn a_row_gets_the_same_bits_alone_or_batched() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (rows, cols) = (48, 256);
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             let xs = random(&mut rng, 5 * cols);
             let batched = m.matmul_t(&xs, 5);
@@ -713,9 +779,10 @@ mod tests {
     fn matrices_sharing_an_input_give_each_ones_own_result() {
         // q, k, v style: different formats and row counts (not multiples of
         // four, so runs of rows meet matrix boundaries), one quantized input.
+        // Both input forms at once (32- and 256-value blocks): cols = 512.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let cols = 160;
-        let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q5_0, 9)]
+        let cols = 512;
+        let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q4K, 13), (GgmlDType::Q5_0, 9), (GgmlDType::Q6K, 6)]
             .into_iter()
             .map(|(dtype, rows)| random_quantized(&mut rng, dtype, rows, cols).1)
             .collect();
@@ -734,7 +801,9 @@ mod tests {
         // allow what 8-bit activations can move: half a step (amax/127) per
         // value, times |w|. Odd block counts (cols = 96) included.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (cols, dtype) in [(96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0)] {
+        for (cols, dtype) in [(96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0), (768, GgmlDType::Q4K), (768, GgmlDType::Q6K)] {
+            // Inputs are quantized per block of the weights' format.
+            let per_block = BlockFormat::from_ggml(dtype).unwrap().block_values();
             let rows = 21;
             let (q, m) = random_quantized(&mut rng, dtype, rows, cols);
             let dense: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -744,8 +813,8 @@ mod tests {
                 let w = &dense[r * cols..(r + 1) * cols];
                 let exact: f64 = w.iter().zip(&xs).map(|(&w, &x)| w as f64 * x as f64).sum();
                 let bound: f64 = w
-                    .chunks(QK)
-                    .zip(xs.chunks(QK))
+                    .chunks(per_block)
+                    .zip(xs.chunks(per_block))
                     .map(|(w, x)| {
                         let step = x.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 127.0;
                         w.iter().map(|v| v.abs() as f64).sum::<f64>() * step * 0.5
@@ -761,8 +830,8 @@ mod tests {
     #[test]
     fn rows_dequantize_as_candle_dequantizes_them() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-        let (rows, cols) = (5, 96);
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        let (rows, cols) = (5, 512);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let (q, m) = random_quantized(&mut rng, dtype, rows, cols);
             let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
@@ -774,5 +843,7 @@ mod tests {
     fn wrong_sizes_are_refused() {
         assert!(QuantMatrix::new(BlockFormat::Q4_1, 2, 48, &[0; 40]).is_err());
         assert!(QuantMatrix::new(BlockFormat::Q5_0, 2, 64, &[0; 87]).is_err());
+        assert!(QuantMatrix::new(BlockFormat::Q4K, 1, 128, &[0; 72]).is_err());
+        assert!(QuantMatrix::new(BlockFormat::Q6K, 1, 256, &[0; 209]).is_err());
     }
 }

@@ -1,0 +1,338 @@
+//! GGUF's 256-value super-block formats in our kernels: Q4_K (most of the
+//! Qwen2.5-1.5B file, half of 0.5B's down projections) and Q6_K (the other
+//! half of them, and 1.5B's head). candle multiplies these with SIMD kernels
+//! of its own, but one input row at a time (each row reads every weight again)
+//! and, for Q6_K, a lone row with a different kernel than two or more.
+//!
+//! A super-block holds 256 values:
+//! - Q4_K (144 bytes): f16 d and dmin; 12 bytes packing eight 6-bit scales and
+//!   eight 6-bit minimums, one of each per 32 values; 128 bytes of nibbles:
+//!   bytes 32p..32p+32 hold values 64p..64p+32 in their low nibbles and
+//!   64p+32..64p+64 in their high ones. Value = d·sc·q − dmin·m.
+//! - Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs,
+//!   sixteen i8 scales (one per 16 values), f16 d. Value = d·sc·(q − 32) with
+//!   q = low | high << 4. In half h (128 values), chunk u of 32 values takes
+//!   the low (u < 2) or high nibbles of low-nibble bytes 64h + 32·(u mod 2) + t
+//!   and bits 2u, 2u+1 of high byte 32h + t.
+//! Super-blocks stay whole, so a weight row is one stream of memory. At load
+//! Q4_K's packed scales and minimums are unpacked to a byte each (148 bytes
+//! per super-block instead of 144), so kernels read them directly: d, dmin,
+//! eight scales, eight minimums, the nibbles. Q6_K blocks stay as they are.
+//!
+//! Activations are quantized per 256 values exactly as candle's Q8_K (an f32
+//! scale, and the sums of each 16 and 32 quantized values), so every integer
+//! dot product is candle's. Each super-block's products, weighted by their
+//! sub-block scales, add up in eight exact i32 lanes (lane k sums values
+//! 4k..4k+4 of every 32), which one fused multiply-add scales into eight
+//! float lanes; the lanes are summed at the end. The scalar fallback takes the
+//! same steps lane by lane, so both kernels give the same bits, and a row's
+//! result never depends on the tile or the batch it is computed in.
+
+use super::{Activations, WeightRow};
+
+pub const QK_K: usize = 256;
+
+/// A repacked Q4_K super-block's bytes, and where its parts start.
+pub const Q4_K_BYTES: usize = 148;
+const Q4_K_SCALES: usize = 4;
+const Q4_K_MINIMUMS: usize = 12;
+const Q4_K_NIBBLES: usize = 20;
+
+/// A Q6_K super-block's bytes, and where its parts start.
+pub const Q6_K_BYTES: usize = 210;
+const Q6_K_HIGH: usize = 128;
+const Q6_K_SCALES: usize = 192;
+const Q6_K_D: usize = 208;
+
+#[inline(always)]
+fn half_at(block: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
+}
+
+/// A file's Q4_K super-block, its scales and minimums unpacked, onto `out`.
+pub fn repack_q4_k(block: &[u8], out: &mut Vec<u8>) {
+    let packed = &block[4..16];
+    let mut unpacked = [0u8; 16];
+    for j in 0..8 {
+        let (scale, minimum) = if j < 4 {
+            (packed[j] & 63, packed[j + 4] & 63)
+        } else {
+            ((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
+        };
+        unpacked[j] = scale;
+        unpacked[8 + j] = minimum;
+    }
+    out.extend_from_slice(&block[..4]);
+    out.extend_from_slice(&unpacked);
+    out.extend_from_slice(&block[16..144]);
+}
+
+/// Q6_K value `v` (0..256) of a super-block's low-nibble and high-bit bytes, unsigned (0..64).
+#[inline(always)]
+fn q6_k_value(low: &[u8], high: &[u8], v: usize) -> u8 {
+    let (h, u, t) = (v / 128, (v % 128) / 32, v % 32);
+    let byte = low[64 * h + 32 * (u % 2) + t];
+    let nibble = if u < 2 { byte & 0x0F } else { byte >> 4 };
+    nibble | ((high[32 * h + t] >> (2 * u)) & 3) << 4
+}
+
+/// Q4_K value `v` (0..256) of a super-block's nibbles.
+#[inline(always)]
+fn q4_k_value(nibbles: &[u8], v: usize) -> u8 {
+    let byte = nibbles[32 * (v / 64) + v % 32];
+    if (v / 32) % 2 == 0 { byte & 0x0F } else { byte >> 4 }
+}
+
+/// One weight row as f32 values, as candle dequantizes it (its expressions).
+pub fn dequantize_q4_k(w: WeightRow<'_>, out: &mut Vec<f32>) {
+    for block in w.values.chunks_exact(Q4_K_BYTES) {
+        let (d, dmin) = (half_at(block, 0), half_at(block, 2));
+        let (sub, q) = (&block[Q4_K_SCALES..Q4_K_NIBBLES], &block[Q4_K_NIBBLES..]);
+        out.extend((0..QK_K).map(|v| d * sub[v / 32] as f32 * q4_k_value(q, v) as f32 - dmin * sub[8 + v / 32] as f32));
+    }
+}
+
+pub fn dequantize_q6_k(w: WeightRow<'_>, out: &mut Vec<f32>) {
+    for block in w.values.chunks_exact(Q6_K_BYTES) {
+        let d = half_at(block, Q6_K_D);
+        let scales = &block[Q6_K_SCALES..Q6_K_D];
+        let (low, high) = (&block[..Q6_K_HIGH], &block[Q6_K_HIGH..Q6_K_SCALES]);
+        out.extend((0..QK_K).map(|v| d * scales[v / 16] as i8 as f32 * (q6_k_value(low, high, v) as i32 - 32) as f32));
+    }
+}
+
+/// Rows of activations quantized per 256 values as candle's Q8_K.
+#[derive(Default)]
+pub struct SuperRows {
+    pub d: Vec<f32>,
+    pub sums16: Vec<i16>,
+    pub sums32: Vec<i16>,
+    pub qs: Vec<i8>,
+}
+
+impl SuperRows {
+    pub fn new(xs: &[f32]) -> Self {
+        assert!(xs.len() % QK_K == 0);
+        let blocks = xs.len() / QK_K;
+        let mut rows = SuperRows { d: Vec::with_capacity(blocks), sums16: Vec::with_capacity(16 * blocks), sums32: Vec::with_capacity(8 * blocks), qs: vec![0; xs.len()] };
+        for (block, q) in xs.chunks_exact(QK_K).zip(rows.qs.chunks_exact_mut(QK_K)) {
+            // candle's choice: the first value of largest magnitude, with its sign.
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &x in block {
+                if amax < x.abs() {
+                    amax = x.abs();
+                    max = x;
+                }
+            }
+            if amax == 0.0 {
+                rows.d.push(0.0);
+            } else {
+                let iscale = -127.0 / max;
+                for (q, &x) in q.iter_mut().zip(block) {
+                    *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+                }
+                rows.d.push(1.0 / iscale);
+            }
+            let sums: Vec<i16> = q.chunks_exact(16).map(|c| c.iter().map(|&v| v as i16).sum()).collect();
+            rows.sums32.extend(sums.chunks_exact(2).map(|p| p[0] + p[1]));
+            rows.sums16.extend(sums);
+        }
+        rows
+    }
+}
+
+/// Eight float lanes summed in the AVX2 kernels' order.
+fn sum8(acc: [f32; 8]) -> f32 {
+    let t: [f32; 4] = std::array::from_fn(|j| acc[j + 4] + acc[j]);
+    (t[0] + t[2]) + (t[1] + t[3])
+}
+
+/// Four float lanes summed in the AVX2 kernels' order.
+fn sum4(acc: [f32; 4]) -> f32 {
+    (acc[0] + acc[2]) + (acc[1] + acc[3])
+}
+
+pub mod scalar {
+    use super::*;
+
+    pub fn dot_q4_k(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
+        let (mut acc, mut acc_m) = ([0f32; 8], [0f32; 4]);
+        for (b, block) in w.values.chunks_exact(Q4_K_BYTES).enumerate() {
+            let (sub, q) = (&block[Q4_K_SCALES..Q4_K_NIBBLES], &block[Q4_K_NIBBLES..]);
+            let xq = &x.k_qs[QK_K * b..QK_K * (b + 1)];
+            let mut sumi = [0i32; 8];
+            for v in 0..QK_K {
+                sumi[(v % 32) / 4] += sub[v / 32] as i32 * q4_k_value(q, v) as i32 * xq[v] as i32;
+            }
+            let d = half_at(block, 0) * x.k_d[b];
+            for (acc, s) in acc.iter_mut().zip(sumi) {
+                *acc = (s as f32).mul_add(d, *acc);
+            }
+            let dm = half_at(block, 2) * x.k_d[b];
+            let sums = &x.k_sums32[8 * b..8 * b + 8];
+            for (i, acc) in acc_m.iter_mut().enumerate() {
+                let lane = sub[8 + 2 * i] as i32 * sums[2 * i] as i32 + sub[9 + 2 * i] as i32 * sums[2 * i + 1] as i32;
+                *acc = (lane as f32).mul_add(dm, *acc);
+            }
+        }
+        sum8(acc) - sum4(acc_m)
+    }
+
+    pub fn dot_q6_k(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
+        let mut acc = [0f32; 8];
+        for (b, block) in w.values.chunks_exact(Q6_K_BYTES).enumerate() {
+            let (low, high) = (&block[..Q6_K_HIGH], &block[Q6_K_HIGH..Q6_K_SCALES]);
+            let scales = &block[Q6_K_SCALES..Q6_K_D];
+            let xq = &x.k_qs[QK_K * b..QK_K * (b + 1)];
+            let sums = &x.k_sums16[16 * b..16 * b + 16];
+            let mut sumi = [0i32; 8];
+            for v in 0..QK_K {
+                sumi[(v % 32) / 4] += scales[v / 16] as i8 as i32 * q6_k_value(low, high, v) as i32 * xq[v] as i32;
+            }
+            // The − 32 of every value, through the sums of the inputs.
+            for (k, s) in sumi.iter_mut().enumerate() {
+                *s -= 32 * (scales[2 * k] as i8 as i32 * sums[2 * k] as i32 + scales[2 * k + 1] as i8 as i32 * sums[2 * k + 1] as i32);
+            }
+            let d = half_at(block, Q6_K_D) * x.k_d[b];
+            for (acc, s) in acc.iter_mut().zip(sumi) {
+                *acc = (s as f32).mul_add(d, *acc);
+            }
+        }
+        sum8(acc)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Every row of a tile holds `nb` super-blocks, so the inner loops may
+    /// read without checks.
+    #[inline(always)]
+    fn check_lengths<const W: usize, const X: usize>(ws: &[WeightRow<'_>; W], xs: &[&Activations<'_>; X], nb: usize, block_bytes: usize) {
+        assert!(ws.iter().all(|w| w.values.len() >= nb * block_bytes));
+        assert!(xs.iter().all(|x| x.k_qs.len() >= nb * QK_K && x.k_d.len() >= nb && x.k_sums16.len() >= 16 * nb && x.k_sums32.len() >= 8 * nb));
+    }
+
+    /// The f16 value at `p`.
+    #[inline(always)]
+    unsafe fn half_from(p: *const u8) -> f32 {
+        half::f16::from_bits(std::ptr::read_unaligned(p as *const u16)).to_f32()
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
+    }
+
+    /// Σ w·x of 32 values weighted by `scales` (sixteen i16 lanes, one per pair
+    /// of values), as eight i32 lanes. w is unsigned below 64: no saturation.
+    #[inline(always)]
+    unsafe fn weighted(w: __m256i, x: *const i8, scales: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, load(x as *const u8)), scales)
+    }
+
+    /// Eight float lanes summed: high half onto low, then pairs.
+    #[inline(always)]
+    unsafe fn sum_f32(x: __m256) -> f32 {
+        sum_f32x4(_mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x)))
+    }
+
+    #[inline(always)]
+    unsafe fn sum_f32x4(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// W weight rows × X activation rows of Q4_K. Per super-block, each
+    /// 32-value sub-block's products are weighted by its scale; Σ m·(sum of
+    /// its 32 inputs) goes to four float lanes of its own.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_q4_k<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let nb = ws[0].values.len() / Q4_K_BYTES;
+        check_lengths(&ws, &xs, nb, Q4_K_BYTES);
+        let mut acc = [[_mm256_setzero_ps(); X]; W];
+        let mut acc_m = [[_mm_setzero_ps(); X]; W];
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let x_values = xs.map(|x| x.k_qs.as_ptr());
+        for b in 0..nb {
+            // One weight row at a time, so that only its X sums are live.
+            for (r, w) in ws.iter().enumerate() {
+                let block = w.values.as_ptr().add(b * Q4_K_BYTES);
+                let q = block.add(Q4_K_NIBBLES);
+                let mut sumi = [_mm256_setzero_si256(); X];
+                for p in 0..4 {
+                    let bytes = load(q.add(32 * p));
+                    let low = _mm256_and_si256(bytes, low_nibbles);
+                    let high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibbles);
+                    let s_low = _mm256_set1_epi16(*block.add(Q4_K_SCALES + 2 * p) as i16);
+                    let s_high = _mm256_set1_epi16(*block.add(Q4_K_SCALES + 2 * p + 1) as i16);
+                    for (sumi, x) in sumi.iter_mut().zip(x_values) {
+                        let x = x.add(b * QK_K + 64 * p);
+                        *sumi = _mm256_add_epi32(*sumi, _mm256_add_epi32(weighted(low, x, s_low), weighted(high, x.add(32), s_high)));
+                    }
+                }
+                let minimums = _mm_cvtepu8_epi16(_mm_loadl_epi64(block.add(Q4_K_MINIMUMS) as *const __m128i));
+                let (d, dmin) = (half_from(block), half_from(block.add(2)));
+                for (i, x) in xs.iter().enumerate() {
+                    let xd = *x.k_d.get_unchecked(b);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_set1_ps(d * xd), acc[r][i]);
+                    let sums = _mm_loadu_si128(x.k_sums32.as_ptr().add(8 * b) as *const __m128i);
+                    let lanes = _mm_madd_epi16(minimums, sums);
+                    acc_m[r][i] = _mm_fmadd_ps(_mm_cvtepi32_ps(lanes), _mm_set1_ps(dmin * xd), acc_m[r][i]);
+                }
+            }
+        }
+        std::array::from_fn(|r| std::array::from_fn(|i| sum_f32(acc[r][i]) - sum_f32x4(acc_m[r][i])))
+    }
+
+    /// W weight rows × X activation rows of Q6_K: values unsigned (0..64),
+    /// weighted by their 16-value sub-block scales; the − 32 comes off once
+    /// per super-block through the inputs' sums of 16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_q6_k<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
+        let nb = ws[0].values.len() / Q6_K_BYTES;
+        check_lengths(&ws, &xs, nb, Q6_K_BYTES);
+        let mut acc = [[_mm256_setzero_ps(); X]; W];
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let high_pair = _mm256_set1_epi8(0x30);
+        // Shuffle c puts scale 2c in bytes 0..8 and scale 2c+1 in bytes 8..16.
+        let pick: [__m128i; 8] = std::array::from_fn(|c| _mm_set_epi64x(0x0101_0101_0101_0101 * (2 * c as i64 + 1), 0x0101_0101_0101_0101 * 2 * c as i64));
+        let x_values = xs.map(|x| x.k_qs.as_ptr());
+        for b in 0..nb {
+            // One weight row at a time, so that only its X sums are live.
+            for (r, w) in ws.iter().enumerate() {
+                let q = w.values.as_ptr().add(b * Q6_K_BYTES);
+                let scale_bytes = _mm_loadu_si128(q.add(Q6_K_SCALES) as *const __m128i);
+                let mut sumi = [_mm256_setzero_si256(); X];
+                for h in 0..2 {
+                    let (low0, low1, high) = (load(q.add(64 * h)), load(q.add(64 * h + 32)), load(q.add(Q6_K_HIGH + 32 * h)));
+                    let values = [
+                        _mm256_or_si256(_mm256_and_si256(low0, low_nibbles), _mm256_and_si256(_mm256_slli_epi16(high, 4), high_pair)),
+                        _mm256_or_si256(_mm256_and_si256(low1, low_nibbles), _mm256_and_si256(_mm256_slli_epi16(high, 2), high_pair)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low0, 4), low_nibbles), _mm256_and_si256(high, high_pair)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low1, 4), low_nibbles), _mm256_and_si256(_mm256_srli_epi16(high, 2), high_pair)),
+                    ];
+                    for (u, &v) in values.iter().enumerate() {
+                        let c = 4 * h + u;
+                        let scales = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scale_bytes, pick[c]));
+                        for (sumi, x) in sumi.iter_mut().zip(x_values) {
+                            *sumi = _mm256_add_epi32(*sumi, weighted(v, x.add(b * QK_K + 32 * c), scales));
+                        }
+                    }
+                }
+                let scales = _mm256_cvtepi8_epi16(scale_bytes);
+                let d = half_from(q.add(Q6_K_D));
+                for (i, x) in xs.iter().enumerate() {
+                    let sums = _mm256_loadu_si256(x.k_sums16.as_ptr().add(16 * b) as *const __m256i);
+                    let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, sums), 5);
+                    let s = _mm256_sub_epi32(sumi[i], offset);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * *x.k_d.get_unchecked(b)), acc[r][i]);
+                }
+            }
+        }
+        acc.map(|row| row.map(|a| sum_f32(a)))
+    }
+}
