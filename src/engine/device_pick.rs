@@ -39,9 +39,16 @@ impl PickOnDevice {
     }
 }
 
+/// A row's greedy token, and whether its top token before TS's edit was a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pick {
+    pub token: u32,
+    pub top_was_stop: bool,
+}
+
 /// The greedy token of each row of `logits` (rows, vocab), TS applied where asked.
-pub fn pick_greedy(logits: &Tensor, rows: &[GreedyRow<'_>]) -> Result<Vec<u32>> {
-    let mut picks = vec![0u32; rows.len()];
+pub fn pick_greedy(logits: &Tensor, rows: &[GreedyRow<'_>]) -> Result<Vec<Pick>> {
+    let mut picks = vec![Pick::default(); rows.len()];
     // Rows without TS: one argmax over all of them and one copy of their ids.
     let plain: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].ts.is_none()).collect();
     if !plain.is_empty() {
@@ -49,7 +56,7 @@ pub fn pick_greedy(logits: &Tensor, rows: &[GreedyRow<'_>]) -> Result<Vec<u32>> 
         let index = Tensor::new(index.as_slice(), logits.device())?;
         let ids = logits.index_select(&index, 0)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
         for (&i, id) in plain.iter().zip(ids) {
-            picks[i] = id;
+            picks[i].token = id;
         }
     }
     for (i, r) in rows.iter().enumerate() {
@@ -61,13 +68,13 @@ pub fn pick_greedy(logits: &Tensor, rows: &[GreedyRow<'_>]) -> Result<Vec<u32>> 
 }
 
 /// Greedy choice of one (vocab,) row after TS with stop set `stops` and τ.
-fn pick_with_ts(row: &Tensor, stops: &[u32], tau: f32) -> Result<u32> {
+fn pick_with_ts(row: &Tensor, stops: &[u32], tau: f32) -> Result<Pick> {
     let vocab = row.dim(0)?;
     let mut stops: Vec<u32> = stops.iter().copied().filter(|&s| (s as usize) < vocab).collect();
     stops.sort_unstable();
     stops.dedup();
     if stops.is_empty() {
-        return row.argmax(0)?.to_scalar::<u32>();
+        return Ok(Pick { token: row.argmax(0)?.to_scalar::<u32>()?, top_was_stop: false });
     }
     let device = row.device();
     let stop_index = Tensor::new(stops.as_slice(), device)?;
@@ -90,13 +97,16 @@ fn pick_with_ts(row: &Tensor, stops: &[u32], tau: f32) -> Result<u32> {
             (stop_id, best_stop) = (id, v);
         }
     }
+    // Ties go to the lower id, as the host's argmax does.
+    let beats = |a: f32, a_id: u32, b: f32, b_id: u32| a > b || (a == b && a_id < b_id);
+    let top_was_stop = beats(best_stop, stop_id, best_rest, rest_id);
     let log_stop = log_sum_exp(stop_values.iter().copied());
     let (stop_score, rest_score) = match stop_shifts(log_all as f64, log_stop, log_rest as f64, tau) {
         Some(shift) => (best_stop + shift.stop, best_rest + shift.rest),
         None => (best_stop, best_rest),
     };
-    let stop_wins = stop_score > rest_score || (stop_score == rest_score && stop_id < rest_id);
-    Ok(if stop_wins { stop_id } else { rest_id })
+    let token = if beats(stop_score, stop_id, rest_score, rest_id) { stop_id } else { rest_id };
+    Ok(Pick { token, top_was_stop })
 }
 
 #[cfg(test)]
@@ -139,8 +149,11 @@ mod tests {
             let picks = pick_greedy(&logits, &greedy).unwrap();
             for (r, g) in greedy.iter().enumerate() {
                 let row = &data[r * vocab..(r + 1) * vocab];
-                assert_eq!(picks[r], host_pick(row, g.ts), "case {case} row {r}");
-                moved += (picks[r] != argmax(row)) as usize;
+                assert_eq!(picks[r].token, host_pick(row, g.ts), "case {case} row {r}");
+                if let Some((stops, _)) = g.ts {
+                    assert_eq!(picks[r].top_was_stop, stops.contains(&argmax(row)), "case {case} row {r}");
+                }
+                moved += (picks[r].token != argmax(row)) as usize;
             }
         }
         assert!(moved > 10, "TS changed only {moved} choices: the cases do not exercise it");
@@ -154,7 +167,8 @@ mod tests {
         let logits = Tensor::from_vec(row.clone(), (1, 100), &Device::Cpu).unwrap();
         let plain = pick_greedy(&logits, &[GreedyRow { row: 0, ts: None }]).unwrap();
         let ts = pick_greedy(&logits, &[GreedyRow { row: 0, ts: Some((&[42], 4.0)) }]).unwrap();
-        assert_eq!((plain[0], ts[0]), (7, 42));
-        assert_eq!(ts[0], host_pick(&row, Some((&[42], 4.0))));
+        assert_eq!((plain[0].token, ts[0].token), (7, 42));
+        assert!(!ts[0].top_was_stop, "TS made this stop");
+        assert_eq!(ts[0].token, host_pick(&row, Some((&[42], 4.0))));
     }
 }

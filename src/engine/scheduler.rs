@@ -269,8 +269,11 @@ impl Scheduler {
                 .iter()
                 .map(|&(row, slot)| GreedyRow { row, ts: running[choices[slot].0].control.stop_edit() })
                 .collect();
-            for (&(_, slot), token) in device_rows.iter().zip(pick_greedy(logits, &rows)?) {
-                choices[slot].1 = Next::Sampled(token);
+            let picks = pick_greedy(logits, &rows)?;
+            drop(rows);
+            for (&(_, slot), pick) in device_rows.iter().zip(picks) {
+                running[choices[slot].0].control.note_top_before_edit(pick.top_was_stop);
+                choices[slot].1 = Next::Sampled(pick.token);
             }
         }
         if !host_rows.is_empty() {

@@ -96,7 +96,8 @@ pub struct Injections {
 pub enum ThinkStopReason {
     /// The model stopped thinking on its own.
     Natural,
-    /// It stopped while TS was raising the stop probability.
+    /// It stopped while TS was raising the stop probability, on a token that
+    /// was not its own first choice (the unscaled argmax): TS made the stop.
     StopTemperature,
     /// The budget cap forced the end-of-thinking text.
     Budget,
@@ -145,6 +146,9 @@ pub struct ReasoningControl {
     stop_reason: Option<ThinkStopReason>,
     /// Budget forcing has fired.
     budget_spent: bool,
+    /// Before TS's edit of the latest logits, the top token was a stop token:
+    /// a stop then is the model's own, not TS's doing.
+    top_was_stop: bool,
 }
 
 impl ReasoningControl {
@@ -161,6 +165,7 @@ impl ReasoningControl {
             after_wrap_up: None,
             stop_reason: None,
             budget_spent: false,
+            top_was_stop: false,
         }
     }
 
@@ -221,13 +226,21 @@ impl ReasoningControl {
         (tau > 1.0).then(|| (self.tracker.stop_set(&self.end_of_turn), tau))
     }
 
-    /// Apply TS to the logits of the next token (no-op when τ = 1).
-    pub fn edit_logits(&self, logits: &mut [f32]) {
+    /// Apply TS to the logits of the next token (no-op when τ = 1), noting
+    /// first whether the model's own top token stops.
+    pub fn edit_logits(&mut self, logits: &mut [f32]) {
         let tau = self.current_stop_temperature();
         if tau > 1.0 {
             let stops = self.tracker.stop_set(&self.end_of_turn);
+            self.top_was_stop = stops.contains(&crate::engine::argmax(logits));
             scale_stop_mass(logits, stops, tau);
         }
+    }
+
+    /// For logits TS edited elsewhere (on the device): whether the top token
+    /// before the edit was a stop token.
+    pub fn note_top_before_edit(&mut self, was_stop: bool) {
+        self.top_was_stop = was_stop;
     }
 
     /// Judge a sampled token: a stop before `min_thinking_tokens` is replaced by
@@ -243,7 +256,7 @@ impl ReasoningControl {
             return Decision::Replace(self.injections.continuation.clone());
         }
         if self.stop_reason.is_none() {
-            self.stop_reason = Some(if self.current_stop_temperature() > 1.0 {
+            self.stop_reason = Some(if self.current_stop_temperature() > 1.0 && !self.top_was_stop {
                 ThinkStopReason::StopTemperature
             } else {
                 ThinkStopReason::Natural
@@ -411,6 +424,17 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_the_model_would_make_anyway_is_natural() {
+        let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 8.0, ..Default::default() };
+        let mut c = thinking(s);
+        let mut logits = vec![0.0f32; 14];
+        logits[11] = 3.0; // the close token already leads
+        c.edit_logits(&mut logits);
+        step(&mut c, 11);
+        assert_eq!(c.stop_reason(ThinkStopReason::Length), Some(ThinkStopReason::Natural));
+    }
+
+    #[test]
     fn ramp_grows_tau_toward_the_budget() {
         let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 5.0, ramp: true, max_thinking_tokens: Some(4), ..Default::default() };
         let mut c = thinking(s);
@@ -439,7 +463,7 @@ mod tests {
     #[test]
     fn ts_on_a_model_without_think_tokens_targets_end_of_turn() {
         let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 50.0, ..Default::default() };
-        let c = ReasoningControl::new(s, injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
+        let mut c = ReasoningControl::new(s, injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
         let mut logits = vec![0.0f32; 14];
         logits[EOT as usize] = -8.0;
         c.edit_logits(&mut logits);
