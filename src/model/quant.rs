@@ -362,7 +362,9 @@ impl QuantMatrix {
     }
 
     /// W weight rows dotted with X activation rows. Every result takes the
-    /// steps of a lone dot product, so tiling never changes a bit.
+    /// steps of a lone dot product, so tiling never changes a bit. (`rows_times`
+    /// now passes one weight row; the kernels keep W for a future interleaved
+    /// layout, where several rows are one stream.)
     fn tile<const W: usize, const X: usize>(&self, ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         match (self.kernel, self.format) {
             (Kernel::Scalar, format) => ws.map(|w| {
