@@ -1,8 +1,9 @@
 //! GGUF's 256-value super-block formats in our kernels: Q4_K (most of the
 //! Qwen2.5-1.5B file, half of 0.5B's down projections) and Q6_K (the other
-//! half of them, and 1.5B's head). candle multiplies these with SIMD kernels
-//! of its own, but one input row at a time (each row reads every weight again)
-//! and, for Q6_K, a lone row with a different kernel than two or more.
+//! half of them, half of 1.5B's value projections, and its head). candle has
+//! SIMD kernels for these too, but on x86 it repacks a second copy of the
+//! weights for many input rows, and multiplies a lone Q6_K row with a kernel
+//! whose bits differ from its many-row one.
 //!
 //! A super-block holds 256 values:
 //! - Q4_K (144 bytes): f16 d and dmin; 12 bytes packing eight 6-bit scales and
@@ -133,7 +134,7 @@ impl SuperRows {
                 }
                 rows.d.push(1.0 / iscale);
             }
-            let sums: Vec<i16> = q.chunks_exact(16).map(|c| c.iter().map(|&v| v as i16).sum()).collect();
+            let sums: [i16; 16] = std::array::from_fn(|j| q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum());
             rows.sums32.extend(sums.chunks_exact(2).map(|p| p[0] + p[1]));
             rows.sums16.extend(sums);
         }
