@@ -42,13 +42,15 @@ struct Args {
     decode_tokens: usize,
     runs: usize,
     warmup: usize,
+    /// Also decode this many sequences together (terse only): aggregate tok/s.
+    batch: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_forward MODEL(.gguf path, Hugging Face directory or manifest name) \
          [--engine terse|reference] [--sparse auto|off] [--device cpu|cuda[:N]] \
-         [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1]"
+         [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1] [--batch N]"
     );
     std::process::exit(2)
 }
@@ -64,6 +66,7 @@ fn parse_args() -> Result<Args> {
         decode_tokens: 128,
         runs: 5,
         warmup: 1,
+        batch: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -82,6 +85,7 @@ fn parse_args() -> Result<Args> {
             "--decode-tokens" => args.decode_tokens = value("--decode-tokens")?.parse()?,
             "--runs" => args.runs = value("--runs")?.parse()?,
             "--warmup" => args.warmup = value("--warmup")?.parse()?,
+            "--batch" => args.batch = value("--batch")?.parse()?,
             "-h" | "--help" => usage(),
             s if s.starts_with("--") => bail!("unknown flag {s}"),
             s if model.is_none() => model = Some(s.to_string()),
@@ -105,6 +109,10 @@ trait Engine {
     fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>>;
     /// Feed one token at position `pos`; its logits.
     fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>>;
+    /// terse's model, for the batched run.
+    fn terse_model(&self) -> Option<&Transformer> {
+        None
+    }
 }
 
 struct Terse {
@@ -128,6 +136,32 @@ impl Engine for Terse {
     fn step(&mut self, token: u32, _pos: usize) -> Result<Vec<f32>> {
         self.forward(&[token])
     }
+
+    fn terse_model(&self) -> Option<&Transformer> {
+        Some(&self.model)
+    }
+}
+
+/// Aggregate decode tok/s of `batch` sequences stepped together, each
+/// prefilled alone first (its prompt rotated, so that no two are the same).
+fn batched_decode(model: &Transformer, prompt: &[u32], decode_tokens: usize, batch: usize) -> Result<f64> {
+    let mut caches: Vec<SeqKvCache> = (0..batch).map(|_| SeqKvCache::new(model.config.n_layer)).collect();
+    let mut next = Vec::with_capacity(batch);
+    for (i, cache) in caches.iter_mut().enumerate() {
+        let mut own = prompt.to_vec();
+        own.rotate_left(i % prompt.len());
+        let logits = model.forward(&mut [SeqChunk { tokens: &own, cache }])?;
+        next.push(argmax(&logits.flatten_all()?.to_vec1::<f32>()?));
+    }
+    let t0 = Instant::now();
+    for _ in 0..decode_tokens {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut chunks: Vec<SeqChunk> =
+            caches.iter_mut().zip(&tokens).map(|(cache, t)| SeqChunk { tokens: t, cache }).collect();
+        let logits = model.forward(&mut chunks)?.to_vec2::<f32>()?;
+        next = logits.iter().map(|row| argmax(row)).collect();
+    }
+    Ok((batch * decode_tokens) as f64 / t0.elapsed().as_secs_f64())
 }
 
 enum Reference {
@@ -269,6 +303,16 @@ fn main() -> Result<()> {
         decode.push(d);
     }
 
+    let mut batch_decode = Vec::new();
+    if args.batch > 0 {
+        let model = engine.terse_model().context("--batch needs --engine terse")?;
+        for run in 0..args.runs {
+            let d = batched_decode(model, &prompt, args.decode_tokens, args.batch)?;
+            eprintln!("batch {} run {}: aggregate decode {d:.1} tok/s", args.batch, run + 1);
+            batch_decode.push(d);
+        }
+    }
+
     let out = serde_json::json!({
         "engine": args.engine,
         "model": args.model.display().to_string(),
@@ -282,6 +326,9 @@ fn main() -> Result<()> {
         "decode_tok_s": median(&decode),
         "prefill_tok_s_runs": prefill,
         "decode_tok_s_runs": decode,
+        "batch": args.batch,
+        "batch_decode_tok_s": (!batch_decode.is_empty()).then(|| median(&batch_decode)),
+        "batch_decode_tok_s_runs": batch_decode,
         "load_s": load_s,
         "peak_rss_kb": proc_status_kb("VmHWM"),
         "prompt_ids": prompt,

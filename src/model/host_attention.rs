@@ -5,8 +5,8 @@
 //! copy of the whole value cache to make it contiguous) costing a few
 //! microseconds each, paid again for every sequence of a batch. Here rotation,
 //! the cache append and attention are plain loops over slices: each cached key
-//! and value is read once per query head, nothing is copied, and the (token,
-//! KV head) work items of all sequences of a step go to the thread pool at once.
+//! and value is read once for all the query heads that share it, nothing is
+//! copied, and the (token, KV head) work items of all sequences of a step go to the thread pool at once.
 //!
 //! Every output depends only on its own sequence's tokens and cache, so a
 //! sequence gets the same bits alone or batched.
@@ -112,24 +112,24 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
     }
     let mut out = vec![0f32; queries.len()];
     let scale = 1.0 / (head_dim as f32).sqrt();
-    // One item per (row, query head): an output run of head_dim values.
+    // One item per (row, KV head): the outputs of the `group` query heads that
+    // share that KV head, `group × head_dim` values in a row. Each cached key
+    // and value is loaded once for the whole group, not once per query head.
+    let item_width = group * head_dim;
+    let kernel = super::sparse::Kernel::detect();
     let work = |first_item: usize, out: &mut [f32]| {
         let mut scores = Vec::new();
-        for (item, out) in (first_item..).zip(out.chunks_exact_mut(head_dim)) {
-            let (row, q_head) = (item / q_heads, item % q_heads);
+        for (item, out) in (first_item..).zip(out.chunks_exact_mut(item_width)) {
+            let (row, kv_head) = (item / kv_heads, item % kv_heads);
             let seq = &seqs[seq_of_row[row]];
             let visible = seq.start + (row - seq.rows.start) + 1;
-            let (keys, values) = seq.cache.head(q_head / group, visible);
-            let q = &queries[item * head_dim..(item + 1) * head_dim];
-            scores.clear();
-            scores.extend(keys.chunks_exact(head_dim).map(|k| dot(q, k) * scale));
-            softmax(&mut scores);
-            out.fill(0.0);
-            for (&p, v) in scores.iter().zip(values.chunks_exact(head_dim)) {
-                for (o, &v) in out.iter_mut().zip(v) {
-                    *o += p * v;
-                }
-            }
+            let (keys, values) = seq.cache.head(kv_head, visible);
+            let q = &queries[item * item_width..(item + 1) * item_width];
+            // scores[p·group + g]: query head g of the group against position p.
+            scores.resize(visible * group, 0.0);
+            kernel.scores(q, keys, head_dim, scale, &mut scores);
+            softmax_columns(&mut scores, group);
+            kernel.weighted_values(&scores, values, head_dim, out);
         }
     };
     let longest = seqs.iter().map(|s| s.start + s.rows.len()).max().unwrap_or(0);
@@ -137,9 +137,47 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
     if tokens * q_heads * longest < 2048 {
         work(0, &mut out);
     } else {
-        super::threads::on_candles_threads(&mut out, head_dim, 1, work);
+        super::threads::on_candles_threads(&mut out, item_width, 1, work);
     }
     out
+}
+
+impl super::sparse::Kernel {
+    /// `scores[p·group + g]` = scale · (query head g of `q` · key p), for the
+    /// `group` query heads in `q` (group × head_dim) and every key in `keys`.
+    fn scores(self, q: &[f32], keys: &[f32], head_dim: usize, scale: f32, scores: &mut [f32]) {
+        match self {
+            // SAFETY: `detect` saw AVX2 and FMA on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 if head_dim % 8 == 0 => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
+            _ => {
+                let dots = keys.chunks_exact(head_dim).flat_map(|k| q.chunks_exact(head_dim).map(move |q| dot(q, k) * scale));
+                for (s, d) in scores.iter_mut().zip(dots) {
+                    *s = d;
+                }
+            }
+        }
+    }
+
+    /// `out` (group × head_dim) = for each query head g, Σ_p probs[p·group + g] · value p.
+    fn weighted_values(self, probs: &[f32], values: &[f32], head_dim: usize, out: &mut [f32]) {
+        match self {
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 if head_dim % 8 == 0 => unsafe { avx2::weighted_values(probs, values, head_dim, out) },
+            _ => {
+                let group = out.len() / head_dim;
+                out.fill(0.0);
+                for (p, v) in probs.chunks_exact(group).zip(values.chunks_exact(head_dim)) {
+                    for (&p, out) in p.iter().zip(out.chunks_exact_mut(head_dim)) {
+                        for (o, &v) in out.iter_mut().zip(v) {
+                            *o += p * v;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Eight partial sums, so the compiler can keep them in one vector register.
@@ -155,15 +193,94 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-fn softmax(xs: &mut [f32]) {
-    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for x in xs.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+/// The same two steps with AVX2 and fused multiply-adds, for head sizes that
+/// are a multiple of eight. Scalar loops left half of a batched decode step's
+/// attention time in horizontal sums and separate multiplies and adds.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Eight dot products at a time, each as eight lanes of fused
+    /// multiply-adds; the eight are then summed across lanes together (three
+    /// rounds of pairwise adds), not one by one.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores(q: &[f32], keys: &[f32], head_dim: usize, scale: f32, scores: &mut [f32]) {
+        let group = q.len() / head_dim;
+        let total = keys.len() / head_dim * group;
+        assert!(scores.len() >= total && q.len() == group * head_dim && head_dim % 8 == 0);
+        let dot = |t: usize| -> __m256 {
+            let (key, g) = (t / group, t % group);
+            let (k, q) = (keys.as_ptr().add(key * head_dim), q.as_ptr().add(g * head_dim));
+            let mut acc = _mm256_setzero_ps();
+            for j in (0..head_dim).step_by(8) {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j)), _mm256_loadu_ps(k.add(j)), acc);
+            }
+            acc
+        };
+        let scale = _mm256_set1_ps(scale);
+        let mut t = 0;
+        while t + 8 <= total {
+            let a: [__m256; 8] = std::array::from_fn(|i| dot(t + i));
+            _mm256_storeu_ps(scores.as_mut_ptr().add(t), _mm256_mul_ps(sum_eight(a), scale));
+            t += 8;
+        }
+        let mut lanes = [0f32; 8];
+        for t in t..total {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), dot(t));
+            scores[t] = lanes.iter().sum::<f32>() * _mm256_cvtss_f32(scale);
+        }
     }
-    for x in xs.iter_mut() {
-        *x /= sum;
+
+    /// The lane sums of eight vectors, as one vector (lane i: Σ of a[i]).
+    #[inline(always)]
+    unsafe fn sum_eight(a: [__m256; 8]) -> __m256 {
+        let (p0, p1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let (p2, p3) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        let (q0, q1) = (_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+        // q0: halves of a0..a3 (low lane: first halves, high: second); q1 the same for a4..a7.
+        _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31))
+    }
+
+    /// For each query head, its output (head_dim values, up to 64 in registers
+    /// at a time) accumulates probability × value over the positions.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_values(probs: &[f32], values: &[f32], head_dim: usize, out: &mut [f32]) {
+        let group = out.len() / head_dim;
+        let positions = values.len() / head_dim;
+        assert!(probs.len() >= positions * group && head_dim % 8 == 0);
+        for g in 0..group {
+            for d in (0..head_dim).step_by(64) {
+                let width = (head_dim - d).min(64) / 8;
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for p in 0..positions {
+                    let w = _mm256_set1_ps(*probs.get_unchecked(p * group + g));
+                    let v = values.as_ptr().add(p * head_dim + d);
+                    for (j, acc) in acc.iter_mut().enumerate().take(width) {
+                        *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8 * j)), *acc);
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate().take(width) {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(g * head_dim + d + 8 * j), *acc);
+                }
+            }
+        }
+    }
+}
+
+/// Softmax of each of the `columns` interleaved columns of `xs` (row-major,
+/// `columns` values a row), each column in its own place.
+fn softmax_columns(xs: &mut [f32], columns: usize) {
+    for c in 0..columns {
+        let column = || xs.iter().skip(c).step_by(columns);
+        let max = column().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in xs.iter_mut().skip(c).step_by(columns) {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in xs.iter_mut().skip(c).step_by(columns) {
+            *x /= sum;
+        }
     }
 }
 
@@ -187,10 +304,41 @@ mod tests {
         (0..q.len()).map(|d| e.iter().zip(values).map(|(p, v)| p / sum * v[d] as f64).sum()).collect()
     }
 
+    /// Head size 12 takes the scalar loops; 64 (a multiple of eight) the
+    /// detected kernel where the CPU has AVX2.
     #[test]
     fn batched_causal_grouped_attention_matches_plain_attention_and_keeps_the_bits() {
+        batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 12 });
+        batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 64 });
+        batched_attention_case(Heads { q_heads: 14, kv_heads: 2, head_dim: 64 });
+    }
+
+    #[test]
+    fn detected_attention_kernel_agrees_with_the_scalar_loops() {
+        use crate::model::sparse::Kernel;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (group, head_dim, positions) in [(3, 64, 1), (3, 64, 13), (7, 64, 40), (2, 128, 9), (1, 8, 5)] {
+            let q = random(&mut rng, group * head_dim);
+            let keys = random(&mut rng, positions * head_dim);
+            let values = random(&mut rng, positions * head_dim);
+            let (mut want, mut got) = (vec![0f32; positions * group], vec![0f32; positions * group]);
+            Kernel::Scalar.scores(&q, &keys, head_dim, 0.125, &mut want);
+            Kernel::detect().scores(&q, &keys, head_dim, 0.125, &mut got);
+            for (w, g) in want.iter().zip(&got) {
+                assert!((w - g).abs() < 1e-5, "scores: {w} vs {g} (group {group}, head {head_dim}, {positions} positions)");
+            }
+            softmax_columns(&mut want, group);
+            let (mut want_out, mut got_out) = (vec![1f32; group * head_dim], vec![1f32; group * head_dim]);
+            Kernel::Scalar.weighted_values(&want, &values, head_dim, &mut want_out);
+            Kernel::detect().weighted_values(&want, &values, head_dim, &mut got_out);
+            for (w, g) in want_out.iter().zip(&got_out) {
+                assert!((w - g).abs() < 1e-5, "values: {w} vs {g} (group {group}, head {head_dim}, {positions} positions)");
+            }
+        }
+    }
+
+    fn batched_attention_case(heads: Heads) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let heads = Heads { q_heads: 6, kv_heads: 2, head_dim: 12 };
         let (qw, kvw) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
         // Two sequences: one with 5 cached positions and 3 new, one with 40 new
         // (so its cache grows through several capacities).

@@ -24,8 +24,10 @@
 //!   block-by-block float additions cost 25-30% at decode (measured in one
 //!   process, alternating both: `benches/quant_kernel.rs` shapes); the results
 //!   differ from candle's in the last bits only (tests bound it);
-//! - Q8_0 on AVX2 is candle's AVX2 order (eight lanes, fused multiply-add, a
-//!   fixed horizontal sum) and the scalar fallback follows the same lanes.
+//! - Q8_0 on AVX2 takes candle's AVX2 steps per block (eight lanes, fused
+//!   multiply-add), and the scalar fallback follows the same lanes and
+//!   candle's horizontal sum; the AVX2 kernels sum their lanes in another
+//!   order (`avx2::lane_sums_pair`), so they differ in the last bits.
 //!
 //! Every output element takes the same steps in the same order whatever the
 //! number of input rows, the tiling or the threads, so batching keeps the bits.
@@ -33,6 +35,7 @@
 use half::f16;
 
 use super::sparse::Kernel;
+use super::threads::Columns;
 
 mod super_blocks;
 
@@ -320,23 +323,25 @@ impl QuantMatrix {
             total += m.rows.next_multiple_of(4);
         }
         starts.push(total);
-        // Transposed (rows × n) while computing, so each thread owns a contiguous part.
-        let mut out_t = vec![0f32; total * n];
-        super::threads::on_candles_threads(&mut out_t, n, 4, |first_row, out| {
-            let end_row = first_row + out.len() / n;
+        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![0f32; n * m.rows]).collect();
+        let columns: Vec<Columns> = outs.iter_mut().zip(matrices).map(|(o, m)| Columns::new(o, m.rows, n)).collect();
+        // Each thread computes a run of rows (rows × n) and writes it straight
+        // into each product's (n × rows) layout.
+        super::threads::runs_on_candles_threads(total, n, 4, |first_row, part| {
+            let end_row = first_row + part.len() / n;
             for (k, m) in matrices.iter().enumerate() {
                 let (from, to) = (first_row.max(starts[k]), end_row.min(starts[k] + m.rows));
                 if from < to {
-                    let part = &mut out[(from - first_row) * n..(to - first_row) * n];
+                    let part = &mut part[(from - first_row) * n..(to - first_row) * n];
                     m.rows_times(from - starts[k]..to - starts[k], &xs, part);
+                    // SAFETY: the pool gives each run of rows to one thread, and
+                    // `outs` is untouched until every thread is done.
+                    unsafe { columns[k].put_rows(from - starts[k], part) };
                 }
             }
         });
-        matrices
-            .iter()
-            .enumerate()
-            .map(|(k, m)| super::threads::transpose(&out_t[starts[k] * n..(starts[k] + m.rows) * n], m.rows, n))
-            .collect()
+        drop(columns);
+        outs
     }
 
     /// Weight rows `rows` dotted with every input: `out` is (rows × n). One
@@ -561,7 +566,10 @@ mod avx2 {
                 }
             }
         }
-        std::array::from_fn(|r| std::array::from_fn(|i| sum_f32(acc[r][i]) + (sum_f32(acc_m[r][i]) + tail_m[r][i])))
+        std::array::from_fn(|r| {
+            let (sums, sums_m) = lane_sums_pair(acc[r], acc_m[r]);
+            std::array::from_fn(|i| sums[i] + (sums_m[i] + tail_m[r][i]))
+        })
     }
 
     /// d·d_x for eight blocks from `g` on, per weight row and input.
@@ -616,20 +624,60 @@ mod avx2 {
                 }
             }
         }
-        std::array::from_fn(|r| std::array::from_fn(|i| sum_f32(acc[r][i]) - 16.0 * (sum_f32(acc_16[r][i]) + tail_16[r][i])))
+        std::array::from_fn(|r| {
+            let (sums, sums_16) = lane_sums_pair(acc[r], acc_16[r]);
+            std::array::from_fn(|i| sums[i] - 16.0 * (sums_16[i] + tail_16[r][i]))
+        })
     }
 
-    /// Eight float lanes summed as candle's AVX2 kernels sum them.
+    /// The lane sums of the vectors of `a` and of `b`. Each vector's eight
+    /// lanes are always summed in one order, ((0+1)+(2+3))+((4+5)+(6+7)),
+    /// whichever vectors share the call, so a row's result does not depend on
+    /// the tile. Up to eight vectors are summed together in three rounds of
+    /// pairwise adds: summing each alone cost 4% of a batched decode step on
+    /// SmolLM2, whose rows are only 18 blocks long.
     #[inline(always)]
-    unsafe fn sum_f32(x: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    unsafe fn lane_sums_pair<const X: usize>(a: [__m256; X], b: [__m256; X]) -> ([f32; X], [f32; X]) {
+        if X < 4 {
+            return (a.map(|v| sum_one(v)), b.map(|v| sum_one(v)));
+        }
+        let (mut sums_a, mut sums_b) = ([0f32; X], [0f32; X]);
+        let mut lanes = [0f32; 8];
+        for c in (0..X).step_by(4) {
+            let k = (X - c).min(4);
+            let v: [__m256; 8] = std::array::from_fn(|i| match i {
+                i if i < k => a[c + i],
+                i if (4..4 + k).contains(&i) => b[c + i - 4],
+                _ => _mm256_setzero_ps(),
+            });
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sum_eight(v));
+            sums_a[c..c + k].copy_from_slice(&lanes[..k]);
+            sums_b[c..c + k].copy_from_slice(&lanes[4..4 + k]);
+        }
+        (sums_a, sums_b)
     }
 
-    /// Q8_0 in candle's AVX2 order: per block, eight lane sums of w·x (signed ×
+    /// One vector's lane sum, in the order `lane_sums_pair` states.
+    #[inline(always)]
+    unsafe fn sum_one(v: __m256) -> f32 {
+        let h = _mm256_hadd_ps(v, v);
+        let h = _mm256_hadd_ps(h, h);
+        _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)))
+    }
+
+    /// Lane i: the sum of `a[i]`'s lanes, in the order `lane_sums_pair` states.
+    #[inline(always)]
+    unsafe fn sum_eight(a: [__m256; 8]) -> __m256 {
+        let (p0, p1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let (p2, p3) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        let (q0, q1) = (_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+        // q0's low half: lanes 0–3 summed for a[0..4]; its high half: lanes 4–7.
+        _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31))
+    }
+
+    /// Q8_0 in candle's AVX2 steps: per block, eight lane sums of w·x (signed ×
     /// signed through the sign trick), scaled by d_w·d_x into eight accumulators
-    /// with fused multiply-adds.
+    /// with fused multiply-adds; the lanes summed as `lane_sums_pair` does.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile_q8_0<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
         let mut acc = [[_mm256_setzero_ps(); X]; W];
@@ -662,7 +710,7 @@ mod avx2 {
                 }
             }
         }
-        acc.map(|row| row.map(|a| sum_f32(a)))
+        acc.map(|row| lane_sums_pair(row, row).0)
     }
 
     /// One Q8_0 block (its values and their magnitudes) into `acc`: eight lane

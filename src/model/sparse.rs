@@ -108,14 +108,19 @@ impl Sparse24 {
         let kernel = Kernel::detect();
         // Each thread takes a run of weight rows and dots each with all n
         // inputs, so a row's compressed data is read once, from cache.
-        let mut out_t = vec![0f32; self.rows * n];
-        super::threads::on_candles_threads(&mut out_t, n, 4, |first_row, out| {
-            for (r, dots) in out.chunks_exact_mut(n).enumerate() {
+        let mut out = vec![0f32; n * self.rows];
+        let columns = super::threads::Columns::new(&mut out, self.rows, n);
+        super::threads::runs_on_candles_threads(self.rows, n, 4, |first_row, part| {
+            for (r, dots) in part.chunks_exact_mut(n).enumerate() {
                 let (vals, pos) = row(first_row + r);
                 kernel.row_dots(vals, pos, xs, self.cols, dots);
             }
+            // SAFETY: the pool gives each run of rows to one thread, and `out`
+            // is untouched until every thread is done.
+            unsafe { columns.put_rows(first_row, part) };
         });
-        super::threads::transpose(&out_t, self.rows, n)
+        drop(columns);
+        out
     }
 }
 

@@ -34,16 +34,56 @@ impl SharedRows {
     }
 }
 
-/// (rows × n) to (n × rows).
-pub fn transpose(rows_by_n: &[f32], rows: usize, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return rows_by_n.to_vec();
+/// Rows `0..rows` of a product computed on candle's pool in runs of `align`
+/// rows: `work(first_row, part)` fills `part`, that run's rows × `n` values, in
+/// a buffer of the thread's own (kept between calls, so no allocation per run).
+pub fn runs_on_candles_threads(rows: usize, n: usize, align: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let mut out = vec![0f32; n * rows];
-    for (r, row) in rows_by_n.chunks_exact(n).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            out[i * rows + r] = v;
+    let align = align.max(1);
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(align), |runs| {
+        let (first_row, end_row) = (runs.start * align, (runs.end * align).min(rows));
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize((end_row - first_row) * n, 0.0);
+            work(first_row, &mut scratch);
+        });
+    });
+}
+
+/// An (n × rows) output that the pool's threads fill a few rows each: a
+/// product computed weight row by weight row lands straight in the layout its
+/// callers read, instead of being transposed afterwards on one thread.
+pub struct Columns {
+    base: *mut f32,
+    rows: usize,
+    n: usize,
+}
+
+// SAFETY: threads write through `base` only in `put_rows`, whose callers
+// promise disjoint rows.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    pub fn new(out: &mut [f32], rows: usize, n: usize) -> Columns {
+        assert_eq!(out.len(), rows * n, "an (n × rows) output");
+        Columns { base: out.as_mut_ptr(), rows, n }
+    }
+
+    /// Write `values` (k rows × n) as rows `first_row..first_row + k`.
+    ///
+    /// # Safety
+    /// No other thread writes these rows meanwhile, and the slice given to
+    /// `new` is alive and not otherwise accessed until every thread is done.
+    pub unsafe fn put_rows(&self, first_row: usize, values: &[f32]) {
+        let k = values.len() / self.n;
+        assert!(first_row + k <= self.rows, "rows past the output");
+        for (r, row) in values.chunks_exact(self.n).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                // SAFETY: in bounds (checked above); disjoint by the caller's promise.
+                unsafe { *self.base.add(i * self.rows + first_row + r) = v };
+            }
         }
     }
-    out
 }
