@@ -11,8 +11,9 @@
 //! tok/s = prompt tokens / that call's time), then decodes greedily one token
 //! per call, EOS ignored (decode tok/s = decode tokens / the time of those
 //! calls). One warm-up run is not counted. Prints one JSON line: the medians,
-//! every run's figures, the process's peak RSS (VmHWM) and the prompt's token
-//! ids (so that other engines can be fed the very same prompt). Run one engine
+//! every run's figures, the process's peak RSS (VmHWM), the prompt's token
+//! ids (so that other engines can be fed the very same prompt) and the last
+//! run's greedy tokens (so that two engines' outputs can be compared). Run one engine
 //! per process so that the peak RSS is that engine's alone.
 
 use std::fs::File;
@@ -215,20 +216,22 @@ impl Engine for Reference {
     }
 }
 
-/// (prefill tok/s, decode tok/s) of one run.
-fn run_once(engine: &mut dyn Engine, prompt: &[u32], decode_tokens: usize) -> Result<(f64, f64)> {
+/// (prefill tok/s, decode tok/s, the greedy tokens) of one run.
+fn run_once(engine: &mut dyn Engine, prompt: &[u32], decode_tokens: usize) -> Result<(f64, f64, Vec<u32>)> {
     let t0 = Instant::now();
     let logits = engine.prefill(prompt)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut next = argmax(&logits);
+    let mut greedy = vec![next];
     let t1 = Instant::now();
     for i in 0..decode_tokens {
         let logits = engine.step(next, prompt.len() + i)?;
         next = argmax(&logits);
+        greedy.push(next);
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let decode = if decode_tokens == 0 { 0.0 } else { decode_tokens as f64 / decode_s };
-    Ok((prompt.len() as f64 / prefill_s, decode))
+    Ok((prompt.len() as f64 / prefill_s, decode, greedy))
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -296,8 +299,10 @@ fn main() -> Result<()> {
     }
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    let mut greedy = Vec::new();
     for run in 0..args.runs {
-        let (p, d) = run_once(engine.as_mut(), &prompt, args.decode_tokens)?;
+        let (p, d, g) = run_once(engine.as_mut(), &prompt, args.decode_tokens)?;
+        greedy = g;
         eprintln!("{} run {}: prefill {p:.1} tok/s, decode {d:.1} tok/s", args.engine, run + 1);
         prefill.push(p);
         decode.push(d);
@@ -332,6 +337,7 @@ fn main() -> Result<()> {
         "load_s": load_s,
         "peak_rss_kb": proc_status_kb("VmHWM"),
         "prompt_ids": prompt,
+        "greedy_ids": greedy,
     });
     println!("{out}");
     Ok(())

@@ -24,7 +24,8 @@ fn work_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-safetensors")
 }
 
-/// The converted f32 and bf16 directories and the 2:4-pruned copy, made once.
+/// The converted f32 and bf16 directories and the 2:4-pruned copy of the f32
+/// one, made once.
 fn dirs() -> &'static (PathBuf, PathBuf, PathBuf) {
     static DIRS: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
     DIRS.get_or_init(|| {
@@ -35,6 +36,18 @@ fn dirs() -> &'static (PathBuf, PathBuf, PathBuf) {
         convert_gguf_to_hf(&gguf(), &bf16_dir, DType::BF16).unwrap();
         assert_eq!(prune_hf_dir(&f32_dir, &sparse_dir).unwrap(), 30 * 7, "every projection of 30 layers");
         (f32_dir, bf16_dir, sparse_dir)
+    })
+}
+
+/// The bf16 directory pruned to 2:4, made once.
+fn bf16_sparse_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let (_, bf16_dir, _) = dirs();
+        let dir = work_dir().join("bf16-sparse");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(prune_hf_dir(bf16_dir, &dir).unwrap(), 30 * 7);
+        dir
     })
 }
 
@@ -106,6 +119,27 @@ fn a_2_4_checkpoint_runs_compressed_and_matches_its_dense_computation() {
     let (dense, dense_report) = load_hf_dir(sparse_dir, "smol-24-dense", SparseMode::Off).unwrap();
     assert_eq!(dense_report.sparse_fraction(), 0.0);
     assert!(sparse.info.weight_bytes < dense.info.weight_bytes);
+    for text in PROMPTS {
+        let p = prompt(&sparse, text);
+        let (a, ta) = greedy(&sparse, &p, 4);
+        let (b, tb) = greedy(&dense, &p, 4);
+        assert_eq!(ta, tb, "{text}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(max_diff(x, y) < 1e-3, "{text}: sparse and dense differ by {}", max_diff(x, y));
+        }
+    }
+}
+
+/// A bf16 2:4 checkpoint keeps its values in bf16: 5 bytes per group of four
+/// instead of the 16 the dense f32 computation holds, and the same results as
+/// that dense computation (the values are the same numbers).
+#[test]
+fn a_bf16_2_4_checkpoint_stores_bf16_values_and_matches_its_dense_computation() {
+    let dir = bf16_sparse_dir();
+    let (sparse, report) = load_hf_dir(dir, "smol-24-bf16", SparseMode::Auto).unwrap();
+    assert_eq!(report.sparse_fraction(), 1.0);
+    assert_eq!(report.stored_bytes * 16, report.dense_bytes * 5, "5 bytes per group of four instead of 16");
+    let (dense, _) = load_hf_dir(dir, "smol-24-bf16-dense", SparseMode::Off).unwrap();
     for text in PROMPTS {
         let p = prompt(&sparse, text);
         let (a, ta) = greedy(&sparse, &p, 4);

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, RmsNorm};
 use serde::Deserialize;
 
-use super::sparse::Sparse24;
+use super::sparse::{Precision, Sparse24};
 use super::transformer::{Attention, Block, Mlp, TokenEmbedding};
 use super::{Arch, Linear, LoadedModel, ModelInfo, Transformer, TransformerConfig};
 use crate::tokenize::TextTokenizer;
@@ -215,6 +215,13 @@ fn projection(
     if sparse == SparseMode::Auto && at.device.is_cpu() {
         match Sparse24::compress(&values, shape[0], shape[1]) {
             Ok(s) => {
+                // Kept in the checkpoint's half type when it has one (exact:
+                // the values came from it), so decode reads 5 bytes a group, not 9.
+                let s = match w.dtype_of(&format!("{name}.weight")).as_deref() {
+                    Some("bf16") => s.narrowed(Precision::Bf16).unwrap_or_else(|s| s),
+                    Some("f16") => s.narrowed(Precision::F16).unwrap_or_else(|s| s),
+                    _ => s,
+                };
                 report.stored_bytes += s.storage_bytes() as u64;
                 report.projections.push((format!("{name}.weight"), zeros, true));
                 return Ok(Linear::sparse(s, bias));
