@@ -116,7 +116,7 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
     // share that KV head, `group × head_dim` values in a row. Each cached key
     // and value is loaded once for the whole group, not once per query head.
     let item_width = group * head_dim;
-    let kernel = super::sparse::Kernel::detect();
+    let kernel = super::kernel::Kernel::detect();
     let work = |first_item: usize, out: &mut [f32]| {
         let mut scores = Vec::new();
         for (item, out) in (first_item..).zip(out.chunks_exact_mut(item_width)) {
@@ -142,7 +142,7 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
     out
 }
 
-impl super::sparse::Kernel {
+impl super::kernel::Kernel {
     /// `scores[p·group + g]` = scale · (query head g of `q` · key p), for the
     /// `group` query heads in `q` (group × head_dim) and every key in `keys`.
     fn scores(self, q: &[f32], keys: &[f32], head_dim: usize, scale: f32, scores: &mut [f32]) {
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn detected_attention_kernel_agrees_with_the_scalar_loops() {
-        use crate::model::sparse::Kernel;
+        use crate::model::kernel::Kernel;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         for (group, head_dim, positions) in [(3, 64, 1), (3, 64, 13), (7, 64, 40), (2, 128, 9), (1, 8, 5)] {
             let q = random(&mut rng, group * head_dim);

@@ -6,6 +6,7 @@ mod device;
 mod gguf;
 mod hf;
 mod host_attention;
+mod kernel;
 mod kv_cache;
 mod linear;
 mod prune;

@@ -34,7 +34,7 @@
 
 use half::f16;
 
-use super::sparse::Kernel;
+use super::kernel::Kernel;
 use super::threads::Columns;
 
 mod super_blocks;

@@ -9,6 +9,8 @@
 
 use half::{bf16, f16};
 
+use super::kernel::Kernel;
+
 
 /// A (rows × cols) matrix in 2:4 form; `cols` is a multiple of 4.
 #[derive(Debug, Clone, PartialEq)]
@@ -244,25 +246,7 @@ impl Value for f16 {
     }
 }
 
-/// The instruction set the kernel runs with, chosen at run time so that one
-/// binary is fast where AVX2 exists and still correct where it does not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
-
 impl Kernel {
-    pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        // F16C (half-precision loads, for the quantized kernels) comes with every AVX2 CPU.
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-            return Kernel::Avx2;
-        }
-        Kernel::Scalar
-    }
-
     /// One compressed row dotted with each of the n input rows of `xs` (n × cols).
     /// Each dot takes the same steps whatever n is, so batching keeps the bits.
     pub fn row_dots<V: Value>(self, vals: &[V], pos: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
