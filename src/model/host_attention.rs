@@ -200,6 +200,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::model::kernel::avx2::sum_eight;
+
     /// Eight dot products at a time, each as eight lanes of fused
     /// multiply-adds; the eight are then summed across lanes together (three
     /// rounds of pairwise adds), not one by one.
@@ -229,16 +231,6 @@ mod avx2 {
             _mm256_storeu_ps(lanes.as_mut_ptr(), dot(t));
             scores[t] = lanes.iter().sum::<f32>() * _mm256_cvtss_f32(scale);
         }
-    }
-
-    /// The lane sums of eight vectors, as one vector (lane i: Σ of a[i]).
-    #[inline(always)]
-    unsafe fn sum_eight(a: [__m256; 8]) -> __m256 {
-        let (p0, p1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        let (p2, p3) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-        let (q0, q1) = (_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
-        // q0: halves of a0..a3 (low lane: first halves, high: second); q1 the same for a4..a7.
-        _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31))
     }
 
     /// For each query head, its output (head_dim values, up to 64 in registers

@@ -19,3 +19,21 @@ impl Kernel {
         Kernel::Scalar
     }
 }
+
+/// AVX2 pieces more than one kernel uses.
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The lane sums of eight vectors, as one vector: lane i is the sum of
+    /// `a[i]`'s lanes, always in the order ((0+1)+(2+3))+((4+5)+(6+7)). Three
+    /// rounds of pairwise adds for all eight, instead of a horizontal sum each.
+    #[inline(always)]
+    pub unsafe fn sum_eight(a: [__m256; 8]) -> __m256 {
+        let (p0, p1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let (p2, p3) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        let (q0, q1) = (_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+        // q0's low half: lanes 0–3 summed for a[0..4]; its high half: lanes 4–7.
+        _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31))
+    }
+}

@@ -463,6 +463,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
+    use crate::model::kernel::avx2::sum_eight;
 
     /// The 32 nibbles of 16 bytes in value order: low nibbles (values 0..16)
     /// in the low lane, high nibbles (values 16..32) in the high lane.
@@ -663,16 +664,6 @@ mod avx2 {
         let h = _mm256_hadd_ps(v, v);
         let h = _mm256_hadd_ps(h, h);
         _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)))
-    }
-
-    /// Lane i: the sum of `a[i]`'s lanes, in the order `lane_sums_pair` states.
-    #[inline(always)]
-    unsafe fn sum_eight(a: [__m256; 8]) -> __m256 {
-        let (p0, p1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        let (p2, p3) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-        let (q0, q1) = (_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
-        // q0's low half: lanes 0–3 summed for a[0..4]; its high half: lanes 4–7.
-        _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31))
     }
 
     /// Q8_0 in candle's AVX2 steps: per block, eight lane sums of w·x (signed ×
