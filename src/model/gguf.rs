@@ -1,6 +1,7 @@
 //! Loading a llama / qwen2 GGUF file: weights stay in their quantized blocks.
 
 use std::fs::File;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -40,87 +41,72 @@ pub fn load_gguf_dequantized(path: &Path, served_name: &str) -> Result<LoadedMod
 }
 
 fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Device) -> Result<LoadedModel> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
     let config = TransformerConfig::from_gguf(&content)?;
     let tokenizer = TextTokenizer::from_gguf(&content)?;
-    let device = device.clone();
 
-    let mut weight_bytes = 0u64;
-    let mut type_counts: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut load = |name: &str| -> Result<candle_core::quantized::QTensor> {
-        let t = content
-            .tensor(&mut file, name, &device)
-            .with_context(|| format!("{}: tensor {name}", path.display()))?;
-        weight_bytes += t.storage_size_in_bytes() as u64;
-        if t.shape().rank() == 2 {
-            *type_counts.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() += t.shape().elem_count() as u64;
-        }
-        Ok(t)
-    };
-    let has = |name: &str| content.tensor_infos.contains_key(name);
-
-    let linear = |load: &mut dyn FnMut(&str) -> Result<candle_core::quantized::QTensor>, prefix: &str| -> Result<Linear> {
-        let weight = load(&format!("{prefix}.weight"))?;
+    let mut weights = Weights { file, content: &content, path, device: device.clone(), bytes: 0, type_counts: Default::default() };
+    // On the CPU, matrices in a format our kernels read are repacked straight
+    // from the file (see `Weights::matrix`); the rest go through candle.
+    let ours = !dequantize && device.is_cpu();
+    let linear = |w: &mut Weights, prefix: &str| -> Result<Linear> {
+        let name = format!("{prefix}.weight");
         let bias_name = format!("{prefix}.bias");
-        let bias = if has(&bias_name) { Some(load(&bias_name)?.dequantize(&device)?) } else { None };
+        let bias = if w.has(&bias_name) { Some(w.tensor(&bias_name)?.dequantize(&device)?) } else { None };
+        if ours {
+            if let Some(matrix) = w.matrix(&name)? {
+                return Ok(Linear::quant(Arc::new(matrix), bias));
+            }
+        }
+        let weight = w.tensor(&name)?;
         if dequantize {
             return Ok(Linear::dense(weight.dequantize(&device)?, bias)?);
         }
         Ok(Linear::from_qtensor(weight, bias)?)
     };
-    let norm = |load: &mut dyn FnMut(&str) -> Result<candle_core::quantized::QTensor>, name: &str| -> Result<RmsNorm> {
-        Ok(RmsNorm::new(load(name)?.dequantize(&device)?, config.rms_eps))
-    };
+    let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(w.tensor(name)?.dequantize(&device)?, config.rms_eps)) };
 
-    let embedding_q = load("token_embd.weight")?;
-    // On the CPU, in a format our kernels read, the table stays quantized and
-    // a tied head multiplies with the very same matrix.
-    let shared = match (dequantize || !device.is_cpu(), BlockFormat::from_ggml(embedding_q.dtype())) {
-        (false, Some(format)) => {
-            let (rows, cols) = embedding_q.shape().dims2()?;
-            Some(Arc::new(QuantMatrix::new(format, rows, cols, &embedding_q.data()?)?))
-        }
-        _ => None,
-    };
+    // The table stays quantized where our kernels read its format, and a tied
+    // head multiplies with the very same matrix.
+    let shared = if ours { weights.matrix("token_embd.weight")?.map(Arc::new) } else { None };
     let embedding = match &shared {
         Some(m) => TokenEmbedding::Quantized(m.clone()),
-        None => TokenEmbedding::Dense(Embedding::new(embedding_q.dequantize(&device)?, config.hidden)),
+        None => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(&device)?, config.hidden)),
     };
     let mut blocks = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let p = format!("blk.{i}");
+        let w = &mut weights;
         blocks.push(Block {
-            attn_norm: norm(&mut load, &format!("{p}.attn_norm.weight"))?,
+            attn_norm: norm(w, &format!("{p}.attn_norm.weight"))?,
             attn: Attention {
-                q: linear(&mut load, &format!("{p}.attn_q"))?,
-                k: linear(&mut load, &format!("{p}.attn_k"))?,
-                v: linear(&mut load, &format!("{p}.attn_v"))?,
-                o: linear(&mut load, &format!("{p}.attn_output"))?,
+                q: linear(w, &format!("{p}.attn_q"))?,
+                k: linear(w, &format!("{p}.attn_k"))?,
+                v: linear(w, &format!("{p}.attn_v"))?,
+                o: linear(w, &format!("{p}.attn_output"))?,
             },
-            ffn_norm: norm(&mut load, &format!("{p}.ffn_norm.weight"))?,
+            ffn_norm: norm(w, &format!("{p}.ffn_norm.weight"))?,
             mlp: Mlp {
-                gate: linear(&mut load, &format!("{p}.ffn_gate"))?,
-                up: linear(&mut load, &format!("{p}.ffn_up"))?,
-                down: linear(&mut load, &format!("{p}.ffn_down"))?,
+                gate: linear(w, &format!("{p}.ffn_gate"))?,
+                up: linear(w, &format!("{p}.ffn_up"))?,
+                down: linear(w, &format!("{p}.ffn_down"))?,
             },
         });
     }
-    let final_norm = norm(&mut load, "output_norm.weight")?;
+    let final_norm = norm(&mut weights, "output_norm.weight")?;
     // Tied embeddings: without an output matrix the embedding table is the head.
-    let lm_head = if has("output.weight") {
-        linear(&mut load, "output")?
+    let lm_head = if weights.has("output.weight") {
+        linear(&mut weights, "output")?
     } else if let Some(m) = shared {
         Linear::shared_quant(m)
+    } else if dequantize {
+        Linear::dense(weights.tensor("token_embd.weight")?.dequantize(&device)?, None)?
     } else {
-        if dequantize {
-            Linear::dense(embedding_q.dequantize(&device)?, None)?
-        } else {
-            Linear::from_qtensor(embedding_q, None)?
-        }
+        Linear::from_qtensor(weights.tensor("token_embd.weight")?, None)?
     };
-    drop(load);
+    let Weights { bytes: weight_bytes, type_counts, .. } = weights;
 
     let dtype = type_counts
         .iter()
@@ -139,6 +125,54 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         sparse_fraction: 0.0,
         device: super::describe_device(&device),
     };
-    let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device)?;
+    let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device.clone())?;
     Ok(LoadedModel { transformer, tokenizer, info })
+}
+
+/// The GGUF file's tensors, read one at a time, with a tally of their bytes
+/// and types for `ModelInfo`.
+struct Weights<'a> {
+    file: BufReader<File>,
+    content: &'a gguf_file::Content,
+    path: &'a Path,
+    device: Device,
+    bytes: u64,
+    /// Elements per type, over the matrices.
+    type_counts: std::collections::BTreeMap<String, u64>,
+}
+
+impl Weights<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn count(&mut self, dtype: GgmlDType, shape: &candle_core::Shape, bytes: usize) {
+        self.bytes += bytes as u64;
+        if shape.rank() == 2 {
+            *self.type_counts.entry(format!("{dtype:?}").to_lowercase()).or_default() += shape.elem_count() as u64;
+        }
+    }
+
+    /// A tensor through candle (read whole, on the model's device).
+    fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let t = self.content.tensor(&mut self.file, name, &self.device).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
+        self.count(t.dtype(), t.shape(), t.storage_size_in_bytes());
+        Ok(t)
+    }
+
+    /// A matrix in a format our kernels read, repacked as it is read from the
+    /// file: no second copy of it is ever held (candle's reader would hold the
+    /// file's bytes and the repacked ones at once; for Qwen2.5-0.5B's
+    /// 145 MB head that was the load's peak). None for other formats.
+    fn matrix(&mut self, name: &str) -> Result<Option<QuantMatrix>> {
+        let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let (Some(format), Ok((rows, cols))) = (BlockFormat::from_ggml(info.ggml_dtype), info.shape.dims2()) else {
+            return Ok(None);
+        };
+        let (dtype, shape) = (info.ggml_dtype, info.shape.clone());
+        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        let matrix = QuantMatrix::read(format, rows, cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
+        self.count(dtype, &shape, QuantMatrix::gguf_bytes(format, rows, cols)?);
+        Ok(Some(matrix))
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::quant::{BlockFormat, QuantMatrix};
+use super::quant::QuantMatrix;
 use super::sparse::Sparse24;
 
 enum Weight {
@@ -32,12 +32,9 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// candle's quantized matmul (formats our kernels do not read, and other
+    /// devices; on the CPU the loader repacks the others straight from the file).
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
-        if let (true, Some(format), (rows, cols)) = (weight.device().is_cpu(), BlockFormat::from_ggml(weight.dtype()), weight.shape().dims2()?) {
-            // The file's blocks are repacked into our matrix; the QTensor is dropped.
-            let matrix = QuantMatrix::new(format, rows, cols, &weight.data()?)?;
-            return Ok(Linear { weight: Weight::Quant(Arc::new(matrix)), bias, pad_single_row: false });
-        }
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;
         Ok(Linear { weight: Weight::Candle(QMatMul::from_qtensor(weight)?), bias, pad_single_row })
     }
@@ -52,6 +49,11 @@ impl Linear {
         let weight = weight.to_dtype(dtype)?.contiguous()?;
         let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
         Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
+    }
+
+    /// A matrix of ours, repacked at load.
+    pub fn quant(matrix: Arc<QuantMatrix>, bias: Option<Tensor>) -> Self {
+        Linear { weight: Weight::Quant(matrix), bias, pad_single_row: false }
     }
 
     /// A quantized matrix that something else (a tied embedding) shares.

@@ -87,3 +87,31 @@ impl Columns {
         }
     }
 }
+
+/// An output the pool's threads fill in disjoint parts, each straight into
+/// its final place.
+pub struct SharedOut {
+    base: *mut f32,
+    len: usize,
+}
+
+// SAFETY: threads write through `base` only in `put`, whose callers promise
+// disjoint parts.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub fn new(out: &mut [f32]) -> SharedOut {
+        SharedOut { base: out.as_mut_ptr(), len: out.len() }
+    }
+
+    /// Write `values` at `at..at + values.len()`.
+    ///
+    /// # Safety
+    /// No other thread writes these elements meanwhile, and the slice given to
+    /// `new` is alive and not otherwise accessed until every thread is done.
+    pub unsafe fn put(&self, at: usize, values: &[f32]) {
+        assert!(at + values.len() <= self.len, "values past the output");
+        // SAFETY: in bounds (checked above); disjoint by the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.base.add(at), values.len()) };
+    }
+}

@@ -1,0 +1,330 @@
+//! The 32-value formats (Q4_1, Q5_0, Q8_0) repacked eight weight rows at a
+//! time, so that one vector's eight lanes are eight rows' sums and no lane
+//! ever needs a horizontal sum.
+//!
+//! A panel holds one block (32 values) of eight rows. Its quantized values
+//! are four (nibble formats) or eight (Q8_0) 32-byte vectors; in vector c,
+//! bytes 4r..4r+4 are row r's values 4c..4c+4 (Q8_0), or, for the nibble
+//! formats, bytes 4c..4c+4 of row r's 16, whose low nibbles are values
+//! 4c..4c+4 and high nibbles values 16+4c..16+4c+4. So chunk c of the input
+//! (four values, broadcast to every lane) meets each row's own four values in
+//! one `maddubs`. Beside the values, per panel: the rows' eight scales (f16),
+//! Q4_1's eight minimums, and Q5_0's fifth bits as one 32-byte plane whose
+//! byte 4r+k holds, in bit c, the fifth bit of row r's value 4c+k (one shift
+//! and one mask put chunk c's bits in place). The bytes are GGUF's, moved:
+//! eight rows take what eight GGUF blocks take. Rows past the last group of
+//! eight are zeros (their results are never written).
+//!
+//! Each (row, block) integer dot product is exact, and its float expression is
+//! candle's, in candle's order, block after block: `((sumi·d)·d_x) + m·s` for
+//! Q4_1, `(sumi·d)·d_x` for Q5_0 (sumi counts the −16) and Q8_0. The AVX2
+//! kernels do it in eight lanes at once, the scalar kernel one lane at a
+//! time: both give candle's scalar bits, for one input or many.
+
+use half::f16;
+
+use super::{Activations, BlockFormat, QK};
+
+/// Weight rows per panel.
+pub const ROWS: usize = 8;
+
+pub struct Panels {
+    format: BlockFormat,
+    /// Blocks per row.
+    nb: usize,
+    /// Per panel (group after group, each group's blocks in order): the values.
+    values: Vec<u8>,
+    /// Per panel: the eight rows' scales.
+    scales: Vec<f16>,
+    /// Q4_1, per panel: the eight rows' minimums (empty otherwise).
+    minimums: Vec<f16>,
+    /// Q5_0, per panel: the 32-byte plane of fifth bits (empty otherwise).
+    fifth_bits: Vec<u8>,
+}
+
+/// Where value `v` (0..32) of row `r` sits in a panel: its byte, and for the
+/// nibble formats whether it is the high nibble.
+fn place(format: BlockFormat, r: usize, v: usize) -> (usize, bool) {
+    match format {
+        BlockFormat::Q8_0 => ((v / 4) * 32 + r * 4 + v % 4, false),
+        _ => (((v % 16) / 4) * 32 + r * 4 + v % 4, v >= 16),
+    }
+}
+
+fn panel_bytes(format: BlockFormat) -> usize {
+    if format == BlockFormat::Q8_0 { 8 * QK } else { 4 * QK }
+}
+
+impl Panels {
+    /// Zeros for `rows` rows of `nb` blocks, to be filled by `put_row`.
+    pub fn zeros(format: BlockFormat, rows: usize, nb: usize) -> Panels {
+        let panels = rows.div_ceil(ROWS) * nb;
+        Panels {
+            format,
+            nb,
+            values: vec![0; panels * panel_bytes(format)],
+            scales: vec![f16::ZERO; panels * ROWS],
+            minimums: if format == BlockFormat::Q4_1 { vec![f16::ZERO; panels * ROWS] } else { Vec::new() },
+            fifth_bits: if format == BlockFormat::Q5_0 { vec![0; panels * 32] } else { Vec::new() },
+        }
+    }
+
+    /// Row `row` from its `nb` GGUF blocks.
+    pub fn put_row(&mut self, row: usize, blocks: &[u8]) {
+        let (format, pb) = (self.format, panel_bytes(self.format));
+        let (g, r) = (row / ROWS, row % ROWS);
+        let half_at = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
+        for (b, block) in blocks.chunks_exact(format.block_bytes()).enumerate() {
+            let panel = g * self.nb + b;
+            let values = &mut self.values[panel * pb..(panel + 1) * pb];
+            self.scales[panel * ROWS + r] = half_at(block, 0);
+            let quantized = match format {
+                BlockFormat::Q4_1 => {
+                    self.minimums[panel * ROWS + r] = half_at(block, 2);
+                    &block[4..20]
+                }
+                BlockFormat::Q5_0 => {
+                    let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                    let plane = &mut self.fifth_bits[panel * 32..(panel + 1) * 32];
+                    for v in 0..QK {
+                        plane[r * 4 + v % 4] |= (((high >> v) & 1) as u8) << (v / 4);
+                    }
+                    &block[6..22]
+                }
+                BlockFormat::Q8_0 => &block[2..34],
+                BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("super-blocks are not panelled"),
+            };
+            // Nibble bytes and Q8_0 values alike: byte j goes where value j does.
+            for (j, &byte) in quantized.iter().enumerate() {
+                values[place(format, r, j).0] = byte;
+            }
+        }
+    }
+
+    /// Bytes held.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.values.len() + 2 * (self.scales.len() + self.minimums.len()) + self.fifth_bits.len()
+    }
+
+    /// Row `row`'s quantized value `v` of block `b`, as an integer (Q5_0's
+    /// without its −16).
+    fn value(&self, row: usize, b: usize, v: usize) -> i32 {
+        let panel = (row / ROWS) * self.nb + b;
+        let (at, high) = place(self.format, row % ROWS, v);
+        let byte = self.values[panel * panel_bytes(self.format) + at];
+        match self.format {
+            BlockFormat::Q8_0 => byte as i8 as i32,
+            BlockFormat::Q5_0 => {
+                let nibble = (if high { byte >> 4 } else { byte & 0x0F }) as i32;
+                let bit = (self.fifth_bits[panel * 32 + (row % ROWS) * 4 + v % 4] >> (v / 4)) & 1;
+                (nibble | (bit as i32) << 4) - 16
+            }
+            _ => (if high { byte >> 4 } else { byte & 0x0F }) as i32,
+        }
+    }
+
+    /// Row `row` as f32 values, as candle dequantizes it.
+    pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) {
+        let (g, r) = (row / ROWS, row % ROWS);
+        for b in 0..self.nb {
+            let panel = g * self.nb + b;
+            let d = self.scales[panel * ROWS + r].to_f32();
+            match self.format {
+                BlockFormat::Q4_1 => {
+                    let m = self.minimums[panel * ROWS + r].to_f32();
+                    out.extend((0..QK).map(|v| self.value(row, b, v) as f32 * d + m));
+                }
+                _ => out.extend((0..QK).map(|v| self.value(row, b, v) as f32 * d)),
+            }
+        }
+    }
+
+    /// Group `g`'s eight rows dotted with each input: `[input][row]`.
+    pub fn group_times<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X], kernel: super::Kernel) -> [[f32; ROWS]; X] {
+        assert!(xs.iter().all(|x| x.qs.len() >= self.nb * QK && x.d.len() >= self.nb && x.s.len() >= self.nb && x.sum.len() >= self.nb));
+        assert!((g + 1) * self.nb * ROWS <= self.scales.len(), "group past the matrix");
+        match kernel {
+            super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
+            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C; the lengths are checked above.
+            #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 => unsafe {
+                match self.format {
+                    BlockFormat::Q4_1 => avx2::group_q4_1(self, g, xs),
+                    BlockFormat::Q5_0 => avx2::group_q5_0(self, g, xs),
+                    _ => avx2::group_q8_0(self, g, xs),
+                }
+            },
+        }
+    }
+
+    /// One row's dot product, block after block in candle's expression.
+    fn scalar_dot(&self, row: usize, x: &Activations<'_>) -> f32 {
+        let panel0 = (row / ROWS) * self.nb;
+        let mut sum = 0f32;
+        for b in 0..self.nb {
+            let sumi: i32 = (0..QK).map(|v| self.value(row, b, v) * x.qs[b * QK + v] as i32).sum();
+            let d = self.scales[(panel0 + b) * ROWS + row % ROWS].to_f32();
+            sum += match self.format {
+                BlockFormat::Q4_1 => sumi as f32 * d * x.d[b] + self.minimums[(panel0 + b) * ROWS + row % ROWS].to_f32() * x.s[b],
+                _ => sumi as f32 * d * x.d[b],
+            };
+        }
+        sum
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Eight f16 values as f32.
+    #[inline(always)]
+    unsafe fn halves(at: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
+    }
+
+    #[inline(always)]
+    unsafe fn load(at: *const u8) -> __m256i {
+        _mm256_loadu_si256(at as *const __m256i)
+    }
+
+    /// Chunk c (four values) of an input block, in every lane.
+    #[inline(always)]
+    unsafe fn chunk(x: *const i8, c: usize) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32))
+    }
+
+    /// The nibble formats' eight value vectors (low nibbles, then high).
+    #[inline(always)]
+    unsafe fn nibbles(at: *const u8) -> [__m256i; 8] {
+        let low = _mm256_set1_epi8(0x0F);
+        let raw: [__m256i; 4] = std::array::from_fn(|c| load(at.add(32 * c)));
+        std::array::from_fn(|c| if c < 4 { _mm256_and_si256(raw[c], low) } else { _mm256_and_si256(_mm256_srli_epi16(raw[c - 4], 4), low) })
+    }
+
+    /// Σ over chunks `from..from + 4` of w·x, as sixteen i16 lanes: at most
+    /// 4 · 2 · 31 · 127 < 2^15 for w < 32, so nothing saturates or wraps.
+    #[inline(always)]
+    unsafe fn four_chunks(v: &[__m256i; 8], x: *const i8, from: usize) -> __m256i {
+        let mut s = _mm256_maddubs_epi16(v[from], chunk(x, from));
+        for c in from + 1..from + 4 {
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[c], chunk(x, c)));
+        }
+        s
+    }
+
+    /// `(sumi·d)·d_x`, lane by lane, as candle rounds it.
+    #[inline(always)]
+    unsafe fn scaled(sumi: __m256i, d: __m256, dx: f32) -> __m256 {
+        _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), _mm256_set1_ps(dx))
+    }
+
+    #[inline(always)]
+    unsafe fn rows_out<const X: usize>(acc: [__m256; X]) -> [[f32; ROWS]; X] {
+        acc.map(|a| {
+            let mut out = [0f32; ROWS];
+            _mm256_storeu_ps(out.as_mut_ptr(), a);
+            out
+        })
+    }
+
+    /// Q4_1: w < 16, so all eight chunks sum in i16 (8 · 2 · 15 · 127 < 2^15).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_q4_1<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let v = nibbles(p.values.as_ptr().add(panel * 4 * QK));
+            let d = halves(p.scales.as_ptr().add(panel * ROWS));
+            let m = halves(p.minimums.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                let x = xs[i].qs.as_ptr().add(b * QK);
+                let s = _mm256_add_epi16(four_chunks(&v, x, 0), four_chunks(&v, x, 4));
+                let term = scaled(_mm256_madd_epi16(s, ones), d, *xs[i].d.get_unchecked(b));
+                let term = _mm256_add_ps(term, _mm256_mul_ps(m, _mm256_set1_ps(*xs[i].s.get_unchecked(b))));
+                acc[i] = _mm256_add_ps(acc[i], term);
+            }
+        }
+        rows_out(acc)
+    }
+
+    /// Q5_0: the values with their fifth bits are unsigned (< 32); the −16 is
+    /// taken off the integer sum as 16 · Σx.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_q5_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let (ones, bit4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x10));
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let mut v = nibbles(p.values.as_ptr().add(panel * 4 * QK));
+            // Chunk c's fifth bits are bit c of the plane's bytes: moved to bit 4.
+            let h = load(p.fifth_bits.as_ptr().add(panel * 32));
+            let placed = [
+                _mm256_slli_epi16(h, 4),
+                _mm256_slli_epi16(h, 3),
+                _mm256_slli_epi16(h, 2),
+                _mm256_slli_epi16(h, 1),
+                h,
+                _mm256_srli_epi16(h, 1),
+                _mm256_srli_epi16(h, 2),
+                _mm256_srli_epi16(h, 3),
+            ];
+            for c in 0..8 {
+                v[c] = _mm256_or_si256(v[c], _mm256_and_si256(placed[c], bit4));
+            }
+            let d = halves(p.scales.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                let x = xs[i].qs.as_ptr().add(b * QK);
+                let sumi = _mm256_add_epi32(_mm256_madd_epi16(four_chunks(&v, x, 0), ones), _mm256_madd_epi16(four_chunks(&v, x, 4), ones));
+                let sumi = _mm256_sub_epi32(sumi, _mm256_set1_epi32(16 * *xs[i].sum.get_unchecked(b)));
+                acc[i] = _mm256_add_ps(acc[i], scaled(sumi, d, *xs[i].d.get_unchecked(b)));
+            }
+        }
+        rows_out(acc)
+    }
+
+    /// Q8_0: signed × signed through the sign trick (|w| times x with w's
+    /// sign), each chunk's pairs widened to i32 at once (2 · 127 · 127 fills i16).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_q8_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let at = p.values.as_ptr().add(panel * 8 * QK);
+            let w: [__m256i; 8] = std::array::from_fn(|c| load(at.add(32 * c)));
+            let magnitude: [__m256i; 8] = std::array::from_fn(|c| _mm256_sign_epi8(w[c], w[c]));
+            let d = halves(p.scales.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                let x = xs[i].qs.as_ptr().add(b * QK);
+                let mut sumi = _mm256_setzero_si256();
+                for c in 0..8 {
+                    let pairs = _mm256_maddubs_epi16(magnitude[c], _mm256_sign_epi8(chunk(x, c), w[c]));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, ones));
+                }
+                acc[i] = _mm256_add_ps(acc[i], scaled(sumi, d, *xs[i].d.get_unchecked(b)));
+            }
+        }
+        rows_out(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panels_take_the_bytes_of_the_gguf_blocks() {
+        // Eight rows of two blocks each.
+        for format in [BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q8_0] {
+            let blocks = vec![0u8; 8 * 2 * format.block_bytes()];
+            assert_eq!(Panels::zeros(format, 8, 2).bytes(), blocks.len(), "{format:?}");
+            // A ninth row costs a whole group of zeros.
+            assert_eq!(Panels::zeros(format, 9, 2).bytes(), 2 * 8 * 2 * format.block_bytes(), "{format:?}");
+        }
+    }
+}
