@@ -27,9 +27,11 @@ use half::f16;
 use super::kernel::Kernel;
 
 mod panels;
+mod q4_k_panels;
 mod super_blocks;
 
 use panels::Panels;
+use q4_k_panels::Q4KPanels;
 use super_blocks::{SuperRows, QK_K};
 
 const QK: usize = 32;
@@ -164,11 +166,13 @@ pub struct QuantMatrix {
 enum Layout {
     /// The 32-value formats, eight rows side by side.
     Panels(Panels),
-    /// Super-blocks, block after block, row after row.
+    /// Q4_K, eight rows side by side.
+    Q4K(Q4KPanels),
+    /// Q6_K super-blocks as the file holds them, row after row.
     Rows(Vec<u8>),
 }
 
-/// One weight row's repacked super-blocks.
+/// One weight row's Q6_K super-blocks.
 #[derive(Clone, Copy)]
 struct WeightRow<'a> {
     values: &'a [u8],
@@ -202,26 +206,29 @@ impl QuantMatrix {
     pub fn read(format: BlockFormat, rows: usize, cols: usize, reader: &mut impl std::io::Read) -> candle_core::Result<Self> {
         let row_bytes = Self::gguf_bytes(format, 1, cols)?;
         let mut row = vec![0u8; row_bytes];
-        let layout = if format.has_super_blocks() {
-            let bytes = if format == BlockFormat::Q4K { super_blocks::Q4_K_BYTES } else { super_blocks::Q6_K_BYTES };
-            let mut values = Vec::with_capacity(rows * cols / QK_K * bytes);
-            for _ in 0..rows {
-                reader.read_exact(&mut row)?;
-                for block in row.chunks_exact(format.block_bytes()) {
-                    match format {
-                        BlockFormat::Q4K => super_blocks::repack_q4_k(block, &mut values),
-                        _ => values.extend_from_slice(block),
-                    }
-                }
-            }
-            Layout::Rows(values)
-        } else {
-            let mut panels = Panels::zeros(format, rows, cols / QK);
+        let mut put_rows = |put: &mut dyn FnMut(usize, &[u8])| -> candle_core::Result<()> {
             for r in 0..rows {
                 reader.read_exact(&mut row)?;
-                panels.put_row(r, &row);
+                put(r, &row);
             }
-            Layout::Panels(panels)
+            Ok(())
+        };
+        let layout = match format {
+            BlockFormat::Q6K => {
+                let mut values = Vec::with_capacity(rows * row_bytes);
+                put_rows(&mut |_, row| values.extend_from_slice(row))?;
+                Layout::Rows(values)
+            }
+            BlockFormat::Q4K => {
+                let mut panels = Q4KPanels::zeros(rows, cols / QK_K);
+                put_rows(&mut |r, row| panels.put_row(r, row))?;
+                Layout::Q4K(panels)
+            }
+            _ => {
+                let mut panels = Panels::zeros(format, rows, cols / QK);
+                put_rows(&mut |r, row| panels.put_row(r, row))?;
+                Layout::Panels(panels)
+            }
         };
         Ok(QuantMatrix { format, rows, cols, layout, kernel: Kernel::detect() })
     }
@@ -239,14 +246,14 @@ impl QuantMatrix {
         let mut out = Vec::with_capacity(self.cols);
         match &self.layout {
             Layout::Panels(p) => p.dequantize_row(r, &mut out),
-            Layout::Rows(_) if self.format == BlockFormat::Q4K => super_blocks::dequantize_q4_k(self.weight_row(r), &mut out),
+            Layout::Q4K(p) => p.dequantize_row(r, &mut out),
             Layout::Rows(_) => super_blocks::dequantize_q6_k(self.weight_row(r), &mut out),
         }
         out
     }
 
     fn weight_row(&self, r: usize) -> WeightRow<'_> {
-        let Layout::Rows(values) = &self.layout else { unreachable!("only super-blocks are kept by row") };
+        let Layout::Rows(values) = &self.layout else { unreachable!("only Q6_K is kept by row") };
         let bytes = values.len() / self.rows;
         WeightRow { values: &values[r * bytes..(r + 1) * bytes] }
     }
@@ -318,6 +325,7 @@ impl QuantMatrix {
     fn group_tile<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X]) -> [[f32; GROUP]; X] {
         match &self.layout {
             Layout::Panels(p) => p.group_times(g, xs, self.kernel),
+            Layout::Q4K(p) => p.group_times(g, xs, self.kernel),
             Layout::Rows(_) => {
                 let mut results = [[0f32; GROUP]; X];
                 for r in 0..GROUP.min(self.rows - g * GROUP) {
@@ -331,17 +339,14 @@ impl QuantMatrix {
         }
     }
 
-    /// One weight row of super-blocks dotted with X inputs. Every result takes
-    /// the steps of a lone dot product, so tiling never changes a bit.
+    /// One weight row of Q6_K dotted with X inputs. Every result takes the
+    /// steps of a lone dot product, so tiling never changes a bit.
     fn super_block_tile<const X: usize>(&self, w: WeightRow<'_>, xs: [&Activations<'_>; X]) -> [f32; X] {
-        match (self.kernel, self.format) {
-            (Kernel::Scalar, BlockFormat::Q4K) => xs.map(|x| super_blocks::scalar::dot_q4_k(w, x)),
-            (Kernel::Scalar, _) => xs.map(|x| super_blocks::scalar::dot_q6_k(w, x)),
+        match self.kernel {
+            Kernel::Scalar => xs.map(|x| super_blocks::scalar::dot_q6_k(w, x)),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C on this CPU; `new` sized the rows.
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2, BlockFormat::Q4K) => unsafe { super_blocks::avx2::tile_q4_k([w], xs)[0] },
-            #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2, _) => unsafe { super_blocks::avx2::tile_q6_k([w], xs)[0] },
+            Kernel::Avx2 => unsafe { super_blocks::avx2::tile_q6_k([w], xs)[0] },
         }
     }
 }

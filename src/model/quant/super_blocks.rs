@@ -1,24 +1,16 @@
-//! GGUF's 256-value super-block formats in our kernels: Q4_K (most of the
-//! Qwen2.5-1.5B file, half of 0.5B's down projections) and Q6_K (the other
-//! half of them, half of 1.5B's value projections, and its head). candle has
-//! SIMD kernels for these too, but on x86 it repacks a second copy of the
-//! weights for many input rows, and multiplies a lone Q6_K row with a kernel
-//! whose bits differ from its many-row one.
+//! GGUF's 256-value super-blocks: how their inputs are quantized (for Q4_K,
+//! whose kernels live in `q4_k_panels`, and Q6_K), and Q6_K's kernels. Q6_K
+//! is half of Qwen2.5-0.5B's down projections, half of 1.5B's value
+//! projections, and 1.5B's head. candle has SIMD kernels for it too, but on
+//! x86 it repacks a second copy of the weights for many input rows, and
+//! multiplies a lone row with a kernel whose bits differ from its many-row one.
 //!
-//! A super-block holds 256 values:
-//! - Q4_K (144 bytes): f16 d and dmin; 12 bytes packing eight 6-bit scales and
-//!   eight 6-bit minimums, one of each per 32 values; 128 bytes of nibbles:
-//!   bytes 32p..32p+32 hold values 64p..64p+32 in their low nibbles and
-//!   64p+32..64p+64 in their high ones. Value = d·sc·q − dmin·m.
-//! - Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs,
-//!   sixteen i8 scales (one per 16 values), f16 d. Value = d·sc·(q − 32) with
-//!   q = low | high << 4. In half h (128 values), chunk u of 32 values takes
-//!   the low (u < 2) or high nibbles of low-nibble bytes 64h + 32·(u mod 2) + t
-//!   and bits 2u, 2u+1 of high byte 32h + t.
-//! Super-blocks stay whole, so a weight row is one stream of memory. At load
-//! Q4_K's packed scales and minimums are unpacked to a byte each (148 bytes
-//! per super-block instead of 144), so kernels read them directly: d, dmin,
-//! eight scales, eight minimums, the nibbles. Q6_K blocks stay as they are.
+//! A Q6_K super-block (210 bytes) holds 256 values: 128 bytes of low nibbles,
+//! 64 bytes of high bit pairs, sixteen i8 scales (one per 16 values), f16 d.
+//! Value = d·sc·(q − 32) with q = low | high << 4. In half h (128 values),
+//! chunk u of 32 values takes the low (u < 2) or high nibbles of low-nibble
+//! bytes 64h + 32·(u mod 2) + t and bits 2u, 2u+1 of high byte 32h + t.
+//! Blocks stay as the file holds them, so a weight row is one stream of memory.
 //!
 //! Activations are quantized per 256 values exactly as candle's Q8_K (an f32
 //! scale, and the sums of each 16 and 32 quantized values), so every integer
@@ -33,12 +25,6 @@ use super::{Activations, WeightRow};
 
 pub const QK_K: usize = 256;
 
-/// A repacked Q4_K super-block's bytes, and where its parts start.
-pub const Q4_K_BYTES: usize = 148;
-const Q4_K_SCALES: usize = 4;
-const Q4_K_MINIMUMS: usize = 12;
-const Q4_K_NIBBLES: usize = 20;
-
 /// A Q6_K super-block's bytes, and where its parts start.
 pub const Q6_K_BYTES: usize = 210;
 const Q6_K_HIGH: usize = 128;
@@ -50,24 +36,6 @@ fn half_at(block: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 
-/// A file's Q4_K super-block, its scales and minimums unpacked, onto `out`.
-pub fn repack_q4_k(block: &[u8], out: &mut Vec<u8>) {
-    let packed = &block[4..16];
-    let mut unpacked = [0u8; 16];
-    for j in 0..8 {
-        let (scale, minimum) = if j < 4 {
-            (packed[j] & 63, packed[j + 4] & 63)
-        } else {
-            ((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
-        };
-        unpacked[j] = scale;
-        unpacked[8 + j] = minimum;
-    }
-    out.extend_from_slice(&block[..4]);
-    out.extend_from_slice(&unpacked);
-    out.extend_from_slice(&block[16..144]);
-}
-
 /// Q6_K value `v` (0..256) of a super-block's low-nibble and high-bit bytes, unsigned (0..64).
 #[inline(always)]
 fn q6_k_value(low: &[u8], high: &[u8], v: usize) -> u8 {
@@ -75,22 +43,6 @@ fn q6_k_value(low: &[u8], high: &[u8], v: usize) -> u8 {
     let byte = low[64 * h + 32 * (u % 2) + t];
     let nibble = if u < 2 { byte & 0x0F } else { byte >> 4 };
     nibble | ((high[32 * h + t] >> (2 * u)) & 3) << 4
-}
-
-/// Q4_K value `v` (0..256) of a super-block's nibbles.
-#[inline(always)]
-fn q4_k_value(nibbles: &[u8], v: usize) -> u8 {
-    let byte = nibbles[32 * (v / 64) + v % 32];
-    if (v / 32) % 2 == 0 { byte & 0x0F } else { byte >> 4 }
-}
-
-/// One weight row as f32 values, as candle dequantizes it (its expressions).
-pub fn dequantize_q4_k(w: WeightRow<'_>, out: &mut Vec<f32>) {
-    for block in w.values.chunks_exact(Q4_K_BYTES) {
-        let (d, dmin) = (half_at(block, 0), half_at(block, 2));
-        let (sub, q) = (&block[Q4_K_SCALES..Q4_K_NIBBLES], &block[Q4_K_NIBBLES..]);
-        out.extend((0..QK_K).map(|v| d * sub[v / 32] as f32 * q4_k_value(q, v) as f32 - dmin * sub[8 + v / 32] as f32));
-    }
 }
 
 pub fn dequantize_q6_k(w: WeightRow<'_>, out: &mut Vec<f32>) {
@@ -148,36 +100,8 @@ fn sum8(acc: [f32; 8]) -> f32 {
     (t[0] + t[2]) + (t[1] + t[3])
 }
 
-/// Four float lanes summed in the AVX2 kernels' order.
-fn sum4(acc: [f32; 4]) -> f32 {
-    (acc[0] + acc[2]) + (acc[1] + acc[3])
-}
-
 pub mod scalar {
     use super::*;
-
-    pub fn dot_q4_k(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
-        let (mut acc, mut acc_m) = ([0f32; 8], [0f32; 4]);
-        for (b, block) in w.values.chunks_exact(Q4_K_BYTES).enumerate() {
-            let (sub, q) = (&block[Q4_K_SCALES..Q4_K_NIBBLES], &block[Q4_K_NIBBLES..]);
-            let xq = &x.k_qs[QK_K * b..QK_K * (b + 1)];
-            let mut sumi = [0i32; 8];
-            for v in 0..QK_K {
-                sumi[(v % 32) / 4] += sub[v / 32] as i32 * q4_k_value(q, v) as i32 * xq[v] as i32;
-            }
-            let d = half_at(block, 0) * x.k_d[b];
-            for (acc, s) in acc.iter_mut().zip(sumi) {
-                *acc = (s as f32).mul_add(d, *acc);
-            }
-            let dm = half_at(block, 2) * x.k_d[b];
-            let sums = &x.k_sums32[8 * b..8 * b + 8];
-            for (i, acc) in acc_m.iter_mut().enumerate() {
-                let lane = sub[8 + 2 * i] as i32 * sums[2 * i] as i32 + sub[9 + 2 * i] as i32 * sums[2 * i + 1] as i32;
-                *acc = (lane as f32).mul_add(dm, *acc);
-            }
-        }
-        sum8(acc) - sum4(acc_m)
-    }
 
     pub fn dot_q6_k(w: WeightRow<'_>, x: &Activations<'_>) -> f32 {
         let mut acc = [0f32; 8];
@@ -245,48 +169,6 @@ pub mod avx2 {
     unsafe fn sum_f32x4(s: __m128) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// W weight rows × X activation rows of Q4_K. Per super-block, each
-    /// 32-value sub-block's products are weighted by its scale; Σ m·(sum of
-    /// its 32 inputs) goes to four float lanes of its own.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile_q4_k<const W: usize, const X: usize>(ws: [WeightRow<'_>; W], xs: [&Activations<'_>; X]) -> [[f32; X]; W] {
-        let nb = ws[0].values.len() / Q4_K_BYTES;
-        check_lengths(&ws, &xs, nb, Q4_K_BYTES);
-        let mut acc = [[_mm256_setzero_ps(); X]; W];
-        let mut acc_m = [[_mm_setzero_ps(); X]; W];
-        let low_nibbles = _mm256_set1_epi8(0x0F);
-        let x_values = xs.map(|x| x.k_qs.as_ptr());
-        for b in 0..nb {
-            // One weight row at a time, so that only its X sums are live.
-            for (r, w) in ws.iter().enumerate() {
-                let block = w.values.as_ptr().add(b * Q4_K_BYTES);
-                let q = block.add(Q4_K_NIBBLES);
-                let mut sumi = [_mm256_setzero_si256(); X];
-                for p in 0..4 {
-                    let bytes = load(q.add(32 * p));
-                    let low = _mm256_and_si256(bytes, low_nibbles);
-                    let high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibbles);
-                    let s_low = _mm256_set1_epi16(*block.add(Q4_K_SCALES + 2 * p) as i16);
-                    let s_high = _mm256_set1_epi16(*block.add(Q4_K_SCALES + 2 * p + 1) as i16);
-                    for (sumi, x) in sumi.iter_mut().zip(x_values) {
-                        let x = x.add(b * QK_K + 64 * p);
-                        *sumi = _mm256_add_epi32(*sumi, _mm256_add_epi32(weighted(low, x, s_low), weighted(high, x.add(32), s_high)));
-                    }
-                }
-                let minimums = _mm_cvtepu8_epi16(_mm_loadl_epi64(block.add(Q4_K_MINIMUMS) as *const __m128i));
-                let (d, dmin) = (half_from(block), half_from(block.add(2)));
-                for (i, x) in xs.iter().enumerate() {
-                    let xd = *x.k_d.get_unchecked(b);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_set1_ps(d * xd), acc[r][i]);
-                    let sums = _mm_loadu_si128(x.k_sums32.as_ptr().add(8 * b) as *const __m128i);
-                    let lanes = _mm_madd_epi16(minimums, sums);
-                    acc_m[r][i] = _mm_fmadd_ps(_mm_cvtepi32_ps(lanes), _mm_set1_ps(dmin * xd), acc_m[r][i]);
-                }
-            }
-        }
-        std::array::from_fn(|r| std::array::from_fn(|i| sum_f32(acc[r][i]) - sum_f32x4(acc_m[r][i])))
     }
 
     /// W weight rows × X activation rows of Q6_K: values unsigned (0..64),

@@ -1,0 +1,254 @@
+//! Q4_K repacked eight weight rows at a time, as `panels` does for the
+//! 32-value formats: one vector's eight lanes are eight rows' sums.
+//!
+//! A Q4_K super-block (144 bytes, 256 values): f16 d and dmin; 12 bytes
+//! packing eight 6-bit scales and eight 6-bit minimums, one of each per 32
+//! values (a sub-block); 128 bytes of nibbles, bytes 32p..32p+32 holding
+//! values 64p..64p+32 in their low nibbles and 64p+32..64p+64 in their high
+//! ones. Value = d·sc·q − dmin·m.
+//!
+//! A panel holds one super-block of eight rows:
+//! - nibbles: for each pair p and chunk c (0..8), one 32-byte vector whose
+//!   bytes 4r..4r+4 are row r's nibble bytes 32p+4c..32p+4c+4; the low
+//!   nibbles are chunk c of sub-block 2p, the high ones of sub-block 2p+1;
+//! - scales: byte 8j+r is row r's scale of sub-block j;
+//! - minimums: bytes 16q+2r and 16q+2r+1 are row r's minimums of sub-blocks
+//!   2q and 2q+1 (one i16 pair per row once widened, for `madd`);
+//! - d and dmin: the eight rows' f16 values.
+//!
+//! 1,184 bytes for eight rows' 1,152 in the file.
+//!
+//! Per super-block and row, two exact integer sums: Σ_j sc_j·Σ q·x and
+//! Σ_j m_j·(sum of sub-block j's inputs); each scaled into its own float
+//! accumulator with one fused multiply-add (by d·d_x and dmin·d_x), their
+//! difference the result. The scalar kernel takes the same steps one row at a
+//! time, so both give the same bits for one input or many.
+
+use half::f16;
+
+use super::super_blocks::QK_K;
+use super::Activations;
+
+/// Weight rows per panel.
+const ROWS: usize = 8;
+const NIBBLE_BYTES: usize = 128 * ROWS;
+
+pub struct Q4KPanels {
+    /// Super-blocks per row.
+    nb: usize,
+    nibbles: Vec<u8>,
+    scales: Vec<u8>,
+    minimums: Vec<u8>,
+    d: Vec<f16>,
+    dmin: Vec<f16>,
+}
+
+/// The file's eight 6-bit scales and eight 6-bit minimums, a byte each.
+pub fn unpack_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut scales = [0u8; 8];
+    let mut minimums = [0u8; 8];
+    for j in 0..8 {
+        (scales[j], minimums[j]) = if j < 4 {
+            (packed[j] & 63, packed[j + 4] & 63)
+        } else {
+            ((packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
+        };
+    }
+    (scales, minimums)
+}
+
+/// Where row r's nibble byte i (0..128) sits in its panel.
+fn nibble_at(r: usize, i: usize) -> usize {
+    (i / 32) * 256 + ((i % 32) / 4) * 32 + r * 4 + i % 4
+}
+
+impl Q4KPanels {
+    /// Zeros for `rows` rows of `nb` super-blocks, to be filled by `put_row`.
+    pub fn zeros(rows: usize, nb: usize) -> Q4KPanels {
+        let panels = rows.div_ceil(ROWS) * nb;
+        Q4KPanels {
+            nb,
+            nibbles: vec![0; panels * NIBBLE_BYTES],
+            scales: vec![0; panels * 64],
+            minimums: vec![0; panels * 64],
+            d: vec![f16::ZERO; panels * ROWS],
+            dmin: vec![f16::ZERO; panels * ROWS],
+        }
+    }
+
+    /// Row `row` from its `nb` GGUF super-blocks.
+    pub fn put_row(&mut self, row: usize, blocks: &[u8]) {
+        let (g, r) = (row / ROWS, row % ROWS);
+        for (b, block) in blocks.chunks_exact(144).enumerate() {
+            let panel = g * self.nb + b;
+            self.d[panel * ROWS + r] = f16::from_le_bytes([block[0], block[1]]);
+            self.dmin[panel * ROWS + r] = f16::from_le_bytes([block[2], block[3]]);
+            let (scales, minimums) = unpack_scales(&block[4..16]);
+            for j in 0..8 {
+                self.scales[panel * 64 + 8 * j + r] = scales[j];
+                self.minimums[panel * 64 + 16 * (j / 2) + 2 * r + j % 2] = minimums[j];
+            }
+            let nibbles = &mut self.nibbles[panel * NIBBLE_BYTES..(panel + 1) * NIBBLE_BYTES];
+            for (i, &byte) in block[16..144].iter().enumerate() {
+                nibbles[nibble_at(r, i)] = byte;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.nibbles.len() + self.scales.len() + self.minimums.len() + 2 * (self.d.len() + self.dmin.len())
+    }
+
+    /// Row `row`'s super-block `b`: value v's nibble, v's scale and minimum.
+    fn value(&self, row: usize, b: usize, v: usize) -> (i32, i32, i32) {
+        let (panel, r) = ((row / ROWS) * self.nb + b, row % ROWS);
+        let (p, within) = (v / 64, v % 64);
+        let byte = self.nibbles[panel * NIBBLE_BYTES + nibble_at(r, 32 * p + within % 32)];
+        let q = if within < 32 { byte & 0x0F } else { byte >> 4 };
+        let j = v / 32;
+        (q as i32, self.scales[panel * 64 + 8 * j + r] as i32, self.minimums[panel * 64 + 16 * (j / 2) + 2 * r + j % 2] as i32)
+    }
+
+    /// Row `row` as f32 values, in candle's expression.
+    pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) {
+        for b in 0..self.nb {
+            let at = (row / ROWS) * self.nb * ROWS + b * ROWS + row % ROWS;
+            let (d, dmin) = (self.d[at].to_f32(), self.dmin[at].to_f32());
+            out.extend((0..QK_K).map(|v| {
+                let (q, sc, m) = self.value(row, b, v);
+                d * sc as f32 * q as f32 - dmin * m as f32
+            }));
+        }
+    }
+
+    /// Group `g`'s eight rows dotted with each input: `[input][row]`.
+    pub fn group_times<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X], kernel: super::Kernel) -> [[f32; ROWS]; X] {
+        let nb = self.nb;
+        assert!(xs.iter().all(|x| x.k_qs.len() >= nb * QK_K && x.k_d.len() >= nb && x.k_sums32.len() >= 8 * nb));
+        assert!((g + 1) * nb * ROWS <= self.d.len(), "group past the matrix");
+        match kernel {
+            super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
+            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C; the lengths are checked above.
+            #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 => unsafe { avx2::group_times(self, g, xs) },
+        }
+    }
+
+    fn scalar_dot(&self, row: usize, x: &Activations<'_>) -> f32 {
+        let (mut acc, mut acc_m) = (0f32, 0f32);
+        for b in 0..self.nb {
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for j in 0..8 {
+                let mut sub = 0i32;
+                for v in 32 * j..32 * j + 32 {
+                    sub += self.value(row, b, v).0 * x.k_qs[b * QK_K + v] as i32;
+                }
+                let (_, sc, m) = self.value(row, b, 32 * j);
+                sumi += sc * sub;
+                summ += m * x.k_sums32[8 * b + j] as i32;
+            }
+            let at = (row / ROWS) * self.nb * ROWS + b * ROWS + row % ROWS;
+            let dx = x.k_d[b];
+            acc = (sumi as f32).mul_add(self.d[at].to_f32() * dx, acc);
+            acc_m = (summ as f32).mul_add(self.dmin[at].to_f32() * dx, acc_m);
+        }
+        acc - acc_m
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn halves(at: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
+    }
+
+    #[inline(always)]
+    unsafe fn load(at: *const u8) -> __m256i {
+        _mm256_loadu_si256(at as *const __m256i)
+    }
+
+    /// The i32 at `at` (four input bytes, or two i16 sums), in every lane.
+    #[inline(always)]
+    unsafe fn broadcast(at: *const u8) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let low = _mm256_set1_epi8(0x0F);
+        let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); X], [_mm256_setzero_ps(); X]);
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
+            let mut sumi = [_mm256_setzero_si256(); X];
+            for j in 0..8 {
+                let pair = nibbles.add((j / 2) * 256);
+                // Values < 16 and inputs ≥ −128: eight chunks' pairs sum in
+                // i16 (8 · 2 · 15 · 128 < 2^15).
+                let v: [__m256i; 8] = std::array::from_fn(|c| {
+                    let bytes = load(pair.add(32 * c));
+                    if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) }
+                });
+                // Each row's scale in both i16 halves of its lane.
+                let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.scales.as_ptr().add(panel * 64 + 8 * j) as *const __m128i));
+                let sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+                for i in 0..X {
+                    let x = xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8;
+                    let mut s = _mm256_maddubs_epi16(v[0], broadcast(x));
+                    for c in 1..8 {
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[c], broadcast(x.add(4 * c))));
+                    }
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s, sc));
+                }
+            }
+            let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(p.minimums.as_ptr().add(panel * 64 + 16 * q) as *const __m128i)));
+            let (d, dmin) = (halves(p.d.as_ptr().add(panel * ROWS)), halves(p.dmin.as_ptr().add(panel * ROWS)));
+            for i in 0..X {
+                let sums = xs[i].k_sums32.as_ptr().add(8 * b) as *const u8;
+                let mut summ = _mm256_madd_epi16(minimums[0], broadcast(sums));
+                for q in 1..4 {
+                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimums[q], broadcast(sums.add(4 * q))));
+                }
+                let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
+                acc_m[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmin, dx), acc_m[i]);
+            }
+        }
+        std::array::from_fn(|i| {
+            let mut out = [0f32; ROWS];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], acc_m[i]));
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panels_take_about_the_files_bytes() {
+        // Eight rows of two super-blocks: 1,184 bytes a panel for the file's 1,152.
+        assert_eq!(Q4KPanels::zeros(8, 2).bytes(), 2 * 1184);
+    }
+
+    #[test]
+    fn scales_and_minimums_unpack_as_the_format_packs_them() {
+        // Scales 0..8 are 1..8 and minimums 40..48: the low four in 6 bits,
+        // the high four split into a nibble and two top bits.
+        let (sc, m): ([u8; 8], [u8; 8]) = (std::array::from_fn(|j| j as u8 + 1), std::array::from_fn(|j| j as u8 + 40));
+        let mut packed = [0u8; 12];
+        for j in 0..4 {
+            packed[j] = sc[j] | (sc[j + 4] >> 4) << 6;
+            packed[j + 4] = m[j] | (m[j + 4] >> 4) << 6;
+            packed[j + 8] = (sc[j + 4] & 0x0F) | (m[j + 4] & 0x0F) << 4;
+        }
+        assert_eq!(unpack_scales(&packed), (sc, m));
+    }
+}
