@@ -45,13 +45,16 @@ struct Args {
     warmup: usize,
     /// Also decode this many sequences together (terse only): aggregate tok/s.
     batch: usize,
+    /// terse's KV cache in f16 (`--kv-cache-dtype f16`).
+    kv_f16: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_forward MODEL(.gguf path, Hugging Face directory or manifest name) \
          [--engine terse|reference] [--sparse auto|off] [--device cpu|cuda[:N]] \
-         [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1] [--batch N]"
+         [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1] [--batch N] \
+         [--kv-cache-dtype f32|f16]"
     );
     std::process::exit(2)
 }
@@ -68,6 +71,7 @@ fn parse_args() -> Result<Args> {
         runs: 5,
         warmup: 1,
         batch: 0,
+        kv_f16: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -87,6 +91,13 @@ fn parse_args() -> Result<Args> {
             "--runs" => args.runs = value("--runs")?.parse()?,
             "--warmup" => args.warmup = value("--warmup")?.parse()?,
             "--batch" => args.batch = value("--batch")?.parse()?,
+            "--kv-cache-dtype" => {
+                args.kv_f16 = match value("--kv-cache-dtype")?.as_str() {
+                    "f16" => true,
+                    "f32" => false,
+                    other => bail!("--kv-cache-dtype must be f32 or f16, not {other}"),
+                }
+            }
             "-h" | "--help" => usage(),
             s if s.starts_with("--") => bail!("unknown flag {s}"),
             s if model.is_none() => model = Some(s.to_string()),
@@ -130,7 +141,7 @@ impl Terse {
 
 impl Engine for Terse {
     fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
-        self.cache = SeqKvCache::new(self.model.config.n_layer);
+        self.cache = self.model.new_cache();
         self.forward(prompt)
     }
 
@@ -146,7 +157,7 @@ impl Engine for Terse {
 /// Aggregate decode tok/s of `batch` sequences stepped together, each
 /// prefilled alone first (its prompt rotated, so that no two are the same).
 fn batched_decode(model: &Transformer, prompt: &[u32], decode_tokens: usize, batch: usize) -> Result<f64> {
-    let mut caches: Vec<SeqKvCache> = (0..batch).map(|_| SeqKvCache::new(model.config.n_layer)).collect();
+    let mut caches: Vec<SeqKvCache> = (0..batch).map(|_| model.new_cache()).collect();
     let mut next = Vec::with_capacity(batch);
     for (i, cache) in caches.iter_mut().enumerate() {
         let mut own = prompt.to_vec();
@@ -283,11 +294,14 @@ fn main() -> Result<()> {
     }
 
     let mut engine: Box<dyn Engine> = if args.engine == "terse" {
-        let model = match loaded.take() {
+        let mut model = match loaded.take() {
             Some(m) => m.transformer,
             None => load_gguf_on(&args.model, "bench", &device)?.transformer,
         };
-        let cache = SeqKvCache::new(model.config.n_layer);
+        if args.kv_f16 {
+            model.set_kv_precision(terse::model::KvPrecision::F16);
+        }
+        let cache = model.new_cache();
         Box::new(Terse { model, cache })
     } else {
         Box::new(Reference::load(&args.model, &device)?)
@@ -332,6 +346,7 @@ fn main() -> Result<()> {
         "prefill_tok_s_runs": prefill,
         "decode_tok_s_runs": decode,
         "batch": args.batch,
+        "kv_cache_dtype": if args.kv_f16 { "f16" } else { "f32" },
         "batch_decode_tok_s": (!batch_decode.is_empty()).then(|| median(&batch_decode)),
         "batch_decode_tok_s_runs": batch_decode,
         "load_s": load_s,

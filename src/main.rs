@@ -111,6 +111,10 @@ struct ServeArgs {
     /// Prompt tokens a sequence feeds per step while prefilling.
     #[arg(long, default_value_t = 512, env = "TERSE_PREFILL_CHUNK")]
     prefill_chunk: usize,
+    /// What the KV cache keeps keys and values in on the CPU: f16 halves its
+    /// memory (twice the sequences in one budget) at f16's rounding.
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::F32, env = "TERSE_KV_CACHE_DTYPE")]
+    kv_cache_dtype: KvCacheDtype,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20, env = "TERSE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -132,6 +136,21 @@ struct ServeArgs {
     /// Log lines as human-readable text or as one JSON object a line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "TERSE_LOG_FORMAT")]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KvCacheDtype {
+    F32,
+    F16,
+}
+
+impl From<KvCacheDtype> for terse::model::KvPrecision {
+    fn from(d: KvCacheDtype) -> Self {
+        match d {
+            KvCacheDtype::F32 => terse::model::KvPrecision::F32,
+            KvCacheDtype::F16 => terse::model::KvPrecision::F16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -241,6 +260,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_queue: args.max_queue,
             kv_cache_budget_bytes: args.kv_cache_bytes,
             prefill_chunk: args.prefill_chunk,
+            kv_cache_dtype: args.kv_cache_dtype.into(),
             reasoning: model.reasoning,
             sparse: args.model.sparse,
             device: args.model.device,

@@ -23,6 +23,8 @@ pub struct EngineConfig {
     pub kv_cache_budget_bytes: Option<u64>,
     /// Prompt tokens a sequence feeds per step while it prefills.
     pub prefill_chunk: usize,
+    /// What the CPU's KV cache keeps keys and values in.
+    pub kv_cache_dtype: crate::model::KvPrecision,
     /// The model's think delimiters, injected texts and mode presets.
     pub reasoning: ReasoningProfile,
     /// Hugging Face directories: run 2:4-conforming projections on the sparse kernel.
@@ -40,6 +42,7 @@ impl Default for EngineConfig {
             max_queue: 64,
             kv_cache_budget_bytes: None,
             prefill_chunk: 512,
+            kv_cache_dtype: crate::model::KvPrecision::F32,
             reasoning: ReasoningProfile::default(),
             sparse: SparseMode::Auto,
             device: DeviceSpec::Cpu,

@@ -58,7 +58,8 @@ pub fn load_model_on(path: &Path, served_name: &str, sparse: SparseMode, device:
 }
 
 pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
-    let LoadedModel { transformer, tokenizer, info } = model;
+    let LoadedModel { mut transformer, tokenizer, info } = model;
+    transformer.set_kv_precision(config.kv_cache_dtype);
     warm_up(&transformer).context("the warm-up forward pass failed")?;
     let context_length = info.context_length;
     let kv_bytes_per_token = transformer.kv_bytes_per_token();
@@ -113,9 +114,9 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
 /// engine exists, so before `/ready`: candle repacks some quantized weights and
 /// a GPU loads its kernels on first use, which the first request would wait for.
 fn warm_up(model: &crate::model::Transformer) -> Result<()> {
-    use crate::model::{SeqChunk, SeqKvCache};
+    use crate::model::SeqChunk;
     let started = std::time::Instant::now();
-    let (mut one, mut two) = (SeqKvCache::new(model.config.n_layer), SeqKvCache::new(model.config.n_layer));
+    let (mut one, mut two) = (model.new_cache(), model.new_cache());
     let logits = model.forward(&mut [SeqChunk { tokens: &[0], cache: &mut one }, SeqChunk { tokens: &[0, 0], cache: &mut two }])?;
     // The device path's argmax too; reading the result waits for the GPU.
     logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;

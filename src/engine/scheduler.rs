@@ -140,7 +140,7 @@ impl Scheduler {
                         PhaseTracker::new(self.shared.think, &s.request.prompt),
                         self.shared.tokenizer.end_of_turn_ids().to_vec(),
                     ),
-                    cache: SeqKvCache::new(self.model.config.n_layer),
+                    cache: self.model.new_cache(),
                     decoder: PhasedDecoder::new(self.shared.think),
                     reserved_bytes: need,
                     request: s.request,

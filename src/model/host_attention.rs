@@ -1,4 +1,5 @@
-//! Attention on the CPU in f32, straight on the KV cache's own buffers.
+//! Attention on the CPU in f32, straight on the KV cache's own buffers (kept
+//! in f32 or f16).
 //!
 //! Through candle ops, one sequence's attention in one layer was some twenty
 //! small tensor ops (splits, copies, two rotary calls, two matmuls, a softmax, a
@@ -13,20 +14,73 @@
 
 use std::ops::Range;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::kernel::Value;
+
+/// What a cache keeps keys and values in. f16 halves the cache (and what
+/// attention reads per step); the arithmetic stays f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvPrecision {
+    #[default]
+    F32,
+    F16,
+}
+
 /// One layer's keys and values of one sequence: per KV head, `capacity`
 /// positions of `head_dim` values, so a head's keys are one contiguous run.
 #[derive(Default)]
 pub struct HostKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    store: Store,
     capacity: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
+enum Store {
+    F32 { keys: Vec<f32>, values: Vec<f32> },
+    F16 { keys: Vec<f16>, values: Vec<f16> },
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::F32 { keys: Vec::new(), values: Vec::new() }
+    }
+}
+
+/// Positions `0..len` of head `h` in a buffer of `capacity` positions a head.
+fn head_of<E>(buffer: &[E], h: usize, len: usize, capacity: usize, head_dim: usize) -> &[E] {
+    &buffer[h * capacity * head_dim..][..len * head_dim]
+}
+
+/// `buffer` re-laid out from `old` to `capacity` positions a head (its
+/// positions kept when the head shape is the same).
+fn regrow<E: Copy + Default>(buffer: &[E], keep: bool, old: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Vec<E> {
+    let mut grown = vec![E::default(); kv_heads * capacity * head_dim];
+    if keep {
+        let old = old * head_dim;
+        for h in 0..kv_heads {
+            grown[h * capacity * head_dim..][..old].copy_from_slice(&buffer[h * old..(h + 1) * old]);
+        }
+    }
+    grown
+}
+
 impl HostKv {
+    pub fn new(precision: KvPrecision) -> HostKv {
+        let store = match precision {
+            KvPrecision::F32 => Store::default(),
+            KvPrecision::F16 => Store::F16 { keys: Vec::new(), values: Vec::new() },
+        };
+        HostKv { store, ..HostKv::default() }
+    }
+
     pub fn bytes(&self) -> u64 {
-        ((self.keys.capacity() + self.values.capacity()) * std::mem::size_of::<f32>()) as u64
+        (match &self.store {
+            Store::F32 { keys, values } => (keys.capacity() + values.capacity()) * 4,
+            Store::F16 { keys, values } => (keys.capacity() + values.capacity()) * 2,
+        }) as u64
     }
 
     /// Store `keys` and `values` (new × kv_heads·head_dim, position after
@@ -37,35 +91,62 @@ impl HostKv {
         if capacity > self.capacity || self.kv_heads != kv_heads || self.head_dim != head_dim {
             self.grow(capacity, kv_heads, head_dim);
         }
+        let cap = self.capacity;
         for (i, (k, v)) in keys.chunks_exact(width).zip(values.chunks_exact(width)).enumerate() {
             for h in 0..kv_heads {
-                let to = (h * self.capacity + at + i) * head_dim;
-                self.keys[to..to + head_dim].copy_from_slice(&k[h * head_dim..(h + 1) * head_dim]);
-                self.values[to..to + head_dim].copy_from_slice(&v[h * head_dim..(h + 1) * head_dim]);
+                let to = (h * cap + at + i) * head_dim..(h * cap + at + i + 1) * head_dim;
+                let from = h * head_dim..(h + 1) * head_dim;
+                match &mut self.store {
+                    Store::F32 { keys, values } => {
+                        keys[to.clone()].copy_from_slice(&k[from.clone()]);
+                        values[to].copy_from_slice(&v[from]);
+                    }
+                    Store::F16 { keys, values } => {
+                        keys[to.clone()].convert_from_f32_slice(&k[from.clone()]);
+                        values[to].convert_from_f32_slice(&v[from]);
+                    }
+                }
             }
         }
-    }
-
-    /// Positions `0..len` of head `h`: (keys, values), `len × head_dim` each.
-    fn head(&self, h: usize, len: usize) -> (&[f32], &[f32]) {
-        let from = h * self.capacity * self.head_dim;
-        let to = from + len * self.head_dim;
-        (&self.keys[from..to], &self.values[from..to])
     }
 
     /// Re-lay the buffers out for a larger capacity, keeping every head's positions.
     fn grow(&mut self, capacity: usize, kv_heads: usize, head_dim: usize) {
-        let mut keys = vec![0f32; kv_heads * capacity * head_dim];
-        let mut values = vec![0f32; kv_heads * capacity * head_dim];
-        if self.kv_heads == kv_heads && self.head_dim == head_dim {
-            let old = self.capacity * head_dim;
-            for h in 0..kv_heads {
-                keys[h * capacity * head_dim..][..old].copy_from_slice(&self.keys[h * old..(h + 1) * old]);
-                values[h * capacity * head_dim..][..old].copy_from_slice(&self.values[h * old..(h + 1) * old]);
+        let keep = self.kv_heads == kv_heads && self.head_dim == head_dim;
+        let old = self.capacity;
+        let regrown = |b: &[f32]| regrow(b, keep, old, capacity, kv_heads, head_dim);
+        let regrown16 = |b: &[f16]| regrow(b, keep, old, capacity, kv_heads, head_dim);
+        self.store = match &self.store {
+            Store::F32 { keys, values } => Store::F32 { keys: regrown(keys), values: regrown(values) },
+            Store::F16 { keys, values } => Store::F16 { keys: regrown16(keys), values: regrown16(values) },
+        };
+        (self.capacity, self.kv_heads, self.head_dim) = (capacity, kv_heads, head_dim);
+    }
+
+    /// One (row, KV head) item of `attend`: `out` (group × head_dim) is the
+    /// attention of the group's query heads `q` over positions `0..visible`.
+    fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let (cap, hd) = (self.capacity, self.head_dim);
+        match &self.store {
+            Store::F32 { keys, values } => {
+                attend_one(kernel, q, head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd), hd, scale, scores, out)
+            }
+            Store::F16 { keys, values } => {
+                attend_one(kernel, q, head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd), hd, scale, scores, out)
             }
         }
-        *self = HostKv { keys, values, capacity, kv_heads, head_dim };
     }
+}
+
+/// Scores, softmax and weighted values for one item, the cache in any `Value` type.
+#[allow(clippy::too_many_arguments)]
+fn attend_one<E: Value>(kernel: super::kernel::Kernel, q: &[f32], keys: &[E], values: &[E], head_dim: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let group = q.len() / head_dim;
+    // scores[p·group + g]: query head g of the group against position p.
+    scores.resize(keys.len() / head_dim * group, 0.0);
+    kernel.scores(q, keys, head_dim, scale, scores);
+    softmax_columns(scores, group);
+    kernel.weighted_values(scores, values, head_dim, out);
 }
 
 /// Rotate each head of one row (`heads × head_dim` values) to position `pos`,
@@ -123,13 +204,8 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
             let (row, kv_head) = (item / kv_heads, item % kv_heads);
             let seq = &seqs[seq_of_row[row]];
             let visible = seq.start + (row - seq.rows.start) + 1;
-            let (keys, values) = seq.cache.head(kv_head, visible);
             let q = &queries[item * item_width..(item + 1) * item_width];
-            // scores[p·group + g]: query head g of the group against position p.
-            scores.resize(visible * group, 0.0);
-            kernel.scores(q, keys, head_dim, scale, &mut scores);
-            softmax_columns(&mut scores, group);
-            kernel.weighted_values(&scores, values, head_dim, out);
+            seq.cache.attend_item(kernel, q, kv_head, visible, scale, &mut scores, out);
         }
     };
     let longest = seqs.iter().map(|s| s.start + s.rows.len()).max().unwrap_or(0);
@@ -145,9 +221,9 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
 impl super::kernel::Kernel {
     /// `scores[p·group + g]` = scale · (query head g of `q` · key p), for the
     /// `group` query heads in `q` (group × head_dim) and every key in `keys`.
-    fn scores(self, q: &[f32], keys: &[f32], head_dim: usize, scale: f32, scores: &mut [f32]) {
+    fn scores<E: Value>(self, q: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32]) {
         match self {
-            // SAFETY: `detect` saw AVX2 and FMA on this CPU.
+            // SAFETY: `detect` saw AVX2, FMA and F16C on this CPU.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 if head_dim % 8 == 0 => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
             _ => {
@@ -160,7 +236,7 @@ impl super::kernel::Kernel {
     }
 
     /// `out` (group × head_dim) = for each query head g, Σ_p probs[p·group + g] · value p.
-    fn weighted_values(self, probs: &[f32], values: &[f32], head_dim: usize, out: &mut [f32]) {
+    fn weighted_values<E: Value>(self, probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32]) {
         match self {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
@@ -171,7 +247,7 @@ impl super::kernel::Kernel {
                 for (p, v) in probs.chunks_exact(group).zip(values.chunks_exact(head_dim)) {
                     for (&p, out) in p.iter().zip(out.chunks_exact_mut(head_dim)) {
                         for (o, &v) in out.iter_mut().zip(v) {
-                            *o += p * v;
+                            *o += p * v.to_f32();
                         }
                     }
                 }
@@ -181,13 +257,13 @@ impl super::kernel::Kernel {
 }
 
 /// Eight partial sums, so the compiler can keep them in one vector register.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: Value>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y.to_f32()).sum();
     for (x, y) in a8.zip(b8) {
         for k in 0..8 {
-            lanes[k] += x[k] * y[k];
+            lanes[k] += x[k] * y[k].to_f32();
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -201,12 +277,13 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use crate::model::kernel::avx2::sum_eight;
+    use crate::model::kernel::Value;
 
     /// Eight dot products at a time, each as eight lanes of fused
     /// multiply-adds; the eight are then summed across lanes together (three
     /// rounds of pairwise adds), not one by one.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(q: &[f32], keys: &[f32], head_dim: usize, scale: f32, scores: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<E: Value>(q: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32]) {
         let group = q.len() / head_dim;
         let total = keys.len() / head_dim * group;
         assert!(scores.len() >= total && q.len() == group * head_dim && head_dim % 8 == 0);
@@ -215,7 +292,7 @@ mod avx2 {
             let (k, q) = (keys.as_ptr().add(key * head_dim), q.as_ptr().add(g * head_dim));
             let mut acc = _mm256_setzero_ps();
             for j in (0..head_dim).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j)), _mm256_loadu_ps(k.add(j)), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j)), E::load8(k.add(j)), acc);
             }
             acc
         };
@@ -235,8 +312,8 @@ mod avx2 {
 
     /// For each query head, its output (head_dim values, up to 64 in registers
     /// at a time) accumulates probability × value over the positions.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_values(probs: &[f32], values: &[f32], head_dim: usize, out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_values<E: Value>(probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32]) {
         let group = out.len() / head_dim;
         let positions = values.len() / head_dim;
         assert!(probs.len() >= positions * group && head_dim % 8 == 0);
@@ -248,7 +325,7 @@ mod avx2 {
                     let w = _mm256_set1_ps(*probs.get_unchecked(p * group + g));
                     let v = values.as_ptr().add(p * head_dim + d);
                     for (j, acc) in acc.iter_mut().enumerate().take(width) {
-                        *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8 * j)), *acc);
+                        *acc = _mm256_fmadd_ps(w, E::load8(v.add(8 * j)), *acc);
                     }
                 }
                 for (j, acc) in acc.iter().enumerate().take(width) {
@@ -297,12 +374,27 @@ mod tests {
     }
 
     /// Head size 12 takes the scalar loops; 64 (a multiple of eight) the
-    /// detected kernel where the CPU has AVX2.
+    /// detected kernel where the CPU has AVX2. Caches in f32 and in f16 (whose
+    /// reference takes the keys and values rounded to f16).
     #[test]
     fn batched_causal_grouped_attention_matches_plain_attention_and_keeps_the_bits() {
-        batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 12 });
-        batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 64 });
-        batched_attention_case(Heads { q_heads: 14, kv_heads: 2, head_dim: 64 });
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
+            batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 12 }, precision);
+            batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 64 }, precision);
+            batched_attention_case(Heads { q_heads: 14, kv_heads: 2, head_dim: 64 }, precision);
+        }
+    }
+
+    #[test]
+    fn an_f16_cache_takes_half_the_bytes() {
+        let (k, v) = (vec![0.5f32; 3 * 16], vec![0.25f32; 3 * 16]);
+        let mut sizes = Vec::new();
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
+            let mut cache = HostKv::new(precision);
+            cache.write(0, &k, &v, 2, 8, 4);
+            sizes.push(cache.bytes());
+        }
+        assert_eq!(sizes, vec![2 * 2 * 4 * 8 * 4, 2 * 2 * 4 * 8 * 2]);
     }
 
     #[test]
@@ -329,12 +421,19 @@ mod tests {
         }
     }
 
-    fn batched_attention_case(heads: Heads) {
+    fn batched_attention_case(heads: Heads, precision: KvPrecision) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let (qw, kvw) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
         // Two sequences: one with 5 cached positions and 3 new, one with 40 new
         // (so its cache grows through several capacities).
-        let mut caches = [HostKv::default(), HostKv::default()];
+        let mut caches = [HostKv::new(precision), HostKv::new(precision)];
+        // What the cache holds of a value.
+        let kept = |x: Vec<f32>| -> Vec<f32> {
+            match precision {
+                KvPrecision::F32 => x,
+                KvPrecision::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            }
+        };
         let mut all_keys = [Vec::new(), Vec::new()];
         let mut all_values = [Vec::new(), Vec::new()];
         let starts = [5usize, 0];
@@ -342,8 +441,8 @@ mod tests {
             let k = random(&mut rng, starts[s] * kvw);
             let v = random(&mut rng, starts[s] * kvw);
             cache.write(0, &k, &v, heads.kv_heads, heads.head_dim, 8);
-            all_keys[s] = k;
-            all_values[s] = v;
+            all_keys[s] = kept(k);
+            all_values[s] = kept(v);
         }
         let news = [3usize, 40];
         for s in 0..2 {
@@ -353,8 +452,8 @@ mod tests {
                 let cap = (starts[s] + i + 1).next_power_of_two().max(8);
                 caches[s].write(starts[s] + i, &k[i * kvw..(i + 1) * kvw], &v[i * kvw..(i + 1) * kvw], heads.kv_heads, heads.head_dim, cap);
             }
-            all_keys[s].extend(k);
-            all_values[s].extend(v);
+            all_keys[s].extend(kept(k));
+            all_values[s].extend(kept(v));
         }
         let queries = random(&mut rng, (news[0] + news[1]) * qw);
         let seqs = [

@@ -1,6 +1,8 @@
 //! Which instruction set the CPU kernels (quantized, 2:4 sparse, attention)
 //! run with, chosen at run time: one binary is fast where AVX2 exists and
 //! still correct where it does not. Each kernel module adds its own methods.
+//! `Value` is a stored number format the kernels widen to f32 (2:4 sparse
+//! values, the f16 KV cache).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -17,6 +19,57 @@ impl Kernel {
             return Kernel::Avx2;
         }
         Kernel::Scalar
+    }
+}
+
+/// A stored value type: read as f32, one at a time or eight at a time.
+pub trait Value: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight values are readable at `p`, and the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Value for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Value for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+
+    /// bf16 is the top half of an f32: widen and shift.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
+    }
+}
+
+impl Value for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 

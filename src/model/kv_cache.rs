@@ -2,13 +2,14 @@
 
 use candle_core::{Result, Tensor};
 
-use super::host_attention::HostKv;
+use super::host_attention::{HostKv, KvPrecision};
 
 /// Keys and values of one sequence: per layer a (kv_heads, capacity, head_dim)
 /// buffer of which the first `len` positions are filled. Capacity doubles when
 /// full, so appending costs amortised O(1) copies per token. The buffers are
-/// tensors (any device, any dtype) or, for f32 on the CPU, plain vectors that
-/// `host_attention` reads in place; a sequence uses one kind throughout.
+/// tensors (any device, any dtype) or, for f32 on the CPU, plain vectors (f32
+/// or f16) that `host_attention` reads in place; a sequence uses one kind
+/// throughout.
 pub struct SeqKvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     host: Vec<HostKv>,
@@ -20,7 +21,12 @@ const INITIAL_CAPACITY: usize = 64;
 
 impl SeqKvCache {
     pub fn new(n_layer: usize) -> Self {
-        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), host: (0..n_layer).map(|_| HostKv::default()).collect(), len: 0, capacity: 0 }
+        Self::with_precision(n_layer, KvPrecision::F32)
+    }
+
+    /// A cache whose CPU buffers keep keys and values in `precision`.
+    pub fn with_precision(n_layer: usize, precision: KvPrecision) -> Self {
+        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), host: (0..n_layer).map(|_| HostKv::new(precision)).collect(), len: 0, capacity: 0 }
     }
 
     /// Positions already cached (the position of the next token).

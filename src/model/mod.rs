@@ -22,6 +22,7 @@ pub use device::{dense_compute_dtype, describe as describe_device, DeviceSpec};
 pub use prune::{is_projection_weight, prune_hf_dir};
 pub use gguf::{load_gguf, load_gguf_dequantized, load_gguf_on, LoadedModel};
 pub use hf::{load_hf_dir, load_hf_dir_on, HfConfig, SparseMode, SparsityReport};
+pub use host_attention::KvPrecision;
 pub use kv_cache::SeqKvCache;
 pub use linear::Linear;
 pub use synthetic::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};

@@ -106,15 +106,9 @@ impl QuantizedRows {
         rows.sum.reserve(count);
         rows.s.reserve(count);
         rows.qs = vec![0; xs.len()];
+        let kernel = Kernel::detect();
         for (block, q) in xs.chunks_exact(QK).zip(rows.qs.chunks_exact_mut(QK)) {
-            let amax = block.iter().fold(0f32, |m, &x| m.max(x.abs()));
-            let d = amax / 127.0;
-            let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &x) in q.iter_mut().zip(block) {
-                *q = (x * inverse).round() as i8;
-                sum += *q as i32;
-            }
+            let (d, sum) = quantize_block(kernel, block, q);
             let d16 = f16::from_f32(d);
             rows.d.push(d16.to_f32());
             rows.sum.push(sum);
@@ -139,6 +133,56 @@ impl QuantizedRows {
             k_qs: self.k.qs.get(cols).unwrap_or(&[]),
         }
     }
+}
+
+/// One block of 32 activations to 8 bits as candle does it: d = amax / 127,
+/// each value x·(1/d) rounded half away from zero. Returns d and the sum of
+/// the quantized values. The AVX2 path gives the same bytes (tested): one
+/// vector multiply per eight values has the scalar product's rounding, and
+/// the rounding is done exactly (truncate, then step away from zero where the
+/// dropped fraction is at least a half).
+fn quantize_block(kernel: Kernel, block: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(block.len() == QK && q.len() == QK);
+    let amax = block.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    let d = amax / 127.0;
+    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    match kernel {
+        // SAFETY: `Kernel::detect` saw AVX2; both slices hold 32 values (asserted).
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => (d, unsafe { quantize_avx2(block, inverse, q) }),
+        _ => {
+            let mut sum = 0i32;
+            for (q, &x) in q.iter_mut().zip(block) {
+                *q = (x * inverse).round() as i8;
+                sum += *q as i32;
+            }
+            (d, sum)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_avx2(block: &[f32], inverse: f32, q: &mut [i8]) -> i32 {
+    use std::arch::x86_64::*;
+    let (scale, half, one) = (_mm256_set1_ps(inverse), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let sign = _mm256_set1_ps(-0.0);
+    let ints: [__m256i; 4] = std::array::from_fn(|k| {
+        let t = _mm256_mul_ps(_mm256_loadu_ps(block.as_ptr().add(8 * k)), scale);
+        let whole = _mm256_round_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        // |t − whole| is exact; at a half or more, one more step away from zero.
+        let away = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t, whole)), half, _CMP_GE_OQ);
+        let step = _mm256_and_ps(away, _mm256_or_ps(one, _mm256_and_ps(t, sign)));
+        _mm256_cvtps_epi32(_mm256_add_ps(whole, step))
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+    // Packing interleaves the 128-bit halves: put the 32 bytes back in order.
+    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
 }
 
 /// One activation row's blocks, in either form.
@@ -514,6 +558,24 @@ mod tests {
             let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
             assert_eq!(got, want, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn activations_quantize_to_the_same_bytes_on_every_kernel() {
+        // Random blocks, and ones built to land on halves (x · (1/d) = k + 0.5)
+        // and on whole numbers.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let mut blocks: Vec<Vec<f32>> = (0..200).map(|_| random(&mut rng, QK).into_iter().map(|x| x * 3.0).collect()).collect();
+        blocks.push((0..QK).map(|j| j as f32 - 15.5).collect());
+        blocks.push((0..QK).map(|j| (j as f32 - 16.0) * 4.0).collect());
+        blocks.push(vec![0.0; QK]);
+        blocks.push((0..QK).map(|j| if j == 3 { -127.0 } else { 0.5 * j as f32 }).collect());
+        for block in &blocks {
+            let (mut want, mut got) = ([0i8; QK], [0i8; QK]);
+            let a = quantize_block(Kernel::Scalar, block, &mut want);
+            let b = quantize_block(Kernel::detect(), block, &mut got);
+            assert_eq!((a, want), (b, got), "block {block:?}");
         }
     }
 

@@ -9,7 +9,7 @@
 
 use half::{bf16, f16};
 
-use super::kernel::Kernel;
+use super::kernel::{Kernel, Value};
 
 
 /// A (rows × cols) matrix in 2:4 form; `cols` is a multiple of 4.
@@ -193,57 +193,6 @@ enum Values {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
-}
-
-/// A stored value type: read as f32, one at a time or eight at a time.
-pub trait Value: Copy + Send + Sync {
-    fn to_f32(self) -> f32;
-
-    /// Eight values from `p` as f32 lanes.
-    ///
-    /// # Safety
-    /// Eight values are readable at `p`, and the CPU has AVX2 and F16C.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-}
-
-impl Value for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-}
-
-impl Value for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-
-    /// bf16 is the top half of an f32: widen and shift.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
-    }
-}
-
-impl Value for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
 }
 
 impl Kernel {

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
-use super::host_attention::{self, Heads, SeqQueries};
+use super::host_attention::{self, Heads, KvPrecision, SeqQueries};
 use super::kv_cache::SeqKvCache;
 use super::linear::Linear;
 use super::quant::QuantMatrix;
@@ -81,6 +81,8 @@ pub struct Transformer {
     device: Device,
     /// What activations and the KV cache are held in: the embedding table's dtype.
     dtype: DType,
+    /// What the CPU path's KV buffers keep.
+    kv_precision: KvPrecision,
 }
 
 /// The new tokens of one sequence in a step and its cache; the tokens sit at
@@ -102,7 +104,7 @@ impl Transformer {
         let dtype = embedding.dtype();
         let (cos, sin) = rope_tables(&config, &device)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype })
+        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32 })
     }
 
     pub fn device(&self) -> &Device {
@@ -111,7 +113,26 @@ impl Transformer {
 
     /// KV-cache bytes per token, in the dtype the cache is kept in.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        self.config.kv_bytes_per_token(self.dtype)
+        let kept = if self.on_host() && self.kv_precision == KvPrecision::F16 { DType::F16 } else { self.dtype };
+        self.config.kv_bytes_per_token(kept)
+    }
+
+    /// Keep the KV cache in f16 (`KvPrecision::F16`): half the memory and
+    /// half the bytes attention reads, at f16's rounding of keys and values.
+    /// Only the CPU's f32 path has its own cache buffers; elsewhere the cache
+    /// stays in the model's dtype.
+    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
+        self.kv_precision = precision;
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> SeqKvCache {
+        SeqKvCache::with_precision(self.config.n_layer, self.kv_precision)
+    }
+
+    /// Whether attention runs on `host_attention` (f32 on the CPU).
+    fn on_host(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
     }
 
     /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
@@ -152,7 +173,7 @@ impl Transformer {
         chunks: &mut [SeqChunk<'_>],
         starts: &[usize],
     ) -> Result<Tensor> {
-        if self.device.is_cpu() && self.dtype == DType::F32 {
+        if self.on_host() {
             return self.attention_on_host(layer, attn, h, chunks, starts);
         }
         let cfg = &self.config;
