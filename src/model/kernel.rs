@@ -78,6 +78,25 @@ impl Value for half::f16 {
 pub mod avx2 {
     use std::arch::x86_64::*;
 
+    /// Eight f16 values at `at`, as f32.
+    #[inline(always)]
+    pub unsafe fn halves(at: *const half::f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
+    }
+
+    /// The 32 bytes at `at`.
+    #[inline(always)]
+    pub unsafe fn load(at: *const u8) -> __m256i {
+        _mm256_loadu_si256(at as *const __m256i)
+    }
+
+    /// The four bytes at `at` (four 8-bit inputs, or two i16 sums), as one
+    /// i32 in every lane.
+    #[inline(always)]
+    pub unsafe fn broadcast4(at: *const u8) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+    }
+
     /// The lane sums of eight vectors, as one vector: lane i is the sum of
     /// `a[i]`'s lanes, always in the order ((0+1)+(2+3))+((4+5)+(6+7)). Three
     /// rounds of pairwise adds for all eight, instead of a horizontal sum each.

@@ -179,22 +179,12 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    /// Eight f16 values as f32.
-    #[inline(always)]
-    unsafe fn halves(at: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
-    }
-
-    #[inline(always)]
-    unsafe fn load(at: *const u8) -> __m256i {
-        _mm256_loadu_si256(at as *const __m256i)
-    }
+    use crate::model::kernel::avx2::{broadcast4, halves, load};
 
     /// Chunk c (four values) of an input block, in every lane.
     #[inline(always)]
     unsafe fn chunk(x: *const i8, c: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32))
+        broadcast4(x.add(4 * c) as *const u8)
     }
 
     /// The nibble formats' eight value vectors (low nibbles, then high).

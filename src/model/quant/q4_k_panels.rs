@@ -162,22 +162,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    #[inline(always)]
-    unsafe fn halves(at: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
-    }
-
-    #[inline(always)]
-    unsafe fn load(at: *const u8) -> __m256i {
-        _mm256_loadu_si256(at as *const __m256i)
-    }
-
-    /// The i32 at `at` (four input bytes, or two i16 sums), in every lane.
-    #[inline(always)]
-    unsafe fn broadcast(at: *const u8) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32))
-    }
+    use crate::model::kernel::avx2::{broadcast4 as broadcast, halves, load};
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
