@@ -78,12 +78,6 @@ impl Value for half::f16 {
 pub mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Eight f16 values at `at`, as f32.
-    #[inline(always)]
-    pub unsafe fn halves(at: *const half::f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
-    }
-
     /// The 32 bytes at `at`.
     #[inline(always)]
     pub unsafe fn load(at: *const u8) -> __m256i {

@@ -179,7 +179,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::model::kernel::avx2::{broadcast4, halves, load};
+    use crate::model::kernel::avx2::{broadcast4, load};
+    use crate::model::kernel::Value;
 
     /// Chunk c (four values) of an input block, in every lane.
     #[inline(always)]
@@ -229,8 +230,8 @@ mod avx2 {
         for b in 0..p.nb {
             let panel = g * p.nb + b;
             let v = nibbles(p.values.as_ptr().add(panel * 4 * QK));
-            let d = halves(p.scales.as_ptr().add(panel * ROWS));
-            let m = halves(p.minimums.as_ptr().add(panel * ROWS));
+            let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
+            let m = f16::load8(p.minimums.as_ptr().add(panel * ROWS));
             for i in 0..X {
                 let x = xs[i].qs.as_ptr().add(b * QK);
                 let s = _mm256_add_epi16(four_chunks(&v, x, 0), four_chunks(&v, x, 4));
@@ -266,7 +267,7 @@ mod avx2 {
             for c in 0..8 {
                 v[c] = _mm256_or_si256(v[c], _mm256_and_si256(placed[c], bit4));
             }
-            let d = halves(p.scales.as_ptr().add(panel * ROWS));
+            let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
             for i in 0..X {
                 let x = xs[i].qs.as_ptr().add(b * QK);
                 let sumi = _mm256_add_epi32(_mm256_madd_epi16(four_chunks(&v, x, 0), ones), _mm256_madd_epi16(four_chunks(&v, x, 4), ones));
@@ -288,7 +289,7 @@ mod avx2 {
             let at = p.values.as_ptr().add(panel * 8 * QK);
             let w: [__m256i; 8] = std::array::from_fn(|c| load(at.add(32 * c)));
             let magnitude: [__m256i; 8] = std::array::from_fn(|c| _mm256_sign_epi8(w[c], w[c]));
-            let d = halves(p.scales.as_ptr().add(panel * ROWS));
+            let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
             for i in 0..X {
                 let x = xs[i].qs.as_ptr().add(b * QK);
                 let mut sumi = _mm256_setzero_si256();

@@ -26,11 +26,10 @@
 
 use half::f16;
 
+use super::panels::ROWS;
 use super::super_blocks::QK_K;
 use super::Activations;
 
-/// Weight rows per panel.
-const ROWS: usize = 8;
 const NIBBLE_BYTES: usize = 128 * ROWS;
 
 pub struct Q4KPanels {
@@ -162,7 +161,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::model::kernel::avx2::{broadcast4 as broadcast, halves, load};
+    use crate::model::kernel::avx2::{broadcast4, load};
+    use crate::model::kernel::Value;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
@@ -185,20 +185,20 @@ mod avx2 {
                 let sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
                 for i in 0..X {
                     let x = xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8;
-                    let mut s = _mm256_maddubs_epi16(v[0], broadcast(x));
+                    let mut s = _mm256_maddubs_epi16(v[0], broadcast4(x));
                     for c in 1..8 {
-                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[c], broadcast(x.add(4 * c))));
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[c], broadcast4(x.add(4 * c))));
                     }
                     sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s, sc));
                 }
             }
             let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(p.minimums.as_ptr().add(panel * 64 + 16 * q) as *const __m128i)));
-            let (d, dmin) = (halves(p.d.as_ptr().add(panel * ROWS)), halves(p.dmin.as_ptr().add(panel * ROWS)));
+            let (d, dmin) = (f16::load8(p.d.as_ptr().add(panel * ROWS)), f16::load8(p.dmin.as_ptr().add(panel * ROWS)));
             for i in 0..X {
                 let sums = xs[i].k_sums32.as_ptr().add(8 * b) as *const u8;
-                let mut summ = _mm256_madd_epi16(minimums[0], broadcast(sums));
+                let mut summ = _mm256_madd_epi16(minimums[0], broadcast4(sums));
                 for q in 1..4 {
-                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimums[q], broadcast(sums.add(4 * q))));
+                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimums[q], broadcast4(sums.add(4 * q))));
                 }
                 let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
