@@ -338,17 +338,49 @@ mod avx2 {
 
 /// Softmax of each of the `columns` interleaved columns of `xs` (row-major,
 /// `columns` values a row), each column in its own place.
+///
+/// Every pass walks the slice in spans of eight rows against a span-long
+/// pattern (the span is a multiple of eight values, so the compiler keeps
+/// each pass in vector registers); the exponentials take the whole slice at
+/// once. Value j of a span belongs to column j mod `columns`.
 fn softmax_columns(xs: &mut [f32], columns: usize) {
-    for c in 0..columns {
-        let column = || xs.iter().skip(c).step_by(columns);
-        let max = column().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
-        for x in xs.iter_mut().skip(c).step_by(columns) {
-            *x = (*x - max).exp();
-            sum += *x;
+    let span = 8 * columns;
+    let whole = xs.len() / span * span;
+    let mut max = vec![f32::NEG_INFINITY; span];
+    for part in xs[..whole].chunks_exact(span) {
+        for (m, &x) in max.iter_mut().zip(part) {
+            *m = m.max(x);
         }
-        for x in xs.iter_mut().skip(c).step_by(columns) {
-            *x /= sum;
+    }
+    for (m, &x) in max.iter_mut().zip(&xs[whole..]) {
+        *m = m.max(x);
+    }
+    let column_max: Vec<f32> = (0..columns).map(|c| max.iter().skip(c).step_by(columns).fold(f32::NEG_INFINITY, |a, &b| a.max(b))).collect();
+    for (j, m) in max.iter_mut().enumerate() {
+        *m = column_max[j % columns];
+    }
+    for part in xs.chunks_mut(span) {
+        for (x, &m) in part.iter_mut().zip(&max) {
+            *x -= m;
+        }
+    }
+    super::row_ops::exp_in_place(xs);
+    let mut sum = vec![0f32; span];
+    for part in xs[..whole].chunks_exact(span) {
+        for (s, &x) in sum.iter_mut().zip(part) {
+            *s += x;
+        }
+    }
+    for (s, &x) in sum.iter_mut().zip(&xs[whole..]) {
+        *s += x;
+    }
+    let column_sums: Vec<f32> = (0..columns).map(|c| sum.iter().skip(c).step_by(columns).sum()).collect();
+    for (j, s) in sum.iter_mut().enumerate() {
+        *s = column_sums[j % columns];
+    }
+    for part in xs.chunks_mut(span) {
+        for (x, &s) in part.iter_mut().zip(&sum) {
+            *x /= s;
         }
     }
 }

@@ -22,6 +22,8 @@ enum Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    /// The bias as plain f32 (when it is f32 on the CPU), for `forward_rows`.
+    host_bias: Option<Vec<f32>>,
     /// candle multiplies a single row of Q6_K with a compact GEMV kernel and two
     /// or more rows with repacked tiles, whose results differ in the last bits
     /// (seen on the CPU, where our kernels now take Q6_K; kept for candle's
@@ -32,11 +34,19 @@ pub struct Linear {
 }
 
 impl Linear {
+    fn with(weight: Weight, bias: Option<Tensor>, pad_single_row: bool) -> Self {
+        let host_bias = bias
+            .as_ref()
+            .filter(|b| b.device().is_cpu() && b.dtype() == DType::F32)
+            .and_then(|b| b.flatten_all().and_then(|b| b.to_vec1::<f32>()).ok());
+        Linear { weight, bias, host_bias, pad_single_row }
+    }
+
     /// candle's quantized matmul (formats our kernels do not read, and other
     /// devices; on the CPU the loader repacks the others straight from the file).
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let pad_single_row = weight.dtype() == GgmlDType::Q6K;
-        Ok(Linear { weight: Weight::Candle(QMatMul::from_qtensor(weight)?), bias, pad_single_row })
+        Ok(Self::with(Weight::Candle(QMatMul::from_qtensor(weight)?), bias, pad_single_row))
     }
 
     /// A dense (out × in) weight, computed in f32.
@@ -48,21 +58,21 @@ impl Linear {
     pub fn dense_as(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
         let weight = weight.to_dtype(dtype)?.contiguous()?;
         let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
-        Ok(Linear { weight: Weight::Candle(QMatMul::Tensor(weight)), bias, pad_single_row: false })
+        Ok(Self::with(Weight::Candle(QMatMul::Tensor(weight)), bias, false))
     }
 
     /// A matrix of ours, repacked at load.
     pub fn quant(matrix: Arc<QuantMatrix>, bias: Option<Tensor>) -> Self {
-        Linear { weight: Weight::Quant(matrix), bias, pad_single_row: false }
+        Self::with(Weight::Quant(matrix), bias, false)
     }
 
     /// A quantized matrix that something else (a tied embedding) shares.
     pub fn shared_quant(matrix: Arc<QuantMatrix>) -> Self {
-        Linear { weight: Weight::Quant(matrix), bias: None, pad_single_row: false }
+        Self::with(Weight::Quant(matrix), None, false)
     }
 
     pub fn sparse(weight: Sparse24, bias: Option<Tensor>) -> Self {
-        Linear { weight: Weight::Sparse(weight), bias, pad_single_row: false }
+        Self::with(Weight::Sparse(weight), bias, false)
     }
 
     pub fn is_sparse(&self) -> bool {
@@ -90,6 +100,53 @@ impl Linear {
             .zip(layers)
             .map(|(ys, layer)| layer.add_bias(Tensor::from_vec(ys, (n, layer.out_features()), xs.device())?))
             .collect()
+    }
+
+    /// `forward` on plain f32 rows (`xs` is n × in): our kernels read and
+    /// write the rows as they are; candle's matmuls go through a tensor.
+    pub fn forward_rows(&self, xs: &[f32], n: usize) -> Result<Vec<f32>> {
+        let ys = match &self.weight {
+            Weight::Quant(q) => q.matmul_t(xs, n),
+            Weight::Sparse(s) => s.matmul_t(xs, n),
+            Weight::Candle(_) => {
+                let t = Tensor::from_vec(xs.to_vec(), (n, xs.len() / n.max(1)), &candle_core::Device::Cpu)?;
+                return self.forward(&t)?.flatten_all()?.to_vec1::<f32>();
+            }
+        };
+        self.add_host_bias(ys)
+    }
+
+    /// `forward_many` on plain f32 rows.
+    pub fn forward_many_rows(layers: &[&Linear], xs: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+        let matrices: Option<Vec<&QuantMatrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Quant(q) => Some(&**q),
+                _ => None,
+            })
+            .collect();
+        match matrices {
+            Some(matrices) => QuantMatrix::matmul_t_many(&matrices, xs, n)
+                .into_iter()
+                .zip(layers)
+                .map(|(ys, layer)| layer.add_host_bias(ys))
+                .collect(),
+            None => layers.iter().map(|l| l.forward_rows(xs, n)).collect(),
+        }
+    }
+
+    /// The bias added to every row, as `broadcast_add` adds it.
+    fn add_host_bias(&self, mut ys: Vec<f32>) -> Result<Vec<f32>> {
+        match (&self.bias, &self.host_bias) {
+            (None, _) => {}
+            (Some(_), Some(b)) if !b.is_empty() && ys.len() % b.len() == 0 => {
+                for row in ys.chunks_exact_mut(b.len()) {
+                    super::row_ops::add_assign(row, b);
+                }
+            }
+            (Some(_), _) => candle_core::bail!("a bias that is not f32 on the CPU, or of the wrong width, on the CPU's f32 path"),
+        }
+        Ok(ys)
     }
 
     fn out_features(&self) -> usize {

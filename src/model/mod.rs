@@ -10,6 +10,7 @@ mod kernel;
 mod kv_cache;
 mod linear;
 mod prune;
+mod row_ops;
 pub mod quant;
 pub mod sparse;
 mod synthetic;

@@ -143,14 +143,19 @@ impl QuantizedRows {
 /// dropped fraction is at least a half).
 fn quantize_block(kernel: Kernel, block: &[f32], q: &mut [i8]) -> (f32, i32) {
     assert!(block.len() == QK && q.len() == QK);
-    let amax = block.iter().fold(0f32, |m, &x| m.max(x.abs()));
-    let d = amax / 127.0;
-    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let scale = |amax: f32| {
+        let d = amax / 127.0;
+        (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+    };
     match kernel {
         // SAFETY: `Kernel::detect` saw AVX2; both slices hold 32 values (asserted).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => (d, unsafe { quantize_avx2(block, inverse, q) }),
+        Kernel::Avx2 => unsafe {
+            let (d, inverse) = scale(amax_avx2(block));
+            (d, quantize_avx2(block, inverse, q))
+        },
         _ => {
+            let (d, inverse) = scale(block.iter().fold(0f32, |m, &x| m.max(x.abs())));
             let mut sum = 0i32;
             for (q, &x) in q.iter_mut().zip(block) {
                 *q = (x * inverse).round() as i8;
@@ -159,6 +164,20 @@ fn quantize_block(kernel: Kernel, block: &[f32], q: &mut [i8]) -> (f32, i32) {
             (d, sum)
         }
     }
+}
+
+/// The largest |x| of a block: maxima are exact, so any order gives the
+/// scalar fold's value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn amax_avx2(block: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = |k: usize| _mm256_andnot_ps(sign, _mm256_loadu_ps(block.as_ptr().add(8 * k)));
+    let m = _mm256_max_ps(_mm256_max_ps(abs(0), abs(1)), _mm256_max_ps(abs(2), abs(3)));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 0b01)))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -327,8 +346,8 @@ impl QuantMatrix {
             total += m.rows.div_ceil(GROUP);
         }
         starts.push(total);
-        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![0f32; n * m.rows]).collect();
-        let shared: Vec<super::threads::SharedOut> = outs.iter_mut().map(|o| super::threads::SharedOut::new(o)).collect();
+        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| Vec::with_capacity(n * m.rows)).collect();
+        let shared: Vec<super::threads::SharedOut> = outs.iter_mut().map(super::threads::SharedOut::spare).collect();
         candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
             for (k, m) in matrices.iter().enumerate() {
                 let (from, to) = (groups.start.max(starts[k]), groups.end.min(starts[k + 1]));
@@ -338,6 +357,12 @@ impl QuantMatrix {
             }
         });
         drop(shared);
+        for (out, m) in outs.iter_mut().zip(matrices) {
+            // SAFETY: every group wrote its rows for every input, so all
+            // n × rows values are written (a panic on a thread would have
+            // been passed on above, before this).
+            unsafe { out.set_len(n * m.rows) };
+        }
         outs
     }
 

@@ -1,13 +1,13 @@
 //! Running our kernels' rows on the threads candle's own kernels use.
 
-/// Split `out` (rows of `width` values) into runs of `align` rows (the last
-/// may be shorter) and run `work(first_row, rows)` on each, on candle's own
-/// persistent pool. The pool is the one candle's kernels use: a second pool
+/// Split `out` (rows of `width` values, the last row may be shorter) into
+/// runs of `align` rows (the last run may be shorter) and run
+/// `work(first_row, rows)` on each, on candle's own persistent pool. The pool is the one candle's kernels use: a second pool
 /// (rayon's) would make both spin against each other on a small machine. Runs
 /// are handed out from a shared cursor rather than split up front, so a thread
 /// the (shared, virtual) machine stalls does not leave the others waiting.
 pub fn on_candles_threads(out: &mut [f32], width: usize, align: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = out.len() / width.max(1);
+    let rows = out.len().div_ceil(width.max(1));
     let align = align.max(1);
     let len = out.len();
     let base = SharedRows(out.as_mut_ptr());
@@ -75,7 +75,7 @@ impl Columns {
     ///
     /// # Safety
     /// No other thread writes these rows meanwhile, and the slice given to
-    /// `new` is alive and not otherwise accessed until every thread is done.
+    /// `spare` is alive and not otherwise accessed until every thread is done.
     pub unsafe fn put_rows(&self, first_row: usize, values: &[f32]) {
         let k = values.len() / self.n;
         assert!(first_row + k <= self.rows, "rows past the output");
@@ -100,15 +100,19 @@ pub struct SharedOut {
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    pub fn new(out: &mut [f32]) -> SharedOut {
-        SharedOut { base: out.as_mut_ptr(), len: out.len() }
+    /// Over `out`'s spare capacity, left unwritten (no zeroing pass over an
+    /// output the threads fill whole): the caller sets its length once every
+    /// element is written.
+    pub fn spare(out: &mut Vec<f32>) -> SharedOut {
+        let spare = out.spare_capacity_mut();
+        SharedOut { base: spare.as_mut_ptr().cast(), len: spare.len() }
     }
 
     /// Write `values` at `at..at + values.len()`.
     ///
     /// # Safety
     /// No other thread writes these elements meanwhile, and the slice given to
-    /// `new` is alive and not otherwise accessed until every thread is done.
+    /// `spare` is alive and not otherwise accessed until every thread is done.
     pub unsafe fn put(&self, at: usize, values: &[f32]) {
         assert!(at + values.len() <= self.len, "values past the output");
         // SAFETY: in bounds (checked above); disjoint by the caller's promise.

@@ -15,6 +15,7 @@ use super::host_attention::{self, Heads, KvPrecision, SeqQueries};
 use super::kv_cache::SeqKvCache;
 use super::linear::Linear;
 use super::quant::QuantMatrix;
+use super::row_ops;
 
 /// Token ids to vectors: a dense table, or the rows of a quantized matrix,
 /// dequantized on lookup, which a tied output head shares (one copy of the
@@ -32,9 +33,10 @@ impl TokenEmbedding {
         }
     }
 
-    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+    /// The rows of `ids` as plain f32 (ids.len() × hidden).
+    fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
         match self {
-            TokenEmbedding::Dense(e) => e.forward(&Tensor::new(ids, device)?),
+            TokenEmbedding::Dense(_) => self.forward(ids, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>(),
             TokenEmbedding::Quantized(m) => {
                 let mut values = Vec::with_capacity(ids.len() * m.cols());
                 for &id in ids {
@@ -43,8 +45,15 @@ impl TokenEmbedding {
                     }
                     values.extend(m.dequantize_row(id as usize));
                 }
-                Tensor::from_vec(values, (ids.len(), m.cols()), device)
+                Ok(values)
             }
+        }
+    }
+
+    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(&Tensor::new(ids, device)?),
+            TokenEmbedding::Quantized(m) => Tensor::from_vec(self.rows(ids)?, (ids.len(), m.cols()), device),
         }
     }
 }
@@ -83,6 +92,32 @@ pub struct Transformer {
     dtype: DType,
     /// What the CPU path's KV buffers keep.
     kv_precision: KvPrecision,
+    /// The norms' weights as plain f32, when the pass runs on the host (f32
+    /// on the CPU): that path keeps activations as rows, not tensors.
+    host_norms: Option<HostNorms>,
+}
+
+/// One RMS norm's weight and ε, for `row_ops::rms_norm`.
+struct HostNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl HostNorm {
+    fn new(norm: &RmsNorm) -> Result<HostNorm> {
+        // candle's `RmsNorm` hands its ε to the kernel as f32 too.
+        Ok(HostNorm { weight: norm.weight().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, eps: norm.eps() as f32 })
+    }
+
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        row_ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+struct HostNorms {
+    /// (before attention, before the MLP) per block.
+    blocks: Vec<(HostNorm, HostNorm)>,
+    last: HostNorm,
 }
 
 /// The new tokens of one sequence in a step and its cache; the tokens sit at
@@ -104,7 +139,13 @@ impl Transformer {
         let dtype = embedding.dtype();
         let (cos, sin) = rope_tables(&config, &device)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32 })
+        let host_norms = if device.is_cpu() && dtype == DType::F32 {
+            let blocks = blocks.iter().map(|b| Ok((HostNorm::new(&b.attn_norm)?, HostNorm::new(&b.ffn_norm)?))).collect::<Result<_>>()?;
+            Some(HostNorms { blocks, last: HostNorm::new(&final_norm)? })
+        } else {
+            None
+        };
+        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32, host_norms })
     }
 
     pub fn device(&self) -> &Device {
@@ -142,6 +183,9 @@ impl Transformer {
             candle_core::bail!("every sequence in a step needs at least one token");
         }
         let starts: Vec<usize> = chunks.iter().map(|c| c.cache.len()).collect();
+        if let Some(norms) = &self.host_norms {
+            return self.forward_on_host(norms, &ids, chunks, &starts);
+        }
         let mut x = self.embedding.forward(&ids, &self.device)?; // (tokens, hidden)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
@@ -165,6 +209,33 @@ impl Transformer {
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 
+    /// `forward` for f32 on the CPU: the activations stay plain rows from the
+    /// embedding to the head, and every step between the matrix products is
+    /// a loop of `row_ops` or `host_attention`.
+    fn forward_on_host(&self, norms: &HostNorms, ids: &[u32], chunks: &mut [SeqChunk<'_>], starts: &[usize]) -> Result<Tensor> {
+        let n = ids.len();
+        let mut x = self.embedding.rows(ids)?;
+        for (layer, (block, (attn_norm, ffn_norm))) in self.blocks.iter().zip(&norms.blocks).enumerate() {
+            let h = self.attention_on_host(layer, &block.attn, &attn_norm.apply(&x), chunks, starts)?;
+            row_ops::add_assign(&mut x, &h);
+            let h = ffn_norm.apply(&x);
+            let [mut gate, up] = Linear::forward_many_rows(&[&block.mlp.gate, &block.mlp.up], &h, n)?.try_into().expect("two layers, two outputs");
+            row_ops::silu_times(&mut gate, &up);
+            row_ops::add_assign(&mut x, &block.mlp.down.forward_rows(&gate, n)?);
+        }
+        // Only the last row of each chunk is needed for sampling.
+        let width = x.len() / n;
+        let mut last = Vec::with_capacity(chunks.len() * width);
+        let mut end = 0;
+        for c in chunks.iter() {
+            end += c.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * width..end * width]);
+        }
+        let logits = self.lm_head.forward_rows(&norms.last.apply(&last), chunks.len())?;
+        let vocab = logits.len() / chunks.len();
+        Tensor::from_vec(logits, (chunks.len(), vocab), &self.device)
+    }
+
     fn attention(
         &self,
         layer: usize,
@@ -173,9 +244,6 @@ impl Transformer {
         chunks: &mut [SeqChunk<'_>],
         starts: &[usize],
     ) -> Result<Tensor> {
-        if self.on_host() {
-            return self.attention_on_host(layer, attn, h, chunks, starts);
-        }
         let cfg = &self.config;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
         let [q, k, v] = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], h)?.try_into().expect("three layers, three outputs");
@@ -198,23 +266,22 @@ impl Transformer {
         attn.o.forward(&y)
     }
 
-    /// `attention` for f32 on the CPU: rotation, cache append and attention as
-    /// loops over the activations' and the cache's own memory (`host_attention`).
+    /// `attention` for f32 on the CPU, on rows (`h` is tokens × hidden):
+    /// rotation, cache append and attention as loops over the activations'
+    /// and the cache's own memory (`host_attention`).
     fn attention_on_host(
         &self,
         layer: usize,
         attn: &Attention,
-        h: &Tensor,
+        h: &[f32],
         chunks: &mut [SeqChunk<'_>],
         starts: &[usize],
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
-        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let qkv = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], h)?;
-        let (mut q, mut k, v) = (host(&qkv[0])?, host(&qkv[1])?, host(&qkv[2])?);
-        let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
         let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let [mut q, mut k, v] = Linear::forward_many_rows(&[&attn.q, &attn.k, &attn.v], h, tokens)?.try_into().expect("three layers, three outputs");
+        let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
         if q.len() != tokens * q_width || k.len() != tokens * kv_width || v.len() != tokens * kv_width {
             candle_core::bail!("layer {layer}: q/k/v widths {}/{}/{} do not fit {} heads and {} KV heads of {}", q.len() / tokens, k.len() / tokens, v.len() / tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim);
         }
@@ -256,7 +323,7 @@ impl Transformer {
             })
             .collect();
         let y = host_attention::attend(&q, &seqs, heads);
-        attn.o.forward(&Tensor::from_vec(y, (row, q_width), &self.device)?)
+        attn.o.forward_rows(&y, row)
     }
 
     /// Scaled dot-product attention of one sequence's new queries (heads, len, hd)
