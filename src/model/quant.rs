@@ -79,6 +79,9 @@ impl BlockFormat {
     }
 }
 
+/// Below this many values, activations are quantized on the calling thread.
+const SHARED_QUANTIZING_FROM: usize = 32 * 1024;
+
 /// Rows of activations, 8 bits per value, per block of 32: the scale (an f16
 /// value), the sum of the quantized values, and Q8_1's `s` = f16(sum)·d in f16;
 /// and, for the super-block formats, per block of 256 (`SuperRows`). Each form
@@ -94,8 +97,43 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// `xs` is (n × cols), cols a multiple of 32 (of 256 for `super_blocks`).
+    /// A prefill's many rows are quantized on the pool, runs of rows at a
+    /// time, and joined in order: every block is quantized on its own, so the
+    /// bytes are the same however the rows are split.
     pub fn new(xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) -> Self {
         assert!(cols % QK == 0 && xs.len() % cols == 0);
+        let n = xs.len() / cols;
+        if xs.len() < SHARED_QUANTIZING_FROM || n < 2 {
+            return Self::new_here(xs, cols, blocks, super_blocks);
+        }
+        let runs = n.min(16);
+        let rows_per_run = n.div_ceil(runs);
+        let parts: Vec<std::sync::OnceLock<QuantizedRows>> = (0..runs).map(|_| std::sync::OnceLock::new()).collect();
+        candle_core::utils::barrier_pool().execute_chunked(runs, |range| {
+            for r in range {
+                let rows = (r * rows_per_run).min(n)..((r + 1) * rows_per_run).min(n);
+                let part = Self::new_here(&xs[rows.start * cols..rows.end * cols], cols, blocks, super_blocks);
+                let _ = parts[r].set(part);
+            }
+        });
+        let mut all = QuantizedRows { cols, d: Vec::new(), sum: Vec::new(), s: Vec::new(), qs: Vec::new(), k: SuperRows::default() };
+        if blocks {
+            all.qs.reserve(xs.len());
+        }
+        for part in parts.into_iter().map(|p| p.into_inner().expect("every run quantized")) {
+            all.d.extend(part.d);
+            all.sum.extend(part.sum);
+            all.s.extend(part.s);
+            all.qs.extend(part.qs);
+            all.k.d.extend(part.k.d);
+            all.k.sums16.extend(part.k.sums16);
+            all.k.sums32.extend(part.k.sums32);
+            all.k.qs.extend(part.k.qs);
+        }
+        all
+    }
+
+    fn new_here(xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) -> Self {
         let k = if super_blocks { SuperRows::new(xs) } else { SuperRows::default() };
         let mut rows = QuantizedRows { cols, d: Vec::new(), sum: Vec::new(), s: Vec::new(), qs: Vec::new(), k };
         if !blocks {
@@ -602,6 +640,17 @@ mod tests {
             let b = quantize_block(Kernel::detect(), block, &mut got);
             assert_eq!((a, want), (b, got), "block {block:?}");
         }
+    }
+
+    #[test]
+    fn many_rows_quantize_on_the_pool_to_the_bytes_of_one_thread() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        let (n, cols) = (47, 768);
+        let xs = random(&mut rng, n * cols);
+        assert!(xs.len() >= SHARED_QUANTIZING_FROM, "enough values to be shared");
+        let (shared, here) = (QuantizedRows::new(&xs, cols, true, true), QuantizedRows::new_here(&xs, cols, true, true));
+        assert_eq!((&shared.d, &shared.sum, &shared.s, &shared.qs), (&here.d, &here.sum, &here.s, &here.qs));
+        assert_eq!((&shared.k.d, &shared.k.sums16, &shared.k.sums32, &shared.k.qs), (&here.k.d, &here.k.sums16, &here.k.sums32, &here.k.qs));
     }
 
     #[test]
