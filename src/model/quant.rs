@@ -643,6 +643,19 @@ mod tests {
     }
 
     #[test]
+    fn super_blocks_quantize_to_the_same_bytes_on_every_kernel() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+        let mut xs: Vec<f32> = random(&mut rng, 40 * QK_K).into_iter().map(|x| x * 5.0).collect();
+        // Blocks whose largest magnitude comes twice with both signs, ties at
+        // halves of the step, and an all-zero block.
+        xs.extend((0..QK_K).map(|j| if j == 7 { 2.0 } else if j == 9 { -2.0 } else { (j as f32 - 128.0) / 64.0 }));
+        xs.extend((0..QK_K).map(|j| if j == 0 { -127.0 } else { j as f32 % 64.0 - 31.5 }));
+        xs.extend(vec![0.0; QK_K]);
+        let (scalar, detected) = (SuperRows::with_kernel(&xs, Kernel::Scalar), SuperRows::with_kernel(&xs, Kernel::detect()));
+        assert_eq!((&scalar.d, &scalar.sums16, &scalar.sums32, &scalar.qs), (&detected.d, &detected.sums16, &detected.sums32, &detected.qs));
+    }
+
+    #[test]
     fn many_rows_quantize_on_the_pool_to_the_bytes_of_one_thread() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
         let (n, cols) = (47, 768);

@@ -65,28 +65,61 @@ pub struct SuperRows {
 
 impl SuperRows {
     pub fn new(xs: &[f32]) -> Self {
-        assert!(xs.len() % QK_K == 0);
+        Self::with_kernel(xs, super::Kernel::detect())
+    }
+
+    pub(super) fn with_kernel(xs: &[f32], kernel: super::Kernel) -> Self {
+        assert!(xs.len().is_multiple_of(QK_K));
         let blocks = xs.len() / QK_K;
         let mut rows = SuperRows { d: Vec::with_capacity(blocks), sums16: Vec::with_capacity(16 * blocks), sums32: Vec::with_capacity(8 * blocks), qs: vec![0; xs.len()] };
         for (block, q) in xs.chunks_exact(QK_K).zip(rows.qs.chunks_exact_mut(QK_K)) {
             // candle's choice: the first value of largest magnitude, with its sign.
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &x in block {
-                if amax < x.abs() {
-                    amax = x.abs();
-                    max = x;
+            let max = match kernel {
+                // SAFETY: `detect` saw AVX2; the block holds 256 values.
+                #[cfg(target_arch = "x86_64")]
+                super::Kernel::Avx2 => {
+                    let amax = block.chunks_exact(super::QK).map(|b| unsafe { super::amax_avx2(b) }).fold(0f32, f32::max);
+                    block.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
                 }
-            }
-            if amax == 0.0 {
+                _ => {
+                    let (mut amax, mut max) = (0f32, 0f32);
+                    for &x in block {
+                        if amax < x.abs() {
+                            amax = x.abs();
+                            max = x;
+                        }
+                    }
+                    max
+                }
+            };
+            if max == 0.0 {
                 rows.d.push(0.0);
             } else {
                 let iscale = -127.0 / max;
-                for (q, &x) in q.iter_mut().zip(block) {
-                    *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+                match kernel {
+                    // SAFETY: as above. The AVX2 rounding is f32::round's (tested
+                    // on the 32-value blocks), and packing to bytes saturates
+                    // as the clamp does.
+                    #[cfg(target_arch = "x86_64")]
+                    super::Kernel::Avx2 => {
+                        for (b, q) in block.chunks_exact(super::QK).zip(q.chunks_exact_mut(super::QK)) {
+                            unsafe { super::quantize_avx2(b, iscale, q) };
+                        }
+                    }
+                    _ => {
+                        for (q, &x) in q.iter_mut().zip(block) {
+                            *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+                        }
+                    }
                 }
                 rows.d.push(1.0 / iscale);
             }
-            let sums: [i16; 16] = std::array::from_fn(|j| q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum());
+            let sums: [i16; 16] = match kernel {
+                // SAFETY: as above; `q` holds 256 values.
+                #[cfg(target_arch = "x86_64")]
+                super::Kernel::Avx2 => unsafe { avx2::sums_of_sixteen(q) },
+                _ => std::array::from_fn(|j| q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum()),
+            };
             rows.sums32.extend(sums.chunks_exact(2).map(|p| p[0] + p[1]));
             rows.sums16.extend(sums);
         }
@@ -132,6 +165,24 @@ pub mod avx2 {
     use std::arch::x86_64::*;
 
     use super::*;
+
+    /// The sums of each sixteen of a super-block's 256 quantized values:
+    /// shifted to unsigned (+128) and summed eight at a time by `psadbw`
+    /// against zero, exact in integers.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sums_of_sixteen(q: &[i8]) -> [i16; 16] {
+        assert!(q.len() >= QK_K);
+        let (shift, zero) = (_mm256_set1_epi8(-128), _mm256_setzero_si256());
+        let mut sums = [0i16; 16];
+        for c in 0..QK_K / 32 {
+            let v = _mm256_xor_si256(_mm256_loadu_si256(q.as_ptr().add(32 * c) as *const __m256i), shift);
+            let mut eights = [0u64; 4];
+            _mm256_storeu_si256(eights.as_mut_ptr() as *mut __m256i, _mm256_sad_epu8(v, zero));
+            sums[2 * c] = (eights[0] + eights[1]) as i16 - 16 * 128;
+            sums[2 * c + 1] = (eights[2] + eights[3]) as i16 - 16 * 128;
+        }
+        sums
+    }
 
     /// Every row of a tile holds `nb` super-blocks, so the inner loops may
     /// read without checks.
