@@ -83,14 +83,7 @@ impl Linear {
     /// our quantized kernels, `xs` is quantized once and one hand-out of work
     /// to the threads covers every layer's rows: the same bits, fewer steps.
     pub fn forward_many(layers: &[&Linear], xs: &Tensor) -> Result<Vec<Tensor>> {
-        let matrices: Option<Vec<&QuantMatrix>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                Weight::Quant(q) => Some(&**q),
-                _ => None,
-            })
-            .collect();
-        let Some(matrices) = matrices else {
+        let Some(matrices) = Self::our_matrices(layers) else {
             return layers.iter().map(|l| l.forward(xs)).collect();
         };
         let n = xs.dim(0)?;
@@ -99,6 +92,17 @@ impl Linear {
             .into_iter()
             .zip(layers)
             .map(|(ys, layer)| layer.add_bias(Tensor::from_vec(ys, (n, layer.out_features()), xs.device())?))
+            .collect()
+    }
+
+    /// The layers' matrices, when our quantized kernels run every one.
+    fn our_matrices<'a>(layers: &[&'a Linear]) -> Option<Vec<&'a QuantMatrix>> {
+        layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Quant(q) => Some(&**q),
+                _ => None,
+            })
             .collect()
     }
 
@@ -118,14 +122,7 @@ impl Linear {
 
     /// `forward_many` on plain f32 rows.
     pub fn forward_many_rows(layers: &[&Linear], xs: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
-        let matrices: Option<Vec<&QuantMatrix>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                Weight::Quant(q) => Some(&**q),
-                _ => None,
-            })
-            .collect();
-        match matrices {
+        match Self::our_matrices(layers) {
             Some(matrices) => QuantMatrix::matmul_t_many(&matrices, xs, n)
                 .into_iter()
                 .zip(layers)

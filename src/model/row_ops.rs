@@ -98,7 +98,8 @@ pub fn exp_in_place(xs: &mut [f32]) {
 
 // e^x = 2^n · e^r, n = round(x / ln 2), r = x − n·ln 2 in [−ln2/2, ln2/2],
 // e^r by its Taylor series to r^7 (the first term left out is below f32's
-// precision there). ln 2 is split in two so that n·ln 2 loses no bits.
+// precision there). ln 2 is f32's ln 2 plus the remainder f32 drops, taken
+// off in a second fused step, so that r keeps the bits a single step loses.
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HIGH: f32 = std::f32::consts::LN_2;
 const LN2_LOW: f32 = -1.904_654_3e-9;

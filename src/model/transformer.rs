@@ -139,6 +139,7 @@ impl Transformer {
         let dtype = embedding.dtype();
         let (cos, sin) = rope_tables(&config, &device)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        // f32 on the CPU runs on rows (`forward_on_host`); everything else on tensors.
         let host_norms = if device.is_cpu() && dtype == DType::F32 {
             let blocks = blocks.iter().map(|b| Ok((HostNorm::new(&b.attn_norm)?, HostNorm::new(&b.ffn_norm)?))).collect::<Result<_>>()?;
             Some(HostNorms { blocks, last: HostNorm::new(&final_norm)? })
@@ -171,9 +172,10 @@ impl Transformer {
         SeqKvCache::with_precision(self.config.n_layer, self.kv_precision)
     }
 
-    /// Whether attention runs on `host_attention` (f32 on the CPU).
+    /// Whether the pass runs on rows and attention on `host_attention` (f32
+    /// on the CPU).
     fn on_host(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32
+        self.host_norms.is_some()
     }
 
     /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
