@@ -2,8 +2,9 @@
 
 /// Split `out` (rows of `width` values, the last row may be shorter) into
 /// runs of `align` rows (the last run may be shorter) and run
-/// `work(first_row, rows)` on each, on candle's own persistent pool. The pool is the one candle's kernels use: a second pool
-/// (rayon's) would make both spin against each other on a small machine. Runs
+/// `work(first_row, rows)` on each, on candle's own persistent pool. The
+/// pool is the one candle's kernels use: a second pool (rayon's) would make
+/// both spin against each other on a small machine. Runs
 /// are handed out from a shared cursor rather than split up front, so a thread
 /// the (shared, virtual) machine stalls does not leave the others waiting.
 pub fn on_candles_threads(out: &mut [f32], width: usize, align: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
@@ -75,7 +76,7 @@ impl Columns {
     ///
     /// # Safety
     /// No other thread writes these rows meanwhile, and the slice given to
-    /// `spare` is alive and not otherwise accessed until every thread is done.
+    /// `new` is alive and not otherwise accessed until every thread is done.
     pub unsafe fn put_rows(&self, first_row: usize, values: &[f32]) {
         let k = values.len() / self.n;
         assert!(first_row + k <= self.rows, "rows past the output");
@@ -111,8 +112,9 @@ impl SharedOut {
     /// Write `values` at `at..at + values.len()`.
     ///
     /// # Safety
-    /// No other thread writes these elements meanwhile, and the slice given to
-    /// `spare` is alive and not otherwise accessed until every thread is done.
+    /// No other thread writes these elements meanwhile, and the vector given
+    /// to `spare` is alive and not otherwise accessed until every thread is
+    /// done.
     pub unsafe fn put(&self, at: usize, values: &[f32]) {
         assert!(at + values.len() <= self.len, "values past the output");
         // SAFETY: in bounds (checked above); disjoint by the caller's promise.
