@@ -188,25 +188,6 @@ mod avx2 {
         broadcast4(x.add(4 * c) as *const u8)
     }
 
-    /// The nibble formats' eight value vectors (low nibbles, then high).
-    #[inline(always)]
-    unsafe fn nibbles(at: *const u8) -> [__m256i; 8] {
-        let low = _mm256_set1_epi8(0x0F);
-        let raw: [__m256i; 4] = std::array::from_fn(|c| load(at.add(32 * c)));
-        std::array::from_fn(|c| if c < 4 { _mm256_and_si256(raw[c], low) } else { _mm256_and_si256(_mm256_srli_epi16(raw[c - 4], 4), low) })
-    }
-
-    /// Σ over chunks `from..from + 4` of w·x, as sixteen i16 lanes: at most
-    /// 4 · 2 · 31 · 127 < 2^15 for w < 32, so nothing saturates or wraps.
-    #[inline(always)]
-    unsafe fn four_chunks(v: &[__m256i; 8], x: *const i8, from: usize) -> __m256i {
-        let mut s = _mm256_maddubs_epi16(v[from], chunk(x, from));
-        for c in from + 1..from + 4 {
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[c], chunk(x, c)));
-        }
-        s
-    }
-
     /// `(sumi·d)·d_x`, lane by lane, as candle rounds it.
     #[inline(always)]
     unsafe fn scaled(sumi: __m256i, d: __m256, dx: f32) -> __m256 {
@@ -223,19 +204,29 @@ mod avx2 {
     }
 
     /// Q4_1: w < 16, so all eight chunks sum in i16 (8 · 2 · 15 · 127 < 2^15).
+    /// Chunk by chunk, each unpacked vector meets every input before the
+    /// next is unpacked: X sums and X accumulators stay in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_q4_1<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
-        let ones = _mm256_set1_epi16(1);
+        let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
         let mut acc = [_mm256_setzero_ps(); X];
         for b in 0..p.nb {
             let panel = g * p.nb + b;
-            let v = nibbles(p.values.as_ptr().add(panel * 4 * QK));
+            let at = p.values.as_ptr().add(panel * 4 * QK);
+            let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
+            let mut s = [_mm256_setzero_si256(); X];
+            for c in 0..4 {
+                let raw = load(at.add(32 * c));
+                let (lo, hi) = (_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+                for i in 0..X {
+                    let pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, chunk(x[i], c)), _mm256_maddubs_epi16(hi, chunk(x[i], c + 4)));
+                    s[i] = _mm256_add_epi16(s[i], pair);
+                }
+            }
             let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
             let m = f16::load8(p.minimums.as_ptr().add(panel * ROWS));
             for i in 0..X {
-                let x = xs[i].qs.as_ptr().add(b * QK);
-                let s = _mm256_add_epi16(four_chunks(&v, x, 0), four_chunks(&v, x, 4));
-                let term = scaled(_mm256_madd_epi16(s, ones), d, *xs[i].d.get_unchecked(b));
+                let term = scaled(_mm256_madd_epi16(s[i], ones), d, *xs[i].d.get_unchecked(b));
                 let term = _mm256_add_ps(term, _mm256_mul_ps(m, _mm256_set1_ps(*xs[i].s.get_unchecked(b))));
                 acc[i] = _mm256_add_ps(acc[i], term);
             }
@@ -243,43 +234,62 @@ mod avx2 {
         rows_out(acc)
     }
 
+    /// Four Q5_0 chunks (`v`, the input's chunks `c`) into each input's i32
+    /// sums, through one i16 sum per input.
+    #[inline(always)]
+    unsafe fn half_q5_0<const X: usize>(v: [__m256i; 4], c: [usize; 4], x: [*const i8; X], sumi: &mut [__m256i; X], ones: __m256i) {
+        for i in 0..X {
+            let s = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(v[0], chunk(x[i], c[0])), _mm256_maddubs_epi16(v[1], chunk(x[i], c[1]))),
+                _mm256_add_epi16(_mm256_maddubs_epi16(v[2], chunk(x[i], c[2])), _mm256_maddubs_epi16(v[3], chunk(x[i], c[3]))),
+            );
+            sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s, ones));
+        }
+    }
+
     /// Q5_0: the values with their fifth bits are unsigned (< 32); the −16 is
-    /// taken off the integer sum as 16 · Σx.
+    /// taken off the integer sum as 16 · Σx. Four chunks fit in i16
+    /// (4 · 2 · 31 · 127 < 2^15), so each half block's four unpacked vectors
+    /// meet every input and are widened to i32 before the next half.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_q5_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
-        let (ones, bit4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x10));
+        let (ones, low, bit4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
         let mut acc = [_mm256_setzero_ps(); X];
         for b in 0..p.nb {
             let panel = g * p.nb + b;
-            let mut v = nibbles(p.values.as_ptr().add(panel * 4 * QK));
+            let at = p.values.as_ptr().add(panel * 4 * QK);
+            let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
             // Chunk c's fifth bits are bit c of the plane's bytes: moved to bit 4.
             let h = load(p.fifth_bits.as_ptr().add(panel * 32));
-            let placed = [
-                _mm256_slli_epi16(h, 4),
-                _mm256_slli_epi16(h, 3),
-                _mm256_slli_epi16(h, 2),
-                _mm256_slli_epi16(h, 1),
-                h,
-                _mm256_srli_epi16(h, 1),
-                _mm256_srli_epi16(h, 2),
-                _mm256_srli_epi16(h, 3),
+            let five = |nibbles: __m256i, placed: __m256i| _mm256_or_si256(_mm256_and_si256(nibbles, low), _mm256_and_si256(placed, bit4));
+            let mut sumi: [__m256i; X] = std::array::from_fn(|i| _mm256_set1_epi32(-16 * *xs[i].sum.get_unchecked(b)));
+            let (raw0, raw1) = (load(at), load(at.add(32)));
+            let first = [
+                five(raw0, _mm256_slli_epi16(h, 4)),
+                five(raw1, _mm256_slli_epi16(h, 3)),
+                five(_mm256_srli_epi16(raw0, 4), h),
+                five(_mm256_srli_epi16(raw1, 4), _mm256_srli_epi16(h, 1)),
             ];
-            for c in 0..8 {
-                v[c] = _mm256_or_si256(v[c], _mm256_and_si256(placed[c], bit4));
-            }
+            half_q5_0(first, [0, 1, 4, 5], x, &mut sumi, ones);
+            let (raw2, raw3) = (load(at.add(64)), load(at.add(96)));
+            let second = [
+                five(raw2, _mm256_slli_epi16(h, 2)),
+                five(raw3, _mm256_slli_epi16(h, 1)),
+                five(_mm256_srli_epi16(raw2, 4), _mm256_srli_epi16(h, 2)),
+                five(_mm256_srli_epi16(raw3, 4), _mm256_srli_epi16(h, 3)),
+            ];
+            half_q5_0(second, [2, 3, 6, 7], x, &mut sumi, ones);
             let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
             for i in 0..X {
-                let x = xs[i].qs.as_ptr().add(b * QK);
-                let sumi = _mm256_add_epi32(_mm256_madd_epi16(four_chunks(&v, x, 0), ones), _mm256_madd_epi16(four_chunks(&v, x, 4), ones));
-                let sumi = _mm256_sub_epi32(sumi, _mm256_set1_epi32(16 * *xs[i].sum.get_unchecked(b)));
-                acc[i] = _mm256_add_ps(acc[i], scaled(sumi, d, *xs[i].d.get_unchecked(b)));
+                acc[i] = _mm256_add_ps(acc[i], scaled(sumi[i], d, *xs[i].d.get_unchecked(b)));
             }
         }
         rows_out(acc)
     }
 
     /// Q8_0: signed × signed through the sign trick (|w| times x with w's
-    /// sign), each chunk's pairs widened to i32 at once (2 · 127 · 127 fills i16).
+    /// sign), each chunk's pairs widened to i32 at once (2 · 127 · 127 fills
+    /// i16). Each chunk's weights meet every input before the next is loaded.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_q8_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let ones = _mm256_set1_epi16(1);
@@ -287,17 +297,19 @@ mod avx2 {
         for b in 0..p.nb {
             let panel = g * p.nb + b;
             let at = p.values.as_ptr().add(panel * 8 * QK);
-            let w: [__m256i; 8] = std::array::from_fn(|c| load(at.add(32 * c)));
-            let magnitude: [__m256i; 8] = std::array::from_fn(|c| _mm256_sign_epi8(w[c], w[c]));
+            let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
+            let mut sumi = [_mm256_setzero_si256(); X];
+            for c in 0..8 {
+                let w = load(at.add(32 * c));
+                let magnitude = _mm256_sign_epi8(w, w);
+                for i in 0..X {
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(chunk(x[i], c), w));
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(pairs, ones));
+                }
+            }
             let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
             for i in 0..X {
-                let x = xs[i].qs.as_ptr().add(b * QK);
-                let mut sumi = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let pairs = _mm256_maddubs_epi16(magnitude[c], _mm256_sign_epi8(chunk(x, c), w[c]));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, ones));
-                }
-                acc[i] = _mm256_add_ps(acc[i], scaled(sumi, d, *xs[i].d.get_unchecked(b)));
+                acc[i] = _mm256_add_ps(acc[i], scaled(sumi[i], d, *xs[i].d.get_unchecked(b)));
             }
         }
         rows_out(acc)

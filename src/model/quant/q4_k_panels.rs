@@ -175,21 +175,22 @@ mod avx2 {
             for j in 0..8 {
                 let pair = nibbles.add((j / 2) * 256);
                 // Values < 16 and inputs ≥ −128: eight chunks' pairs sum in
-                // i16 (8 · 2 · 15 · 128 < 2^15).
-                let v: [__m256i; 8] = std::array::from_fn(|c| {
+                // i16 (8 · 2 · 15 · 128 < 2^15). Chunk by chunk, each
+                // unpacked vector meets every input before the next.
+                let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
+                let mut s = [_mm256_setzero_si256(); X];
+                for c in 0..8 {
                     let bytes = load(pair.add(32 * c));
-                    if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) }
-                });
+                    let v = if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) };
+                    for i in 0..X {
+                        s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(v, broadcast4(x[i].add(4 * c))));
+                    }
+                }
                 // Each row's scale in both i16 halves of its lane.
                 let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.scales.as_ptr().add(panel * 64 + 8 * j) as *const __m128i));
                 let sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
                 for i in 0..X {
-                    let x = xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8;
-                    let mut s = _mm256_maddubs_epi16(v[0], broadcast4(x));
-                    for c in 1..8 {
-                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[c], broadcast4(x.add(4 * c))));
-                    }
-                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s, sc));
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s[i], sc));
                 }
             }
             let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(p.minimums.as_ptr().add(panel * 64 + 16 * q) as *const __m128i)));
