@@ -66,10 +66,19 @@ pub(crate) struct Scheduler {
     pub pick_on_device: bool,
 }
 
+/// A step's logits (one row per stepped sequence): in the host path's own
+/// buffer, or a tensor on the model's device.
+enum StepLogits<'a> {
+    Host(&'a mut [f32]),
+    Device(Tensor),
+}
+
 impl Scheduler {
     pub fn run(self) {
         let mut waiting: VecDeque<Submission> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
+        // The host path's logits, kept from step to step.
+        let mut host_logits: Vec<f32> = Vec::new();
         let mut reserved: u64 = 0;
         let mut open = true;
         loop {
@@ -187,9 +196,13 @@ impl Scheduler {
                     rest = after;
                     base = i + 1;
                 }
-                self.model.forward(&mut chunks)
+                if self.model.runs_on_host() {
+                    self.model.forward_into(&mut chunks, &mut host_logits).map(|()| StepLogits::Host(&mut host_logits))
+                } else {
+                    self.model.forward(&mut chunks).map(StepLogits::Device)
+                }
             };
-            let choices = match logits.and_then(|logits| self.choose(&mut running, &stepping, &logits)) {
+            let choices = match logits.and_then(|logits| self.choose(&mut running, &stepping, logits)) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("forward pass failed: {e}");
@@ -242,7 +255,7 @@ impl Scheduler {
     /// forced tokens, or a token chosen from its row of `logits`. Greedy rows
     /// are chosen on the model's device when `pick_on_device`; only the other
     /// rows are copied to the host, edited (TS) and sampled there.
-    fn choose(&self, running: &mut [Sequence], stepping: &[usize], logits: &Tensor) -> candle_core::Result<Vec<(usize, Next)>> {
+    fn choose(&self, running: &mut [Sequence], stepping: &[usize], logits: StepLogits<'_>) -> candle_core::Result<Vec<(usize, Next)>> {
         let mut choices = Vec::with_capacity(stepping.len());
         let mut host_rows: Vec<(usize, usize)> = Vec::new(); // (row, index in choices)
         let mut device_rows: Vec<(usize, usize)> = Vec::new();
@@ -257,7 +270,7 @@ impl Scheduler {
                 continue;
             }
             let slot = (row, choices.len());
-            if self.pick_on_device && seq.sampler.is_plain_greedy() {
+            if self.pick_on_device && seq.sampler.is_plain_greedy() && matches!(logits, StepLogits::Device(_)) {
                 device_rows.push(slot);
             } else {
                 host_rows.push(slot);
@@ -269,26 +282,40 @@ impl Scheduler {
                 .iter()
                 .map(|&(row, slot)| GreedyRow { row, ts: running[choices[slot].0].control.stop_edit() })
                 .collect();
-            let picks = pick_greedy(logits, &rows)?;
+            let StepLogits::Device(on_device) = &logits else { unreachable!("device rows are taken only from a device's logits") };
+            let picks = pick_greedy(on_device, &rows)?;
             drop(rows);
             for (&(_, slot), pick) in device_rows.iter().zip(picks) {
                 running[choices[slot].0].control.note_top_before_edit(pick.top_was_stop);
                 choices[slot].1 = Next::Sampled(pick.token);
             }
         }
-        if !host_rows.is_empty() {
-            // Copy only the rows the host needs (all of them on the CPU path).
-            let rows = if host_rows.len() == logits.dim(0)? {
-                logits.to_vec2::<f32>()?
-            } else {
-                let index: Vec<u32> = host_rows.iter().map(|&(row, _)| row as u32).collect();
-                logits.index_select(&Tensor::new(index.as_slice(), logits.device())?, 0)?.to_vec2::<f32>()?
-            };
-            for (&(_, slot), mut row) in host_rows.iter().zip(rows) {
-                let seq = &mut running[choices[slot].0];
-                seq.control.edit_logits(&mut row);
-                choices[slot].1 = Next::Sampled(seq.sampler.sample(&mut row));
+        let mut sample = |slot: usize, row: &mut [f32]| {
+            let seq = &mut running[choices[slot].0];
+            seq.control.edit_logits(row);
+            choices[slot].1 = Next::Sampled(seq.sampler.sample(row));
+        };
+        match logits {
+            // The host's logits are edited and sampled where the model wrote them.
+            StepLogits::Host(values) => {
+                let vocab = values.len() / stepping.len();
+                for &(row, slot) in &host_rows {
+                    sample(slot, &mut values[row * vocab..(row + 1) * vocab]);
+                }
             }
+            // Copy only the rows the host needs.
+            StepLogits::Device(logits) if !host_rows.is_empty() => {
+                let rows = if host_rows.len() == logits.dim(0)? {
+                    logits.to_vec2::<f32>()?
+                } else {
+                    let index: Vec<u32> = host_rows.iter().map(|&(row, _)| row as u32).collect();
+                    logits.index_select(&Tensor::new(index.as_slice(), logits.device())?, 0)?.to_vec2::<f32>()?
+                };
+                for (&(_, slot), mut row) in host_rows.iter().zip(rows) {
+                    sample(slot, &mut row);
+                }
+            }
+            StepLogits::Device(_) => {}
         }
         Ok(choices)
     }

@@ -12,8 +12,6 @@
 //! Every output depends only on its own sequence's tokens and cache, so a
 //! sequence gets the same bits alone or batched.
 
-use std::ops::Range;
-
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -125,8 +123,15 @@ impl HostKv {
 
     /// One (row, KV head) item of `attend`: `out` (group × head_dim) is the
     /// attention of the group's query heads `q` over positions `0..visible`.
+    #[allow(clippy::too_many_arguments)]
     fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
         let (cap, hd) = (self.capacity, self.head_dim);
+        // Room for as many scores as the cache holds positions: the scores
+        // grow when the cache does, not a position at a time.
+        let room = cap * (q.len() / hd);
+        if scores.capacity() < room {
+            scores.reserve_exact(room - scores.len());
+        }
         match &self.store {
             Store::F32 { keys, values } => {
                 attend_one(kernel, q, head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd), hd, scale, scores, out)
@@ -174,24 +179,50 @@ pub struct Heads {
 
 /// One sequence in a step: its rows of the step's queries, the position of the
 /// first, and its cache (already holding those rows' keys and values).
+#[cfg(test)]
 pub struct SeqQueries<'a> {
-    pub rows: Range<usize>,
+    pub rows: std::ops::Range<usize>,
     pub start: usize,
     pub cache: &'a HostKv,
 }
 
-/// Causal attention of every query row (rotated, `tokens × q_heads·head_dim`)
-/// over its own sequence's cache. Returns `tokens × q_heads·head_dim`.
+/// `attend_into` for sequences listed one by one, into a new vector.
+#[cfg(test)]
 pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32> {
+    let mut row_starts: Vec<usize> = seqs.iter().map(|s| s.rows.start).collect();
+    row_starts.push(seqs.last().map_or(0, |s| s.rows.end));
+    let positions: Vec<usize> = seqs.iter().map(|s| s.start).collect();
+    let mut out = Vec::new();
+    attend_into(queries, StepSeqs { row_starts: &row_starts, positions: &positions, cache: |s: usize| seqs[s].cache }, heads, &mut out);
+    out
+}
+
+/// The sequences of a step as attention sees them: sequence s owns query
+/// rows `row_starts[s]..row_starts[s + 1]` (so `row_starts` has one entry
+/// more than there are sequences), the first at position `positions[s]`,
+/// and its cache is `cache(s)` (already holding those rows' keys and values).
+pub struct StepSeqs<'a, C> {
+    pub row_starts: &'a [usize],
+    pub positions: &'a [usize],
+    pub cache: C,
+}
+
+thread_local! {
+    /// Each thread's scores of one item, kept between items and steps.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Causal attention of every query row (rotated, `tokens × q_heads·head_dim`)
+/// over its own sequence's cache, into `out` (`tokens × q_heads·head_dim`;
+/// its buffer reused, so a step no larger than an earlier one allocates
+/// nothing).
+pub fn attend_into<'c, C: Fn(usize) -> &'c HostKv + Sync>(queries: &[f32], seqs: StepSeqs<'_, C>, heads: Heads, out: &mut Vec<f32>) {
     let Heads { q_heads, kv_heads, head_dim } = heads;
     let group = q_heads / kv_heads;
-    let width = q_heads * head_dim;
-    let tokens = queries.len() / width;
-    let mut seq_of_row = vec![0usize; tokens];
-    for (s, seq) in seqs.iter().enumerate() {
-        seq_of_row[seq.rows.clone()].fill(s);
-    }
-    let mut out = vec![0f32; queries.len()];
+    let tokens = queries.len() / (q_heads * head_dim);
+    assert_eq!(seqs.row_starts.last().copied(), Some(tokens), "the sequences' rows cover the queries");
+    // Every item writes its whole part: resizing only keeps the length right.
+    out.resize(queries.len(), 0.0);
     let scale = 1.0 / (head_dim as f32).sqrt();
     // One item per (row, KV head): the outputs of the `group` query heads that
     // share that KV head, `group × head_dim` values in a row. Each cached key
@@ -199,23 +230,23 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
     let item_width = group * head_dim;
     let kernel = super::kernel::Kernel::detect();
     let work = |first_item: usize, out: &mut [f32]| {
-        let mut scores = Vec::new();
-        for (item, out) in (first_item..).zip(out.chunks_exact_mut(item_width)) {
-            let (row, kv_head) = (item / kv_heads, item % kv_heads);
-            let seq = &seqs[seq_of_row[row]];
-            let visible = seq.start + (row - seq.rows.start) + 1;
-            let q = &queries[item * item_width..(item + 1) * item_width];
-            seq.cache.attend_item(kernel, q, kv_head, visible, scale, &mut scores, out);
-        }
+        SCORES.with_borrow_mut(|scores| {
+            for (item, out) in (first_item..).zip(out.chunks_exact_mut(item_width)) {
+                let (row, kv_head) = (item / kv_heads, item % kv_heads);
+                let s = seqs.row_starts.partition_point(|&start| start <= row) - 1;
+                let visible = seqs.positions[s] + (row - seqs.row_starts[s]) + 1;
+                let q = &queries[item * item_width..(item + 1) * item_width];
+                (seqs.cache)(s).attend_item(kernel, q, kv_head, visible, scale, scores, out);
+            }
+        })
     };
-    let longest = seqs.iter().map(|s| s.start + s.rows.len()).max().unwrap_or(0);
+    let longest = seqs.positions.iter().zip(seqs.row_starts.windows(2)).map(|(&p, rows)| p + rows[1] - rows[0]).max().unwrap_or(0);
     // A few short items are not worth waking the pool for.
     if tokens * q_heads * longest < 2048 {
-        work(0, &mut out);
+        work(0, out);
     } else {
-        super::threads::on_candles_threads(&mut out, item_width, 1, work);
+        super::threads::on_candles_threads(out, item_width, 1, work);
     }
-    out
 }
 
 impl super::kernel::Kernel {
@@ -344,9 +375,25 @@ mod avx2 {
 /// each pass in vector registers); the exponentials take the whole slice at
 /// once. Value j of a span belongs to column j mod `columns`.
 fn softmax_columns(xs: &mut [f32], columns: usize) {
+    thread_local! {
+        /// Per thread: the span-long maxima and sums and the columns' own,
+        /// kept between calls.
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let span = 8 * columns;
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.resize(2 * span + 2 * columns, 0.0);
+        let (max, rest) = scratch.split_at_mut(span);
+        let (sum, rest) = rest.split_at_mut(span);
+        let (column_max, column_sums) = rest.split_at_mut(columns);
+        softmax_columns_in(xs, columns, [max, sum, column_max, column_sums]);
+    })
+}
+
+fn softmax_columns_in(xs: &mut [f32], columns: usize, [max, sum, column_max, column_sums]: [&mut [f32]; 4]) {
     let span = 8 * columns;
     let whole = xs.len() / span * span;
-    let mut max = vec![f32::NEG_INFINITY; span];
+    max.fill(f32::NEG_INFINITY);
     for part in xs[..whole].chunks_exact(span) {
         for (m, &x) in max.iter_mut().zip(part) {
             *m = m.max(x);
@@ -355,17 +402,19 @@ fn softmax_columns(xs: &mut [f32], columns: usize) {
     for (m, &x) in max.iter_mut().zip(&xs[whole..]) {
         *m = m.max(x);
     }
-    let column_max: Vec<f32> = (0..columns).map(|c| max.iter().skip(c).step_by(columns).fold(f32::NEG_INFINITY, |a, &b| a.max(b))).collect();
+    for (c, to) in column_max.iter_mut().enumerate() {
+        *to = max.iter().skip(c).step_by(columns).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    }
     for (j, m) in max.iter_mut().enumerate() {
         *m = column_max[j % columns];
     }
     for part in xs.chunks_mut(span) {
-        for (x, &m) in part.iter_mut().zip(&max) {
+        for (x, &m) in part.iter_mut().zip(&*max) {
             *x -= m;
         }
     }
     super::row_ops::exp_in_place(xs);
-    let mut sum = vec![0f32; span];
+    sum.fill(0.0);
     for part in xs[..whole].chunks_exact(span) {
         for (s, &x) in sum.iter_mut().zip(part) {
             *s += x;
@@ -374,12 +423,14 @@ fn softmax_columns(xs: &mut [f32], columns: usize) {
     for (s, &x) in sum.iter_mut().zip(&xs[whole..]) {
         *s += x;
     }
-    let column_sums: Vec<f32> = (0..columns).map(|c| sum.iter().skip(c).step_by(columns).sum()).collect();
+    for (c, to) in column_sums.iter_mut().enumerate() {
+        *to = sum.iter().skip(c).step_by(columns).sum();
+    }
     for (j, s) in sum.iter_mut().enumerate() {
         *s = column_sums[j % columns];
     }
     for part in xs.chunks_mut(span) {
-        for (x, &s) in part.iter_mut().zip(&sum) {
+        for (x, &s) in part.iter_mut().zip(&*sum) {
             *x /= s;
         }
     }

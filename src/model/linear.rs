@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::quant::QuantMatrix;
+use super::quant::{QuantMatrix, QuantizedRows};
 use super::sparse::Sparse24;
 
 enum Weight {
@@ -97,53 +97,68 @@ impl Linear {
 
     /// The layers' matrices, when our quantized kernels run every one.
     fn our_matrices<'a>(layers: &[&'a Linear]) -> Option<Vec<&'a QuantMatrix>> {
-        layers
-            .iter()
-            .map(|l| match &l.weight {
-                Weight::Quant(q) => Some(&**q),
-                _ => None,
-            })
-            .collect()
+        layers.iter().map(|l| l.our_matrix()).collect()
     }
 
-    /// `forward` on plain f32 rows (`xs` is n × in): our kernels read and
-    /// write the rows as they are; candle's matmuls go through a tensor.
-    pub fn forward_rows(&self, xs: &[f32], n: usize) -> Result<Vec<f32>> {
-        let ys = match &self.weight {
-            Weight::Quant(q) => q.matmul_t(xs, n),
-            Weight::Sparse(s) => s.matmul_t(xs, n),
-            Weight::Candle(_) => {
-                let t = Tensor::from_vec(xs.to_vec(), (n, xs.len() / n.max(1)), &candle_core::Device::Cpu)?;
-                return self.forward(&t)?.flatten_all()?.to_vec1::<f32>();
-            }
-        };
-        self.add_host_bias(ys)
-    }
-
-    /// `forward_many` on plain f32 rows.
-    pub fn forward_many_rows(layers: &[&Linear], xs: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
-        match Self::our_matrices(layers) {
-            Some(matrices) => QuantMatrix::matmul_t_many(&matrices, xs, n)
-                .into_iter()
-                .zip(layers)
-                .map(|(ys, layer)| layer.add_host_bias(ys))
-                .collect(),
-            None => layers.iter().map(|l| l.forward_rows(xs, n)).collect(),
+    /// The layer's matrix, when our quantized kernels run it.
+    fn our_matrix(&self) -> Option<&QuantMatrix> {
+        match &self.weight {
+            Weight::Quant(q) => Some(q),
+            _ => None,
         }
     }
 
+    /// `forward` on plain f32 rows (`xs` is n × in), into `out`: our kernels
+    /// read and write the rows as they are, quantizing `xs` into `acts`, and
+    /// reuse both buffers (no allocation once they are large enough); the
+    /// sparse kernel and candle's matmuls (through a tensor) allocate.
+    pub fn forward_rows_into(&self, xs: &[f32], n: usize, acts: &mut QuantizedRows, out: &mut Vec<f32>) -> Result<()> {
+        Self::forward_many_rows_into([self], xs, n, acts, [out])
+    }
+
+    /// `forward_many` on plain f32 rows, into `outs`, as `forward_rows_into`.
+    pub fn forward_many_rows_into<const M: usize>(layers: [&Linear; M], xs: &[f32], n: usize, acts: &mut QuantizedRows, mut outs: [&mut Vec<f32>; M]) -> Result<()> {
+        let ours = layers.map(Linear::our_matrix);
+        if ours.iter().all(Option::is_some) {
+            let matrices = ours.map(|m| m.expect("checked: every layer runs on our kernels"));
+            QuantMatrix::matmul_t_into(matrices, xs, n, acts, outs.each_mut().map(|o| &mut **o));
+            for (layer, out) in layers.iter().zip(outs) {
+                layer.add_host_bias(out)?;
+            }
+            return Ok(());
+        }
+        for (layer, out) in layers.iter().zip(outs) {
+            match &layer.weight {
+                // candle's forward adds the bias itself.
+                Weight::Candle(_) => {
+                    let t = Tensor::from_vec(xs.to_vec(), (n, xs.len() / n.max(1)), &candle_core::Device::Cpu)?;
+                    *out = layer.forward(&t)?.flatten_all()?.to_vec1::<f32>()?;
+                }
+                Weight::Sparse(s) => {
+                    *out = s.matmul_t(xs, n);
+                    layer.add_host_bias(out)?;
+                }
+                Weight::Quant(q) => {
+                    *out = q.matmul_t(xs, n);
+                    layer.add_host_bias(out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The bias added to every row, as `broadcast_add` adds it.
-    fn add_host_bias(&self, mut ys: Vec<f32>) -> Result<Vec<f32>> {
+    fn add_host_bias(&self, ys: &mut [f32]) -> Result<()> {
         match (&self.bias, &self.host_bias) {
             (None, _) => {}
-            (Some(_), Some(b)) if !b.is_empty() && ys.len() % b.len() == 0 => {
+            (Some(_), Some(b)) if !b.is_empty() && ys.len().is_multiple_of(b.len()) => {
                 for row in ys.chunks_exact_mut(b.len()) {
                     super::row_ops::add_assign(row, b);
                 }
             }
             (Some(_), _) => candle_core::bail!("a bias that is not f32 on the CPU, or of the wrong width, on the CPU's f32 path"),
         }
-        Ok(ys)
+        Ok(())
     }
 
     fn out_features(&self) -> usize {

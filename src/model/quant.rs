@@ -85,7 +85,10 @@ const SHARED_QUANTIZING_FROM: usize = 32 * 1024;
 /// Rows of activations, 8 bits per value, per block of 32: the scale (an f16
 /// value), the sum of the quantized values, and Q8_1's `s` = f16(sum)·d in f16;
 /// and, for the super-block formats, per block of 256 (`SuperRows`). Each form
-/// is made only when some matrix reads it.
+/// is made only when some matrix reads it. The buffers are kept from one
+/// `quantize` to the next, so a step no larger than an earlier one allocates
+/// nothing.
+#[derive(Default)]
 pub struct QuantizedRows {
     cols: usize,
     d: Vec<f32>,
@@ -95,64 +98,60 @@ pub struct QuantizedRows {
     k: SuperRows,
 }
 
+/// One run of values' share of every buffer of a `QuantizedRows` (empty
+/// slices for a form not made).
+struct Part<'a> {
+    d: &'a mut [f32],
+    sum: &'a mut [i32],
+    s: &'a mut [f32],
+    qs: &'a mut [i8],
+    k: super_blocks::SuperPart<'a>,
+}
+
 impl QuantizedRows {
-    /// `xs` is (n × cols), cols a multiple of 32 (of 256 for `super_blocks`).
-    /// A prefill's many rows are quantized on the pool, runs of rows at a
-    /// time, and joined in order: every block is quantized on its own, so the
-    /// bytes are the same however the rows are split.
+    /// `xs` (n × cols) quantized into new buffers.
     pub fn new(xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) -> Self {
-        assert!(cols % QK == 0 && xs.len() % cols == 0);
-        let n = xs.len() / cols;
-        if xs.len() < SHARED_QUANTIZING_FROM || n < 2 {
-            return Self::new_here(xs, cols, blocks, super_blocks);
-        }
-        let runs = n.min(16);
-        let rows_per_run = n.div_ceil(runs);
-        let parts: Vec<std::sync::OnceLock<QuantizedRows>> = (0..runs).map(|_| std::sync::OnceLock::new()).collect();
-        candle_core::utils::barrier_pool().execute_chunked(runs, |range| {
-            for r in range {
-                let rows = (r * rows_per_run).min(n)..((r + 1) * rows_per_run).min(n);
-                let part = Self::new_here(&xs[rows.start * cols..rows.end * cols], cols, blocks, super_blocks);
-                let _ = parts[r].set(part);
-            }
-        });
-        let mut all = QuantizedRows { cols, d: Vec::new(), sum: Vec::new(), s: Vec::new(), qs: Vec::new(), k: SuperRows::default() };
-        if blocks {
-            all.qs.reserve(xs.len());
-        }
-        for part in parts.into_iter().map(|p| p.into_inner().expect("every run quantized")) {
-            all.d.extend(part.d);
-            all.sum.extend(part.sum);
-            all.s.extend(part.s);
-            all.qs.extend(part.qs);
-            all.k.d.extend(part.k.d);
-            all.k.sums16.extend(part.k.sums16);
-            all.k.sums32.extend(part.k.sums32);
-            all.k.qs.extend(part.k.qs);
-        }
-        all
+        let mut rows = QuantizedRows::default();
+        rows.quantize(xs, cols, blocks, super_blocks);
+        rows
     }
 
-    fn new_here(xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) -> Self {
-        let k = if super_blocks { SuperRows::new(xs) } else { SuperRows::default() };
-        let mut rows = QuantizedRows { cols, d: Vec::new(), sum: Vec::new(), s: Vec::new(), qs: Vec::new(), k };
-        if !blocks {
-            return rows;
-        }
-        let count = xs.len() / QK;
-        rows.d.reserve(count);
-        rows.sum.reserve(count);
-        rows.s.reserve(count);
-        rows.qs = vec![0; xs.len()];
+    /// `xs` is (n × cols), cols a multiple of 32 (of 256 for `super_blocks`).
+    /// A prefill's many rows are quantized on the pool, runs of rows at a
+    /// time, each straight into its place: every block is quantized on its
+    /// own, so the bytes are the same however the rows are split.
+    pub fn quantize(&mut self, xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) {
+        self.quantize_sharing(xs, cols, blocks, super_blocks, true);
+    }
+
+    fn quantize_sharing(&mut self, xs: &[f32], cols: usize, blocks: bool, super_blocks: bool, share: bool) {
+        assert!(cols.is_multiple_of(QK) && xs.len().is_multiple_of(cols));
+        assert!(!super_blocks || cols.is_multiple_of(QK_K), "super-block inputs are rows of whole super-blocks");
+        let n = xs.len() / cols;
+        self.cols = cols;
+        let values = if blocks { xs.len() } else { 0 };
+        self.d.resize(values / QK, 0.0);
+        self.sum.resize(values / QK, 0);
+        self.s.resize(values / QK, 0.0);
+        self.qs.resize(values, 0);
+        self.k.resize(if super_blocks { xs.len() } else { 0 });
         let kernel = Kernel::detect();
-        for (block, q) in xs.chunks_exact(QK).zip(rows.qs.chunks_exact_mut(QK)) {
-            let (d, sum) = quantize_block(kernel, block, q);
-            let d16 = f16::from_f32(d);
-            rows.d.push(d16.to_f32());
-            rows.sum.push(sum);
-            rows.s.push((f16::from_f32(sum as f32) * d16).to_f32());
+        if !share || xs.len() < SHARED_QUANTIZING_FROM || n < 2 {
+            let base = BufferBase::of(self);
+            // SAFETY: the whole of each buffer, on this thread alone.
+            return quantize_part(xs, kernel, unsafe { base.part(0..xs.len(), blocks, super_blocks) });
         }
-        rows
+        let rows_per_run = n.div_ceil(n.min(16));
+        let base = BufferBase::of(self);
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(rows_per_run), |runs| {
+            for r in runs {
+                let values = (r * rows_per_run).min(n) * cols..((r + 1) * rows_per_run).min(n) * cols;
+                // SAFETY: runs are disjoint ranges of whole rows, each given
+                // to one thread; the buffers outlive `execute_chunked`.
+                let part = unsafe { base.part(values.clone(), blocks, super_blocks) };
+                quantize_part(&xs[values], kernel, part);
+            }
+        });
     }
 
     /// Row `i`'s blocks (empty slices for a form not made).
@@ -170,6 +169,79 @@ impl QuantizedRows {
             k_sums32: self.k.sums32.get(k32).unwrap_or(&[]),
             k_qs: self.k.qs.get(cols).unwrap_or(&[]),
         }
+    }
+}
+
+/// The base pointers of a `QuantizedRows`' buffers, for the pool's threads
+/// to write disjoint runs of values.
+struct BufferBase {
+    d: *mut f32,
+    sum: *mut i32,
+    s: *mut f32,
+    qs: *mut i8,
+    k_d: *mut f32,
+    k_sums16: *mut i16,
+    k_sums32: *mut i16,
+    k_qs: *mut i8,
+}
+
+// SAFETY: only used through `part`, whose callers promise disjoint runs.
+unsafe impl Sync for BufferBase {}
+
+impl BufferBase {
+    fn of(rows: &mut QuantizedRows) -> BufferBase {
+        BufferBase {
+            d: rows.d.as_mut_ptr(),
+            sum: rows.sum.as_mut_ptr(),
+            s: rows.s.as_mut_ptr(),
+            qs: rows.qs.as_mut_ptr(),
+            k_d: rows.k.d.as_mut_ptr(),
+            k_sums16: rows.k.sums16.as_mut_ptr(),
+            k_sums32: rows.k.sums32.as_mut_ptr(),
+            k_qs: rows.k.qs.as_mut_ptr(),
+        }
+    }
+
+    /// The parts of the buffers for values `values` (whole blocks, and whole
+    /// super-blocks when they are made).
+    ///
+    /// # Safety
+    /// The buffers were sized by `quantize_sharing` for these forms, are alive
+    /// and otherwise untouched while the part is used, and no other part
+    /// overlaps this one.
+    unsafe fn part(&self, values: std::ops::Range<usize>, blocks: bool, super_blocks: bool) -> Part<'_> {
+        unsafe fn slice<'a, T>(base: *mut T, range: std::ops::Range<usize>, made: bool) -> &'a mut [T] {
+            if made { unsafe { std::slice::from_raw_parts_mut(base.add(range.start), range.len()) } } else { &mut [] }
+        }
+        let per = |v: usize| values.start / v..values.end / v;
+        unsafe {
+            Part {
+                d: slice(self.d, per(QK), blocks),
+                sum: slice(self.sum, per(QK), blocks),
+                s: slice(self.s, per(QK), blocks),
+                qs: slice(self.qs, per(1), blocks),
+                k: super_blocks::SuperPart {
+                    d: slice(self.k_d, per(QK_K), super_blocks),
+                    sums16: slice(self.k_sums16, per(16), super_blocks),
+                    sums32: slice(self.k_sums32, per(QK), super_blocks),
+                    qs: slice(self.k_qs, per(1), super_blocks),
+                },
+            }
+        }
+    }
+}
+
+/// One run of values quantized into its part of the buffers.
+fn quantize_part(xs: &[f32], kernel: Kernel, part: Part<'_>) {
+    for (i, (block, q)) in xs.chunks_exact(QK).zip(part.qs.chunks_exact_mut(QK)).enumerate() {
+        let (d, sum) = quantize_block(kernel, block, q);
+        let d16 = f16::from_f32(d);
+        part.d[i] = d16.to_f32();
+        part.sum[i] = sum;
+        part.s[i] = (f16::from_f32(sum as f32) * d16).to_f32();
+    }
+    if !part.k.qs.is_empty() {
+        super_blocks::quantize(xs, kernel, part.k);
     }
 }
 
@@ -345,12 +417,17 @@ impl QuantMatrix {
     /// Row `r` as f32 values (an embedding lookup), as candle dequantizes it.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.cols);
-        match &self.layout {
-            Layout::Panels(p) => p.dequantize_row(r, &mut out),
-            Layout::Q4K(p) => p.dequantize_row(r, &mut out),
-            Layout::Rows(_) => super_blocks::dequantize_q6_k(self.weight_row(r), &mut out),
-        }
+        self.dequantize_row_into(r, &mut out);
         out
+    }
+
+    /// `dequantize_row`, appended to `out`.
+    pub fn dequantize_row_into(&self, r: usize, out: &mut Vec<f32>) {
+        match &self.layout {
+            Layout::Panels(p) => p.dequantize_row(r, out),
+            Layout::Q4K(p) => p.dequantize_row(r, out),
+            Layout::Rows(_) => super_blocks::dequantize_q6_k(self.weight_row(r), out),
+        }
     }
 
     fn weight_row(&self, r: usize) -> WeightRow<'_> {
@@ -361,70 +438,88 @@ impl QuantMatrix {
 
     /// `xs` (n × cols) times this matrix transposed: (n × rows).
     pub fn matmul_t(&self, xs: &[f32], n: usize) -> Vec<f32> {
-        Self::matmul_t_many(&[self], xs, n).pop().expect("one matrix, one product")
+        let mut out = Vec::new();
+        Self::matmul_t_into([self], xs, n, &mut QuantizedRows::default(), [&mut out]);
+        out
     }
 
-    /// `xs` (n × cols) times each matrix transposed, for matrices that read the
-    /// same input (q, k and v; gate and up): the input is quantized once, and
-    /// all the matrices' groups of eight rows go to the threads in one
-    /// hand-out. Each thread writes its results straight into the (n × rows)
-    /// outputs.
+    /// `matmul_t_into` for any number of matrices, into new vectors.
     pub fn matmul_t_many(matrices: &[&QuantMatrix], xs: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let mut acts = QuantizedRows::default();
+        let mut outs = vec![Vec::new(); matrices.len()];
+        match (matrices, &mut outs[..]) {
+            ([a], [x]) => Self::matmul_t_into([*a], xs, n, &mut acts, [x]),
+            ([a, b], [x, y]) => Self::matmul_t_into([*a, *b], xs, n, &mut acts, [x, y]),
+            ([a, b, c], [x, y, z]) => Self::matmul_t_into([*a, *b, *c], xs, n, &mut acts, [x, y, z]),
+            _ => return matrices.iter().map(|m| m.matmul_t(xs, n)).collect(),
+        }
+        outs
+    }
+
+    /// `xs` (n × cols) times each matrix transposed, into `outs` (n × rows
+    /// each), for matrices that read the same input (q, k and v; gate and
+    /// up): the input is quantized once, into `acts`, and all the matrices'
+    /// groups of eight rows go to the threads in one hand-out. Each thread
+    /// writes its results straight into the outputs. `acts` and `outs` keep
+    /// their buffers, so a step no larger than an earlier one allocates nothing.
+    pub fn matmul_t_into<const M: usize>(matrices: [&QuantMatrix; M], xs: &[f32], n: usize, acts: &mut QuantizedRows, mut outs: [&mut Vec<f32>; M]) {
+        assert!(M > 0, "at least one matrix");
         let cols = matrices[0].cols;
         assert!(matrices.iter().all(|m| m.cols == cols), "matrices of one input share its width");
         assert_eq!(xs.len(), n * cols, "input and matrix widths disagree");
         let (blocks, super_blocks) = (matrices.iter().any(|m| !m.format.has_super_blocks()), matrices.iter().any(|m| m.format.has_super_blocks()));
-        let acts = QuantizedRows::new(xs, cols, blocks, super_blocks);
-        let xs: Vec<Activations<'_>> = (0..n).map(|i| acts.row(i)).collect();
+        acts.quantize(xs, cols, blocks, super_blocks);
+        let acts = &*acts;
         // Where each matrix's groups start among all groups.
-        let mut starts = Vec::with_capacity(matrices.len() + 1);
+        let mut starts = [0usize; M];
         let mut total = 0;
-        for m in matrices {
-            starts.push(total);
+        for (start, m) in starts.iter_mut().zip(&matrices) {
+            *start = total;
             total += m.rows.div_ceil(GROUP);
         }
-        starts.push(total);
-        let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| Vec::with_capacity(n * m.rows)).collect();
-        let shared: Vec<super::threads::SharedOut> = outs.iter_mut().map(super::threads::SharedOut::spare).collect();
+        for (out, m) in outs.iter_mut().zip(&matrices) {
+            out.clear();
+            out.reserve(n * m.rows);
+        }
+        let shared: [super::threads::SharedOut; M] = outs.each_mut().map(|out| super::threads::SharedOut::spare(out));
         candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
             for (k, m) in matrices.iter().enumerate() {
-                let (from, to) = (groups.start.max(starts[k]), groups.end.min(starts[k + 1]));
+                let end = starts.get(k + 1).copied().unwrap_or(total);
+                let (from, to) = (groups.start.max(starts[k]), groups.end.min(end));
                 for g in from.saturating_sub(starts[k])..to.saturating_sub(starts[k]) {
-                    m.group_times(g, &xs, &shared[k]);
+                    m.group_times(g, acts, n, &shared[k]);
                 }
             }
         });
         drop(shared);
-        for (out, m) in outs.iter_mut().zip(matrices) {
+        for (out, m) in outs.iter_mut().zip(&matrices) {
             // SAFETY: every group wrote its rows for every input, so all
             // n × rows values are written (a panic on a thread would have
             // been passed on above, before this).
             unsafe { out.set_len(n * m.rows) };
         }
-        outs
     }
 
-    /// Rows 8g..8g+8 (those that exist) dotted with every input, written into
-    /// `out` (n × rows). Inputs go four at a time, so each block of weights is
-    /// unpacked once for four.
-    fn group_times(&self, g: usize, xs: &[Activations<'_>], out: &super::threads::SharedOut) {
+    /// Rows 8g..8g+8 (those that exist) dotted with each of the `n` rows of
+    /// `acts`, written into `out` (n × rows). Inputs go four at a time, so
+    /// each block of weights is unpacked once for four.
+    fn group_times(&self, g: usize, acts: &QuantizedRows, n: usize, out: &super::threads::SharedOut) {
         let rows = GROUP.min(self.rows - g * GROUP);
         let put = |i: usize, results: &[f32; GROUP]| {
             // SAFETY: the pool gives each group to one thread; `out` is untouched
             // until every thread is done.
             unsafe { out.put(i * self.rows + g * GROUP, &results[..rows]) };
         };
-        let mut four = xs.chunks_exact(4);
         let mut i = 0;
-        for x in &mut four {
+        while i + 4 <= n {
+            let x: [Activations<'_>; 4] = std::array::from_fn(|k| acts.row(i + k));
             for (k, results) in self.group_tile(g, [&x[0], &x[1], &x[2], &x[3]]).iter().enumerate() {
                 put(i + k, results);
             }
             i += 4;
         }
-        for x in four.remainder() {
-            put(i, &self.group_tile(g, [x])[0]);
-            i += 1;
+        for i in i..n {
+            put(i, &self.group_tile(g, [&acts.row(i)])[0]);
         }
     }
 
@@ -661,7 +756,7 @@ mod tests {
         let (n, cols) = (47, 768);
         let xs = random(&mut rng, n * cols);
         assert!(xs.len() >= SHARED_QUANTIZING_FROM, "enough values to be shared");
-        let (shared, here) = (QuantizedRows::new(&xs, cols, true, true), QuantizedRows::new_here(&xs, cols, true, true));
+        let (shared, here) = (QuantizedRows::new(&xs, cols, true, true), { let mut here = QuantizedRows::default(); here.quantize_sharing(&xs, cols, true, true, false); here });
         assert_eq!((&shared.d, &shared.sum, &shared.s, &shared.qs), (&here.d, &here.sum, &here.s, &here.qs));
         assert_eq!((&shared.k.d, &shared.k.sums16, &shared.k.sums32, &shared.k.qs), (&here.k.d, &here.k.sums16, &here.k.sums32, &here.k.qs));
     }

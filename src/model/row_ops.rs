@@ -28,12 +28,14 @@ fn by_rows(out: &mut [f32], width: usize, work: impl Fn(usize, &mut [f32]) + Syn
 /// Each row of `x` (rows of `weight.len()` values) divided by its root mean
 /// square (ε added to the mean square) and scaled by `weight`, as candle's
 /// `rms_norm` writes it (`x / rms · weight`). The sum of squares runs in
-/// eight lanes, which the compiler keeps in one vector register.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+/// eight lanes, which the compiler keeps in one vector register. The rows go
+/// into `out`, whose buffer is reused.
+pub fn rms_norm_into(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     let width = weight.len();
     assert!(width > 0 && x.len().is_multiple_of(width), "rows of the norm's width");
-    let mut out = vec![0f32; x.len()];
-    by_rows(&mut out, width, |first_row, part| {
+    // Every element is written below: resizing only keeps the length right.
+    out.resize(x.len(), 0.0);
+    by_rows(out, width, |first_row, part| {
         let rows = x[first_row * width..].chunks_exact(width);
         for (row, out) in rows.zip(part.chunks_exact_mut(width)) {
             let mut lanes = [0f32; 8];
@@ -51,7 +53,6 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
             }
         }
     });
-    out
 }
 
 /// `x += y`, element by element.
@@ -217,7 +218,9 @@ mod tests {
         let (rows, width) = (3, 60);
         let x: Vec<f32> = (0..rows * width).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.07).collect();
         let w: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 * 0.01).collect();
-        let ours = rms_norm(&x, &w, 1e-5);
+        // A reused buffer of another length: every value is rewritten.
+        let mut ours = vec![f32::NAN; 7];
+        rms_norm_into(&x, &w, 1e-5, &mut ours);
         let dev = candle_core::Device::Cpu;
         let candle = candle_nn::ops::rms_norm(
             &candle_core::Tensor::from_vec(x, (rows, width), &dev).unwrap(),

@@ -11,10 +11,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
-use super::host_attention::{self, Heads, KvPrecision, SeqQueries};
+use super::host_attention::{self, Heads, KvPrecision, StepSeqs};
 use super::kv_cache::SeqKvCache;
 use super::linear::Linear;
-use super::quant::QuantMatrix;
+use super::quant::{QuantMatrix, QuantizedRows};
 use super::row_ops;
 
 /// Token ids to vectors: a dense table, or the rows of a quantized matrix,
@@ -35,19 +35,26 @@ impl TokenEmbedding {
 
     /// The rows of `ids` as plain f32 (ids.len() × hidden).
     fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut values = Vec::new();
+        self.rows_into(ids, &mut values)?;
+        Ok(values)
+    }
+
+    /// `rows` into `out` (its buffer reused).
+    fn rows_into(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
         match self {
-            TokenEmbedding::Dense(_) => self.forward(ids, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>(),
+            TokenEmbedding::Dense(_) => out.extend(self.forward(ids, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
             TokenEmbedding::Quantized(m) => {
-                let mut values = Vec::with_capacity(ids.len() * m.cols());
                 for &id in ids {
                     if id as usize >= m.rows() {
                         candle_core::bail!("token id {id} is outside the vocabulary of {}", m.rows());
                     }
-                    values.extend(m.dequantize_row(id as usize));
+                    m.dequantize_row_into(id as usize, out);
                 }
-                Ok(values)
             }
         }
+        Ok(())
     }
 
     fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
@@ -95,6 +102,36 @@ pub struct Transformer {
     /// The norms' weights as plain f32, when the pass runs on the host (f32
     /// on the CPU): that path keeps activations as rows, not tensors.
     host_norms: Option<HostNorms>,
+    /// The host path's buffers, kept from step to step.
+    host_buffers: std::sync::Mutex<HostBuffers>,
+}
+
+/// What a step on the host writes between its inputs and its logits, kept
+/// from one step to the next: once the buffers are as large as a step needs,
+/// a step allocates nothing (apart from the KV cache's own doubling). Each
+/// buffer is named for what it holds.
+#[derive(Default)]
+struct HostBuffers {
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    /// Where each sequence's rows start among the step's rows, and their end.
+    row_starts: Vec<usize>,
+    /// The residual stream (tokens × hidden).
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attended: Vec<f32>,
+    /// A layer's output before it joins the residual stream.
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// The last row of each sequence, before and after the final norm.
+    last: Vec<f32>,
+    last_normed: Vec<f32>,
+    /// The quantized input of the matrix products.
+    acts: QuantizedRows,
 }
 
 /// One RMS norm's weight and ε, for `row_ops::rms_norm`.
@@ -109,8 +146,8 @@ impl HostNorm {
         Ok(HostNorm { weight: norm.weight().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, eps: norm.eps() as f32 })
     }
 
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
-        row_ops::rms_norm(x, &self.weight, self.eps)
+    fn apply(&self, x: &[f32], out: &mut Vec<f32>) {
+        row_ops::rms_norm_into(x, &self.weight, self.eps, out)
     }
 }
 
@@ -146,7 +183,7 @@ impl Transformer {
         } else {
             None
         };
-        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32, host_norms })
+        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32, host_norms, host_buffers: Default::default() })
     }
 
     pub fn device(&self) -> &Device {
@@ -178,16 +215,47 @@ impl Transformer {
         self.host_norms.is_some()
     }
 
-    /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
-    pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
-        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
-        if ids.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
+    /// Whether steps run on the host (f32 on the CPU), where `forward_into`
+    /// writes the logits straight into the caller's buffer.
+    pub fn runs_on_host(&self) -> bool {
+        self.on_host()
+    }
+
+    /// Run one step, the logits of the last token of each chunk written into
+    /// `logits` (chunks.len() × vocab, f32). On the host nothing is allocated
+    /// once the buffers (the model's and `logits`) are as large as the step.
+    pub fn forward_into(&self, chunks: &mut [SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<()> {
+        Self::check_chunks(chunks)?;
+        match &self.host_norms {
+            Some(norms) => {
+                let mut buffers = self.host_buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                self.forward_on_host(norms, chunks, &mut buffers, logits)
+            }
+            None => {
+                *logits = self.forward(chunks)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(())
+            }
+        }
+    }
+
+    fn check_chunks(chunks: &[SeqChunk<'_>]) -> Result<()> {
+        if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             candle_core::bail!("every sequence in a step needs at least one token");
         }
-        let starts: Vec<usize> = chunks.iter().map(|c| c.cache.len()).collect();
-        if let Some(norms) = &self.host_norms {
-            return self.forward_on_host(norms, &ids, chunks, &starts);
+        Ok(())
+    }
+
+    /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
+    pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
+        Self::check_chunks(chunks)?;
+        if self.on_host() {
+            let mut logits = Vec::new();
+            self.forward_into(chunks, &mut logits)?;
+            let vocab = logits.len() / chunks.len();
+            return Tensor::from_vec(logits, (chunks.len(), vocab), &self.device);
         }
+        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let starts: Vec<usize> = chunks.iter().map(|c| c.cache.len()).collect();
         let mut x = self.embedding.forward(&ids, &self.device)?; // (tokens, hidden)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
@@ -214,28 +282,37 @@ impl Transformer {
     /// `forward` for f32 on the CPU: the activations stay plain rows from the
     /// embedding to the head, and every step between the matrix products is
     /// a loop of `row_ops` or `host_attention`.
-    fn forward_on_host(&self, norms: &HostNorms, ids: &[u32], chunks: &mut [SeqChunk<'_>], starts: &[usize]) -> Result<Tensor> {
-        let n = ids.len();
-        let mut x = self.embedding.rows(ids)?;
+    fn forward_on_host(&self, norms: &HostNorms, chunks: &mut [SeqChunk<'_>], b: &mut HostBuffers, logits: &mut Vec<f32>) -> Result<()> {
+        b.ids.clear();
+        b.positions.clear();
+        b.row_starts.clear();
+        b.row_starts.push(0);
+        for c in chunks.iter() {
+            b.ids.extend_from_slice(c.tokens);
+            b.positions.push(c.cache.len());
+            b.row_starts.push(b.ids.len());
+        }
+        let n = b.ids.len();
+        self.embedding.rows_into(&b.ids, &mut b.x)?;
         for (layer, (block, (attn_norm, ffn_norm))) in self.blocks.iter().zip(&norms.blocks).enumerate() {
-            let h = self.attention_on_host(layer, &block.attn, &attn_norm.apply(&x), chunks, starts)?;
-            row_ops::add_assign(&mut x, &h);
-            let h = ffn_norm.apply(&x);
-            let [mut gate, up] = Linear::forward_many_rows(&[&block.mlp.gate, &block.mlp.up], &h, n)?.try_into().expect("two layers, two outputs");
-            row_ops::silu_times(&mut gate, &up);
-            row_ops::add_assign(&mut x, &block.mlp.down.forward_rows(&gate, n)?);
+            attn_norm.apply(&b.x, &mut b.normed);
+            self.attention_on_host(layer, &block.attn, chunks, b)?;
+            row_ops::add_assign(&mut b.x, &b.out);
+            ffn_norm.apply(&b.x, &mut b.normed);
+            let mlp = &block.mlp;
+            Linear::forward_many_rows_into([&mlp.gate, &mlp.up], &b.normed, n, &mut b.acts, [&mut b.gate, &mut b.up])?;
+            row_ops::silu_times(&mut b.gate, &b.up);
+            mlp.down.forward_rows_into(&b.gate, n, &mut b.acts, &mut b.out)?;
+            row_ops::add_assign(&mut b.x, &b.out);
         }
         // Only the last row of each chunk is needed for sampling.
-        let width = x.len() / n;
-        let mut last = Vec::with_capacity(chunks.len() * width);
-        let mut end = 0;
-        for c in chunks.iter() {
-            end += c.tokens.len();
-            last.extend_from_slice(&x[(end - 1) * width..end * width]);
+        let width = b.x.len() / n;
+        b.last.clear();
+        for &end in &b.row_starts[1..] {
+            b.last.extend_from_slice(&b.x[(end - 1) * width..end * width]);
         }
-        let logits = self.lm_head.forward_rows(&norms.last.apply(&last), chunks.len())?;
-        let vocab = logits.len() / chunks.len();
-        Tensor::from_vec(logits, (chunks.len(), vocab), &self.device)
+        norms.last.apply(&b.last, &mut b.last_normed);
+        self.lm_head.forward_rows_into(&b.last_normed, chunks.len(), &mut b.acts, logits)
     }
 
     fn attention(
@@ -268,21 +345,16 @@ impl Transformer {
         attn.o.forward(&y)
     }
 
-    /// `attention` for f32 on the CPU, on rows (`h` is tokens × hidden):
-    /// rotation, cache append and attention as loops over the activations'
-    /// and the cache's own memory (`host_attention`).
-    fn attention_on_host(
-        &self,
-        layer: usize,
-        attn: &Attention,
-        h: &[f32],
-        chunks: &mut [SeqChunk<'_>],
-        starts: &[usize],
-    ) -> Result<Vec<f32>> {
+    /// `attention` for f32 on the CPU, on rows (`b.normed` is tokens ×
+    /// hidden, the result goes to `b.out`): rotation, cache append and
+    /// attention as loops over the activations' and the cache's own memory
+    /// (`host_attention`).
+    fn attention_on_host(&self, layer: usize, attn: &Attention, chunks: &mut [SeqChunk<'_>], b: &mut HostBuffers) -> Result<()> {
         let cfg = &self.config;
         let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
-        let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let [mut q, mut k, v] = Linear::forward_many_rows(&[&attn.q, &attn.k, &attn.v], h, tokens)?.try_into().expect("three layers, three outputs");
+        let tokens = b.ids.len();
+        Linear::forward_many_rows_into([&attn.q, &attn.k, &attn.v], &b.normed, tokens, &mut b.acts, [&mut b.q, &mut b.k, &mut b.v])?;
+        let (q, k, v) = (&mut b.q, &mut b.k, &b.v);
         let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
         if q.len() != tokens * q_width || k.len() != tokens * kv_width || v.len() != tokens * kv_width {
             candle_core::bail!("layer {layer}: q/k/v widths {}/{}/{} do not fit {} heads and {} KV heads of {}", q.len() / tokens, k.len() / tokens, v.len() / tokens, cfg.n_head, cfg.n_kv_head, cfg.head_dim);
@@ -297,9 +369,8 @@ impl Transformer {
                 _ => candle_core::bail!("the rotary tables are not on the CPU"),
             };
             let half = cfg.head_dim / 2;
-            let mut row = 0;
-            for (chunk, &start) in chunks.iter_mut().zip(starts) {
-                let len = chunk.tokens.len();
+            for ((chunk, &start), rows) in chunks.iter_mut().zip(&b.positions).zip(b.row_starts.windows(2)) {
+                let (row, len) = (rows[0], rows[1] - rows[0]);
                 if start + len > cfg.context_length {
                     candle_core::bail!("positions up to {} are past the context of {}", start + len, cfg.context_length);
                 }
@@ -311,21 +382,12 @@ impl Transformer {
                 }
                 let new = row * kv_width..(row + len) * kv_width;
                 chunk.cache.append_host(layer, &k[new.clone()], &v[new], cfg.n_kv_head, cfg.head_dim);
-                row += len;
             }
         }
-        let mut row = 0;
-        let seqs: Vec<SeqQueries<'_>> = chunks
-            .iter()
-            .zip(starts)
-            .map(|(chunk, &start)| {
-                let rows = row..row + chunk.tokens.len();
-                row = rows.end;
-                SeqQueries { rows, start, cache: chunk.cache.host_layer(layer) }
-            })
-            .collect();
-        let y = host_attention::attend(&q, &seqs, heads);
-        attn.o.forward_rows(&y, row)
+        let chunks = &*chunks;
+        let seqs = StepSeqs { row_starts: &b.row_starts, positions: &b.positions, cache: |s: usize| chunks[s].cache.host_layer(layer) };
+        host_attention::attend_into(&b.q, seqs, heads, &mut b.attended);
+        attn.o.forward_rows_into(&b.attended, tokens, &mut b.acts, &mut b.out)
     }
 
     /// Scaled dot-product attention of one sequence's new queries (heads, len, hd)

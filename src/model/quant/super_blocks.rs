@@ -64,66 +64,90 @@ pub struct SuperRows {
 }
 
 impl SuperRows {
-    pub fn new(xs: &[f32]) -> Self {
-        Self::with_kernel(xs, super::Kernel::detect())
+    #[cfg(test)]
+    pub(super) fn with_kernel(xs: &[f32], kernel: super::Kernel) -> Self {
+        let mut rows = SuperRows::default();
+        rows.resize(xs.len());
+        quantize(xs, kernel, SuperPart { d: &mut rows.d, sums16: &mut rows.sums16, sums32: &mut rows.sums32, qs: &mut rows.qs });
+        rows
     }
 
-    pub(super) fn with_kernel(xs: &[f32], kernel: super::Kernel) -> Self {
-        assert!(xs.len().is_multiple_of(QK_K));
-        let blocks = xs.len() / QK_K;
-        let mut rows = SuperRows { d: Vec::with_capacity(blocks), sums16: Vec::with_capacity(16 * blocks), sums32: Vec::with_capacity(8 * blocks), qs: vec![0; xs.len()] };
-        for (block, q) in xs.chunks_exact(QK_K).zip(rows.qs.chunks_exact_mut(QK_K)) {
-            // candle's choice: the first value of largest magnitude, with its sign.
-            let max = match kernel {
-                // SAFETY: `detect` saw AVX2; the block holds 256 values.
+    /// Room for `values` quantized values (kept capacity: no allocation
+    /// when a step is no larger than an earlier one).
+    pub fn resize(&mut self, values: usize) {
+        self.d.resize(values / QK_K, 0.0);
+        self.sums16.resize(values / 16, 0);
+        self.sums32.resize(values / super::QK, 0);
+        self.qs.resize(values, 0);
+    }
+}
+
+/// Where one run of values' super-block quantization goes: the parts of a
+/// `SuperRows`' buffers that belong to those values.
+pub struct SuperPart<'a> {
+    pub d: &'a mut [f32],
+    pub sums16: &'a mut [i16],
+    pub sums32: &'a mut [i16],
+    pub qs: &'a mut [i8],
+}
+
+/// `xs` (a multiple of 256 values) quantized per block of 256 into `out`.
+pub fn quantize(xs: &[f32], kernel: super::Kernel, out: SuperPart<'_>) {
+    assert!(xs.len().is_multiple_of(QK_K) && out.qs.len() == xs.len() && out.d.len() == xs.len() / QK_K);
+    assert!(out.sums16.len() == xs.len() / 16 && out.sums32.len() == xs.len() / super::QK);
+    for (i, (block, q)) in xs.chunks_exact(QK_K).zip(out.qs.chunks_exact_mut(QK_K)).enumerate() {
+        // candle's choice: the first value of largest magnitude, with its sign.
+        let max = match kernel {
+            // SAFETY: `detect` saw AVX2; the block holds 256 values.
+            #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 => {
+                let amax = block.chunks_exact(super::QK).map(|b| unsafe { super::amax_avx2(b) }).fold(0f32, f32::max);
+                block.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
+            }
+            _ => {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &x in block {
+                    if amax < x.abs() {
+                        amax = x.abs();
+                        max = x;
+                    }
+                }
+                max
+            }
+        };
+        if max == 0.0 {
+            q.fill(0);
+            out.d[i] = 0.0;
+        } else {
+            let iscale = -127.0 / max;
+            match kernel {
+                // SAFETY: as above. The AVX2 rounding is f32::round's (tested
+                // on the 32-value blocks), and packing to bytes saturates
+                // as the clamp does.
                 #[cfg(target_arch = "x86_64")]
                 super::Kernel::Avx2 => {
-                    let amax = block.chunks_exact(super::QK).map(|b| unsafe { super::amax_avx2(b) }).fold(0f32, f32::max);
-                    block.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
+                    for (b, q) in block.chunks_exact(super::QK).zip(q.chunks_exact_mut(super::QK)) {
+                        unsafe { super::quantize_avx2(b, iscale, q) };
+                    }
                 }
                 _ => {
-                    let (mut amax, mut max) = (0f32, 0f32);
-                    for &x in block {
-                        if amax < x.abs() {
-                            amax = x.abs();
-                            max = x;
-                        }
-                    }
-                    max
-                }
-            };
-            if max == 0.0 {
-                rows.d.push(0.0);
-            } else {
-                let iscale = -127.0 / max;
-                match kernel {
-                    // SAFETY: as above. The AVX2 rounding is f32::round's (tested
-                    // on the 32-value blocks), and packing to bytes saturates
-                    // as the clamp does.
-                    #[cfg(target_arch = "x86_64")]
-                    super::Kernel::Avx2 => {
-                        for (b, q) in block.chunks_exact(super::QK).zip(q.chunks_exact_mut(super::QK)) {
-                            unsafe { super::quantize_avx2(b, iscale, q) };
-                        }
-                    }
-                    _ => {
-                        for (q, &x) in q.iter_mut().zip(block) {
-                            *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
-                        }
+                    for (q, &x) in q.iter_mut().zip(block) {
+                        *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
                     }
                 }
-                rows.d.push(1.0 / iscale);
             }
-            let sums: [i16; 16] = match kernel {
-                // SAFETY: as above; `q` holds 256 values.
-                #[cfg(target_arch = "x86_64")]
-                super::Kernel::Avx2 => unsafe { avx2::sums_of_sixteen(q) },
-                _ => std::array::from_fn(|j| q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum()),
-            };
-            rows.sums32.extend(sums.chunks_exact(2).map(|p| p[0] + p[1]));
-            rows.sums16.extend(sums);
+            out.d[i] = 1.0 / iscale;
         }
-        rows
+        let sums: [i16; 16] = match kernel {
+            // SAFETY: as above; `q` holds 256 values.
+            #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 => unsafe { avx2::sums_of_sixteen(q) },
+            _ => std::array::from_fn(|j| q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum()),
+        };
+        for (to, pair) in out.sums32[8 * i..8 * i + 8].iter_mut().zip(sums.chunks_exact(2)) {
+            *to = pair[0] + pair[1];
+        }
+        out.sums16[16 * i..16 * i + 16].copy_from_slice(&sums);
     }
 }
 
