@@ -1,7 +1,8 @@
 //! Our own CPU kernels for GGUF's Q4_1 (SmolLM2's projections), Q5_0 (most of
-//! Qwen2.5-0.5B's) and Q8_0 (SmolLM2's head, the rest of Qwen2.5-0.5B), and
-//! (in `super_blocks`) Q4_K and Q6_K. candle multiplies the first two with
-//! scalar code; all run here on candle's own thread pool.
+//! Qwen2.5-0.5B's) and Q8_0 (SmolLM2's head, the rest of Qwen2.5-0.5B), Q4_K
+//! and Q6_K (Qwen2.5-1.5B's; Q6_K is also half of 0.5B's down projections).
+//! candle multiplies the first two with scalar code; all run here on candle's
+//! own thread pool.
 //!
 //! A GGUF block holds 32 values:
 //! - Q4_1 (20 bytes): scale d and minimum m (f16), 16 bytes of 4-bit q;
@@ -10,9 +11,10 @@
 //!   value = d·(q − 16), q = nibble | fifth bit << 4.
 //! - Q8_0 (34 bytes): scale d (f16), 32 signed bytes; value = d·q.
 //!
-//! At load the blocks are repacked once, in as many bytes: the 32-value
-//! formats eight rows side by side (`panels`), the super-block formats row by
-//! row (`super_blocks`).
+//! At load the blocks are repacked once, eight rows side by side, in as many
+//! bytes (a few more for Q4_K): `panels` for the 32-value formats,
+//! `q4_k_panels` and `q6_k_panels` for the 256-value super-blocks, whose
+//! inputs `super_blocks` quantizes.
 //!
 //! Activations are quantized to 8 bits per block of 32 exactly as candle's
 //! Q8_1 / Q8_0 rows are (scale amax/127 kept as f16), and each block's integer
@@ -28,10 +30,12 @@ use super::kernel::Kernel;
 
 mod panels;
 mod q4_k_panels;
+mod q6_k_panels;
 mod super_blocks;
 
 use panels::Panels;
 use q4_k_panels::Q4KPanels;
+use q6_k_panels::Q6KPanels;
 use super_blocks::{SuperRows, QK_K};
 
 const QK: usize = 32;
@@ -341,14 +345,8 @@ enum Layout {
     Panels(Panels),
     /// Q4_K, eight rows side by side.
     Q4K(Q4KPanels),
-    /// Q6_K super-blocks as the file holds them, row after row.
-    Rows(Vec<u8>),
-}
-
-/// One weight row's Q6_K super-blocks.
-#[derive(Clone, Copy)]
-struct WeightRow<'a> {
-    values: &'a [u8],
+    /// Q6_K, eight rows side by side.
+    Q6K(Q6KPanels),
 }
 
 /// Output rows go to the threads in groups of eight (a panel's rows).
@@ -388,9 +386,9 @@ impl QuantMatrix {
         };
         let layout = match format {
             BlockFormat::Q6K => {
-                let mut values = Vec::with_capacity(rows * row_bytes);
-                put_rows(&mut |_, row| values.extend_from_slice(row))?;
-                Layout::Rows(values)
+                let mut panels = Q6KPanels::zeros(rows, cols / QK_K);
+                put_rows(&mut |r, row| panels.put_row(r, row))?;
+                Layout::Q6K(panels)
             }
             BlockFormat::Q4K => {
                 let mut panels = Q4KPanels::zeros(rows, cols / QK_K);
@@ -426,14 +424,8 @@ impl QuantMatrix {
         match &self.layout {
             Layout::Panels(p) => p.dequantize_row(r, out),
             Layout::Q4K(p) => p.dequantize_row(r, out),
-            Layout::Rows(_) => super_blocks::dequantize_q6_k(self.weight_row(r), out),
+            Layout::Q6K(p) => p.dequantize_row(r, out),
         }
-    }
-
-    fn weight_row(&self, r: usize) -> WeightRow<'_> {
-        let Layout::Rows(values) = &self.layout else { unreachable!("only Q6_K is kept by row") };
-        let bytes = values.len() / self.rows;
-        WeightRow { values: &values[r * bytes..(r + 1) * bytes] }
     }
 
     /// `xs` (n × cols) times this matrix transposed: (n × rows).
@@ -528,27 +520,7 @@ impl QuantMatrix {
         match &self.layout {
             Layout::Panels(p) => p.group_times(g, xs, self.kernel),
             Layout::Q4K(p) => p.group_times(g, xs, self.kernel),
-            Layout::Rows(_) => {
-                let mut results = [[0f32; GROUP]; X];
-                for r in 0..GROUP.min(self.rows - g * GROUP) {
-                    let dots = self.super_block_tile(self.weight_row(g * GROUP + r), xs);
-                    for (i, dot) in dots.into_iter().enumerate() {
-                        results[i][r] = dot;
-                    }
-                }
-                results
-            }
-        }
-    }
-
-    /// One weight row of Q6_K dotted with X inputs. Every result takes the
-    /// steps of a lone dot product, so tiling never changes a bit.
-    fn super_block_tile<const X: usize>(&self, w: WeightRow<'_>, xs: [&Activations<'_>; X]) -> [f32; X] {
-        match self.kernel {
-            Kernel::Scalar => xs.map(|x| super_blocks::scalar::dot_q6_k(w, x)),
-            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C on this CPU; `new` sized the rows.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { super_blocks::avx2::tile_q6_k([w], xs)[0] },
+            Layout::Q6K(p) => p.group_times(g, xs, self.kernel),
         }
     }
 }
