@@ -252,9 +252,10 @@ impl Scheduler {
     }
 
     /// What each stepped sequence whose prompt is fully fed takes in next:
-    /// forced tokens, or a token chosen from its row of `logits`. Greedy rows
-    /// are chosen on the model's device when `pick_on_device`; only the other
-    /// rows are copied to the host, edited (TS) and sampled there.
+    /// forced tokens, or a token chosen from its row of `logits`. The host
+    /// path's rows are edited (TS) and sampled in place. Of a device's,
+    /// greedy rows are chosen there when `pick_on_device`; only the other
+    /// rows are copied to the host, edited and sampled.
     fn choose(&self, running: &mut [Sequence], stepping: &[usize], logits: StepLogits<'_>) -> candle_core::Result<Vec<(usize, Next)>> {
         let mut choices = Vec::with_capacity(stepping.len());
         let mut host_rows: Vec<(usize, usize)> = Vec::new(); // (row, index in choices)

@@ -134,7 +134,7 @@ struct HostBuffers {
     acts: QuantizedRows,
 }
 
-/// One RMS norm's weight and ε, for `row_ops::rms_norm`.
+/// One RMS norm's weight and ε, for `row_ops::rms_norm_into`.
 struct HostNorm {
     weight: Vec<f32>,
     eps: f32,
@@ -192,7 +192,7 @@ impl Transformer {
 
     /// KV-cache bytes per token, in the dtype the cache is kept in.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        let kept = if self.on_host() && self.kv_precision == KvPrecision::F16 { DType::F16 } else { self.dtype };
+        let kept = if self.runs_on_host() && self.kv_precision == KvPrecision::F16 { DType::F16 } else { self.dtype };
         self.config.kv_bytes_per_token(kept)
     }
 
@@ -210,15 +210,10 @@ impl Transformer {
     }
 
     /// Whether the pass runs on rows and attention on `host_attention` (f32
-    /// on the CPU).
-    fn on_host(&self) -> bool {
-        self.host_norms.is_some()
-    }
-
-    /// Whether steps run on the host (f32 on the CPU), where `forward_into`
-    /// writes the logits straight into the caller's buffer.
+    /// on the CPU), where `forward_into` writes the logits straight into the
+    /// caller's buffer.
     pub fn runs_on_host(&self) -> bool {
-        self.on_host()
+        self.host_norms.is_some()
     }
 
     /// Run one step, the logits of the last token of each chunk written into
@@ -248,7 +243,7 @@ impl Transformer {
     /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
     pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
         Self::check_chunks(chunks)?;
-        if self.on_host() {
+        if self.runs_on_host() {
             let mut logits = Vec::new();
             self.forward_into(chunks, &mut logits)?;
             let vocab = logits.len() / chunks.len();
