@@ -121,17 +121,11 @@ impl HostKv {
         (self.capacity, self.kv_heads, self.head_dim) = (capacity, kv_heads, head_dim);
     }
 
-    /// One (row, KV head) item of `attend`: `out` (group × head_dim) is the
+    /// One (row, KV head) item of `attend_into`: `out` (group × head_dim) is the
     /// attention of the group's query heads `q` over positions `0..visible`.
     #[allow(clippy::too_many_arguments)]
     fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
         let (cap, hd) = (self.capacity, self.head_dim);
-        // Room for as many scores as the cache holds positions: the scores
-        // grow when the cache does, not a position at a time.
-        let room = cap * (q.len() / hd);
-        if scores.capacity() < room {
-            scores.reserve_exact(room - scores.len());
-        }
         match &self.store {
             Store::F32 { keys, values } => {
                 attend_one(kernel, q, head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd), hd, scale, scores, out)
@@ -210,6 +204,26 @@ pub struct StepSeqs<'a, C> {
 thread_local! {
     /// Each thread's scores of one item, kept between items and steps.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's softmax scratch: the span-long maxima and sums and the
+    /// columns' own.
+    static SOFTMAX: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Room for `values` in every pool thread's scratch (`SCORES`, `SOFTMAX`),
+/// reserved on all the threads at once when the calling thread's is short.
+/// Which threads take a step's items varies from step to step, so a thread
+/// that has taken none so far must not be the one to allocate later, in the
+/// middle of a step. Every thread's room is at least the largest any caller
+/// asked for, so the caller's own room says whether all have enough.
+fn grow_scratch(values: usize) {
+    if SCORES.with_borrow(|s| s.capacity()) >= values {
+        return;
+    }
+    candle_core::utils::barrier_pool().execute(|_| {
+        for scratch in [&SCORES, &SOFTMAX] {
+            scratch.with_borrow_mut(|s| s.reserve(values.saturating_sub(s.len())));
+        }
+    });
 }
 
 /// Causal attention of every query row (rotated, `tokens × q_heads·head_dim`)
@@ -228,6 +242,10 @@ pub fn attend_into<'c, C: Fn(usize) -> &'c HostKv + Sync>(queries: &[f32], seqs:
     // share that KV head, `group × head_dim` values in a row. Each cached key
     // and value is loaded once for the whole group, not once per query head.
     let item_width = group * head_dim;
+    // The scores of as many positions as the largest cache holds (they grow
+    // when a cache doubles, not a position at a time), and softmax's spans.
+    let positions = (0..seqs.positions.len()).map(|s| (seqs.cache)(s).capacity).max().unwrap_or(0);
+    grow_scratch((positions * group).max(SOFTMAX_SCRATCH * group));
     let kernel = super::kernel::Kernel::detect();
     let work = |first_item: usize, out: &mut [f32]| {
         SCORES.with_borrow_mut(|scores| {
@@ -375,20 +393,18 @@ mod avx2 {
 /// each pass in vector registers); the exponentials take the whole slice at
 /// once. Value j of a span belongs to column j mod `columns`.
 fn softmax_columns(xs: &mut [f32], columns: usize) {
-    thread_local! {
-        /// Per thread: the span-long maxima and sums and the columns' own,
-        /// kept between calls.
-        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     let span = 8 * columns;
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.resize(2 * span + 2 * columns, 0.0);
+    SOFTMAX.with_borrow_mut(|scratch| {
+        scratch.resize(SOFTMAX_SCRATCH * columns, 0.0);
         let (max, rest) = scratch.split_at_mut(span);
         let (sum, rest) = rest.split_at_mut(span);
         let (column_max, column_sums) = rest.split_at_mut(columns);
         softmax_columns_in(xs, columns, [max, sum, column_max, column_sums]);
     })
 }
+
+/// Softmax's scratch per column: two spans of eight and the column's own two.
+const SOFTMAX_SCRATCH: usize = 2 * 8 + 2;
 
 fn softmax_columns_in(xs: &mut [f32], columns: usize, [max, sum, column_max, column_sums]: [&mut [f32]; 4]) {
     let span = 8 * columns;

@@ -62,7 +62,7 @@ impl SeqKvCache {
         }
     }
 
-    /// `layer`'s host buffers, for `host_attention::attend`.
+    /// `layer`'s host buffers, for `host_attention::attend_into`.
     pub fn host_layer(&self, layer: usize) -> &HostKv {
         &self.host[layer]
     }

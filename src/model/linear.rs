@@ -22,7 +22,7 @@ enum Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
-    /// The bias as plain f32 (when it is f32 on the CPU), for `forward_rows`.
+    /// The bias as plain f32 (when it is f32 on the CPU), for `forward_rows_into`.
     host_bias: Option<Vec<f32>>,
     /// candle multiplies a single row of Q6_K with a compact GEMV kernel and two
     /// or more rows with repacked tiles, whose results differ in the last bits

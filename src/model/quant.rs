@@ -435,7 +435,8 @@ impl QuantMatrix {
         out
     }
 
-    /// `matmul_t_into` for any number of matrices, into new vectors.
+    /// `matmul_t_into` for any number of matrices (three at a time), into
+    /// new vectors.
     pub fn matmul_t_many(matrices: &[&QuantMatrix], xs: &[f32], n: usize) -> Vec<Vec<f32>> {
         let mut acts = QuantizedRows::default();
         let mut outs = vec![Vec::new(); matrices.len()];
@@ -443,7 +444,7 @@ impl QuantMatrix {
             ([a], [x]) => Self::matmul_t_into([*a], xs, n, &mut acts, [x]),
             ([a, b], [x, y]) => Self::matmul_t_into([*a, *b], xs, n, &mut acts, [x, y]),
             ([a, b, c], [x, y, z]) => Self::matmul_t_into([*a, *b, *c], xs, n, &mut acts, [x, y, z]),
-            _ => return matrices.iter().map(|m| m.matmul_t(xs, n)).collect(),
+            _ => return matrices.chunks(3).flat_map(|three| Self::matmul_t_many(three, xs, n)).collect(),
         }
         outs
     }

@@ -108,8 +108,10 @@ pub struct Transformer {
 
 /// What a step on the host writes between its inputs and its logits, kept
 /// from one step to the next: once the buffers are as large as a step needs,
-/// a step allocates nothing (apart from the KV cache's own doubling). Each
-/// buffer is named for what it holds.
+/// a step allocates nothing when the embedding and every matrix are ours
+/// (GGUF's Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), apart from a KV cache's doubling.
+/// Each buffer is named for what it holds; they keep the size of the largest
+/// step (a prefill chunk) for the model's life.
 #[derive(Default)]
 struct HostBuffers {
     ids: Vec<u32>,
@@ -218,7 +220,8 @@ impl Transformer {
 
     /// Run one step, the logits of the last token of each chunk written into
     /// `logits` (chunks.len() × vocab, f32). On the host nothing is allocated
-    /// once the buffers (the model's and `logits`) are as large as the step.
+    /// once the buffers (the model's and `logits`) are as large as the step,
+    /// as `HostBuffers` says.
     pub fn forward_into(&self, chunks: &mut [SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<()> {
         Self::check_chunks(chunks)?;
         match &self.host_norms {
