@@ -319,6 +319,7 @@ unsafe fn quantize_avx2(block: &[f32], inverse: f32, q: &mut [i8]) -> i32 {
 }
 
 /// One activation row's blocks, in either form.
+#[derive(Default, Clone, Copy)]
 struct Activations<'a> {
     d: &'a [f32],
     sum: &'a [i32],
@@ -351,6 +352,9 @@ enum Layout {
 
 /// Output rows go to the threads in groups of eight (a panel's rows).
 const GROUP: usize = panels::ROWS;
+
+/// Input rows whose blocks a thread looks up at once (on its stack).
+const INPUT_BLOCK: usize = 16;
 
 impl QuantMatrix {
     /// `blocks` are the rows' blocks, row after row, as a GGUF file holds them.
@@ -476,11 +480,18 @@ impl QuantMatrix {
         }
         let shared: [super::threads::SharedOut; M] = outs.each_mut().map(|out| super::threads::SharedOut::spare(out));
         candle_core::utils::barrier_pool().execute_chunked(total, |groups| {
-            for (k, m) in matrices.iter().enumerate() {
-                let end = starts.get(k + 1).copied().unwrap_or(total);
-                let (from, to) = (groups.start.max(starts[k]), groups.end.min(end));
-                for g in from.saturating_sub(starts[k])..to.saturating_sub(starts[k]) {
-                    m.group_times(g, acts, n, &shared[k]);
+            // The input rows' blocks are looked up once per block of rows for
+            // this run of groups, not once per group: on a decode step the
+            // lookups cost as much as a group's arithmetic.
+            for first in (0..n).step_by(INPUT_BLOCK) {
+                let count = INPUT_BLOCK.min(n - first);
+                let rows: [Activations<'_>; INPUT_BLOCK] = std::array::from_fn(|k| if k < count { acts.row(first + k) } else { Activations::default() });
+                for (k, m) in matrices.iter().enumerate() {
+                    let end = starts.get(k + 1).copied().unwrap_or(total);
+                    let (from, to) = (groups.start.max(starts[k]), groups.end.min(end));
+                    for g in from.saturating_sub(starts[k])..to.saturating_sub(starts[k]) {
+                        m.group_times(g, first, &rows[..count], &shared[k]);
+                    }
                 }
             }
         });
@@ -493,26 +504,27 @@ impl QuantMatrix {
         }
     }
 
-    /// Rows 8g..8g+8 (those that exist) dotted with each of the `n` rows of
-    /// `acts`, written into `out` (n × rows). Inputs go four at a time, so
-    /// each block of weights is unpacked once for four.
-    fn group_times(&self, g: usize, acts: &QuantizedRows, n: usize, out: &super::threads::SharedOut) {
+    /// Rows 8g..8g+8 (those that exist) dotted with each of `xs` (input rows
+    /// `first..`), written into `out` (n × rows). Inputs go four at a time,
+    /// so each block of weights is unpacked once for four.
+    fn group_times(&self, g: usize, first: usize, xs: &[Activations<'_>], out: &super::threads::SharedOut) {
         let rows = GROUP.min(self.rows - g * GROUP);
         let put = |i: usize, results: &[f32; GROUP]| {
             // SAFETY: the pool gives each group to one thread; `out` is untouched
             // until every thread is done.
-            unsafe { out.put(i * self.rows + g * GROUP, &results[..rows]) };
+            unsafe { out.put((first + i) * self.rows + g * GROUP, &results[..rows]) };
         };
+        let mut four = xs.chunks_exact(4);
         let mut i = 0;
-        while i + 4 <= n {
-            let x: [Activations<'_>; 4] = std::array::from_fn(|k| acts.row(i + k));
+        for x in &mut four {
             for (k, results) in self.group_tile(g, [&x[0], &x[1], &x[2], &x[3]]).iter().enumerate() {
                 put(i + k, results);
             }
             i += 4;
         }
-        for i in i..n {
-            put(i, &self.group_tile(g, [&acts.row(i)])[0]);
+        for x in four.remainder() {
+            put(i, &self.group_tile(g, [x])[0]);
+            i += 1;
         }
     }
 
