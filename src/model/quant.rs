@@ -113,13 +113,6 @@ struct Part<'a> {
 }
 
 impl QuantizedRows {
-    /// `xs` (n × cols) quantized into new buffers.
-    pub fn new(xs: &[f32], cols: usize, blocks: bool, super_blocks: bool) -> Self {
-        let mut rows = QuantizedRows::default();
-        rows.quantize(xs, cols, blocks, super_blocks);
-        rows
-    }
-
     /// `xs` is (n × cols), cols a multiple of 32 (of 256 for `super_blocks`).
     /// A prefill's many rows are quantized on the pool, runs of rows at a
     /// time, each straight into its place: every block is quantized on its
@@ -741,7 +734,9 @@ mod tests {
         let (n, cols) = (47, 768);
         let xs = random(&mut rng, n * cols);
         assert!(xs.len() >= SHARED_QUANTIZING_FROM, "enough values to be shared");
-        let (shared, here) = (QuantizedRows::new(&xs, cols, true, true), { let mut here = QuantizedRows::default(); here.quantize_sharing(&xs, cols, true, true, false); here });
+        let (mut shared, mut here) = (QuantizedRows::default(), QuantizedRows::default());
+        shared.quantize(&xs, cols, true, true);
+        here.quantize_sharing(&xs, cols, true, true, false);
         assert_eq!((&shared.d, &shared.sum, &shared.s, &shared.qs), (&here.d, &here.sum, &here.s, &here.qs));
         assert_eq!((&shared.k.d, &shared.k.sums16, &shared.k.sums32, &shared.k.qs), (&here.k.d, &here.k.sums16, &here.k.sums32, &here.k.qs));
     }
