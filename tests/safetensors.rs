@@ -3,6 +3,7 @@
 //! `terse prune` makes a 2:4 copy of it, and terse loads all of them.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::DType;
@@ -22,6 +23,22 @@ fn gguf() -> PathBuf {
 fn work_dir() -> PathBuf {
     // One fixed place, cleared by each run: the converted copies are large.
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-safetensors")
+}
+
+/// The converted copies take about 1.5 GB of disk: each test holds one of
+/// these, and the last of the file's tests to finish, passed or failed,
+/// removes them. (A filtered run leaves them for the next run to clear.)
+struct RemovesCopiesWhenLast;
+
+const TESTS: usize = 5;
+static UNFINISHED: AtomicUsize = AtomicUsize::new(TESTS);
+
+impl Drop for RemovesCopiesWhenLast {
+    fn drop(&mut self) {
+        if UNFINISHED.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = std::fs::remove_dir_all(work_dir());
+        }
+    }
 }
 
 /// The converted f32 and bf16 directories and the 2:4-pruned copy of the f32
@@ -78,6 +95,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn a_converted_directory_computes_what_its_gguf_computes() {
+    let _copies = RemovesCopiesWhenLast;
     let (f32_dir, _, _) = dirs();
     let (hf, report) = load_hf_dir(f32_dir, "smol-hf", SparseMode::Auto).unwrap();
     assert_eq!(report.sparse_fraction(), 0.0, "a dense checkpoint stays dense");
@@ -98,6 +116,7 @@ fn a_converted_directory_computes_what_its_gguf_computes() {
 
 #[test]
 fn bf16_weights_load_and_stay_close() {
+    let _copies = RemovesCopiesWhenLast;
     let (f32_dir, bf16_dir, _) = dirs();
     let (bf16, _) = load_hf_dir(bf16_dir, "smol-bf16", SparseMode::Auto).unwrap();
     assert_eq!(bf16.info.dtype, "bf16");
@@ -111,6 +130,7 @@ fn bf16_weights_load_and_stay_close() {
 
 #[test]
 fn a_2_4_checkpoint_runs_compressed_and_matches_its_dense_computation() {
+    let _copies = RemovesCopiesWhenLast;
     let (_, _, sparse_dir) = dirs();
     let (sparse, report) = load_hf_dir(sparse_dir, "smol-24", SparseMode::Auto).unwrap();
     assert_eq!(report.sparse_fraction(), 1.0);
@@ -127,6 +147,7 @@ fn a_2_4_checkpoint_runs_compressed_and_matches_its_dense_computation() {
 /// that dense computation (the values are the same numbers).
 #[test]
 fn a_bf16_2_4_checkpoint_stores_bf16_values_and_matches_its_dense_computation() {
+    let _copies = RemovesCopiesWhenLast;
     let dir = bf16_sparse_dir();
     let (sparse, report) = load_hf_dir(dir, "smol-24-bf16", SparseMode::Auto).unwrap();
     assert_eq!(report.sparse_fraction(), 1.0);
@@ -174,6 +195,7 @@ fn load_error(dir: &Path) -> String {
 
 #[test]
 fn broken_directories_get_one_clear_error_naming_the_file_and_tensor() {
+    let _copies = RemovesCopiesWhenLast;
     let wrong_shape = variant("wrong-shape", |c| c["intermediate_size"] = 1535.into());
     let e = load_error(&wrong_shape);
     assert!(e.contains("model.safetensors") && e.contains("gate_proj.weight") && e.contains("1535"), "{e}");
