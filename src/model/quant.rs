@@ -498,8 +498,10 @@ impl QuantMatrix {
     }
 
     /// Rows 8g..8g+8 (those that exist) dotted with each of `xs` (input rows
-    /// `first..`), written into `out` (n × rows). Inputs go four at a time,
-    /// so each block of weights is unpacked once for four.
+    /// `first..`), written into `out` (n × rows). Inputs go eight at a time,
+    /// then four, then one by one, so each block of weights is unpacked once
+    /// per tile. (Tiles of eight measured +16% for eight SmolLM2 sequences
+    /// over tiles of four: half the unpacking, and Q4_1 spills no more.)
     fn group_times(&self, g: usize, first: usize, xs: &[Activations<'_>], out: &super::threads::SharedOut) {
         let rows = GROUP.min(self.rows - g * GROUP);
         let put = |i: usize, results: &[f32; GROUP]| {
@@ -507,18 +509,22 @@ impl QuantMatrix {
             // until every thread is done.
             unsafe { out.put((first + i) * self.rows + g * GROUP, &results[..rows]) };
         };
-        let mut four = xs.chunks_exact(4);
         let mut i = 0;
-        for x in &mut four {
-            for (k, results) in self.group_tile(g, [&x[0], &x[1], &x[2], &x[3]]).iter().enumerate() {
-                put(i + k, results);
+        let rest = self.tiles::<8>(g, xs, &mut i, &put);
+        let rest = self.tiles::<4>(g, rest, &mut i, &put);
+        self.tiles::<1>(g, rest, &mut i, &put);
+    }
+
+    /// `xs` X at a time, input `*i` first, through `put`; the inputs left over.
+    fn tiles<'a, 'x, const X: usize>(&self, g: usize, xs: &'a [Activations<'x>], i: &mut usize, put: &impl Fn(usize, &[f32; GROUP])) -> &'a [Activations<'x>] {
+        let mut tiles = xs.chunks_exact(X);
+        for tile in &mut tiles {
+            for (k, results) in self.group_tile(g, std::array::from_fn::<_, X, _>(|k| &tile[k])).iter().enumerate() {
+                put(*i + k, results);
             }
-            i += 4;
+            *i += X;
         }
-        for x in four.remainder() {
-            put(i, &self.group_tile(g, [x])[0]);
-            i += 1;
-        }
+        tiles.remainder()
     }
 
     /// One group's rows times X inputs: `[input][row]`.
@@ -625,9 +631,10 @@ mod tests {
         let (rows, cols) = (48, 256);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
-            let xs = random(&mut rng, 5 * cols);
-            let batched = m.matmul_t(&xs, 5);
-            for i in 0..5 {
+            // Thirteen inputs: a tile of eight, one of four and one alone.
+            let xs = random(&mut rng, 13 * cols);
+            let batched = m.matmul_t(&xs, 13);
+            for i in 0..13 {
                 assert_eq!(m.matmul_t(&xs[i * cols..(i + 1) * cols], 1), batched[i * rows..(i + 1) * rows]);
             }
         }
@@ -644,7 +651,7 @@ mod tests {
             .into_iter()
             .map(|(dtype, rows)| random_quantized(&mut rng, dtype, rows, cols).1)
             .collect();
-        for n in [1, 2, 6] {
+        for n in [1, 2, 6, 13] {
             let xs = random(&mut rng, n * cols);
             let together = QuantMatrix::matmul_t_many(&matrices.iter().collect::<Vec<_>>(), &xs, n);
             for (m, got) in matrices.iter().zip(together) {
