@@ -500,7 +500,7 @@ mod tests {
     fn detected_attention_kernel_agrees_with_the_scalar_loops() {
         use crate::model::kernel::Kernel;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for (group, head_dim, positions) in [(3, 64, 1), (3, 64, 13), (7, 64, 40), (2, 128, 9), (1, 8, 5)] {
+        for (group, head_dim, positions) in [(3, 64, 1), (3, 64, 13), (7, 64, 40), (2, 128, 9), (6, 128, 9), (4, 40, 7), (1, 8, 5)] {
             let q = random(&mut rng, group * head_dim);
             let keys = random(&mut rng, positions * head_dim);
             let values = random(&mut rng, positions * head_dim);
