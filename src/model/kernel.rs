@@ -22,6 +22,24 @@ impl Kernel {
     }
 }
 
+/// Whether the quantized kernels may use AVX-512 VNNI on 256-bit vectors
+/// (`vpdpbusd`: bytes times bytes, summed four at a time into i32, in one
+/// instruction where AVX2 takes `maddubs`, `madd` and an add). Their integer
+/// sums are exact either way, so the results are the same bits. Detected
+/// once; `TERSE_NO_VNNI=1` turns it off (to compare the two in one binary).
+#[cfg(target_arch = "x86_64")]
+pub fn vnni() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let detected = *DETECTED.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") && std::env::var_os("TERSE_NO_VNNI").is_none()
+    });
+    detected && !AVX2_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Tests set this to run the AVX2 kernels on a CPU that has VNNI.
+#[cfg(target_arch = "x86_64")]
+pub(crate) static AVX2_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A stored value type: read as f32, one at a time or eight at a time.
 pub trait Value: Copy + Send + Sync {
     fn to_f32(self) -> f32;

@@ -640,6 +640,31 @@ mod tests {
         }
     }
 
+    /// Where the CPU has AVX-512 VNNI, the VNNI kernels (every format) give the AVX2 kernels' bits (tiles of eight, four
+    /// and one).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_kernels_give_the_avx2_bits() {
+        use crate::model::kernel::{vnni, AVX2_ONLY};
+        use std::sync::atomic::Ordering;
+        if !vnni() {
+            eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernels run here");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for (dtype, rows, cols) in [(GgmlDType::Q4_1, 40, 320), (GgmlDType::Q5_0, 17, 896), (GgmlDType::Q8_0, 33, 576), (GgmlDType::Q4K, 21, 768), (GgmlDType::Q6K, 19, 512)] {
+            let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
+            let xs = random(&mut rng, 13 * cols);
+            let with_vnni = m.matmul_t(&xs, 13);
+            // Other tests running meanwhile take the AVX2 kernels too: the
+            // same bits, if this test passes.
+            AVX2_ONLY.store(true, Ordering::Relaxed);
+            let avx2 = m.matmul_t(&xs, 13);
+            AVX2_ONLY.store(false, Ordering::Relaxed);
+            assert_eq!(with_vnni, avx2, "{dtype:?}");
+        }
+    }
+
     #[test]
     fn matrices_sharing_an_input_give_each_ones_own_result() {
         // q, k, v style: different formats and row counts (not multiples of

@@ -148,6 +148,15 @@ impl Panels {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C; the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 if crate::model::kernel::vnni() => unsafe {
+                // SAFETY: and `vnni` saw AVX-512 VNNI and VL.
+                match self.format {
+                    BlockFormat::Q4_1 => vnni::group_q4_1(self, g, xs),
+                    BlockFormat::Q5_0 => vnni::group_q5_0(self, g, xs),
+                    _ => vnni::group_q8_0(self, g, xs),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 => unsafe {
                 match self.format {
                     BlockFormat::Q4_1 => avx2::group_q4_1(self, g, xs),
@@ -184,18 +193,18 @@ mod avx2 {
 
     /// Chunk c (four values) of an input block, in every lane.
     #[inline(always)]
-    unsafe fn chunk(x: *const i8, c: usize) -> __m256i {
+    pub(super) unsafe fn chunk(x: *const i8, c: usize) -> __m256i {
         broadcast4(x.add(4 * c) as *const u8)
     }
 
     /// `(sumi·d)·d_x`, lane by lane, as candle rounds it.
     #[inline(always)]
-    unsafe fn scaled(sumi: __m256i, d: __m256, dx: f32) -> __m256 {
+    pub(super) unsafe fn scaled(sumi: __m256i, d: __m256, dx: f32) -> __m256 {
         _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), d), _mm256_set1_ps(dx))
     }
 
     #[inline(always)]
-    unsafe fn rows_out<const X: usize>(acc: [__m256; X]) -> [[f32; ROWS]; X] {
+    pub(super) unsafe fn rows_out<const X: usize>(acc: [__m256; X]) -> [[f32; ROWS]; X] {
         acc.map(|a| {
             let mut out = [0f32; ROWS];
             _mm256_storeu_ps(out.as_mut_ptr(), a);
@@ -305,6 +314,119 @@ mod avx2 {
                 for i in 0..X {
                     let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(chunk(x[i], c), w));
                     sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                acc[i] = _mm256_add_ps(acc[i], scaled(sumi[i], d, *xs[i].d.get_unchecked(b)));
+            }
+        }
+        rows_out(acc)
+    }
+}
+
+/// The same kernels with AVX-512 VNNI on 256-bit vectors: each `vpdpbusd`
+/// adds four bytes' products straight into a row's i32 sum, where AVX2 needs
+/// `maddubs`, i16 sums and a `madd`. The integer sums are the same exact
+/// numbers, and the float steps are AVX2's, so the bits are too.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::avx2::{chunk, rows_out, scaled};
+    use super::*;
+    use crate::model::kernel::avx2::load;
+    use crate::model::kernel::Value;
+
+    /// Q4_1: the nibbles are unsigned, so they go into `vpdpbusd` as they are.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn group_q4_1<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let at = p.values.as_ptr().add(panel * 4 * QK);
+            let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
+            let mut s = [_mm256_setzero_si256(); X];
+            for c in 0..4 {
+                let raw = load(at.add(32 * c));
+                let (lo, hi) = (_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+                for i in 0..X {
+                    s[i] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s[i], lo, chunk(x[i], c)), hi, chunk(x[i], c + 4));
+                }
+            }
+            let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
+            let m = f16::load8(p.minimums.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                let term = scaled(s[i], d, *xs[i].d.get_unchecked(b));
+                let term = _mm256_add_ps(term, _mm256_mul_ps(m, _mm256_set1_ps(*xs[i].s.get_unchecked(b))));
+                acc[i] = _mm256_add_ps(acc[i], term);
+            }
+        }
+        rows_out(acc)
+    }
+
+    /// Q5_0: the values with their fifth bits are unsigned (< 32); the −16
+    /// comes off as 16 · Σx, the sums' starting value.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn group_q5_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let (low, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let at = p.values.as_ptr().add(panel * 4 * QK);
+            let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
+            let h = load(p.fifth_bits.as_ptr().add(panel * 32));
+            let mut sumi: [__m256i; X] = std::array::from_fn(|i| _mm256_set1_epi32(-16 * *xs[i].sum.get_unchecked(b)));
+            for c in 0..4 {
+                let raw = load(at.add(32 * c));
+                // Chunk c's fifth bits are bit c of the plane's bytes, chunk
+                // c + 4's bit c + 4: each moved to bit 4.
+                let (h_lo, h_hi) = (shift_to_bit4(h, c), shift_to_bit4(h, c + 4));
+                let lo = _mm256_or_si256(_mm256_and_si256(raw, low), _mm256_and_si256(h_lo, bit4));
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), _mm256_and_si256(h_hi, bit4));
+                for i in 0..X {
+                    sumi[i] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(sumi[i], lo, chunk(x[i], c)), hi, chunk(x[i], c + 4));
+                }
+            }
+            let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                acc[i] = _mm256_add_ps(acc[i], scaled(sumi[i], d, *xs[i].d.get_unchecked(b)));
+            }
+        }
+        rows_out(acc)
+    }
+
+    /// `h` shifted so that bit `k` of each byte lands on bit 4 (the bits
+    /// that cross into a neighbouring byte are masked off by the caller).
+    #[inline(always)]
+    unsafe fn shift_to_bit4(h: __m256i, k: usize) -> __m256i {
+        match k {
+            0 => _mm256_slli_epi16(h, 4),
+            1 => _mm256_slli_epi16(h, 3),
+            2 => _mm256_slli_epi16(h, 2),
+            3 => _mm256_slli_epi16(h, 1),
+            4 => h,
+            5 => _mm256_srli_epi16(h, 1),
+            6 => _mm256_srli_epi16(h, 2),
+            _ => _mm256_srli_epi16(h, 3),
+        }
+    }
+
+    /// Q8_0: signed × signed through the sign trick, as in AVX2.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn group_q8_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let at = p.values.as_ptr().add(panel * 8 * QK);
+            let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
+            let mut sumi = [_mm256_setzero_si256(); X];
+            for c in 0..8 {
+                let w = load(at.add(32 * c));
+                let magnitude = _mm256_sign_epi8(w, w);
+                for i in 0..X {
+                    sumi[i] = _mm256_dpbusd_epi32(sumi[i], magnitude, _mm256_sign_epi8(chunk(x[i], c), w));
                 }
             }
             let d = f16::load8(p.scales.as_ptr().add(panel * ROWS));

@@ -130,6 +130,8 @@ impl Q4KPanels {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C; the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 if crate::model::kernel::vnni() => unsafe { vnni::group_times(self, g, xs) },
+            #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 => unsafe { avx2::group_times(self, g, xs) },
         }
     }
@@ -200,6 +202,63 @@ mod avx2 {
                 let mut summ = _mm256_madd_epi16(minimums[0], broadcast4(sums));
                 for q in 1..4 {
                     summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimums[q], broadcast4(sums.add(4 * q))));
+                }
+                let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
+                acc_m[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmin, dx), acc_m[i]);
+            }
+        }
+        std::array::from_fn(|i| {
+            let mut out = [0f32; ROWS];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], acc_m[i]));
+            out
+        })
+    }
+}
+
+/// The same kernel with AVX-512 VNNI on 256-bit vectors: a sub-block's
+/// chunks go into each row's i32 sum by `vpdpbusd`, then one `vpmulld` by
+/// the row's scale, where AVX2 sums them in i16 and widens by `madd`. The
+/// same exact integers, so the same bits.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::*;
+    use crate::model::kernel::avx2::{broadcast4, load};
+    use crate::model::kernel::Value;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let low = _mm256_set1_epi8(0x0F);
+        let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); X], [_mm256_setzero_ps(); X]);
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
+            let mut sumi = [_mm256_setzero_si256(); X];
+            for j in 0..8 {
+                let pair = nibbles.add((j / 2) * 256);
+                let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
+                let mut s = [_mm256_setzero_si256(); X];
+                for c in 0..8 {
+                    let bytes = load(pair.add(32 * c));
+                    let v = if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) };
+                    for i in 0..X {
+                        s[i] = _mm256_dpbusd_epi32(s[i], v, broadcast4(x[i].add(4 * c)));
+                    }
+                }
+                let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.scales.as_ptr().add(panel * 64 + 8 * j) as *const __m128i));
+                for i in 0..X {
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_mullo_epi32(s[i], sc));
+                }
+            }
+            let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(p.minimums.as_ptr().add(panel * 64 + 16 * q) as *const __m128i)));
+            let (d, dmin) = (f16::load8(p.d.as_ptr().add(panel * ROWS)), f16::load8(p.dmin.as_ptr().add(panel * ROWS)));
+            for i in 0..X {
+                let sums = xs[i].k_sums32.as_ptr().add(8 * b) as *const u8;
+                let mut summ = _mm256_madd_epi16(minimums[0], broadcast4(sums));
+                for (q, &minimum) in minimums.iter().enumerate().skip(1) {
+                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimum, broadcast4(sums.add(4 * q))));
                 }
                 let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);

@@ -124,6 +124,8 @@ impl Q6KPanels {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C; the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 if crate::model::kernel::vnni() => unsafe { vnni::group_times(self, g, xs) },
+            #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 => unsafe { avx2::group_times(self, g, xs) },
         }
     }
@@ -158,7 +160,7 @@ mod avx2 {
     /// U < 2, high otherwise) with their high pair from `highs` (bits 2U,
     /// 2U + 1) as bits 4 and 5: unsigned values below 64.
     #[inline(always)]
-    unsafe fn values<const U: usize>(nibbles: __m256i, highs: __m256i) -> __m256i {
+    pub(super) unsafe fn values<const U: usize>(nibbles: __m256i, highs: __m256i) -> __m256i {
         let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let nibble = if U < 2 { nibbles } else { _mm256_srli_epi16(nibbles, 4) };
         let high = match U {
@@ -206,6 +208,82 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_times<const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        let mut acc = [_mm256_setzero_ps(); X];
+        for b in 0..p.nb {
+            let panel = g * p.nb + b;
+            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
+            let highs = p.highs.as_ptr().add(panel * HIGH_BYTES);
+            let scales = p.scales.as_ptr().add(panel * SCALE_BYTES);
+            // Pair k: lane r holds row r's scales of sub-blocks 2k and 2k + 1.
+            let pairs: [__m256i; 8] = std::array::from_fn(|k| _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.add(16 * k) as *const __m128i)));
+            let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K) as *const u8);
+            // The − 32: 32 · Σ_s sc_s · (sum of sub-block s's inputs), pairs of sub-blocks at a time.
+            let mut sumi: [__m256i; X] = std::array::from_fn(|i| {
+                let sums = xs[i].k_sums16.as_ptr().add(16 * b) as *const u8;
+                let mut offset = _mm256_madd_epi16(pairs[0], broadcast4(sums));
+                for (k, &pair) in pairs.iter().enumerate().skip(1) {
+                    offset = _mm256_add_epi32(offset, _mm256_madd_epi16(pair, broadcast4(sums.add(4 * k))));
+                }
+                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5))
+            });
+            for h in 0..2 {
+                quarter::<0, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<1, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<2, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<3, X>(nibbles, highs, pairs, h, x, &mut sumi);
+            }
+            let d = f16::load8(p.d.as_ptr().add(panel * ROWS));
+            for i in 0..X {
+                let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
+            }
+        }
+        acc.map(|a| {
+            let mut out = [0f32; ROWS];
+            _mm256_storeu_ps(out.as_mut_ptr(), a);
+            out
+        })
+    }
+}
+
+/// The same kernel with AVX-512 VNNI on 256-bit vectors: a sub-block's four
+/// chunks go into each row's i32 sum by `vpdpbusd`, then one `vpmulld` by
+/// the row's scale, where AVX2 sums pairs of chunks in i16 and widens them
+/// by `madd`. The same exact integers, so the same bits.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::avx2::values;
+    use super::*;
+    use crate::model::kernel::avx2::{broadcast4, load};
+    use crate::model::kernel::Value;
+
+    /// Quarter `U` of half `h`, as AVX2's `quarter`.
+    #[inline(always)]
+    unsafe fn quarter<const U: usize, const X: usize>(nibbles: *const u8, highs: *const u8, pairs: [__m256i; 8], h: usize, x: [*const u8; X], sumi: &mut [__m256i; X]) {
+        let run = 2 * h + U % 2;
+        for half_quarter in 0..2 {
+            let s = 8 * h + 2 * U + half_quarter;
+            // Row r's scale of sub-block s, sign-extended to i32 in lane r.
+            let pair = pairs[s / 2];
+            let scale = if s % 2 == 1 { _mm256_srai_epi32(pair, 16) } else { _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16) };
+            let mut sub = [_mm256_setzero_si256(); X];
+            for c in 4 * half_quarter..4 * half_quarter + 4 {
+                let v = values::<U>(load(nibbles.add(run * 256 + c * 32)), load(highs.add(h * 256 + c * 32)));
+                let at = 128 * h + 32 * U + 4 * c;
+                for i in 0..X {
+                    sub[i] = _mm256_dpbusd_epi32(sub[i], v, broadcast4(x[i].add(at)));
+                }
+            }
+            for i in 0..X {
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_mullo_epi32(sub[i], scale));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn group_times<const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let mut acc = [_mm256_setzero_ps(); X];
         for b in 0..p.nb {
