@@ -501,7 +501,7 @@ impl QuantMatrix {
     /// `first..`), written into `out` (n × rows). Inputs go eight at a time,
     /// then four, then one by one, so each block of weights is unpacked once
     /// per tile. (Tiles of eight measured +16% for eight SmolLM2 sequences
-    /// over tiles of four: half the unpacking, and Q4_1 spills no more.)
+    /// over tiles of four: half the unpacking.)
     fn group_times(&self, g: usize, first: usize, xs: &[Activations<'_>], out: &super::threads::SharedOut) {
         let rows = GROUP.min(self.rows - g * GROUP);
         let put = |i: usize, results: &[f32; GROUP]| {
@@ -640,8 +640,8 @@ mod tests {
         }
     }
 
-    /// Where the CPU has AVX-512 VNNI, the VNNI kernels (every format) give the AVX2 kernels' bits (tiles of eight, four
-    /// and one).
+    /// Where the CPU has AVX-512 VNNI, the VNNI kernels (every format) give
+    /// the AVX2 kernels' bits, in tiles of eight, four and one.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni_kernels_give_the_avx2_bits() {

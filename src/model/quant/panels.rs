@@ -18,8 +18,8 @@
 //! Each (row, block) integer dot product is exact, and its float expression is
 //! candle's, in candle's order, block after block: `((sumi·d)·d_x) + m·s` for
 //! Q4_1, `(sumi·d)·d_x` for Q5_0 (sumi counts the −16) and Q8_0. The AVX2
-//! kernels do it in eight lanes at once, the scalar kernel one lane at a
-//! time: both give candle's scalar bits, for one input or many.
+//! and AVX-512 VNNI kernels do it in eight lanes at once, the scalar kernel
+//! one lane at a time: all give candle's scalar bits, for one input or many.
 
 use half::f16;
 
