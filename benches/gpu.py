@@ -22,6 +22,7 @@ Writes every figure as JSON to --out and prints a table.
 import argparse
 import http.client
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,32 @@ def get_json(port, path):
     data = r.read()
     c.close()
     return json.loads(data)
+
+
+def step_phases(port):
+    """(sum, count) of terse_engine_step_seconds per phase, from /metrics."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    out = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            prefix = f"terse_engine_step_seconds_{part}{{phase=\""
+            if line.startswith(prefix):
+                phase = line[len(prefix):line.index('"', len(prefix))]
+                out.setdefault(phase, [0.0, 0.0])[part == "count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def phase_means_ms(before, after):
+    """Mean milliseconds per step of each phase between two `step_phases`."""
+    means = {}
+    for phase, (total, count) in after.items():
+        t0, c0 = before.get(phase, [0.0, 0.0])
+        if count > c0:
+            means[phase] = round((total - t0) / (count - c0) * 1000, 3)
+    return means
 
 
 def concurrent_decode(port, name, streams, decode_tokens):
@@ -93,6 +120,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--prompt-id-range", type=int, default=100000, help="prompt token ids are 1000 + (i * 7919) %% this")
     p.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 64])
     p.add_argument("--strategy-tokens", type=int, default=96)
     p.add_argument("--no-speed", action="store_true", help="only the strategy requests")
@@ -101,6 +129,8 @@ def main():
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    # A `timeout` around this script stops it with SIGTERM: stop the server too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"[{args.label}] stopped by SIGTERM"))
 
     port = free_port()
     max_batch = max(args.concurrency + [1])
@@ -132,7 +162,7 @@ def main():
         res["decode_bound_tok_s"] = bound
 
         if not args.no_speed:
-            prompt_ids = [1000 + (i * 7919) % 100000 for i in range(args.prompt_tokens)]
+            prompt_ids = [1000 + (i * 7919) % args.prompt_id_range for i in range(args.prompt_tokens)]
             stream_completion(port, {"model": name, "prompt": prompt_ids, "max_tokens": 4, "temperature": 0})
             concurrent_decode(port, name, min(8, max_batch), 8)  # warm every batch shape a little
             prefill, ttft = [], []
@@ -142,15 +172,21 @@ def main():
                 ttft.append(r["first"] - r["sent"])
                 prefill.append(r["usage"].get("prompt_tokens", len(prompt_ids)) / ttft[-1])
             res["prefill_tok_s"], res["ttft_s"] = median(prefill), median(ttft)
+            print(f"[{args.label}] (so far) ready in {res['ready_s']:.1f} s, prefill {[round(p) for p in prefill]} tok/s", flush=True)
             res["decode"] = {}
             for c in args.concurrency:
                 rates, tokens = [], []
+                phases_before = step_phases(port)
                 for _ in range(args.runs):
                     rate, n = concurrent_decode(port, name, c, args.decode_tokens)
                     rates.append(rate)
                     tokens.append(n)
+                phases = phase_means_ms(phases_before, step_phases(port))
                 res["decode"][str(c)] = {"tok_s": median(rates), "runs": rates, "tokens": tokens,
-                                         "fraction_of_bound_per_stream": (median(rates) / c / bound) if bound else None}
+                                         "fraction_of_bound_per_stream": (median(rates) / c / bound) if bound else None,
+                                         "step_phase_ms": phases}
+                print(f"[{args.label}] (so far) x{c}: mean ms per step by phase {phases}", flush=True)
+                print(f"[{args.label}] (so far) x{c}: {[round(r, 1) for r in rates]} tok/s", flush=True)
         res["strategies"] = strategy_requests(port, name, args.strategy_tokens)
     finally:
         stop_process(proc, timeout=30)

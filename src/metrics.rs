@@ -33,6 +33,11 @@ pub struct Metrics {
     pub running_sequences: IntGauge,
     /// Sequences per forward step.
     pub batch_size: Histogram,
+    /// Where an engine step's time goes, by phase: `forward` (the model's
+    /// pass; on a GPU, launching it, since the device runs on behind),
+    /// `pick` (choosing each sequence's next token; on a GPU this waits for
+    /// the device) and `deliver` (taking tokens in, streaming, retiring).
+    pub engine_step_seconds: HistogramVec,
     pub kv_cache_used_bytes: IntGauge,
     pub kv_cache_budget_bytes: IntGauge,
     /// Constant 1, labelled with what the model is.
@@ -131,6 +136,12 @@ impl Metrics {
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
         )
         .unwrap();
+        let engine_step_seconds = HistogramVec::new(
+            HistogramOpts::new("engine_step_seconds", "Time of each phase of an engine step: forward, pick, deliver")
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
+            &["phase"],
+        )
+        .unwrap();
         let kv_cache_used_bytes = IntGauge::new("kv_cache_used_bytes", "KV-cache bytes reserved by running sequences").unwrap();
         let kv_cache_budget_bytes = IntGauge::new("kv_cache_budget_bytes", "KV-cache bytes the engine may reserve in all").unwrap();
         let model_info = IntGaugeVec::new(
@@ -156,6 +167,7 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(running_sequences.clone()),
             Box::new(batch_size.clone()),
+            Box::new(engine_step_seconds.clone()),
             Box::new(kv_cache_used_bytes.clone()),
             Box::new(kv_cache_budget_bytes.clone()),
             Box::new(model_info.clone()),
@@ -186,6 +198,7 @@ impl Metrics {
             queue_depth,
             running_sequences,
             batch_size,
+            engine_step_seconds,
             kv_cache_used_bytes,
             kv_cache_budget_bytes,
             model_info,

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -184,6 +185,8 @@ impl Scheduler {
                 }
             }
             self.metrics.batch_size.observe(stepping.len() as f64);
+            let phase = |name: &str, since: Instant| self.metrics.engine_step_seconds.with_label_values(&[name]).observe(since.elapsed().as_secs_f64());
+            let forward_started = Instant::now();
             let logits = {
                 let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(stepping.len());
                 let mut rest: &mut [Sequence] = &mut running;
@@ -202,6 +205,8 @@ impl Scheduler {
                     self.model.forward(&mut chunks).map(StepLogits::Device)
                 }
             };
+            phase("forward", forward_started);
+            let pick_started = Instant::now();
             let choices = match logits.and_then(|logits| self.choose(&mut running, &stepping, logits)) {
                 Ok(c) => c,
                 Err(e) => {
@@ -215,7 +220,10 @@ impl Scheduler {
                 }
             };
 
+            phase("pick", pick_started);
+
             // 5. Take in the next token(s) of every sequence whose prompt is fully fed; stream; retire.
+            let deliver_started = Instant::now();
             let mut finished: Vec<usize> = Vec::new();
             for (i, next) in choices {
                 let seq = &mut running[i];
@@ -247,6 +255,7 @@ impl Scheduler {
                 reserved -= seq.reserved_bytes;
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
+            phase("deliver", deliver_started);
         }
         tracing::info!("engine thread stopped");
     }

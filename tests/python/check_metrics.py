@@ -18,6 +18,7 @@ EXPECTED = {
     "terse_queue_depth": "gauge",
     "terse_running_sequences": "gauge",
     "terse_batch_size": "histogram",
+    "terse_engine_step_seconds": "histogram",
     "terse_kv_cache_used_bytes": "gauge",
     "terse_kv_cache_budget_bytes": "gauge",
     "terse_model_info": "gauge",
@@ -47,6 +48,8 @@ def main(url: str) -> None:
         assert set(s.labels) == {"model", "endpoint", "mode", "status"}, s.labels
     ttft = [s for s in families["terse_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert ttft and sum(s.value for s in ttft) >= 1, "no time-to-first-token observed"
+    phases = {s.labels["phase"]: s.value for s in families["terse_engine_step_seconds"].samples if s.name.endswith("_count")}
+    assert set(phases) == {"forward", "pick", "deliver"} and min(phases.values()) >= 1, phases
     info = families["terse_model_info"].samples
     assert info and info[0].value == 1 and info[0].labels.get("arch"), info
     assert info[0].labels.get("device") == "cpu", info
