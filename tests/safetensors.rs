@@ -10,7 +10,7 @@ use candle_core::DType;
 use terse::engine::argmax;
 use terse::model::{
     convert_gguf_to_hf, load_gguf_dequantized, load_hf_dir, prune_hf_dir, LoadedModel, SeqChunk, SeqKvCache,
-    SparseMode,
+    SparseMode, Transformer,
 };
 use terse::tokenize::ChatMessage;
 
@@ -30,7 +30,7 @@ fn work_dir() -> PathBuf {
 /// removes them. (A filtered run leaves them for the next run to clear.)
 struct RemovesCopiesWhenLast;
 
-const TESTS: usize = 5;
+const TESTS: usize = 6;
 static UNFINISHED: AtomicUsize = AtomicUsize::new(TESTS);
 
 impl Drop for RemovesCopiesWhenLast {
@@ -75,7 +75,7 @@ fn prompt(model: &LoadedModel, text: &str) -> Vec<u32> {
 
 /// Greedy decoding: the logits of each step and the tokens chosen.
 fn greedy(model: &LoadedModel, prompt: &[u32], steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut cache = SeqKvCache::new(model.transformer.config.n_layer);
+    let mut cache = model.transformer.new_cache();
     let (mut all, mut tokens) = (Vec::new(), Vec::new());
     let mut feed = prompt.to_vec();
     for _ in 0..steps {
@@ -154,6 +154,68 @@ fn a_bf16_2_4_checkpoint_stores_bf16_values_and_matches_its_dense_computation() 
     assert_eq!(report.stored_bytes * 16, report.dense_bytes * 5, "5 bytes per group of four instead of 16");
     let (dense, _) = load_hf_dir(dir, "smol-24-bf16-dense", SparseMode::Off).unwrap();
     same_greedy_computation(&sparse, &dense, 4);
+}
+
+/// The tensor path (every model on a GPU) keeps all sequences' keys and
+/// values in one pool of pages and attends for all decoding sequences at
+/// once. Run on the CPU in f32, it computes what the host path computes, and
+/// what its older layout (a cache tensor and an attention per sequence)
+/// computes: three sequences of different lengths, past a page's 64
+/// positions, with a prefill joining decode steps part-way.
+#[test]
+fn the_pooled_kv_cache_computes_what_the_host_path_computes() {
+    let _copies = RemovesCopiesWhenLast;
+    let (f32_dir, _, _) = dirs();
+    let (mut model, _) = load_hf_dir(f32_dir, "smol-f32-pooled", SparseMode::Auto).unwrap();
+    assert!(model.transformer.runs_on_host() && !model.transformer.pooled_kv());
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| prompt(&model, t)).collect();
+    let on_host = batched_greedy(&model.transformer, &prompts, 40);
+    model.transformer.use_tensor_path().unwrap();
+    model.transformer.set_pooled_kv(true).unwrap();
+    assert!(!model.transformer.runs_on_host() && model.transformer.pooled_kv());
+    let pooled = batched_greedy(&model.transformer, &prompts, 40);
+    model.transformer.set_pooled_kv(false).unwrap();
+    let apart = batched_greedy(&model.transformer, &prompts, 40);
+    for (name, other) in [("pooled", &pooled), ("per-sequence", &apart)] {
+        for (seq, ((logits, tokens), (host_logits, host_tokens))) in other.iter().zip(&on_host).enumerate() {
+            assert_eq!(tokens, host_tokens, "{name}, sequence {seq}");
+            for (step, (a, b)) in logits.iter().zip(host_logits).enumerate() {
+                // Differently ordered f32 sums, not a different computation.
+                assert!(max_diff(a, b) < 1e-3, "{name}, sequence {seq}, step {step}: logits differ by {}", max_diff(a, b));
+            }
+        }
+    }
+}
+
+/// Greedy decoding of `prompts` in shared steps: the first two start
+/// together, the third's prompt joins at their third decode step (one step
+/// with a chunk and single tokens), and each then decodes `steps` tokens.
+fn batched_greedy(model: &Transformer, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
+    let mut caches: Vec<SeqKvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut feeds: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out: Vec<(Vec<Vec<f32>>, Vec<u32>)> = prompts.iter().map(|_| Default::default()).collect();
+    for step in 0.. {
+        let joined = if step < 3 { 2 } else { 3 };
+        let active: Vec<usize> = (0..joined).filter(|&s| out[s].1.len() < steps).collect();
+        if active.is_empty() {
+            break;
+        }
+        let mut chunks: Vec<SeqChunk> = caches
+            .iter_mut()
+            .zip(&feeds)
+            .enumerate()
+            .filter(|(s, _)| active.contains(s))
+            .map(|(_, (cache, feed))| SeqChunk { tokens: feed, cache })
+            .collect();
+        let logits = model.forward(&mut chunks).unwrap().to_vec2::<f32>().unwrap();
+        for (&s, row) in active.iter().zip(logits) {
+            let next = argmax(&row);
+            out[s].0.push(row);
+            out[s].1.push(next);
+            feeds[s] = vec![next];
+        }
+    }
+    out
 }
 
 /// `a` and `b` pick the same greedy tokens for the first `steps` tokens of

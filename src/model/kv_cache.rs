@@ -1,18 +1,22 @@
 //! One sequence's keys and values, per layer, growing in place.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
 
 use super::host_attention::{HostKv, KvPrecision};
+use super::kv_pages::{KvPool, SeqPages};
 
 /// Keys and values of one sequence: per layer a (kv_heads, capacity, head_dim)
 /// buffer of which the first `len` positions are filled. Capacity doubles when
 /// full, so appending costs amortised O(1) copies per token. The buffers are
 /// tensors (any device, any dtype) or, for f32 on the CPU, plain vectors (f32
-/// or f16) that `host_attention` reads in place; a sequence uses one kind
-/// throughout.
+/// or f16) that `host_attention` reads in place, or pages of a pool that all
+/// sequences share (`kv_pages`); a sequence uses one kind throughout.
 pub struct SeqKvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     host: Vec<HostKv>,
+    pages: Option<SeqPages>,
     len: usize,
     capacity: usize,
 }
@@ -26,7 +30,26 @@ impl SeqKvCache {
 
     /// A cache whose CPU buffers keep keys and values in `precision`.
     pub fn with_precision(n_layer: usize, precision: KvPrecision) -> Self {
-        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), host: (0..n_layer).map(|_| HostKv::new(precision)).collect(), len: 0, capacity: 0 }
+        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), host: (0..n_layer).map(|_| HostKv::new(precision)).collect(), pages: None, len: 0, capacity: 0 }
+    }
+
+    /// A cache whose positions live in pages of `pool`.
+    pub fn in_pool(pool: Arc<KvPool>) -> Self {
+        SeqKvCache { layers: Vec::new(), host: Vec::new(), pages: Some(SeqPages::new(pool)), len: 0, capacity: 0 }
+    }
+
+    /// The sequence's pages, when its cache is in a pool.
+    pub fn pages(&self) -> Option<&SeqPages> {
+        self.pages.as_ref()
+    }
+
+    pub fn pages_mut(&mut self) -> Option<&mut SeqPages> {
+        self.pages.as_mut()
+    }
+
+    /// A pooled cache's `len` after a step wrote `new` positions in every layer.
+    pub fn advance(&mut self, new: usize) {
+        self.len += new;
     }
 
     /// Positions already cached (the position of the next token).
@@ -46,6 +69,7 @@ impl SeqKvCache {
             .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
             .sum::<u64>()
             + self.host.iter().map(HostKv::bytes).sum::<u64>()
+            + self.pages.as_ref().map_or(0, |p| p.page_count() as u64 * p.pool().page_bytes())
     }
 
     /// The host path's `append`: store `keys` and `values` (new × kv_heads·head_dim

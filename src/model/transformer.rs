@@ -13,7 +13,9 @@ use candle_nn::{Embedding, Module, RmsNorm};
 use super::config::TransformerConfig;
 use super::host_attention::{self, Heads, KvPrecision, StepSeqs};
 use super::kv_cache::SeqKvCache;
+use super::kv_pages::KvPool;
 use super::linear::Linear;
+use super::paged_attention::{attend_causal, PagedStep};
 use super::quant::{QuantMatrix, QuantizedRows};
 use super::row_ops;
 
@@ -104,7 +106,14 @@ pub struct Transformer {
     host_norms: Option<HostNorms>,
     /// The host path's buffers, kept from step to step.
     host_buffers: std::sync::Mutex<HostBuffers>,
+    /// Every sequence's keys and values on the tensor path (`kv_pages`);
+    /// `None` on the host path, or with per-sequence caches.
+    kv_pool: Option<Arc<KvPool>>,
 }
+
+/// Set, this keeps the tensor path's older layout, one cache tensor per
+/// sequence and attention per sequence, to measure against the pool.
+pub const PER_SEQUENCE_KV_VAR: &str = "TERSE_PER_SEQUENCE_KV";
 
 /// What a step on the host writes between its inputs and its logits, kept
 /// from one step to the next: once the buffers are as large as a step needs,
@@ -185,7 +194,37 @@ impl Transformer {
         } else {
             None
         };
-        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32, host_norms, host_buffers: Default::default() })
+        let mut model = Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32, host_norms, host_buffers: Default::default(), kv_pool: None };
+        model.set_pooled_kv(std::env::var_os(PER_SEQUENCE_KV_VAR).is_none())?;
+        Ok(model)
+    }
+
+    /// Keep the tensor path's KV cache in one pool of pages for all sequences
+    /// (`true`, the default) or in a tensor per sequence. The host path keeps
+    /// its own buffers either way. Caches made before the change must not be
+    /// used after it.
+    pub fn set_pooled_kv(&mut self, pooled: bool) -> Result<()> {
+        self.kv_pool = if pooled && !self.runs_on_host() {
+            let cfg = &self.config;
+            Some(KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, self.dtype, &self.device)?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Run every step on tensors, as on a GPU, even where the host path
+    /// would run (f32 on the CPU): to check the GPU's computation on a CPU.
+    /// The KV cache becomes the pool (or per-sequence tensors, with
+    /// `TERSE_PER_SEQUENCE_KV`); caches made before must not be used after.
+    pub fn use_tensor_path(&mut self) -> Result<()> {
+        self.host_norms = None;
+        self.set_pooled_kv(std::env::var_os(PER_SEQUENCE_KV_VAR).is_none())
+    }
+
+    /// Whether the KV cache is the shared pool.
+    pub fn pooled_kv(&self) -> bool {
+        self.kv_pool.is_some()
     }
 
     pub fn device(&self) -> &Device {
@@ -208,7 +247,10 @@ impl Transformer {
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self) -> SeqKvCache {
-        SeqKvCache::with_precision(self.config.n_layer, self.kv_precision)
+        match &self.kv_pool {
+            Some(pool) => SeqKvCache::in_pool(pool.clone()),
+            None => SeqKvCache::with_precision(self.config.n_layer, self.kv_precision),
+        }
     }
 
     /// Whether the pass runs on rows and attention on `host_attention` (f32
@@ -254,15 +296,30 @@ impl Transformer {
         }
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let starts: Vec<usize> = chunks.iter().map(|c| c.cache.len()).collect();
+        let paged = match &self.kv_pool {
+            Some(pool) => Some(PagedStep::new(pool, chunks, &self.config, &self.cos, &self.sin, self.dtype, &self.device)?),
+            None => None,
+        };
         let mut x = self.embedding.forward(&ids, &self.device)?; // (tokens, hidden)
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
-            let h = self.attention(layer, &block.attn, &h, chunks, &starts)?;
+            let h = match &paged {
+                Some(step) => {
+                    let [q, k, v] = Linear::forward_many(&[&block.attn.q, &block.attn.k, &block.attn.v], &h)?.try_into().expect("three layers, three outputs");
+                    block.attn.o.forward(&step.attend(layer, &self.config, &q, &k, &v)?)?
+                }
+                None => self.attention(layer, &block.attn, &h, chunks, &starts)?,
+            };
             x = (x + h)?;
             let h = block.ffn_norm.forward(&x)?;
             let [gate, up] = Linear::forward_many(&[&block.mlp.gate, &block.mlp.up], &h)?.try_into().expect("two layers, two outputs");
             let h = block.mlp.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + h)?;
+        }
+        if paged.is_some() {
+            for c in chunks.iter_mut() {
+                c.cache.advance(c.tokens.len());
+            }
         }
         // Only the last row of each chunk is needed for sampling.
         let mut last = Vec::with_capacity(chunks.len());
@@ -336,7 +393,7 @@ impl Transformer {
             let k_s = self.rope(&split(&k, nkv)?, start)?;
             let v_s = split(&v, nkv)?;
             let (keys, values) = chunk.cache.append(layer, &k_s, &v_s)?;
-            outputs.push(self.attend(&q_s, &keys, &values, start)?);
+            outputs.push(attend_causal(&q_s, &keys, &values, start, nkv, 1.0 / (hd as f64).sqrt())?);
             row += len;
         }
         let y = Tensor::cat(&outputs, 0)?; // (tokens, heads * hd)
@@ -388,30 +445,6 @@ impl Transformer {
         attn.o.forward_rows_into(&b.attended, tokens, &mut b.acts, &mut b.out)
     }
 
-    /// Scaled dot-product attention of one sequence's new queries (heads, len, hd)
-    /// over its cached keys and values (kv_heads, total, hd), causal.
-    fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (nh, len, hd) = q.dims3()?;
-        let nkv = cfg.n_kv_head;
-        let group = nh / nkv;
-        let total = start + len;
-        // Grouped-query attention without copying keys: the `group` query heads that
-        // share one KV head are stacked along the row axis.
-        let q = q.reshape((nkv, group * len, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?; // (nkv, group*len, total)
-        let scores = if len > 1 {
-            let mask = causal_mask(len, start, &self.device)?.to_dtype(self.dtype)?; // (len, total)
-            scores.reshape((nkv, group, len, total))?.broadcast_add(&mask)?.reshape((nkv, group * len, total))?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values.contiguous()?)?; // (nkv, group*len, hd)
-        out.reshape((nh, len, hd))?.transpose(0, 1)?.reshape((len, nh * hd))
-    }
-
     fn rope(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let len = x.dim(1)?;
         let cos = self.cos.narrow(0, start, len)?;
@@ -424,15 +457,6 @@ impl Transformer {
         };
         y.squeeze(0)
     }
-}
-
-/// 0 where query `i` (at position start + i) may see key `j`, -inf after it.
-fn causal_mask(len: usize, start: usize, device: &Device) -> Result<Tensor> {
-    let total = start + len;
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(mask, (len, total), device)
 }
 
 fn rope_tables(cfg: &TransformerConfig, device: &Device) -> Result<(Tensor, Tensor)> {

@@ -1,0 +1,167 @@
+//! Keys and values of every sequence in one pool of pages per layer, for the
+//! tensor path (GPUs, and non-f32 models on the CPU).
+//!
+//! With one cache tensor per sequence, attention has to run per sequence: a
+//! GPU then pays some fifteen kernel launches per sequence per layer, and a
+//! step of 64 sequences is launch-bound. With every sequence's positions in
+//! one pool, a step writes its new keys with one scatter per layer and a
+//! decode step gathers the whole batch's keys with one `index_select`, so its
+//! attention is a fixed handful of kernels whatever the batch.
+//!
+//! A pool row is one position of one sequence (kv_heads × head_dim values per
+//! layer); a sequence owns whole pages of `PAGE_POSITIONS` rows, so a chunk of
+//! consecutive positions is a few runs of consecutive rows. The pool
+//! grows by doubling when its pages run out; how many positions may be in use
+//! at once is the scheduler's KV budget, as before.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Positions per page: few enough that a sequence wastes little of its last
+/// page, many enough that the host's page lists stay short.
+pub const PAGE_POSITIONS: usize = 64;
+
+/// Pages to start with.
+const INITIAL_PAGES: usize = 16;
+
+/// Every layer's keys and values of every sequence, as (rows, kv_heads ×
+/// head_dim) tensors, and which pages are free.
+pub struct KvPool {
+    n_layer: usize,
+    /// kv_heads × head_dim: one row.
+    width: usize,
+    dtype: DType,
+    device: Device,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    /// Per layer (keys, values).
+    layers: Vec<(Tensor, Tensor)>,
+    pages: usize,
+    free: Vec<u32>,
+}
+
+impl KvPool {
+    pub fn new(n_layer: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Arc<KvPool>> {
+        let rows = INITIAL_PAGES * PAGE_POSITIONS;
+        let width = kv_heads * head_dim;
+        let zeros = || Tensor::zeros((rows, width), dtype, device);
+        let layers = (0..n_layer).map(|_| Ok((zeros()?, zeros()?))).collect::<Result<_>>()?;
+        let state = PoolState { layers, pages: INITIAL_PAGES, free: (0..INITIAL_PAGES as u32).rev().collect() };
+        Ok(Arc::new(KvPool { n_layer, width, dtype, device: device.clone(), state: Mutex::new(state) }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `count` free pages, growing the pool first when too few are free.
+    fn take_pages(&self, count: usize) -> Result<Vec<u32>> {
+        let mut state = self.state();
+        if state.free.len() < count {
+            let wanted = (state.pages * 2).max(state.pages + count - state.free.len());
+            self.grow(&mut state, wanted)?;
+        }
+        let at = state.free.len() - count;
+        // Ascending, so that a chunk's pages are often one run of rows: one
+        // copy to write, and a view instead of a gather to read.
+        let mut taken = state.free.split_off(at);
+        taken.sort_unstable();
+        Ok(taken)
+    }
+
+    /// Copy every layer into tensors of `pages` pages; the new pages are free.
+    fn grow(&self, state: &mut PoolState, pages: usize) -> Result<()> {
+        let rows = pages * PAGE_POSITIONS;
+        let grow = |old: &Tensor| -> Result<Tensor> {
+            let new = Tensor::zeros((rows, self.width), self.dtype, &self.device)?;
+            new.slice_set(old, 0, 0)?;
+            Ok(new)
+        };
+        for (keys, values) in state.layers.iter_mut() {
+            *keys = grow(keys)?;
+            *values = grow(values)?;
+        }
+        state.free.extend((state.pages as u32..pages as u32).rev());
+        state.pages = pages;
+        tracing::debug!(pages, "KV pool grown");
+        Ok(())
+    }
+
+    fn give_back(&self, pages: &mut Vec<u32>) {
+        self.state().free.append(pages);
+    }
+
+    /// `layer`'s (keys, values) tensors as they are now (cheap clones of the
+    /// storage handles; valid until the pool next grows, which happens only
+    /// between steps).
+    pub fn layer(&self, layer: usize) -> (Tensor, Tensor) {
+        self.state().layers[layer].clone()
+    }
+
+    /// Write rows of `keys` and `values` ((n, width), contiguous) of `layer` at
+    /// the pool rows in `rows` ((n, width) u32, each row's index repeated, as
+    /// `scatter_set` wants).
+    pub fn scatter(&self, layer: usize, rows: &Tensor, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let (pool_keys, pool_values) = self.layer(layer);
+        pool_keys.scatter_set(rows, keys, 0)?;
+        pool_values.scatter_set(rows, values, 0)
+    }
+
+    /// Write `keys` and `values` ((n, width), contiguous) of `layer` at pool
+    /// rows `first..first + n`: one copy each, where a scatter would loop.
+    pub fn write_run(&self, layer: usize, first: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let (pool_keys, pool_values) = self.layer(layer);
+        pool_keys.slice_set(keys, 0, first)?;
+        pool_values.slice_set(values, 0, first)
+    }
+
+    /// Bytes one page takes over all layers, keys and values.
+    pub fn page_bytes(&self) -> u64 {
+        (self.n_layer * 2 * PAGE_POSITIONS * self.width * self.dtype.size_in_bytes()) as u64
+    }
+}
+
+/// The pages one sequence owns in a pool, in position order; they go back
+/// to the pool when the sequence's cache is dropped.
+pub struct SeqPages {
+    pool: Arc<KvPool>,
+    pages: Vec<u32>,
+}
+
+impl SeqPages {
+    pub fn new(pool: Arc<KvPool>) -> SeqPages {
+        SeqPages { pool, pages: Vec::new() }
+    }
+
+    pub fn pool(&self) -> &Arc<KvPool> {
+        &self.pool
+    }
+
+    /// Own enough pages for `positions` positions.
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        let needed = positions.div_ceil(PAGE_POSITIONS);
+        if needed > self.pages.len() {
+            let more = self.pool.take_pages(needed - self.pages.len())?;
+            self.pages.extend(more);
+        }
+        Ok(())
+    }
+
+    /// The pool row that holds `position` (reserved before).
+    pub fn row(&self, position: usize) -> u32 {
+        self.pages[position / PAGE_POSITIONS] * PAGE_POSITIONS as u32 + (position % PAGE_POSITIONS) as u32
+    }
+
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+}
+
+impl Drop for SeqPages {
+    fn drop(&mut self) {
+        self.pool.give_back(&mut self.pages);
+    }
+}
