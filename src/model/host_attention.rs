@@ -274,7 +274,7 @@ impl super::kernel::Kernel {
         match self {
             // SAFETY: `detect` saw AVX2, FMA and F16C on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 if head_dim % 8 == 0 => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
+            Self::Avx2 { .. } if head_dim % 8 == 0 => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
             _ => {
                 let dots = keys.chunks_exact(head_dim).flat_map(|k| q.chunks_exact(head_dim).map(move |q| dot(q, k) * scale));
                 for (s, d) in scores.iter_mut().zip(dots) {
@@ -289,7 +289,7 @@ impl super::kernel::Kernel {
         match self {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 if head_dim % 8 == 0 => unsafe { avx2::weighted_values(probs, values, head_dim, out) },
+            Self::Avx2 { .. } if head_dim % 8 == 0 => unsafe { avx2::weighted_values(probs, values, head_dim, out) },
             _ => {
                 let group = out.len() / head_dim;
                 out.fill(0.0);

@@ -1,45 +1,39 @@
 //! Which instruction set the CPU kernels (quantized, 2:4 sparse, attention)
 //! run with, chosen at run time: one binary is fast where AVX2 exists (the
-//! quantized kernels faster still with AVX-512 VNNI, `vnni`) and still
-//! correct where it does not. Each kernel module adds its own methods.
+//! quantized kernels faster still with AVX-512 VNNI) and still correct where
+//! it does not. Each kernel module adds its own methods.
 //! `Value` is a stored number format the kernels widen to f32 (2:4 sparse
 //! values, the f16 KV cache).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
+    /// AVX2, FMA and F16C; with `vnni`, AVX-512 VNNI and VL too, which only
+    /// the quantized kernels use: on 256-bit vectors, `vpdpbusd` sums four
+    /// bytes' products into i32 in one instruction where AVX2 takes
+    /// `maddubs`, `madd` and an add. Their integer sums are exact either way,
+    /// so both give the same bits; every other kernel runs its AVX2 code
+    /// for both.
     #[cfg(target_arch = "x86_64")]
-    Avx2,
+    Avx2 { vnni: bool },
 }
 
 impl Kernel {
+    /// The best this CPU has, detected once. `TERSE_NO_VNNI=1` stops at
+    /// AVX2 (to compare the two in one binary).
     pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        // F16C (half-precision loads) comes with every AVX2 CPU.
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-            return Kernel::Avx2;
-        }
-        Kernel::Scalar
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            // F16C (half-precision loads) comes with every AVX2 CPU.
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+                let vnni = std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") && std::env::var_os("TERSE_NO_VNNI").is_none();
+                return Kernel::Avx2 { vnni };
+            }
+            Kernel::Scalar
+        })
     }
 }
-
-/// Whether the quantized kernels may use AVX-512 VNNI on 256-bit vectors
-/// (`vpdpbusd`: bytes times bytes, summed four at a time into i32, in one
-/// instruction where AVX2 takes `maddubs`, `madd` and an add). Their integer
-/// sums are exact either way, so the results are the same bits. Detected
-/// once; `TERSE_NO_VNNI=1` turns it off (to compare the two in one binary).
-#[cfg(target_arch = "x86_64")]
-pub fn vnni() -> bool {
-    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let detected = *DETECTED.get_or_init(|| {
-        std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") && std::env::var_os("TERSE_NO_VNNI").is_none()
-    });
-    detected && !AVX2_ONLY.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Tests set this to run the AVX2 kernels on a CPU that has VNNI.
-#[cfg(target_arch = "x86_64")]
-pub(crate) static AVX2_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A stored value type: read as f32, one at a time or eight at a time.
 pub trait Value: Copy + Send + Sync {

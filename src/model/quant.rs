@@ -257,7 +257,7 @@ fn quantize_block(kernel: Kernel, block: &[f32], q: &mut [i8]) -> (f32, i32) {
     match kernel {
         // SAFETY: `Kernel::detect` saw AVX2; both slices hold 32 values (asserted).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe {
+        Kernel::Avx2 { .. } => unsafe {
             let (d, inverse) = scale(amax_avx2(block));
             (d, quantize_avx2(block, inverse, q))
         },
@@ -645,9 +645,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni_kernels_give_the_avx2_bits() {
-        use crate::model::kernel::{vnni, AVX2_ONLY};
-        use std::sync::atomic::Ordering;
-        if !vnni() {
+        if Kernel::detect() != (Kernel::Avx2 { vnni: true }) {
             eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernels run here");
             return;
         }
@@ -656,11 +654,7 @@ mod tests {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             let xs = random(&mut rng, 13 * cols);
             let with_vnni = m.matmul_t(&xs, 13);
-            // Other tests running meanwhile take the AVX2 kernels too: the
-            // same bits, if this test passes.
-            AVX2_ONLY.store(true, Ordering::Relaxed);
-            let avx2 = m.matmul_t(&xs, 13);
-            AVX2_ONLY.store(false, Ordering::Relaxed);
+            let avx2 = QuantMatrix { kernel: Kernel::Avx2 { vnni: false }, ..m }.matmul_t(&xs, 13);
             assert_eq!(with_vnni, avx2, "{dtype:?}");
         }
     }

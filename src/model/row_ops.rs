@@ -76,7 +76,7 @@ fn silu_times_here(gate: &mut [f32], up: &[f32]) {
     let done = match Kernel::detect() {
         // SAFETY: `detect` saw AVX2 and FMA; the lengths are equal (asserted).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { avx2::silu_times(gate, up) },
+        Kernel::Avx2 { .. } => unsafe { avx2::silu_times(gate, up) },
         _ => 0,
     };
     for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
@@ -89,7 +89,7 @@ pub fn exp_in_place(xs: &mut [f32]) {
     let done = match Kernel::detect() {
         // SAFETY: `detect` saw AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { avx2::exp_in_place(xs) },
+        Kernel::Avx2 { .. } => unsafe { avx2::exp_in_place(xs) },
         _ => 0,
     };
     for x in &mut xs[done..] {

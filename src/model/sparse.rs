@@ -208,7 +208,7 @@ impl Kernel {
             }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: detect() saw AVX2 and FMA on this CPU; the slice lengths are checked above.
-            Kernel::Avx2 => unsafe { avx2::row_dots(vals, pos, xs, cols, out) },
+            Kernel::Avx2 { .. } => unsafe { avx2::row_dots(vals, pos, xs, cols, out) },
         }
     }
 }

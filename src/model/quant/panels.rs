@@ -146,10 +146,10 @@ impl Panels {
         assert!((g + 1) * self.nb * ROWS <= self.scales.len(), "group past the matrix");
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
-            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and `vnni` AVX-512
-            // VNNI and VL); the lengths are checked above.
+            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
+            // AVX-512 VNNI and VL); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 if crate::model::kernel::vnni() => unsafe {
+            super::Kernel::Avx2 { vnni: true } => unsafe {
                 match self.format {
                     BlockFormat::Q4_1 => vnni::group_q4_1(self, g, xs),
                     BlockFormat::Q5_0 => vnni::group_q5_0(self, g, xs),
@@ -157,7 +157,7 @@ impl Panels {
                 }
             },
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 => unsafe {
+            super::Kernel::Avx2 { vnni: false } => unsafe {
                 match self.format {
                     BlockFormat::Q4_1 => avx2::group_q4_1(self, g, xs),
                     BlockFormat::Q5_0 => avx2::group_q5_0(self, g, xs),

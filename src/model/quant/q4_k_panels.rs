@@ -128,12 +128,12 @@ impl Q4KPanels {
         assert!((g + 1) * nb * ROWS <= self.d.len(), "group past the matrix");
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
-            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and `vnni` AVX-512
-            // VNNI and VL); the lengths are checked above.
+            // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
+            // AVX-512 VNNI and VL); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 if crate::model::kernel::vnni() => unsafe { vnni::group_times(self, g, xs) },
+            super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 => unsafe { avx2::group_times(self, g, xs) },
+            super::Kernel::Avx2 { vnni: false } => unsafe { avx2::group_times(self, g, xs) },
         }
     }
 

@@ -57,7 +57,7 @@ pub fn quantize(xs: &[f32], kernel: super::Kernel, out: SuperPart<'_>) {
         let max = match kernel {
             // SAFETY: `detect` saw AVX2; the block holds 256 values.
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 => {
+            super::Kernel::Avx2 { .. } => {
                 let amax = block.chunks_exact(super::QK).map(|b| unsafe { super::amax_avx2(b) }).fold(0f32, f32::max);
                 block.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
             }
@@ -82,7 +82,7 @@ pub fn quantize(xs: &[f32], kernel: super::Kernel, out: SuperPart<'_>) {
                 // on the 32-value blocks), and packing to bytes saturates
                 // as the clamp does.
                 #[cfg(target_arch = "x86_64")]
-                super::Kernel::Avx2 => {
+                super::Kernel::Avx2 { .. } => {
                     for (b, q) in block.chunks_exact(super::QK).zip(q.chunks_exact_mut(super::QK)) {
                         unsafe { super::quantize_avx2(b, iscale, q) };
                     }
@@ -98,7 +98,7 @@ pub fn quantize(xs: &[f32], kernel: super::Kernel, out: SuperPart<'_>) {
         let sums: [i16; 16] = match kernel {
             // SAFETY: as above; `q` holds 256 values.
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 => unsafe { avx2::sums_of_sixteen(q) },
+            super::Kernel::Avx2 { .. } => unsafe { avx2::sums_of_sixteen(q) },
             _ => std::array::from_fn(|j| q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum()),
         };
         for (to, pair) in out.sums32[8 * i..8 * i + 8].iter_mut().zip(sums.chunks_exact(2)) {
