@@ -34,9 +34,11 @@ pub struct Metrics {
     /// Sequences per forward step.
     pub batch_size: Histogram,
     /// Where an engine step's time goes, by phase: `forward` (the model's
-    /// pass; on a GPU, launching it, since the device runs on behind),
-    /// `pick` (choosing each sequence's next token; on a GPU this waits for
-    /// the device) and `deliver` (taking tokens in, streaming, retiring).
+    /// pass; on a GPU, planning and launching it, since the device runs on
+    /// behind), `pick` (choosing each sequence's next token; on a GPU this
+    /// waits for the device, unless no row is sampled in the step, when the
+    /// wait falls in the next step) and `deliver` (taking tokens in,
+    /// streaming, retiring).
     pub engine_step_seconds: HistogramVec,
     pub kv_cache_used_bytes: IntGauge,
     pub kv_cache_budget_bytes: IntGauge,

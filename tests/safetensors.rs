@@ -160,22 +160,27 @@ fn a_bf16_2_4_checkpoint_stores_bf16_values_and_matches_its_dense_computation() 
 /// values in one pool of pages and attends for all decoding sequences at
 /// once. Run on the CPU in f32, it computes what the host path computes, and
 /// what its older layout (a cache tensor and an attention per sequence)
-/// computes: three sequences of different lengths, past a page's 64
-/// positions, with a prefill joining decode steps part-way.
+/// computes, on a schedule that takes every branch of the pooled plan:
+/// prompts in chunks (one of 130 tokens, over pages and across steps), a
+/// sequence joining part-way ahead of the others in the step's order (steps
+/// that mix chunks and single tokens, outputs put back in order), and
+/// decoding sequences of lengths far enough apart to be attended in two groups.
 #[test]
 fn the_pooled_kv_cache_computes_what_the_host_path_computes() {
     let _copies = RemovesCopiesWhenLast;
     let (f32_dir, _, _) = dirs();
     let (mut model, _) = load_hf_dir(f32_dir, "smol-f32-pooled", SparseMode::Auto).unwrap();
     assert!(model.transformer.runs_on_host() && !model.transformer.pooled_kv());
-    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|t| prompt(&model, t)).collect();
-    let on_host = batched_greedy(&model.transformer, &prompts, 40);
+    let long: String = PROMPTS.iter().cycle().take(20).copied().collect::<Vec<_>>().join(" ");
+    let prompts: Vec<Vec<u32>> = [PROMPTS[0], &long, PROMPTS[2]].iter().map(|t| prompt(&model, t)).collect();
+    assert!(prompts[1].len() > 2 * PAGE && prompts[1].len() > 2 * (prompts[0].len() + 24), "the long prompt spans pages and outgrows the others");
+    let on_host = batched_greedy(&model.transformer, &prompts, 24);
     model.transformer.use_tensor_path().unwrap();
     model.transformer.set_pooled_kv(true).unwrap();
     assert!(!model.transformer.runs_on_host() && model.transformer.pooled_kv());
-    let pooled = batched_greedy(&model.transformer, &prompts, 40);
+    let pooled = batched_greedy(&model.transformer, &prompts, 24);
     model.transformer.set_pooled_kv(false).unwrap();
-    let apart = batched_greedy(&model.transformer, &prompts, 40);
+    let apart = batched_greedy(&model.transformer, &prompts, 24);
     for (name, other) in [("pooled", &pooled), ("per-sequence", &apart)] {
         for (seq, ((logits, tokens), (host_logits, host_tokens))) in other.iter().zip(&on_host).enumerate() {
             assert_eq!(tokens, host_tokens, "{name}, sequence {seq}");
@@ -187,32 +192,45 @@ fn the_pooled_kv_cache_computes_what_the_host_path_computes() {
     }
 }
 
-/// Greedy decoding of `prompts` in shared steps: the first two start
-/// together, the third's prompt joins at their third decode step (one step
-/// with a chunk and single tokens), and each then decodes `steps` tokens.
+/// Positions per page of the pooled KV cache.
+const PAGE: usize = 64;
+
+/// Greedy decoding of `prompts` in shared steps, as the scheduler runs them:
+/// prompts go in chunks of at most 48 tokens, sequence 0 joins at the third
+/// step (first in the step's order), and each sequence decodes `steps`
+/// tokens. Each sequence's logits once its prompt is in, and its tokens.
 fn batched_greedy(model: &Transformer, prompts: &[Vec<u32>], steps: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
+    const CHUNK: usize = 48;
     let mut caches: Vec<SeqKvCache> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut feeds: Vec<Vec<u32>> = prompts.to_vec();
+    let mut pending: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<(Vec<Vec<f32>>, Vec<u32>)> = prompts.iter().map(|_| Default::default()).collect();
     for step in 0.. {
-        let joined = if step < 3 { 2 } else { 3 };
-        let active: Vec<usize> = (0..joined).filter(|&s| out[s].1.len() < steps).collect();
+        let active: Vec<usize> = (0..prompts.len()).filter(|&s| (s != 0 || step >= 3) && out[s].1.len() < steps).collect();
         if active.is_empty() {
             break;
         }
+        let feeds: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&s| {
+                let n = pending[s].len().min(CHUNK);
+                pending[s].drain(..n).collect()
+            })
+            .collect();
         let mut chunks: Vec<SeqChunk> = caches
             .iter_mut()
-            .zip(&feeds)
             .enumerate()
             .filter(|(s, _)| active.contains(s))
-            .map(|(_, (cache, feed))| SeqChunk { tokens: feed, cache })
+            .zip(&feeds)
+            .map(|((_, cache), feed)| SeqChunk { tokens: feed, cache })
             .collect();
         let logits = model.forward(&mut chunks).unwrap().to_vec2::<f32>().unwrap();
         for (&s, row) in active.iter().zip(logits) {
-            let next = argmax(&row);
-            out[s].0.push(row);
-            out[s].1.push(next);
-            feeds[s] = vec![next];
+            if pending[s].is_empty() {
+                let next = argmax(&row);
+                out[s].0.push(row);
+                out[s].1.push(next);
+                pending[s] = vec![next];
+            }
         }
     }
     out

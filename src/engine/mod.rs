@@ -68,6 +68,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         let cap = gpu_kv_cap(transformer.device()).unwrap_or(DEFAULT_KV_BUDGET_CAP);
         (full_sequence * config.max_batch as u64).min(cap).max(full_sequence)
     });
+    transformer.set_kv_capacity(kv_budget_bytes, config.max_batch);
     tracing::info!(device = %info.device, kv_budget_bytes, "model loaded");
 
     metrics.kv_cache_budget_bytes.set(kv_budget_bytes as i64);

@@ -82,6 +82,9 @@ impl Scheduler {
         let mut host_logits: Vec<f32> = Vec::new();
         let mut reserved: u64 = 0;
         let mut open = true;
+        let phase_seconds = |name: &str| self.metrics.engine_step_seconds.with_label_values(&[name]);
+        let (forward_seconds, pick_seconds, deliver_seconds) = (phase_seconds("forward"), phase_seconds("pick"), phase_seconds("deliver"));
+        let took = |phase: &prometheus::Histogram, since: Instant| phase.observe(since.elapsed().as_secs_f64());
         loop {
             // 1. Take in submissions; sleep on the channel when there is nothing to do.
             if running.is_empty() && waiting.is_empty() {
@@ -185,7 +188,6 @@ impl Scheduler {
                 }
             }
             self.metrics.batch_size.observe(stepping.len() as f64);
-            let phase = |name: &str, since: Instant| self.metrics.engine_step_seconds.with_label_values(&[name]).observe(since.elapsed().as_secs_f64());
             let forward_started = Instant::now();
             let logits = {
                 let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(stepping.len());
@@ -205,7 +207,7 @@ impl Scheduler {
                     self.model.forward(&mut chunks).map(StepLogits::Device)
                 }
             };
-            phase("forward", forward_started);
+            took(&forward_seconds, forward_started);
             let pick_started = Instant::now();
             let choices = match logits.and_then(|logits| self.choose(&mut running, &stepping, logits)) {
                 Ok(c) => c,
@@ -220,7 +222,7 @@ impl Scheduler {
                 }
             };
 
-            phase("pick", pick_started);
+            took(&pick_seconds, pick_started);
 
             // 5. Take in the next token(s) of every sequence whose prompt is fully fed; stream; retire.
             let deliver_started = Instant::now();
@@ -255,7 +257,7 @@ impl Scheduler {
                 reserved -= seq.reserved_bytes;
                 self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
-            phase("deliver", deliver_started);
+            took(&deliver_seconds, deliver_started);
         }
         tracing::info!("engine thread stopped");
     }

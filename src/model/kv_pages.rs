@@ -8,11 +8,14 @@
 //! decode step gathers the whole batch's keys with one `index_select`, so its
 //! attention is a fixed handful of kernels whatever the batch.
 //!
+//! The pool is one per model and is used by one step at a time (the engine
+//! thread's): a step's tensors are valid until the next step grows the pool.
 //! A pool row is one position of one sequence (kv_heads × head_dim values per
 //! layer); a sequence owns whole pages of `PAGE_POSITIONS` rows, so a chunk of
 //! consecutive positions is a few runs of consecutive rows. The pool
-//! grows by doubling when its pages run out; how many positions may be in use
-//! at once is the scheduler's KV budget, as before.
+//! grows by doubling when its pages run out, up to the KV budget in pages
+//! (`set_capacity`) plus one page per sequence for rounding: how many
+//! positions may be in use at once is the scheduler's KV budget.
 
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +44,9 @@ struct PoolState {
     layers: Vec<(Tensor, Tensor)>,
     pages: usize,
     free: Vec<u32>,
+    /// Pages the pool grows to at most by doubling (more only when one step
+    /// needs more).
+    capacity: usize,
 }
 
 impl KvPool {
@@ -49,7 +55,7 @@ impl KvPool {
         let width = kv_heads * head_dim;
         let zeros = || Tensor::zeros((rows, width), dtype, device);
         let layers = (0..n_layer).map(|_| Ok((zeros()?, zeros()?))).collect::<Result<_>>()?;
-        let state = PoolState { layers, pages: INITIAL_PAGES, free: (0..INITIAL_PAGES as u32).rev().collect() };
+        let state = PoolState { layers, pages: INITIAL_PAGES, free: (0..INITIAL_PAGES as u32).rev().collect(), capacity: usize::MAX };
         Ok(Arc::new(KvPool { n_layer, width, dtype, device: device.clone(), state: Mutex::new(state) }))
     }
 
@@ -57,11 +63,19 @@ impl KvPool {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Keep the pool within `budget_bytes` of keys and values, plus one
+    /// page per sequence of a `max_batch`: what the scheduler may reserve,
+    /// rounded up to pages.
+    pub fn set_capacity(&self, budget_bytes: u64, max_batch: usize) {
+        self.state().capacity = (budget_bytes / self.page_bytes()) as usize + max_batch;
+    }
+
     /// `count` free pages, growing the pool first when too few are free.
     fn take_pages(&self, count: usize) -> Result<Vec<u32>> {
         let mut state = self.state();
         if state.free.len() < count {
-            let wanted = (state.pages * 2).max(state.pages + count - state.free.len());
+            let needed = state.pages + count - state.free.len();
+            let wanted = (state.pages * 2).min(state.capacity).max(needed);
             self.grow(&mut state, wanted)?;
         }
         let at = state.free.len() - count;
@@ -73,16 +87,21 @@ impl KvPool {
     }
 
     /// Copy every layer into tensors of `pages` pages; the new pages are free.
+    /// A grow that fails part-way (out of memory) leaves the pool as it was
+    /// in pages: the layers already grown stay larger, and are skipped next time.
     fn grow(&self, state: &mut PoolState, pages: usize) -> Result<()> {
         let rows = pages * PAGE_POSITIONS;
-        let grow = |old: &Tensor| -> Result<Tensor> {
-            let new = Tensor::zeros((rows, self.width), self.dtype, &self.device)?;
-            new.slice_set(old, 0, 0)?;
-            Ok(new)
+        let grow = |old: &mut Tensor| -> Result<()> {
+            if old.dim(0)? < rows {
+                let new = Tensor::zeros((rows, self.width), self.dtype, &self.device)?;
+                new.slice_set(old, 0, 0)?;
+                *old = new;
+            }
+            Ok(())
         };
         for (keys, values) in state.layers.iter_mut() {
-            *keys = grow(keys)?;
-            *values = grow(values)?;
+            grow(keys)?;
+            grow(values)?;
         }
         state.free.extend((state.pages as u32..pages as u32).rev());
         state.pages = pages;
@@ -95,8 +114,8 @@ impl KvPool {
     }
 
     /// `layer`'s (keys, values) tensors as they are now (cheap clones of the
-    /// storage handles; valid until the pool next grows, which happens only
-    /// between steps).
+    /// storage handles; valid until the pool next grows, at the start of a
+    /// later step).
     pub fn layer(&self, layer: usize) -> (Tensor, Tensor) {
         self.state().layers[layer].clone()
     }
@@ -163,5 +182,56 @@ impl SeqPages {
 impl Drop for SeqPages {
     fn drop(&mut self) {
         self.pool.give_back(&mut self.pages);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row's values: its pool row number, `width` times.
+    fn rows_of(first: usize, count: usize, width: usize) -> Tensor {
+        let values: Vec<f32> = (first..first + count).flat_map(|r| std::iter::repeat_n(r as f32, width)).collect();
+        Tensor::from_vec(values, (count, width), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn pages_come_in_ascending_runs_survive_growth_and_go_back_on_drop() {
+        let (layers, width) = (2, 4);
+        let pool = KvPool::new(layers, 1, width, DType::F32, &Device::Cpu).unwrap();
+        let mut first = SeqPages::new(pool.clone());
+        first.reserve(3 * PAGE_POSITIONS).unwrap();
+        let start = first.row(0) as usize;
+        assert!((0..3 * PAGE_POSITIONS).all(|p| first.row(p) as usize == start + p), "one run of rows");
+        for layer in 0..layers {
+            let written = rows_of(start, 3 * PAGE_POSITIONS, width);
+            pool.write_run(layer, start, &written, &(&written * -1.0).unwrap()).unwrap();
+        }
+        // More pages than the pool holds: it grows, and the rows written stay.
+        let mut second = SeqPages::new(pool.clone());
+        second.reserve(40 * PAGE_POSITIONS).unwrap();
+        assert!(pool.state().pages >= 43);
+        for layer in 0..layers {
+            let (keys, values) = pool.layer(layer);
+            let want = rows_of(start, 3 * PAGE_POSITIONS, width).to_vec2::<f32>().unwrap();
+            assert_eq!(keys.narrow(0, start, 3 * PAGE_POSITIONS).unwrap().to_vec2::<f32>().unwrap(), want);
+            let negated: Vec<Vec<f32>> = want.iter().map(|r| r.iter().map(|v| -v).collect()).collect();
+            assert_eq!(values.narrow(0, start, 3 * PAGE_POSITIONS).unwrap().to_vec2::<f32>().unwrap(), negated);
+        }
+        let free_before = pool.state().free.len();
+        drop(second);
+        assert_eq!(pool.state().free.len(), free_before + 40, "a dropped sequence's pages are free again");
+    }
+
+    #[test]
+    fn growth_stops_doubling_at_the_capacity() {
+        let pool = KvPool::new(1, 1, 4, DType::F32, &Device::Cpu).unwrap();
+        pool.set_capacity(20 * pool.page_bytes(), 2);
+        let mut seq = SeqPages::new(pool.clone());
+        seq.reserve(17 * PAGE_POSITIONS).unwrap();
+        assert_eq!(pool.state().pages, 22, "doubling 16 would pass 20 budgeted pages + 2");
+        // A step that needs more than the capacity still gets its pages.
+        seq.reserve(30 * PAGE_POSITIONS).unwrap();
+        assert_eq!(pool.state().pages, 30);
     }
 }

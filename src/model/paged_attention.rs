@@ -5,10 +5,13 @@
 //! then every layer runs the same few kernels:
 //! - rotate all the step's queries and keys at once (each row at its own
 //!   position), and write the keys and values into the pool: one scatter for
-//!   the single new positions, one copy per page for a prefill chunk's;
+//!   the single new positions, one copy per run of consecutive pages for a
+//!   prefill chunk's;
 //! - the sequences that decode one token: gather their cached positions
 //!   (padded to the longest, the padding masked), and attend in batched
-//!   matrix products, one kernel each for the whole batch;
+//!   matrix products, one kernel each for the whole group. Sequences less
+//!   than half as long as the longest form groups of their own, so that a
+//!   long one does not make every short one pay for its length;
 //! - the sequences that prefill a chunk: gather their positions, and attend
 //!   causally, one sequence at a time.
 //!
@@ -26,26 +29,26 @@ use super::transformer::SeqChunk;
 
 /// Pool rows to read: one run of consecutive rows (a view of the pool), or
 /// a list (a gather).
-enum Rows {
+enum PoolRows {
     Run { first: usize, count: usize },
     Listed(Tensor),
 }
 
-impl Rows {
-    fn new(rows: &[u32], device: &Device) -> Result<Rows> {
+impl PoolRows {
+    fn new(rows: &[u32], device: &Device) -> Result<PoolRows> {
         let first = rows.first().copied().unwrap_or(0);
         if rows.iter().enumerate().all(|(i, &r)| r == first + i as u32) {
-            Ok(Rows::Run { first: first as usize, count: rows.len() })
+            Ok(PoolRows::Run { first: first as usize, count: rows.len() })
         } else {
-            Ok(Rows::Listed(Tensor::new(rows, device)?))
+            Ok(PoolRows::Listed(Tensor::new(rows, device)?))
         }
     }
 
     /// These rows of `pool` ((rows, width) -> (count, width)).
     fn of(&self, pool: &Tensor) -> Result<Tensor> {
         match self {
-            Rows::Run { first, count } => pool.narrow(0, *first, *count),
-            Rows::Listed(rows) => pool.index_select(rows, 0),
+            PoolRows::Run { first, count } => pool.narrow(0, *first, *count),
+            PoolRows::Listed(rows) => pool.index_select(rows, 0),
         }
     }
 }
@@ -59,14 +62,15 @@ pub struct PagedStep {
     sin: Tensor,
     cos_q: Tensor,
     sin_q: Tensor,
-    decode: Option<DecodeGroup>,
+    decode: Vec<DecodeGroup>,
     prefills: Vec<Prefill>,
-    /// Step rows in the order of [decode group, prefills...], to put the
-    /// outputs back in step order; `None` when they already are.
-    order: Option<Tensor>,
+    /// For each step row, its row among the outputs (the decode groups'
+    /// rows, then each prefill's), to put them back in step order; `None`
+    /// when they are in step order already.
+    restore: Option<Tensor>,
 }
 
-/// The sequences of the step that decode one token each.
+/// Sequences of the step that decode one token each, attended together.
 struct DecodeGroup {
     count: usize,
     /// The longest one's positions, new one included.
@@ -75,50 +79,45 @@ struct DecodeGroup {
     /// row, for `scatter_set`.
     write_rows: Tensor,
     /// (count × span) pool rows; a shorter sequence's padding repeats its first row.
-    gather: Rows,
+    pool_rows: PoolRows,
     /// (count, 1, span): 0 on a sequence's positions, -inf on its padding;
     /// `None` when no sequence is padded.
     mask: Option<Tensor>,
-    /// Their rows among the step's rows; `None` when they are all of them.
-    rows: Option<Tensor>,
+    /// Their rows among the step's rows; `None` when they are all of them, in order.
+    step_rows: Option<Tensor>,
 }
 
 /// A sequence of the step that runs a chunk of several tokens.
 struct Prefill {
     /// Its first row among the step's rows, and its token count.
-    row: usize,
+    first_step_row: usize,
     len: usize,
     /// Position of its first new token.
     start: usize,
     /// Pool rows of positions 0..start + len.
-    gather: Rows,
-    /// Where its new rows go: (first step row, count, first pool row), one
-    /// run per page it touches.
-    runs: Vec<(usize, usize, usize)>,
+    pool_rows: PoolRows,
+    /// Where its new rows go, one run per stretch of consecutive pool rows.
+    runs: Vec<Run>,
 }
 
-impl Prefill {
-    /// A chunk of `len` tokens at step row `row` and positions `start..`;
-    /// `gather` holds the pool rows of positions 0..start + len.
-    fn new(row: usize, start: usize, len: usize, gather: &[u32], device: &Device) -> Result<Prefill> {
-        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-        for p in start..start + len {
-            match runs.last_mut() {
-                Some((_, n, first)) if *first + *n == gather[p] as usize => *n += 1,
-                _ => runs.push((row + p - start, 1, gather[p] as usize)),
-            }
-        }
-        Ok(Prefill { row, len, start, gather: Rows::new(gather, device)?, runs })
-    }
+/// `count` step rows from `step_row` on, written at pool rows from `pool_row` on.
+struct Run {
+    step_row: usize,
+    count: usize,
+    pool_row: usize,
 }
+
+/// A decoding sequence while the plan is built: its step row and the pool
+/// rows of all its positions, the new one last.
+type Decoding = (usize, Vec<u32>);
 
 impl PagedStep {
     /// Reserve the pages the step's new positions need, and build its plan.
     pub fn new(pool: &Arc<KvPool>, chunks: &mut [SeqChunk<'_>], cfg: &TransformerConfig, cos: &Tensor, sin: &Tensor, dtype: DType, device: &Device) -> Result<PagedStep> {
         let (width, head_dim) = (cfg.n_kv_head * cfg.head_dim, cfg.head_dim);
         let mut positions = Vec::new();
-        let (mut decode_seqs, mut prefills) = (Vec::new(), Vec::new());
-        let mut row = 0;
+        let (mut decoding, mut prefills): (Vec<Decoding>, Vec<Prefill>) = (Vec::new(), Vec::new());
+        let mut step_row = 0;
         for chunk in chunks.iter_mut() {
             let (start, len) = (chunk.cache.len(), chunk.tokens.len());
             if start + len > cfg.context_length {
@@ -130,36 +129,34 @@ impl PagedStep {
             };
             pages.reserve(start + len)?;
             positions.extend((start..start + len).map(|p| p as u32));
-            let gather: Vec<u32> = (0..start + len).map(|p| pages.row(p)).collect();
+            let pool_rows: Vec<u32> = (0..start + len).map(|p| pages.row(p)).collect();
             if len == 1 {
-                decode_seqs.push((row, gather));
+                decoding.push((step_row, pool_rows));
             } else {
-                prefills.push(Prefill::new(row, start, len, &gather, device)?);
+                prefills.push(Prefill::new(step_row, start, len, &pool_rows, device)?);
             }
-            row += len;
+            step_row += len;
         }
-        let tokens = row;
+        let tokens = step_row;
         let positions = Tensor::new(positions.as_slice(), device)?;
         let rotary = |table: &Tensor| table.index_select(&positions, 0)?.reshape((tokens, 1, head_dim / 2));
         let (cos, sin) = (rotary(cos)?, rotary(sin)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
 
-        let decode = if decode_seqs.is_empty() { None } else { Some(DecodeGroup::new(&decode_seqs, tokens, width, dtype, device)?) };
-        // Step rows in output order: the decode group's, then each prefill's.
-        let order: Vec<u32> = decode_seqs.iter().map(|(r, _)| *r as u32).chain(prefills.iter().flat_map(|p| p.row as u32..(p.row + p.len) as u32)).collect();
-        let in_order = order.iter().enumerate().all(|(i, &r)| i == r as usize);
-        let order = if in_order {
-            None
-        } else {
-            // Its inverse puts the outputs back in step order.
-            let mut inverse = vec![0u32; tokens];
-            for (i, &r) in order.iter().enumerate() {
-                inverse[r as usize] = i as u32;
-            }
-            Some(Tensor::new(inverse.as_slice(), device)?)
+        let groups = group_by_span(decoding);
+        let in_step_order = groups.len() == 1 && prefills.is_empty();
+        let decode = groups.iter().map(|g| DecodeGroup::new(g, in_step_order, width, dtype, device)).collect::<Result<Vec<_>>>()?;
+        let output_order: Vec<usize> = groups
+            .iter()
+            .flat_map(|g| g.iter().map(|(r, _)| *r))
+            .chain(prefills.iter().flat_map(|p| p.first_step_row..p.first_step_row + p.len))
+            .collect();
+        let restore = match inverse_permutation(&output_order) {
+            Some(inverse) => Some(Tensor::new(inverse.as_slice(), device)?),
+            None => None,
         };
-        Ok(PagedStep { pool: pool.clone(), cos, sin, cos_q, sin_q, decode, prefills, order })
+        Ok(PagedStep { pool: pool.clone(), cos, sin, cos_q, sin_q, decode, prefills, restore })
     }
 
     /// One layer's attention: `q`, `k`, `v` are (tokens, heads × head_dim)
@@ -174,76 +171,129 @@ impl PagedStep {
         };
         let q = rotate(q, nh, &self.cos_q, &self.sin_q)?; // scaled
         let (k, v) = (rotate(k, nkv, &self.cos, &self.sin)?, v.contiguous()?);
-        let pool = &self.pool;
-        if let Some(group) = &self.decode {
-            match &group.rows {
-                Some(rows) => pool.scatter(layer, &group.write_rows, &k.index_select(rows, 0)?, &v.index_select(rows, 0)?)?,
-                None => pool.scatter(layer, &group.write_rows, &k, &v)?,
-            }
-        }
-        for p in &self.prefills {
-            for &(row, n, first) in &p.runs {
-                pool.write_run(layer, first, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?;
-            }
-        }
-        let (keys, values) = pool.layer(layer);
+        self.write(layer, &k, &v)?;
+        let (keys, values) = self.pool.layer(layer);
 
-        let mut outputs = Vec::with_capacity(1 + self.prefills.len());
-        if let Some(group) = &self.decode {
-            let q = match &group.rows {
+        let mut outputs = Vec::with_capacity(self.decode.len() + self.prefills.len());
+        for group in &self.decode {
+            let q = match &group.step_rows {
                 Some(rows) => q.index_select(rows, 0)?,
                 None => q.clone(),
             };
             outputs.push(group.attend(&q, &keys, &values, cfg)?);
         }
         for p in &self.prefills {
-            let q = q.narrow(0, p.row, p.len)?.reshape((p.len, nh, hd))?.transpose(0, 1)?.contiguous()?;
-            let by_head = |pool: &Tensor| p.gather.of(pool)?.reshape((p.start + p.len, nkv, hd))?.transpose(0, 1)?.contiguous();
-            outputs.push(attend_causal(&q, &by_head(&keys)?, &by_head(&values)?, p.start, nkv, 1.0)?);
+            let q = q.narrow(0, p.first_step_row, p.len)?.reshape((p.len, nh, hd))?.transpose(0, 1)?.contiguous()?;
+            let by_head = |pool: &Tensor| p.pool_rows.of(pool)?.reshape((p.start + p.len, nkv, hd))?.transpose(0, 1)?.contiguous();
+            outputs.push(attend_causal(&q, &by_head(&keys)?, &by_head(&values)?, p.start, nkv, None)?);
         }
         let y = if outputs.len() == 1 { outputs.pop().expect("one output") } else { Tensor::cat(&outputs, 0)? };
-        match &self.order {
-            Some(order) => y.index_select(order, 0),
+        match &self.restore {
+            Some(restore) => y.index_select(restore, 0),
             None => Ok(y),
         }
+    }
+
+    /// The step's rotated keys and its values ((tokens, width)) into the pool.
+    fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        for group in &self.decode {
+            match &group.step_rows {
+                Some(rows) => self.pool.scatter(layer, &group.write_rows, &k.index_select(rows, 0)?, &v.index_select(rows, 0)?)?,
+                None => self.pool.scatter(layer, &group.write_rows, k, v)?,
+            }
+        }
+        for run in self.prefills.iter().flat_map(|p| &p.runs) {
+            self.pool.write_run(layer, run.pool_row, &k.narrow(0, run.step_row, run.count)?, &v.narrow(0, run.step_row, run.count)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Decoding sequences in groups of like length: longest first, a new group
+/// wherever a sequence is less than half as long as its group's first, so
+/// padding at most doubles what a group reads. One group, in step order,
+/// when the lengths allow.
+fn group_by_span(mut decoding: Vec<Decoding>) -> Vec<Vec<Decoding>> {
+    let longest = decoding.iter().map(|(_, rows)| rows.len()).max().unwrap_or(0);
+    if decoding.iter().all(|(_, rows)| 2 * rows.len() >= longest) {
+        return if decoding.is_empty() { Vec::new() } else { vec![decoding] };
+    }
+    decoding.sort_by_key(|(_, rows)| std::cmp::Reverse(rows.len()));
+    let mut groups: Vec<Vec<Decoding>> = Vec::new();
+    for seq in decoding {
+        match groups.last_mut() {
+            Some(group) if 2 * seq.1.len() >= group[0].1.len() => group.push(seq),
+            _ => groups.push(vec![seq]),
+        }
+    }
+    groups
+}
+
+/// For `order` (a permutation of 0..n: the step row of each output row), each
+/// step row's output row; `None` when `order` is the identity.
+fn inverse_permutation(order: &[usize]) -> Option<Vec<u32>> {
+    if order.iter().enumerate().all(|(i, &r)| i == r) {
+        return None;
+    }
+    let mut inverse = vec![0u32; order.len()];
+    for (i, &r) in order.iter().enumerate() {
+        inverse[r] = i as u32;
+    }
+    Some(inverse)
+}
+
+impl Prefill {
+    /// A chunk of `len` tokens at step row `first_step_row` and positions
+    /// `start..`; `pool_rows` holds the pool rows of positions 0..start + len.
+    fn new(first_step_row: usize, start: usize, len: usize, pool_rows: &[u32], device: &Device) -> Result<Prefill> {
+        let mut runs: Vec<Run> = Vec::new();
+        for p in start..start + len {
+            let pool_row = pool_rows[p] as usize;
+            match runs.last_mut() {
+                Some(run) if run.pool_row + run.count == pool_row => run.count += 1,
+                _ => runs.push(Run { step_row: first_step_row + p - start, count: 1, pool_row }),
+            }
+        }
+        Ok(Prefill { first_step_row, len, start, pool_rows: PoolRows::new(pool_rows, device)?, runs })
     }
 }
 
 impl DecodeGroup {
-    /// `seqs`: each decoding sequence's step row and the pool rows of all
-    /// its positions, the new one last.
-    fn new(seqs: &[(usize, Vec<u32>)], tokens: usize, width: usize, dtype: DType, device: &Device) -> Result<DecodeGroup> {
+    /// `seqs` in the order they are attended; `in_step_order` when they are
+    /// the step's only rows, in its order.
+    fn new(seqs: &[Decoding], in_step_order: bool, width: usize, dtype: DType, device: &Device) -> Result<DecodeGroup> {
         let count = seqs.len();
         let span = seqs.iter().map(|(_, g)| g.len()).max().unwrap_or(1);
-        let (mut gather, mut mask, mut write_rows) = (Vec::with_capacity(count * span), Vec::with_capacity(count * span), Vec::with_capacity(count * width));
+        let (mut pool_rows, mut mask, mut write_rows) = (Vec::with_capacity(count * span), Vec::with_capacity(count * span), Vec::with_capacity(count * width));
         for (_, g) in seqs {
-            gather.extend_from_slice(g);
-            gather.extend(std::iter::repeat_n(g[0], span - g.len()));
+            pool_rows.extend_from_slice(g);
+            pool_rows.extend(std::iter::repeat_n(g[0], span - g.len()));
             mask.extend(std::iter::repeat_n(0f32, g.len()));
             mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, span - g.len()));
             write_rows.extend(std::iter::repeat_n(g[g.len() - 1], width));
         }
         let padded = seqs.iter().any(|(_, g)| g.len() < span);
-        let rows: Vec<u32> = seqs.iter().map(|(r, _)| *r as u32).collect();
+        let step_rows: Vec<u32> = seqs.iter().map(|(r, _)| *r as u32).collect();
         Ok(DecodeGroup {
             count,
             span,
             write_rows: Tensor::from_vec(write_rows, (count, width), device)?,
-            gather: Rows::new(&gather, device)?,
+            pool_rows: PoolRows::new(&pool_rows, device)?,
             mask: if padded { Some(Tensor::from_vec(mask, (count, 1, span), device)?.to_dtype(dtype)?) } else { None },
-            rows: if count == tokens { None } else { Some(Tensor::new(rows.as_slice(), device)?) },
+            step_rows: if in_step_order { None } else { Some(Tensor::new(step_rows.as_slice(), device)?) },
         })
     }
 
-    /// `q` (count, q_heads × head_dim), rotated and scaled, against the group's gathered
-    /// positions: every (sequence, KV head) pair is one entry of a batched
-    /// product whose rows are the query heads sharing that KV head.
+    /// `q` (count, q_heads × head_dim), rotated and scaled, against the
+    /// group's gathered positions: every (sequence, KV head) pair is one
+    /// entry of a batched product whose rows are the query heads sharing
+    /// that KV head.
     fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, cfg: &TransformerConfig) -> Result<Tensor> {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
         let (count, span, group) = (self.count, self.span, nh / nkv);
         let q = q.reshape((count * nkv, group, hd))?;
         // (count × span, kv_heads × hd) -> (count × kv_heads, span, hd)
-        let by_head = |pool: &Tensor| self.gather.of(pool)?.reshape((count, span, nkv, hd))?.transpose(1, 2)?.contiguous()?.reshape((count * nkv, span, hd));
+        let by_head = |pool: &Tensor| self.pool_rows.of(pool)?.reshape((count, span, nkv, hd))?.transpose(1, 2)?.contiguous()?.reshape((count * nkv, span, hd));
         let (keys, values) = (by_head(keys)?, by_head(values)?);
         let scores = q.matmul(&keys.t()?)?; // (count·nkv, group, span); `q` came scaled
         let scores = match &self.mask {
@@ -256,9 +306,9 @@ impl DecodeGroup {
 }
 
 /// Dot-product attention of one sequence's new queries (heads, len, hd),
-/// scaled by `scale` (1 when they come scaled), over its keys and values
-/// (kv_heads, total, hd), causal; returns (len, heads × hd).
-pub fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_heads: usize, scale: f64) -> Result<Tensor> {
+/// scaled by `scale` (`None` when they come scaled), over its keys and
+/// values (kv_heads, total, hd), causal; returns (len, heads × hd).
+pub fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_heads: usize, scale: Option<f64>) -> Result<Tensor> {
     let (nh, len, hd) = q.dims3()?;
     let group = nh / kv_heads;
     let total = start + len;
@@ -266,7 +316,10 @@ pub fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, k
     // share one KV head are stacked along the row axis.
     let q = q.reshape((kv_heads, group * len, hd))?;
     let scores = q.matmul(&keys.t()?)?; // (kv_heads, group*len, total)
-    let scores = if scale == 1.0 { scores } else { (scores * scale)? };
+    let scores = match scale {
+        Some(scale) => (scores * scale)?,
+        None => scores,
+    };
     let scores = if len > 1 {
         let mask = causal_mask(len, start, q.device())?.to_dtype(q.dtype())?; // (len, total)
         scores.reshape((kv_heads, group, len, total))?.broadcast_add(&mask)?.reshape((kv_heads, group * len, total))?

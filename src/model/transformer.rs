@@ -222,6 +222,14 @@ impl Transformer {
         self.set_pooled_kv(std::env::var_os(PER_SEQUENCE_KV_VAR).is_none())
     }
 
+    /// Bound the pooled cache's growth by the engine's KV budget (for
+    /// `max_batch` sequences); nothing to bound on the host path.
+    pub fn set_kv_capacity(&self, budget_bytes: u64, max_batch: usize) {
+        if let Some(pool) = &self.kv_pool {
+            pool.set_capacity(budget_bytes, max_batch);
+        }
+    }
+
     /// Whether the KV cache is the shared pool.
     pub fn pooled_kv(&self) -> bool {
         self.kv_pool.is_some()
@@ -265,7 +273,7 @@ impl Transformer {
     /// once the buffers (the model's and `logits`) are as large as the step,
     /// as `HostBuffers` says.
     pub fn forward_into(&self, chunks: &mut [SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<()> {
-        Self::check_chunks(chunks)?;
+        self.check_chunks(chunks)?;
         match &self.host_norms {
             Some(norms) => {
                 let mut buffers = self.host_buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -278,16 +286,19 @@ impl Transformer {
         }
     }
 
-    fn check_chunks(chunks: &[SeqChunk<'_>]) -> Result<()> {
+    fn check_chunks(&self, chunks: &[SeqChunk<'_>]) -> Result<()> {
         if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             candle_core::bail!("every sequence in a step needs at least one token");
+        }
+        if chunks.iter().any(|c| c.cache.pages().is_some() != self.kv_pool.is_some()) {
+            candle_core::bail!("a sequence's KV cache was made for another cache layout: make caches with `Transformer::new_cache`");
         }
         Ok(())
     }
 
     /// Run one step. Returns the f32 logits (chunks.len(), vocab) of the last token of each chunk.
     pub fn forward(&self, chunks: &mut [SeqChunk<'_>]) -> Result<Tensor> {
-        Self::check_chunks(chunks)?;
+        self.check_chunks(chunks)?;
         if self.runs_on_host() {
             let mut logits = Vec::new();
             self.forward_into(chunks, &mut logits)?;
@@ -304,10 +315,7 @@ impl Transformer {
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
             let h = match &paged {
-                Some(step) => {
-                    let [q, k, v] = Linear::forward_many(&[&block.attn.q, &block.attn.k, &block.attn.v], &h)?.try_into().expect("three layers, three outputs");
-                    block.attn.o.forward(&step.attend(layer, &self.config, &q, &k, &v)?)?
-                }
+                Some(step) => self.pooled_attention(layer, &block.attn, &h, step)?,
                 None => self.attention(layer, &block.attn, &h, chunks, &starts)?,
             };
             x = (x + h)?;
@@ -370,6 +378,12 @@ impl Transformer {
         self.lm_head.forward_rows_into(&b.last_normed, chunks.len(), &mut b.acts, logits)
     }
 
+    /// `attention` over the pooled KV cache, as `step` plans it.
+    fn pooled_attention(&self, layer: usize, attn: &Attention, h: &Tensor, step: &PagedStep) -> Result<Tensor> {
+        let [q, k, v] = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], h)?.try_into().expect("three layers, three outputs");
+        attn.o.forward(&step.attend(layer, &self.config, &q, &k, &v)?)
+    }
+
     fn attention(
         &self,
         layer: usize,
@@ -393,7 +407,7 @@ impl Transformer {
             let k_s = self.rope(&split(&k, nkv)?, start)?;
             let v_s = split(&v, nkv)?;
             let (keys, values) = chunk.cache.append(layer, &k_s, &v_s)?;
-            outputs.push(attend_causal(&q_s, &keys, &values, start, nkv, 1.0 / (hd as f64).sqrt())?);
+            outputs.push(attend_causal(&q_s, &keys, &values, start, nkv, Some(1.0 / (hd as f64).sqrt()))?);
             row += len;
         }
         let y = Tensor::cat(&outputs, 0)?; // (tokens, heads * hd)
