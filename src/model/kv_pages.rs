@@ -1,15 +1,17 @@
 //! Keys and values of every sequence in one pool of pages per layer, for the
-//! tensor path (GPUs, and non-f32 models on the CPU).
+//! tensor path (every model on a GPU; on the CPU only when a test asks for
+//! it with `Transformer::use_tensor_path`).
 //!
 //! With one cache tensor per sequence, attention has to run per sequence: a
 //! GPU then pays some fifteen kernel launches per sequence per layer, and a
 //! step of 64 sequences is launch-bound. With every sequence's positions in
-//! one pool, a step writes its new keys with one scatter per layer and a
-//! decode step gathers the whole batch's keys with one `index_select`, so its
+//! one pool, a step writes its new keys with one scatter per layer (and a
+//! copy per run of pages for a prompt's chunk) and a decode step gathers the whole batch's keys with one `index_select`, so its
 //! attention is a fixed handful of kernels whatever the batch.
 //!
 //! The pool is one per model and is used by one step at a time (the engine
 //! thread's): a step's tensors are valid until the next step grows the pool.
+//!
 //! A pool row is one position of one sequence (kv_heads × head_dim values per
 //! layer); a sequence owns whole pages of `PAGE_POSITIONS` rows, so a chunk of
 //! consecutive positions is a few runs of consecutive rows. The pool

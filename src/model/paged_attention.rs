@@ -152,10 +152,7 @@ impl PagedStep {
             .flat_map(|g| g.iter().map(|(r, _)| *r))
             .chain(prefills.iter().flat_map(|p| p.first_step_row..p.first_step_row + p.len))
             .collect();
-        let restore = match inverse_permutation(&output_order) {
-            Some(inverse) => Some(Tensor::new(inverse.as_slice(), device)?),
-            None => None,
-        };
+        let restore = inverse_permutation(&output_order).map(|inverse| Tensor::new(inverse.as_slice(), device)).transpose()?;
         Ok(PagedStep { pool: pool.clone(), cos, sin, cos_q, sin_q, decode, prefills, restore })
     }
 

@@ -115,6 +115,11 @@ pub struct Transformer {
 /// sequence and attention per sequence, to measure against the pool.
 pub const PER_SEQUENCE_KV_VAR: &str = "TERSE_PER_SEQUENCE_KV";
 
+/// Whether the tensor path pools its KV cache unless told otherwise.
+fn pooled_by_default() -> bool {
+    std::env::var_os(PER_SEQUENCE_KV_VAR).is_none()
+}
+
 /// What a step on the host writes between its inputs and its logits, kept
 /// from one step to the next: once the buffers are as large as a step needs,
 /// a step allocates nothing when the embedding and every matrix are ours
@@ -195,7 +200,7 @@ impl Transformer {
             None
         };
         let mut model = Transformer { config, embedding, blocks, final_norm, lm_head, cos, sin, device, dtype, kv_precision: KvPrecision::F32, host_norms, host_buffers: Default::default(), kv_pool: None };
-        model.set_pooled_kv(std::env::var_os(PER_SEQUENCE_KV_VAR).is_none())?;
+        model.set_pooled_kv(pooled_by_default())?;
         Ok(model)
     }
 
@@ -219,7 +224,7 @@ impl Transformer {
     /// `TERSE_PER_SEQUENCE_KV`); caches made before must not be used after.
     pub fn use_tensor_path(&mut self) -> Result<()> {
         self.host_norms = None;
-        self.set_pooled_kv(std::env::var_os(PER_SEQUENCE_KV_VAR).is_none())
+        self.set_pooled_kv(pooled_by_default())
     }
 
     /// Bound the pooled cache's growth by the engine's KV budget (for
