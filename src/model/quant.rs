@@ -11,8 +11,8 @@
 //!   value = d·(q − 16), q = nibble | fifth bit << 4.
 //! - Q8_0 (34 bytes): scale d (f16), 32 signed bytes; value = d·q.
 //!
-//! At load the blocks are repacked once, eight rows side by side, in as many
-//! bytes (a few more for Q4_K): `panels` for the 32-value formats,
+//! At load the blocks are repacked once, sixteen rows side by side (eight for
+//! the super-blocks), in as many bytes (a few more for Q4_K): `panels` for the 32-value formats,
 //! `q4_k_panels` and `q6_k_panels` for the 256-value super-blocks, whose
 //! inputs `super_blocks` quantizes.
 //!
@@ -335,7 +335,7 @@ pub struct QuantMatrix {
 }
 
 enum Layout {
-    /// The 32-value formats, eight rows side by side.
+    /// The 32-value formats, sixteen rows side by side.
     Panels(Panels),
     /// Q4_K, eight rows side by side.
     Q4K(Q4KPanels),
@@ -343,7 +343,8 @@ enum Layout {
     Q6K(Q6KPanels),
 }
 
-/// Output rows go to the threads in groups of eight (a panel's rows).
+/// Output rows go to the threads in groups of sixteen (a 32-value panel's
+/// rows; two of the super-block formats' panels).
 const GROUP: usize = panels::ROWS;
 
 /// Input rows whose blocks a thread looks up at once (on its stack).
@@ -449,7 +450,7 @@ impl QuantMatrix {
     /// `xs` (n × cols) times each matrix transposed, into `outs` (n × rows
     /// each), for matrices that read the same input (q, k and v; gate and
     /// up): the input is quantized once, into `acts`, and all the matrices'
-    /// groups of eight rows go to the threads in one hand-out. Each thread
+    /// groups of sixteen rows go to the threads in one hand-out. Each thread
     /// writes its results straight into the outputs. `acts` and `outs` keep
     /// their buffers, so a step no larger than an earlier one allocates nothing.
     pub fn matmul_t_into<const M: usize>(matrices: [&QuantMatrix; M], xs: &[f32], n: usize, acts: &mut QuantizedRows, mut outs: [&mut Vec<f32>; M]) {
@@ -497,7 +498,7 @@ impl QuantMatrix {
         }
     }
 
-    /// Rows 8g..8g+8 (those that exist) dotted with each of `xs` (input rows
+    /// Rows 16g..16g+16 (those that exist) dotted with each of `xs` (input rows
     /// `first..`), written into `out` (n × rows). Inputs go eight at a time,
     /// then four, then one by one, so each block of weights is unpacked once
     /// per tile. (Tiles of eight measured +16% for eight SmolLM2 sequences
@@ -531,9 +532,16 @@ impl QuantMatrix {
     fn group_tile<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X]) -> [[f32; GROUP]; X] {
         match &self.layout {
             Layout::Panels(p) => p.group_times(g, xs, self.kernel),
-            Layout::Q4K(p) => p.group_times(g, xs, self.kernel),
-            Layout::Q6K(p) => p.group_times(g, xs, self.kernel),
+            Layout::Q4K(p) => self.halves(g, |h| p.group_times(h, xs, self.kernel)),
+            Layout::Q6K(p) => self.halves(g, |h| p.group_times(h, xs, self.kernel)),
         }
+    }
+
+    /// Group `g` from the super-block panels, eight rows wide: two of them,
+    /// the second zeros where the matrix ends first.
+    fn halves<const X: usize>(&self, g: usize, half: impl Fn(usize) -> [[f32; panels::HALF]; X]) -> [[f32; GROUP]; X] {
+        let second = if (2 * g + 1) * panels::HALF < self.rows { half(2 * g + 1) } else { [[0.0; panels::HALF]; X] };
+        panels::join_halves(half(2 * g), second)
     }
 }
 

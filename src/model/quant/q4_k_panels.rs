@@ -26,7 +26,7 @@
 
 use half::f16;
 
-use super::panels::ROWS;
+use super::panels::HALF as ROWS;
 use super::super_blocks::QK_K;
 use super::Activations;
 

@@ -25,7 +25,7 @@
 
 use half::f16;
 
-use super::panels::ROWS;
+use super::panels::HALF as ROWS;
 use super::super_blocks::{Q6_K_BYTES, QK_K};
 use super::Activations;
 
