@@ -529,6 +529,7 @@ impl QuantMatrix {
     }
 
     /// One group's rows times X inputs: `[input][row]`.
+    #[inline(always)]
     fn group_tile<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X]) -> [[f32; GROUP]; X] {
         match &self.layout {
             Layout::Panels(p) => p.group_times(g, xs, self.kernel),

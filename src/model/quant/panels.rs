@@ -163,6 +163,7 @@ impl Panels {
     }
 
     /// Group `g`'s sixteen rows dotted with each input: `[input][row]`.
+    #[inline(always)]
     pub fn group_times<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X], kernel: super::Kernel) -> [[f32; ROWS]; X] {
         assert!(xs.iter().all(|x| x.qs.len() >= self.nb * QK && x.d.len() >= self.nb && x.s.len() >= self.nb && x.sum.len() >= self.nb));
         assert!((g + 1) * self.nb * ROWS <= self.scales.len(), "group past the matrix");
