@@ -337,7 +337,7 @@ pub struct QuantMatrix {
 enum Layout {
     /// The 32-value formats, sixteen rows side by side.
     Panels(Panels),
-    /// Q4_K, eight rows side by side.
+    /// Q4_K, sixteen rows side by side.
     Q4K(Q4KPanels),
     /// Q6_K, eight rows side by side.
     Q6K(Q6KPanels),
@@ -533,7 +533,7 @@ impl QuantMatrix {
     fn group_tile<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X]) -> [[f32; GROUP]; X] {
         match &self.layout {
             Layout::Panels(p) => p.group_times(g, xs, self.kernel),
-            Layout::Q4K(p) => self.halves(g, |h| p.group_times(h, xs, self.kernel)),
+            Layout::Q4K(p) => p.group_times(g, xs, self.kernel),
             Layout::Q6K(p) => self.halves(g, |h| p.group_times(h, xs, self.kernel)),
         }
     }

@@ -1,5 +1,6 @@
-//! Q4_K repacked eight weight rows at a time, as `panels` does for the
-//! 32-value formats: one vector's eight lanes are eight rows' sums.
+//! Q4_K repacked sixteen weight rows at a time, as `panels` does for the
+//! 32-value formats: one 512-bit vector's lanes are sixteen rows' sums (a
+//! 256-bit vector's, eight rows': half a panel).
 //!
 //! A Q4_K super-block (144 bytes, 256 values): f16 d and dmin; 12 bytes
 //! packing eight 6-bit scales and eight 6-bit minimums, one of each per 32
@@ -7,16 +8,18 @@
 //! values 64p..64p+32 in their low nibbles and 64p+32..64p+64 in their high
 //! ones. Value = d·sc·q − dmin·m.
 //!
-//! A panel holds one super-block of eight rows:
-//! - nibbles: for each pair p and chunk c (0..8), one 32-byte vector whose
+//! A panel holds one super-block of sixteen rows:
+//! - nibbles: for each pair p and chunk c (0..8), one 64-byte vector whose
 //!   bytes 4r..4r+4 are row r's nibble bytes 32p+4c..32p+4c+4; the low
 //!   nibbles are chunk c of sub-block 2p, the high ones of sub-block 2p+1;
-//! - scales: byte 8j+r is row r's scale of sub-block j;
-//! - minimums: bytes 16q+2r and 16q+2r+1 are row r's minimums of sub-blocks
+//! - scales: byte 16j+r is row r's scale of sub-block j;
+//! - minimums: bytes 32q+2r and 32q+2r+1 are row r's minimums of sub-blocks
 //!   2q and 2q+1 (one i16 pair per row once widened, for `madd`);
-//! - d and dmin: the eight rows' f16 values.
+//! - d and dmin: the sixteen rows' f16 values.
 //!
-//! 1,184 bytes for eight rows' 1,152 in the file.
+//! Half h of a panel (rows 8h..8h+8, for AVX2) is bytes 32h..32h+32 of each
+//! vector, 8h..8h+8 of each sub-block's scales, 16h..16h+16 of each pair's
+//! minimums. 2,368 bytes for sixteen rows' 2,304 in the file.
 //!
 //! Per super-block and row, two exact integer sums: Σ_j sc_j·Σ q·x and
 //! Σ_j m_j·(sum of sub-block j's inputs); each scaled into its own float
@@ -26,11 +29,15 @@
 
 use half::f16;
 
-use super::panels::HALF as ROWS;
+use super::panels::{join_halves, HALF, ROWS};
 use super::super_blocks::QK_K;
 use super::Activations;
 
 const NIBBLE_BYTES: usize = 128 * ROWS;
+/// Bytes of one nibble vector: four of each row.
+const VECTOR: usize = 4 * ROWS;
+/// Per panel: the scales (or the minimums) of eight sub-blocks.
+const SCALE_BYTES: usize = 8 * ROWS;
 
 pub struct Q4KPanels {
     /// Super-blocks per row.
@@ -58,7 +65,7 @@ pub fn unpack_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
 
 /// Where row r's nibble byte i (0..128) sits in its panel.
 fn nibble_at(r: usize, i: usize) -> usize {
-    (i / 32) * 256 + ((i % 32) / 4) * 32 + r * 4 + i % 4
+    (i / 32) * 8 * VECTOR + ((i % 32) / 4) * VECTOR + r * 4 + i % 4
 }
 
 impl Q4KPanels {
@@ -68,8 +75,8 @@ impl Q4KPanels {
         Q4KPanels {
             nb,
             nibbles: vec![0; panels * NIBBLE_BYTES],
-            scales: vec![0; panels * 64],
-            minimums: vec![0; panels * 64],
+            scales: vec![0; panels * SCALE_BYTES],
+            minimums: vec![0; panels * SCALE_BYTES],
             d: vec![f16::ZERO; panels * ROWS],
             dmin: vec![f16::ZERO; panels * ROWS],
         }
@@ -84,8 +91,8 @@ impl Q4KPanels {
             self.dmin[panel * ROWS + r] = f16::from_le_bytes([block[2], block[3]]);
             let (scales, minimums) = unpack_scales(&block[4..16]);
             for j in 0..8 {
-                self.scales[panel * 64 + 8 * j + r] = scales[j];
-                self.minimums[panel * 64 + 16 * (j / 2) + 2 * r + j % 2] = minimums[j];
+                self.scales[panel * SCALE_BYTES + ROWS * j + r] = scales[j];
+                self.minimums[panel * SCALE_BYTES + 2 * ROWS * (j / 2) + 2 * r + j % 2] = minimums[j];
             }
             let nibbles = &mut self.nibbles[panel * NIBBLE_BYTES..(panel + 1) * NIBBLE_BYTES];
             for (i, &byte) in block[16..144].iter().enumerate() {
@@ -106,7 +113,7 @@ impl Q4KPanels {
         let byte = self.nibbles[panel * NIBBLE_BYTES + nibble_at(r, 32 * p + within % 32)];
         let q = if within < 32 { byte & 0x0F } else { byte >> 4 };
         let j = v / 32;
-        (q as i32, self.scales[panel * 64 + 8 * j + r] as i32, self.minimums[panel * 64 + 16 * (j / 2) + 2 * r + j % 2] as i32)
+        (q as i32, self.scales[panel * SCALE_BYTES + ROWS * j + r] as i32, self.minimums[panel * SCALE_BYTES + 2 * ROWS * (j / 2) + 2 * r + j % 2] as i32)
     }
 
     /// Row `row` as f32 values, in candle's expression.
@@ -121,7 +128,8 @@ impl Q4KPanels {
         }
     }
 
-    /// Group `g`'s eight rows dotted with each input: `[input][row]`.
+    /// Group `g`'s sixteen rows dotted with each input: `[input][row]`.
+    #[inline(always)]
     pub fn group_times<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X], kernel: super::Kernel) -> [[f32; ROWS]; X] {
         let nb = self.nb;
         assert!(xs.iter().all(|x| x.k_qs.len() >= nb * QK_K && x.k_d.len() >= nb && x.k_sums32.len() >= 8 * nb));
@@ -129,11 +137,11 @@ impl Q4KPanels {
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
-            // AVX-512 VNNI and VL); the lengths are checked above.
+            // AVX-512 F, BW, VL and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 { vnni: false } => unsafe { avx2::group_times(self, g, xs) },
+            super::Kernel::Avx2 { vnni: false } => unsafe { join_halves(avx2::half_times(self, g, 0, xs), avx2::half_times(self, g, 1, xs)) },
         }
     }
 
@@ -167,37 +175,39 @@ mod avx2 {
     use crate::model::kernel::avx2::{broadcast4, load};
     use crate::model::kernel::Value;
 
+    /// Half `h` of group `g` (eight rows) dotted with each input.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+    pub unsafe fn half_times<const X: usize>(p: &Q4KPanels, g: usize, h: usize, xs: [&Activations<'_>; X]) -> [[f32; HALF]; X] {
         let low = _mm256_set1_epi8(0x0F);
         let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); X], [_mm256_setzero_ps(); X]);
         for b in 0..p.nb {
             let panel = g * p.nb + b;
-            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
+            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES + 32 * h);
+            let (scales, minimums) = (p.scales.as_ptr().add(panel * SCALE_BYTES + HALF * h), p.minimums.as_ptr().add(panel * SCALE_BYTES + 2 * HALF * h));
             let mut sumi = [_mm256_setzero_si256(); X];
             for j in 0..8 {
-                let pair = nibbles.add((j / 2) * 256);
+                let pair = nibbles.add((j / 2) * 8 * VECTOR);
                 // Values < 16 and inputs ≥ −128: eight chunks' pairs sum in
                 // i16 (8 · 2 · 15 · 128 < 2^15). Chunk by chunk, each
                 // unpacked vector meets every input before the next.
                 let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
                 let mut s = [_mm256_setzero_si256(); X];
                 for c in 0..8 {
-                    let bytes = load(pair.add(32 * c));
+                    let bytes = load(pair.add(VECTOR * c));
                     let v = if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) };
                     for i in 0..X {
                         s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(v, broadcast4(x[i].add(4 * c))));
                     }
                 }
                 // Each row's scale in both i16 halves of its lane.
-                let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.scales.as_ptr().add(panel * 64 + 8 * j) as *const __m128i));
+                let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(scales.add(ROWS * j) as *const __m128i));
                 let sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
                 for i in 0..X {
                     sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s[i], sc));
                 }
             }
-            let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(p.minimums.as_ptr().add(panel * 64 + 16 * q) as *const __m128i)));
-            let (d, dmin) = (f16::load8(p.d.as_ptr().add(panel * ROWS)), f16::load8(p.dmin.as_ptr().add(panel * ROWS)));
+            let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(minimums.add(2 * ROWS * q) as *const __m128i)));
+            let (d, dmin) = (f16::load8(p.d.as_ptr().add(panel * ROWS + HALF * h)), f16::load8(p.dmin.as_ptr().add(panel * ROWS + HALF * h)));
             for i in 0..X {
                 let sums = xs[i].k_sums32.as_ptr().add(8 * b) as *const u8;
                 let mut summ = _mm256_madd_epi16(minimums[0], broadcast4(sums));
@@ -210,65 +220,76 @@ mod avx2 {
             }
         }
         std::array::from_fn(|i| {
-            let mut out = [0f32; ROWS];
+            let mut out = [0f32; HALF];
             _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], acc_m[i]));
             out
         })
     }
 }
 
-/// The same kernel with AVX-512 VNNI on 256-bit vectors: a sub-block's
-/// chunks go into each row's i32 sum by `vpdpbusd`, then one `vpmulld` by
-/// the row's scale, where AVX2 sums them in i16 and widens by `madd`. The
-/// same exact integers, so the same bits.
+/// The same kernel with AVX-512 VNNI on 512-bit vectors, a whole panel
+/// (sixteen rows) per pass: a sub-block's chunks go into each row's i32 sum
+/// by `vpdpbusd`, then one `vpmulld` by the row's scale, where AVX2 sums them
+/// in i16 and widens by `madd`. The same exact integers, so the same bits.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::model::kernel::avx2::{broadcast4, load};
-    use crate::model::kernel::Value;
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    /// The four bytes at `at`, as one i32 in every lane.
+    #[inline(always)]
+    unsafe fn broadcast4(at: *const u8) -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+    }
+
+    /// Sixteen f16 values as f32 lanes.
+    #[inline(always)]
+    unsafe fn load16(at: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
-        let low = _mm256_set1_epi8(0x0F);
-        let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); X], [_mm256_setzero_ps(); X]);
+        let low = _mm512_set1_epi8(0x0F);
+        let (mut acc, mut acc_m) = ([_mm512_setzero_ps(); X], [_mm512_setzero_ps(); X]);
         for b in 0..p.nb {
             let panel = g * p.nb + b;
             let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
-            let mut sumi = [_mm256_setzero_si256(); X];
+            let (scales, minimums) = (p.scales.as_ptr().add(panel * SCALE_BYTES), p.minimums.as_ptr().add(panel * SCALE_BYTES));
+            let mut sumi = [_mm512_setzero_si512(); X];
             for j in 0..8 {
-                let pair = nibbles.add((j / 2) * 256);
+                let pair = nibbles.add((j / 2) * 8 * VECTOR);
                 let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
-                let mut s = [_mm256_setzero_si256(); X];
+                let mut s = [_mm512_setzero_si512(); X];
                 for c in 0..8 {
-                    let bytes = load(pair.add(32 * c));
-                    let v = if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) };
+                    let bytes = _mm512_loadu_si512(pair.add(VECTOR * c) as *const __m512i);
+                    let v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
                     for i in 0..X {
-                        s[i] = _mm256_dpbusd_epi32(s[i], v, broadcast4(x[i].add(4 * c)));
+                        s[i] = _mm512_dpbusd_epi32(s[i], v, broadcast4(x[i].add(4 * c)));
                     }
                 }
-                let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.scales.as_ptr().add(panel * 64 + 8 * j) as *const __m128i));
+                let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(scales.add(ROWS * j) as *const __m128i));
                 for i in 0..X {
-                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_mullo_epi32(s[i], sc));
+                    sumi[i] = _mm512_add_epi32(sumi[i], _mm512_mullo_epi32(s[i], sc));
                 }
             }
-            let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(p.minimums.as_ptr().add(panel * 64 + 16 * q) as *const __m128i)));
-            let (d, dmin) = (f16::load8(p.d.as_ptr().add(panel * ROWS)), f16::load8(p.dmin.as_ptr().add(panel * ROWS)));
+            let minimums: [__m512i; 4] = std::array::from_fn(|q| _mm512_cvtepu8_epi16(_mm256_loadu_si256(minimums.add(2 * ROWS * q) as *const __m256i)));
+            let (d, dmin) = (load16(p.d.as_ptr().add(panel * ROWS)), load16(p.dmin.as_ptr().add(panel * ROWS)));
             for i in 0..X {
                 let sums = xs[i].k_sums32.as_ptr().add(8 * b) as *const u8;
-                let mut summ = _mm256_madd_epi16(minimums[0], broadcast4(sums));
+                let mut summ = _mm512_madd_epi16(minimums[0], broadcast4(sums));
                 for (q, &minimum) in minimums.iter().enumerate().skip(1) {
-                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimum, broadcast4(sums.add(4 * q))));
+                    summ = _mm512_add_epi32(summ, _mm512_madd_epi16(minimum, broadcast4(sums.add(4 * q))));
                 }
-                let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
-                acc_m[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmin, dx), acc_m[i]);
+                let dx = _mm512_set1_ps(*xs[i].k_d.get_unchecked(b));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[i]), _mm512_mul_ps(d, dx), acc[i]);
+                acc_m[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc_m[i]);
             }
         }
         std::array::from_fn(|i| {
             let mut out = [0f32; ROWS];
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[i], acc_m[i]));
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc[i], acc_m[i]));
             out
         })
     }
@@ -280,8 +301,8 @@ mod tests {
 
     #[test]
     fn panels_take_about_the_files_bytes() {
-        // Eight rows of two super-blocks: 1,184 bytes a panel for the file's 1,152.
-        assert_eq!(Q4KPanels::zeros(8, 2).bytes(), 2 * 1184);
+        // Sixteen rows of two super-blocks: 2,368 bytes a panel for the file's 2,304.
+        assert_eq!(Q4KPanels::zeros(16, 2).bytes(), 2 * 2368);
     }
 
     #[test]
