@@ -11,8 +11,8 @@
 //!   value = d·(q − 16), q = nibble | fifth bit << 4.
 //! - Q8_0 (34 bytes): scale d (f16), 32 signed bytes; value = d·q.
 //!
-//! At load the blocks are repacked once, sixteen rows side by side (eight for
-//! the super-blocks), in as many bytes (a few more for Q4_K): `panels` for the 32-value formats,
+//! At load the blocks are repacked once, sixteen rows side by side, in as many
+//! bytes (a few more for Q4_K): `panels` for the 32-value formats,
 //! `q4_k_panels` and `q6_k_panels` for the 256-value super-blocks, whose
 //! inputs `super_blocks` quantizes.
 //!
@@ -339,12 +339,11 @@ enum Layout {
     Panels(Panels),
     /// Q4_K, sixteen rows side by side.
     Q4K(Q4KPanels),
-    /// Q6_K, eight rows side by side.
+    /// Q6_K, sixteen rows side by side.
     Q6K(Q6KPanels),
 }
 
-/// Output rows go to the threads in groups of sixteen (a 32-value panel's
-/// rows; two of the super-block formats' panels).
+/// Output rows go to the threads in groups of sixteen (a panel's rows).
 const GROUP: usize = panels::ROWS;
 
 /// Input rows whose blocks a thread looks up at once (on its stack).
@@ -534,15 +533,8 @@ impl QuantMatrix {
         match &self.layout {
             Layout::Panels(p) => p.group_times(g, xs, self.kernel),
             Layout::Q4K(p) => p.group_times(g, xs, self.kernel),
-            Layout::Q6K(p) => self.halves(g, |h| p.group_times(h, xs, self.kernel)),
+            Layout::Q6K(p) => p.group_times(g, xs, self.kernel),
         }
-    }
-
-    /// Group `g` from the super-block panels, eight rows wide: two of them,
-    /// the second zeros where the matrix ends first.
-    fn halves<const X: usize>(&self, g: usize, half: impl Fn(usize) -> [[f32; panels::HALF]; X]) -> [[f32; GROUP]; X] {
-        let second = if (2 * g + 1) * panels::HALF < self.rows { half(2 * g + 1) } else { [[0.0; panels::HALF]; X] };
-        panels::join_halves(half(2 * g), second)
     }
 }
 

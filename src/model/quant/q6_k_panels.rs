@@ -1,5 +1,6 @@
-//! Q6_K repacked eight weight rows at a time, as `q4_k_panels` does for Q4_K:
-//! one vector's eight lanes are eight rows' sums.
+//! Q6_K repacked sixteen weight rows at a time, as `q4_k_panels` does for
+//! Q4_K: one 512-bit vector's lanes are sixteen rows' sums (a 256-bit
+//! vector's, eight rows': half a panel).
 //!
 //! A Q6_K super-block (210 bytes, 256 values): 128 bytes of low nibbles, 64
 //! bytes of high bit pairs, sixteen i8 scales (one per 16 values), f16 d.
@@ -7,15 +8,17 @@
 //! quarter u (32 values) takes the low (u < 2) or high nibbles of nibble bytes
 //! 64h + 32·(u mod 2) + t, and bits 2u, 2u+1 of high byte 32h + t (t < 32).
 //!
-//! A panel holds one super-block of eight rows, in the file's bytes, moved:
+//! A panel holds one super-block of sixteen rows, in the file's bytes, moved:
 //! - nibbles: for each run of 32 nibble bytes (i / 32) and chunk c (0..8), one
-//!   32-byte vector whose bytes 4r..4r+4 are row r's bytes 32(i / 32) + 4c..+4;
+//!   64-byte vector whose bytes 4r..4r+4 are row r's bytes 32(i / 32) + 4c..+4;
 //! - high pairs: the same for the 64 high bytes (two runs of 32);
-//! - scales: bytes 16k + 2r and 16k + 2r + 1 are row r's scales of sub-blocks
+//! - scales: bytes 32k + 2r and 32k + 2r + 1 are row r's scales of sub-blocks
 //!   2k and 2k + 1 (one i16 pair per row once widened, for `madd`);
-//! - d: the eight rows' f16 values.
+//! - d: the sixteen rows' f16 values.
 //!
-//! 1,680 bytes for eight rows' 1,680 in the file.
+//! Half `side` of a panel (rows 8·side.., for AVX2) is bytes 32·side..+32 of
+//! each vector and 16·side..+16 of each pair of scales. 3,360 bytes for
+//! sixteen rows' 3,360 in the file.
 //!
 //! Per super-block and row, one exact integer sum: Σ_s sc_s·Σ q·x over
 //! sub-block s, less 32·Σ_s sc_s·(sum of sub-block s's inputs); scaled into
@@ -25,9 +28,12 @@
 
 use half::f16;
 
-use super::panels::HALF as ROWS;
+use super::panels::{join_halves, HALF, ROWS};
 use super::super_blocks::{Q6_K_BYTES, QK_K};
 use super::Activations;
+
+/// Bytes of one nibble (or high-pair) vector: four of each row.
+const VECTOR: usize = 4 * ROWS;
 
 const NIBBLE_BYTES: usize = 128 * ROWS;
 const HIGH_BYTES: usize = 64 * ROWS;
@@ -44,12 +50,12 @@ pub struct Q6KPanels {
 
 /// Where row r's byte i of a run of nibble (or high) bytes sits in its panel.
 fn byte_at(r: usize, i: usize) -> usize {
-    (i / 32) * 256 + ((i % 32) / 4) * 32 + r * 4 + i % 4
+    (i / 32) * 8 * VECTOR + ((i % 32) / 4) * VECTOR + r * 4 + i % 4
 }
 
 /// Where row r's scale of sub-block s sits in its panel.
 fn scale_at(r: usize, s: usize) -> usize {
-    16 * (s / 2) + 2 * r + s % 2
+    2 * ROWS * (s / 2) + 2 * r + s % 2
 }
 
 impl Q6KPanels {
@@ -115,7 +121,8 @@ impl Q6KPanels {
         }
     }
 
-    /// Group `g`'s eight rows dotted with each input: `[input][row]`.
+    /// Group `g`'s sixteen rows dotted with each input: `[input][row]`.
+    #[inline(always)]
     pub fn group_times<const X: usize>(&self, g: usize, xs: [&Activations<'_>; X], kernel: super::Kernel) -> [[f32; ROWS]; X] {
         let nb = self.nb;
         assert!(xs.iter().all(|x| x.k_qs.len() >= nb * QK_K && x.k_d.len() >= nb && x.k_sums16.len() >= 16 * nb));
@@ -123,11 +130,11 @@ impl Q6KPanels {
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
-            // AVX-512 VNNI and VL); the lengths are checked above.
+            // AVX-512 F, BW, VL and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 { vnni: false } => unsafe { avx2::group_times(self, g, xs) },
+            super::Kernel::Avx2 { vnni: false } => unsafe { join_halves(avx2::half_times(self, g, 0, xs), avx2::half_times(self, g, 1, xs)) },
         }
     }
 
@@ -161,7 +168,7 @@ mod avx2 {
     /// U < 2, high otherwise) with their high pair from `highs` (bits 2U,
     /// 2U + 1) as bits 4 and 5: unsigned values below 64.
     #[inline(always)]
-    pub(super) unsafe fn values<const U: usize>(nibbles: __m256i, highs: __m256i) -> __m256i {
+    unsafe fn values<const U: usize>(nibbles: __m256i, highs: __m256i) -> __m256i {
         let (low, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let nibble = if U < 2 { nibbles } else { _mm256_srli_epi16(nibbles, 4) };
         let high = match U {
@@ -197,8 +204,8 @@ mod avx2 {
             let s = 8 * h + 2 * U + half_quarter;
             let scale = scale_of(pairs[s / 2], s % 2 == 1);
             for c in (4 * half_quarter..4 * half_quarter + 4).step_by(2) {
-                let v0 = values::<U>(load(nibbles.add(run * 256 + c * 32)), load(highs.add(h * 256 + c * 32)));
-                let v1 = values::<U>(load(nibbles.add(run * 256 + (c + 1) * 32)), load(highs.add(h * 256 + (c + 1) * 32)));
+                let v0 = values::<U>(load(nibbles.add((run * 8 + c) * VECTOR)), load(highs.add((h * 8 + c) * VECTOR)));
+                let v1 = values::<U>(load(nibbles.add((run * 8 + c + 1) * VECTOR)), load(highs.add((h * 8 + c + 1) * VECTOR)));
                 let at = 128 * h + 32 * U + 4 * c;
                 for i in 0..X {
                     let t = _mm256_add_epi16(_mm256_maddubs_epi16(v0, broadcast4(x[i].add(at))), _mm256_maddubs_epi16(v1, broadcast4(x[i].add(at + 4))));
@@ -208,16 +215,17 @@ mod avx2 {
         }
     }
 
+    /// Half `side` of group `g` (eight rows) dotted with each input.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_times<const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+    pub unsafe fn half_times<const X: usize>(p: &Q6KPanels, g: usize, side: usize, xs: [&Activations<'_>; X]) -> [[f32; HALF]; X] {
         let mut acc = [_mm256_setzero_ps(); X];
         for b in 0..p.nb {
             let panel = g * p.nb + b;
-            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
-            let highs = p.highs.as_ptr().add(panel * HIGH_BYTES);
-            let scales = p.scales.as_ptr().add(panel * SCALE_BYTES);
+            let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES + 32 * side);
+            let highs = p.highs.as_ptr().add(panel * HIGH_BYTES + 32 * side);
+            let scales = p.scales.as_ptr().add(panel * SCALE_BYTES + 2 * HALF * side);
             // Pair k: lane r holds row r's scales of sub-blocks 2k and 2k + 1.
-            let pairs: [__m256i; 8] = std::array::from_fn(|k| _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.add(16 * k) as *const __m128i)));
+            let pairs: [__m256i; 8] = std::array::from_fn(|k| _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.add(2 * ROWS * k) as *const __m128i)));
             let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K) as *const u8);
             // The − 32: 32 · Σ_s sc_s · (sum of sub-block s's inputs), pairs of sub-blocks at a time.
             let mut sumi: [__m256i; X] = std::array::from_fn(|i| {
@@ -234,75 +242,99 @@ mod avx2 {
                 quarter::<2, X>(nibbles, highs, pairs, h, x, &mut sumi);
                 quarter::<3, X>(nibbles, highs, pairs, h, x, &mut sumi);
             }
-            let d = f16::load8(p.d.as_ptr().add(panel * ROWS));
+            let d = f16::load8(p.d.as_ptr().add(panel * ROWS + HALF * side));
             for i in 0..X {
                 let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
             }
         }
         acc.map(|a| {
-            let mut out = [0f32; ROWS];
+            let mut out = [0f32; HALF];
             _mm256_storeu_ps(out.as_mut_ptr(), a);
             out
         })
     }
 }
 
-/// The same kernel with AVX-512 VNNI on 256-bit vectors: a sub-block's four
-/// chunks go into each row's i32 sum by `vpdpbusd`, then one `vpmulld` by
-/// the row's scale, where AVX2 sums pairs of chunks in i16 and widens them
-/// by `madd`. The same exact integers, so the same bits.
+/// The same kernel with AVX-512 VNNI on 512-bit vectors, a whole panel
+/// (sixteen rows) per pass: a sub-block's four chunks go into each row's
+/// i32 sum by `vpdpbusd`, then one `vpmulld` by the row's scale, where AVX2
+/// sums pairs of chunks in i16 and widens them by `madd`. The same exact
+/// integers, so the same bits.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::avx2::values;
     use super::*;
-    use crate::model::kernel::avx2::{broadcast4, load};
-    use crate::model::kernel::Value;
 
-    /// Quarter `U` of half `h`, as AVX2's `quarter`.
     #[inline(always)]
-    unsafe fn quarter<const U: usize, const X: usize>(nibbles: *const u8, highs: *const u8, pairs: [__m256i; 8], h: usize, x: [*const u8; X], sumi: &mut [__m256i; X]) {
+    unsafe fn load(at: *const u8) -> __m512i {
+        _mm512_loadu_si512(at as *const __m512i)
+    }
+
+    /// The four bytes at `at`, as one i32 in every lane.
+    #[inline(always)]
+    unsafe fn broadcast4(at: *const u8) -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+    }
+
+    /// AVX2's `values` on sixteen rows.
+    #[inline(always)]
+    unsafe fn values<const U: usize>(nibbles: __m512i, highs: __m512i) -> __m512i {
+        let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        let nibble = if U < 2 { nibbles } else { _mm512_srli_epi16(nibbles, 4) };
+        let high = match U {
+            0 => _mm512_slli_epi16(highs, 4),
+            1 => _mm512_slli_epi16(highs, 2),
+            2 => highs,
+            _ => _mm512_srli_epi16(highs, 2),
+        };
+        _mm512_or_si512(_mm512_and_si512(nibble, low), _mm512_and_si512(high, pair))
+    }
+
+    /// Quarter `U` of half `h` (sub-blocks 8h + 2U and 8h + 2U + 1) into
+    /// every input's integer sum.
+    #[inline(always)]
+    unsafe fn quarter<const U: usize, const X: usize>(nibbles: *const u8, highs: *const u8, pairs: [__m512i; 8], h: usize, x: [*const u8; X], sumi: &mut [__m512i; X]) {
         let run = 2 * h + U % 2;
         for half_quarter in 0..2 {
             let s = 8 * h + 2 * U + half_quarter;
             // Row r's scale of sub-block s, sign-extended to i32 in lane r.
             let pair = pairs[s / 2];
-            let scale = if s % 2 == 1 { _mm256_srai_epi32(pair, 16) } else { _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16) };
-            let mut sub = [_mm256_setzero_si256(); X];
+            let scale = if s % 2 == 1 { _mm512_srai_epi32(pair, 16) } else { _mm512_srai_epi32(_mm512_slli_epi32(pair, 16), 16) };
+            let mut sub = [_mm512_setzero_si512(); X];
             for c in 4 * half_quarter..4 * half_quarter + 4 {
-                let v = values::<U>(load(nibbles.add(run * 256 + c * 32)), load(highs.add(h * 256 + c * 32)));
+                let v = values::<U>(load(nibbles.add((run * 8 + c) * VECTOR)), load(highs.add((h * 8 + c) * VECTOR)));
                 let at = 128 * h + 32 * U + 4 * c;
                 for i in 0..X {
-                    sub[i] = _mm256_dpbusd_epi32(sub[i], v, broadcast4(x[i].add(at)));
+                    sub[i] = _mm512_dpbusd_epi32(sub[i], v, broadcast4(x[i].add(at)));
                 }
             }
             for i in 0..X {
-                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_mullo_epi32(sub[i], scale));
+                sumi[i] = _mm512_add_epi32(sumi[i], _mm512_mullo_epi32(sub[i], scale));
             }
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_times<const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
-        let mut acc = [_mm256_setzero_ps(); X];
+        let mut acc = [_mm512_setzero_ps(); X];
         for b in 0..p.nb {
             let panel = g * p.nb + b;
             let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
             let highs = p.highs.as_ptr().add(panel * HIGH_BYTES);
             let scales = p.scales.as_ptr().add(panel * SCALE_BYTES);
             // Pair k: lane r holds row r's scales of sub-blocks 2k and 2k + 1.
-            let pairs: [__m256i; 8] = std::array::from_fn(|k| _mm256_cvtepi8_epi16(_mm_loadu_si128(scales.add(16 * k) as *const __m128i)));
+            let pairs: [__m512i; 8] = std::array::from_fn(|k| _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.add(2 * ROWS * k) as *const __m256i)));
             let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K) as *const u8);
             // The − 32: 32 · Σ_s sc_s · (sum of sub-block s's inputs), pairs of sub-blocks at a time.
-            let mut sumi: [__m256i; X] = std::array::from_fn(|i| {
+            let mut sumi: [__m512i; X] = std::array::from_fn(|i| {
                 let sums = xs[i].k_sums16.as_ptr().add(16 * b) as *const u8;
-                let mut offset = _mm256_madd_epi16(pairs[0], broadcast4(sums));
+                let mut offset = _mm512_madd_epi16(pairs[0], broadcast4(sums));
                 for (k, &pair) in pairs.iter().enumerate().skip(1) {
-                    offset = _mm256_add_epi32(offset, _mm256_madd_epi16(pair, broadcast4(sums.add(4 * k))));
+                    offset = _mm512_add_epi32(offset, _mm512_madd_epi16(pair, broadcast4(sums.add(4 * k))));
                 }
-                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5))
+                _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(offset, 5))
             });
             for h in 0..2 {
                 quarter::<0, X>(nibbles, highs, pairs, h, x, &mut sumi);
@@ -310,15 +342,15 @@ mod vnni {
                 quarter::<2, X>(nibbles, highs, pairs, h, x, &mut sumi);
                 quarter::<3, X>(nibbles, highs, pairs, h, x, &mut sumi);
             }
-            let d = f16::load8(p.d.as_ptr().add(panel * ROWS));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.d.as_ptr().add(panel * ROWS) as *const __m256i));
             for i in 0..X {
-                let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
+                let dx = _mm512_set1_ps(*xs[i].k_d.get_unchecked(b));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[i]), _mm512_mul_ps(d, dx), acc[i]);
             }
         }
         acc.map(|a| {
             let mut out = [0f32; ROWS];
-            _mm256_storeu_ps(out.as_mut_ptr(), a);
+            _mm512_storeu_ps(out.as_mut_ptr(), a);
             out
         })
     }
@@ -330,7 +362,7 @@ mod tests {
 
     #[test]
     fn panels_take_the_files_bytes() {
-        // Eight rows of two super-blocks: 1,680 bytes a panel, as in the file.
-        assert_eq!(Q6KPanels::zeros(8, 2).bytes(), 2 * 8 * Q6_K_BYTES);
+        // Sixteen rows of two super-blocks: 3,360 bytes a panel, as in the file.
+        assert_eq!(Q6KPanels::zeros(16, 2).bytes(), 2 * 16 * Q6_K_BYTES);
     }
 }
