@@ -28,6 +28,7 @@ use half::f16;
 
 use super::kernel::Kernel;
 
+mod lines;
 mod panels;
 mod q4_k_panels;
 mod q6_k_panels;

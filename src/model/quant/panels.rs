@@ -29,6 +29,7 @@
 
 use half::f16;
 
+use super::lines::LineBytes;
 use super::{Activations, BlockFormat, QK};
 
 /// Weight rows per panel: the i32 lanes of a 512-bit vector.
@@ -46,13 +47,13 @@ pub struct Panels {
     /// Blocks per row.
     nb: usize,
     /// Per panel (group after group, each group's blocks in order): the values.
-    values: Vec<u8>,
+    values: LineBytes,
     /// Per panel: the sixteen rows' scales.
     scales: Vec<f16>,
     /// Q4_1, per panel: the sixteen rows' minimums (empty otherwise).
     minimums: Vec<f16>,
     /// Q5_0, per panel: the 64-byte plane of fifth bits (empty otherwise).
-    fifth_bits: Vec<u8>,
+    fifth_bits: LineBytes,
 }
 
 /// Where value `v` (0..32) of row `r` sits in a panel: its byte, and for the
@@ -84,10 +85,10 @@ impl Panels {
         Panels {
             format,
             nb,
-            values: vec![if format == BlockFormat::Q8_0 { Q8_0_BIAS } else { 0 }; panels * panel_bytes(format)],
+            values: LineBytes::filled(if format == BlockFormat::Q8_0 { Q8_0_BIAS } else { 0 }, panels * panel_bytes(format)),
             scales: vec![f16::ZERO; panels * ROWS],
             minimums: if format == BlockFormat::Q4_1 { vec![f16::ZERO; panels * ROWS] } else { Vec::new() },
-            fifth_bits: if format == BlockFormat::Q5_0 { vec![0; panels * VECTOR] } else { Vec::new() },
+            fifth_bits: LineBytes::filled(0, if format == BlockFormat::Q5_0 { panels * VECTOR } else { 0 }),
         }
     }
 

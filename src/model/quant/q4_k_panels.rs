@@ -31,6 +31,7 @@ use half::f16;
 
 use super::panels::{join_halves, HALF, ROWS};
 use super::super_blocks::QK_K;
+use super::lines::LineBytes;
 use super::Activations;
 
 const NIBBLE_BYTES: usize = 128 * ROWS;
@@ -42,7 +43,7 @@ const SCALE_BYTES: usize = 8 * ROWS;
 pub struct Q4KPanels {
     /// Super-blocks per row.
     nb: usize,
-    nibbles: Vec<u8>,
+    nibbles: LineBytes,
     scales: Vec<u8>,
     minimums: Vec<u8>,
     d: Vec<f16>,
@@ -74,7 +75,7 @@ impl Q4KPanels {
         let panels = rows.div_ceil(ROWS) * nb;
         Q4KPanels {
             nb,
-            nibbles: vec![0; panels * NIBBLE_BYTES],
+            nibbles: LineBytes::filled(0, panels * NIBBLE_BYTES),
             scales: vec![0; panels * SCALE_BYTES],
             minimums: vec![0; panels * SCALE_BYTES],
             d: vec![f16::ZERO; panels * ROWS],

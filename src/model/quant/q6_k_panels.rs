@@ -30,6 +30,7 @@ use half::f16;
 
 use super::panels::{join_halves, HALF, ROWS};
 use super::super_blocks::{Q6_K_BYTES, QK_K};
+use super::lines::LineBytes;
 use super::Activations;
 
 /// Bytes of one nibble (or high-pair) vector: four of each row.
@@ -42,8 +43,8 @@ const SCALE_BYTES: usize = 16 * ROWS;
 pub struct Q6KPanels {
     /// Super-blocks per row.
     nb: usize,
-    nibbles: Vec<u8>,
-    highs: Vec<u8>,
+    nibbles: LineBytes,
+    highs: LineBytes,
     scales: Vec<i8>,
     d: Vec<f16>,
 }
@@ -64,8 +65,8 @@ impl Q6KPanels {
         let panels = rows.div_ceil(ROWS) * nb;
         Q6KPanels {
             nb,
-            nibbles: vec![0; panels * NIBBLE_BYTES],
-            highs: vec![0; panels * HIGH_BYTES],
+            nibbles: LineBytes::filled(0, panels * NIBBLE_BYTES),
+            highs: LineBytes::filled(0, panels * HIGH_BYTES),
             scales: vec![0; panels * SCALE_BYTES],
             d: vec![f16::ZERO; panels * ROWS],
         }

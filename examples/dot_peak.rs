@@ -1,0 +1,94 @@
+//! The ceiling our quantized kernels work under: how many 8-bit
+//! multiply-adds per second this CPU's `vpdpbusd` can issue, per core and on
+//! every core at once, on 256- and 512-bit vectors, beside the clock. Twelve
+//! independent accumulators, so the figure is the instruction's throughput,
+//! not its latency. A kernel's GMAC/s (`kernel_hot`) over this figure is the
+//! share of the arithmetic ceiling it reaches.
+//!
+//!     cargo run --release --example dot_peak
+//!
+//! x86-64 with AVX-512 VNNI only (it says so and stops elsewhere).
+
+#[cfg(target_arch = "x86_64")]
+mod probe {
+    use std::arch::asm;
+    use std::time::Instant;
+
+    const ROUNDS: u64 = 20_000_000;
+
+    /// Cycles per second, from a chain of dependent adds (one a cycle).
+    pub fn clock_hz() -> f64 {
+        let n: u64 = 400_000_000;
+        let start = Instant::now();
+        // SAFETY: registers only.
+        unsafe {
+            asm!("2:", "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1", "sub {n}, 4", "jnz 2b",
+                 x = inout(reg) 0u64 => _, n = inout(reg) n => _);
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+
+    /// Multiply-adds per second of `vpdpbusd` on 256-bit vectors (32 a call).
+    pub fn ymm_macs() -> f64 {
+        let start = Instant::now();
+        // SAFETY: registers only; the caller checked AVX-512 VNNI and VL.
+        unsafe {
+            asm!("2:",
+                 "vpdpbusd ymm0, ymm14, ymm15", "vpdpbusd ymm1, ymm14, ymm15", "vpdpbusd ymm2, ymm14, ymm15", "vpdpbusd ymm3, ymm14, ymm15",
+                 "vpdpbusd ymm4, ymm14, ymm15", "vpdpbusd ymm5, ymm14, ymm15", "vpdpbusd ymm6, ymm14, ymm15", "vpdpbusd ymm7, ymm14, ymm15",
+                 "vpdpbusd ymm8, ymm14, ymm15", "vpdpbusd ymm9, ymm14, ymm15", "vpdpbusd ymm10, ymm14, ymm15", "vpdpbusd ymm11, ymm14, ymm15",
+                 "dec {i}", "jnz 2b",
+                 i = inout(reg) ROUNDS => _,
+                 out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
+                 out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _);
+        }
+        (ROUNDS * 12 * 32) as f64 / start.elapsed().as_secs_f64()
+    }
+
+    /// The same on 512-bit vectors (64 a call).
+    pub fn zmm_macs() -> f64 {
+        let start = Instant::now();
+        // SAFETY: registers only; the caller checked AVX-512 F and VNNI.
+        unsafe {
+            asm!("2:",
+                 "vpdpbusd zmm0, zmm14, zmm15", "vpdpbusd zmm1, zmm14, zmm15", "vpdpbusd zmm2, zmm14, zmm15", "vpdpbusd zmm3, zmm14, zmm15",
+                 "vpdpbusd zmm4, zmm14, zmm15", "vpdpbusd zmm5, zmm14, zmm15", "vpdpbusd zmm6, zmm14, zmm15", "vpdpbusd zmm7, zmm14, zmm15",
+                 "vpdpbusd zmm8, zmm14, zmm15", "vpdpbusd zmm9, zmm14, zmm15", "vpdpbusd zmm10, zmm14, zmm15", "vpdpbusd zmm11, zmm14, zmm15",
+                 "dec {i}", "jnz 2b",
+                 i = inout(reg) ROUNDS => _,
+                 out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                 out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _);
+        }
+        (ROUNDS * 12 * 64) as f64 / start.elapsed().as_secs_f64()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") && std::is_x86_feature_detected!("avx512vnni")) {
+        println!("this CPU has no AVX-512 VNNI: nothing to measure");
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for run in 1..=3 {
+        let (clock, ymm, zmm) = (probe::clock_hz(), probe::ymm_macs(), probe::zmm_macs());
+        // Every core at once: the sum of their rates.
+        let all: f64 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(probe::zmm_macs)).collect();
+            handles.into_iter().map(|h| h.join().expect("probe thread")).sum()
+        });
+        println!(
+            "run {run}: clock {:.2} GHz; vpdpbusd on one core: 256-bit {:.0} GMAC/s ({:.0} multiply-adds a cycle), 512-bit {:.0} GMAC/s; on all {threads} cores: {:.0} GMAC/s",
+            clock / 1e9,
+            ymm / 1e9,
+            ymm / clock,
+            zmm / 1e9,
+            all / 1e9
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    println!("x86-64 only: nothing to measure");
+}
