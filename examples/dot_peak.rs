@@ -28,38 +28,43 @@ mod probe {
         n as f64 / start.elapsed().as_secs_f64()
     }
 
-    /// Multiply-adds per second of `vpdpbusd` on 256-bit vectors (32 a call).
-    pub fn ymm_macs() -> f64 {
-        let start = Instant::now();
-        // SAFETY: registers only; the caller checked AVX-512 VNNI and VL.
-        unsafe {
-            asm!("2:",
-                 "vpdpbusd ymm0, ymm14, ymm15", "vpdpbusd ymm1, ymm14, ymm15", "vpdpbusd ymm2, ymm14, ymm15", "vpdpbusd ymm3, ymm14, ymm15",
-                 "vpdpbusd ymm4, ymm14, ymm15", "vpdpbusd ymm5, ymm14, ymm15", "vpdpbusd ymm6, ymm14, ymm15", "vpdpbusd ymm7, ymm14, ymm15",
-                 "vpdpbusd ymm8, ymm14, ymm15", "vpdpbusd ymm9, ymm14, ymm15", "vpdpbusd ymm10, ymm14, ymm15", "vpdpbusd ymm11, ymm14, ymm15",
-                 "dec {i}", "jnz 2b",
-                 i = inout(reg) ROUNDS => _,
-                 out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
-                 out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _);
-        }
-        (ROUNDS * 12 * 32) as f64 / start.elapsed().as_secs_f64()
+    /// Twelve `vpdpbusd` on registers of one width ("ymm" or "zmm"), each
+    /// into its own sum.
+    macro_rules! twelve {
+        ($w:literal) => {
+            concat!(
+                "vpdpbusd ", $w, "0, ", $w, "14, ", $w, "15\n", "vpdpbusd ", $w, "1, ", $w, "14, ", $w, "15\n",
+                "vpdpbusd ", $w, "2, ", $w, "14, ", $w, "15\n", "vpdpbusd ", $w, "3, ", $w, "14, ", $w, "15\n",
+                "vpdpbusd ", $w, "4, ", $w, "14, ", $w, "15\n", "vpdpbusd ", $w, "5, ", $w, "14, ", $w, "15\n",
+                "vpdpbusd ", $w, "6, ", $w, "14, ", $w, "15\n", "vpdpbusd ", $w, "7, ", $w, "14, ", $w, "15\n",
+                "vpdpbusd ", $w, "8, ", $w, "14, ", $w, "15\n", "vpdpbusd ", $w, "9, ", $w, "14, ", $w, "15\n",
+                "vpdpbusd ", $w, "10, ", $w, "14, ", $w, "15\n", "vpdpbusd ", $w, "11, ", $w, "14, ", $w, "15\n",
+            )
+        };
     }
 
-    /// The same on 512-bit vectors (64 a call).
-    pub fn zmm_macs() -> f64 {
+    /// Multiply-adds per second of `vpdpbusd` on 512-bit vectors (`wide`,
+    /// 64 a call) or 256-bit ones (32 a call).
+    pub fn macs(wide: bool) -> f64 {
         let start = Instant::now();
-        // SAFETY: registers only; the caller checked AVX-512 F and VNNI.
+        // SAFETY: registers only (the sums are clobbered, the operands only
+        // read); the caller checked AVX-512 F, VL and VNNI.
         unsafe {
-            asm!("2:",
-                 "vpdpbusd zmm0, zmm14, zmm15", "vpdpbusd zmm1, zmm14, zmm15", "vpdpbusd zmm2, zmm14, zmm15", "vpdpbusd zmm3, zmm14, zmm15",
-                 "vpdpbusd zmm4, zmm14, zmm15", "vpdpbusd zmm5, zmm14, zmm15", "vpdpbusd zmm6, zmm14, zmm15", "vpdpbusd zmm7, zmm14, zmm15",
-                 "vpdpbusd zmm8, zmm14, zmm15", "vpdpbusd zmm9, zmm14, zmm15", "vpdpbusd zmm10, zmm14, zmm15", "vpdpbusd zmm11, zmm14, zmm15",
-                 "dec {i}", "jnz 2b",
-                 i = inout(reg) ROUNDS => _,
-                 out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
-                 out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _);
+            macro_rules! run {
+                ($w:literal) => {
+                    asm!("2:", twelve!($w), "dec {i}", "jnz 2b",
+                         i = inout(reg) ROUNDS => _,
+                         out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                         out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _)
+                };
+            }
+            if wide {
+                run!("zmm")
+            } else {
+                run!("ymm")
+            }
         }
-        (ROUNDS * 12 * 64) as f64 / start.elapsed().as_secs_f64()
+        (ROUNDS * 12 * if wide { 64 } else { 32 }) as f64 / start.elapsed().as_secs_f64()
     }
 }
 
@@ -71,10 +76,10 @@ fn main() {
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for run in 1..=3 {
-        let (clock, ymm, zmm) = (probe::clock_hz(), probe::ymm_macs(), probe::zmm_macs());
+        let (clock, ymm, zmm) = (probe::clock_hz(), probe::macs(false), probe::macs(true));
         // Every core at once: the sum of their rates.
         let all: f64 = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(probe::zmm_macs)).collect();
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| probe::macs(true))).collect();
             handles.into_iter().map(|h| h.join().expect("probe thread")).sum()
         });
         println!(
