@@ -8,13 +8,12 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
-    /// AVX2, FMA and F16C; with `vnni`, AVX-512 F, BW, VL and VNNI too,
-    /// which only the quantized kernels use: `vpdpbusd` sums four bytes'
-    /// products into i32 in one instruction where AVX2 takes `maddubs`,
-    /// `madd` and an add (the 32-value formats on 512-bit vectors, Q4_K and
-    /// Q6_K on 256-bit ones). Their integer sums are exact either way, so
-    /// both give the same bits; every other kernel runs its AVX2 code for
-    /// both.
+    /// AVX2, FMA and F16C; with `vnni`, AVX-512 F, BW and VNNI too, which
+    /// only the quantized kernels use: on 512-bit vectors, `vpdpbusd` sums
+    /// four bytes' products into i32 in one instruction where AVX2 takes
+    /// `maddubs`, `madd` and an add. Their integer sums are exact either
+    /// way, so both give the same bits; every other kernel runs its AVX2
+    /// code for both.
     #[cfg(target_arch = "x86_64")]
     Avx2 { vnni: bool },
 }
@@ -28,7 +27,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             // F16C (half-precision loads) comes with every AVX2 CPU.
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-                let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl");
+                let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw");
                 let vnni = avx512 && std::is_x86_feature_detected!("avx512vnni") && std::env::var_os("TERSE_NO_VNNI").is_none();
                 return Kernel::Avx2 { vnni };
             }

@@ -8,11 +8,12 @@
 //! formats, bytes 4c..4c+4 of row r's 16, whose low nibbles are values
 //! 4c..4c+4 and high nibbles values 16+4c..16+4c+4. So chunk c of the input
 //! (four values, broadcast to every lane) meets each row's own four values in
-//! one `vpdpbusd` on a 512-bit vector, or, in the AVX2 and scalar kernels,
-//! each half of the panel (eight rows, a 256-bit vector's bytes) in one
-//! `maddubs`. Q8_0's values are kept plus 128, unsigned, because `vpdpbusd`
-//! takes one side unsigned: the 128 · Σx this adds comes off as the sums'
-//! starting value, as Q5_0's −16 does. Beside the values, per panel: the
+//! one `vpdpbusd` on a 512-bit vector, or, in the AVX2 kernels, each half of
+//! the panel (eight rows, a 256-bit vector's bytes) in one `maddubs`; the
+//! scalar kernel goes row by row. Q8_0's values are kept plus 128, unsigned,
+//! because `vpdpbusd` takes one side unsigned: the 128 · Σx this adds comes
+//! off as the sums' starting value, as Q5_0's −16 does (AVX2 flips the top
+//! bit back, one `xor` per weight vector). Beside the values, per panel: the
 //! rows' sixteen scales (f16), Q4_1's sixteen minimums, and Q5_0's fifth bits
 //! as one 64-byte plane whose byte 4r+k holds, in bit c, the fifth bit of row
 //! r's value 4c+k (one shift and one mask put chunk c's bits in place). The
@@ -36,7 +37,7 @@ use super::{Activations, BlockFormat, QK};
 pub const ROWS: usize = 16;
 
 /// Weight rows per AVX2 pass, half a panel: the i32 lanes of a 256-bit
-/// vector. Q4_K and Q6_K panels are this wide.
+/// vector.
 pub const HALF: usize = ROWS / 2;
 
 /// Bytes of one quantized-value vector: four bytes of each row.
@@ -171,7 +172,7 @@ impl Panels {
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
-            // AVX-512 F, BW, VL and VNNI); the lengths are checked above.
+            // AVX-512 F, BW and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => unsafe {
                 match self.format {

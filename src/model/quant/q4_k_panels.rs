@@ -17,7 +17,7 @@
 //!   2q and 2q+1 (one i16 pair per row once widened, for `madd`);
 //! - d and dmin: the sixteen rows' f16 values.
 //!
-//! Half h of a panel (rows 8h..8h+8, for AVX2) is bytes 32h..32h+32 of each
+//! Half h of a panel (rows 8h..8h+8, an AVX2 pass) is bytes 32h..32h+32 of each
 //! vector, 8h..8h+8 of each sub-block's scales, 16h..16h+16 of each pair's
 //! minimums. 2,368 bytes for sixteen rows' 2,304 in the file.
 //!
@@ -138,7 +138,7 @@ impl Q4KPanels {
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
-            // AVX-512 F, BW, VL and VNNI); the lengths are checked above.
+            // AVX-512 F, BW and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
             #[cfg(target_arch = "x86_64")]

@@ -131,7 +131,7 @@ impl Q6KPanels {
         match kernel {
             super::Kernel::Scalar => xs.map(|x| std::array::from_fn(|r| self.scalar_dot(g * ROWS + r, x))),
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
-            // AVX-512 F, BW, VL and VNNI); the lengths are checked above.
+            // AVX-512 F, BW and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
             #[cfg(target_arch = "x86_64")]
