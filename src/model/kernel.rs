@@ -117,3 +117,29 @@ pub mod avx2 {
         _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31))
     }
 }
+
+/// AVX-512 pieces the quantized kernels share (512-bit vectors).
+#[cfg(target_arch = "x86_64")]
+pub mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// The 64 bytes at `at`.
+    #[inline(always)]
+    pub unsafe fn load(at: *const u8) -> __m512i {
+        _mm512_loadu_si512(at as *const __m512i)
+    }
+
+    /// The four bytes at `at`, as one i32 in every lane.
+    #[inline(always)]
+    pub unsafe fn broadcast4(at: *const u8) -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+    }
+
+    /// The sixteen f16 values at `at`, as f32 lanes.
+    #[inline(always)]
+    pub unsafe fn load16(at: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i))
+    }
+}

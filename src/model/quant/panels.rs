@@ -367,22 +367,12 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    #[inline(always)]
-    unsafe fn load(at: *const u8) -> __m512i {
-        _mm512_loadu_si512(at as *const __m512i)
-    }
+    use crate::model::kernel::avx512::{broadcast4, load, load16};
 
     /// Chunk c (four values) of an input block, in every lane.
     #[inline(always)]
     unsafe fn chunk(x: *const i8, c: usize) -> __m512i {
-        _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * c) as *const i32))
-    }
-
-    /// Sixteen f16 values as f32 lanes.
-    #[inline(always)]
-    unsafe fn load16(at: *const f16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i))
+        broadcast4(x.add(4 * c) as *const u8)
     }
 
     /// `(sumi·d)·d_x`, lane by lane, as candle rounds it.

@@ -237,18 +237,7 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    /// The four bytes at `at`, as one i32 in every lane.
-    #[inline(always)]
-    unsafe fn broadcast4(at: *const u8) -> __m512i {
-        _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
-    }
-
-    /// Sixteen f16 values as f32 lanes.
-    #[inline(always)]
-    unsafe fn load16(at: *const f16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i))
-    }
+    use crate::model::kernel::avx512::{broadcast4, load, load16};
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
@@ -264,7 +253,7 @@ mod vnni {
                 let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
                 let mut s = [_mm512_setzero_si512(); X];
                 for c in 0..8 {
-                    let bytes = _mm512_loadu_si512(pair.add(VECTOR * c) as *const __m512i);
+                    let bytes = load(pair.add(VECTOR * c));
                     let v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
                     for i in 0..X {
                         s[i] = _mm512_dpbusd_epi32(s[i], v, broadcast4(x[i].add(4 * c)));

@@ -267,17 +267,7 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    #[inline(always)]
-    unsafe fn load(at: *const u8) -> __m512i {
-        _mm512_loadu_si512(at as *const __m512i)
-    }
-
-    /// The four bytes at `at`, as one i32 in every lane.
-    #[inline(always)]
-    unsafe fn broadcast4(at: *const u8) -> __m512i {
-        _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
-    }
+    use crate::model::kernel::avx512::{broadcast4, load, load16};
 
     /// AVX2's `values` on sixteen rows.
     #[inline(always)]
@@ -343,7 +333,7 @@ mod vnni {
                 quarter::<2, X>(nibbles, highs, pairs, h, x, &mut sumi);
                 quarter::<3, X>(nibbles, highs, pairs, h, x, &mut sumi);
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(p.d.as_ptr().add(panel * ROWS) as *const __m256i));
+            let d = load16(p.d.as_ptr().add(panel * ROWS));
             for i in 0..X {
                 let dx = _mm512_set1_ps(*xs[i].k_d.get_unchecked(b));
                 acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[i]), _mm512_mul_ps(d, dx), acc[i]);
