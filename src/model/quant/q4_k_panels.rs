@@ -212,8 +212,8 @@ mod avx2 {
             for i in 0..X {
                 let sums = xs[i].k_sums32.as_ptr().add(8 * b) as *const u8;
                 let mut summ = _mm256_madd_epi16(minimums[0], broadcast4(sums));
-                for q in 1..4 {
-                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimums[q], broadcast4(sums.add(4 * q))));
+                for (q, &minimum) in minimums.iter().enumerate().skip(1) {
+                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(minimum, broadcast4(sums.add(4 * q))));
                 }
                 let dx = _mm256_set1_ps(*xs[i].k_d.get_unchecked(b));
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_mul_ps(d, dx), acc[i]);
