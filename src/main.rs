@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use terse::engine::{start_engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
+use terse::engine::{self as engine, start_engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
 use terse::manifest::resolve_model_with;
 use terse::metrics::Metrics;
-use terse::server::{ApiKeys, RequestLimits};
+use terse::model::KvPrecision;
+use terse::server::{self as server, ApiKeys, RequestLimits};
 use terse::tokenize::ChatMessage;
 
 mod tools;
@@ -95,31 +96,31 @@ struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Address to listen on (0.0.0.0 in a container).
-    #[arg(long, default_value = "127.0.0.1", env = "TERSE_HOST")]
+    #[arg(long, default_value = server::DEFAULT_HOST, env = "TERSE_HOST")]
     host: String,
-    #[arg(long, default_value_t = 8080, env = "TERSE_PORT")]
+    #[arg(long, default_value_t = server::DEFAULT_PORT, env = "TERSE_PORT")]
     port: u16,
     /// Most sequences decoded together in one step.
-    #[arg(long, default_value_t = 8, env = "TERSE_MAX_BATCH")]
+    #[arg(long, default_value_t = engine::DEFAULT_MAX_BATCH, env = "TERSE_MAX_BATCH")]
     max_batch: usize,
     /// Most requests waiting for a batch slot; beyond it requests get 429.
-    #[arg(long, default_value_t = 64, env = "TERSE_MAX_QUEUE")]
+    #[arg(long, default_value_t = engine::DEFAULT_MAX_QUEUE, env = "TERSE_MAX_QUEUE")]
     max_queue: usize,
     /// KV-cache budget in bytes (default: a full batch of full-context sequences, at most 4 GiB).
     #[arg(long, env = "TERSE_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<u64>,
     /// Prompt tokens a sequence feeds per step while prefilling.
-    #[arg(long, default_value_t = 512, env = "TERSE_PREFILL_CHUNK")]
+    #[arg(long, default_value_t = engine::DEFAULT_PREFILL_CHUNK, env = "TERSE_PREFILL_CHUNK")]
     prefill_chunk: usize,
     /// What the KV cache keeps keys and values in on the CPU: f16 halves its
     /// memory (twice the sequences in one budget) at f16's rounding.
-    #[arg(long, value_enum, default_value_t = KvCacheDtype::F32, env = "TERSE_KV_CACHE_DTYPE")]
-    kv_cache_dtype: KvCacheDtype,
+    #[arg(long, value_enum, default_value_t = KvPrecision::F32, env = "TERSE_KV_CACHE_DTYPE")]
+    kv_cache_dtype: KvPrecision,
     /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 4 << 20, env = "TERSE_MAX_BODY_BYTES")]
+    #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES, env = "TERSE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGTERM / SIGINT.
-    #[arg(long, default_value_t = 30, env = "TERSE_SHUTDOWN_GRACE_SECS")]
+    #[arg(long, default_value_t = server::DEFAULT_SHUTDOWN_GRACE_SECS, env = "TERSE_SHUTDOWN_GRACE_SECS")]
     shutdown_grace_secs: u64,
     /// An API key clients must send as `Authorization: Bearer KEY` (repeatable; the variable takes a comma-separated list). Default: none, no authentication.
     #[arg(long = "api-key", env = "TERSE_API_KEY", value_delimiter = ',', hide_env_values = true, value_name = "KEY")]
@@ -128,7 +129,7 @@ struct ServeArgs {
     #[arg(long, env = "TERSE_API_KEY_FILE", value_name = "FILE")]
     api_key_file: Option<PathBuf>,
     /// Seconds a generation request may take in all, queueing included; then it is cancelled with 504 (0: no limit).
-    #[arg(long, default_value_t = 600, env = "TERSE_REQUEST_TIMEOUT_SECS")]
+    #[arg(long, default_value_t = server::DEFAULT_REQUEST_TIMEOUT_SECS, env = "TERSE_REQUEST_TIMEOUT_SECS")]
     request_timeout_secs: u64,
     /// Most completion tokens a request may ask for; more is refused with 400, and it is the default for requests that set none. Default: the model's context length.
     #[arg(long, env = "TERSE_MAX_TOKENS_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
@@ -136,21 +137,6 @@ struct ServeArgs {
     /// Log lines as human-readable text or as one JSON object a line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "TERSE_LOG_FORMAT")]
     log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum KvCacheDtype {
-    F32,
-    F16,
-}
-
-impl From<KvCacheDtype> for terse::model::KvPrecision {
-    fn from(d: KvCacheDtype) -> Self {
-        match d {
-            KvCacheDtype::F32 => terse::model::KvPrecision::F32,
-            KvCacheDtype::F16 => terse::model::KvPrecision::F16,
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -260,7 +246,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_queue: args.max_queue,
             kv_cache_budget_bytes: args.kv_cache_bytes,
             prefill_chunk: args.prefill_chunk,
-            kv_cache_dtype: args.kv_cache_dtype.into(),
+            kv_cache_dtype: args.kv_cache_dtype,
             reasoning: model.reasoning,
             sparse: args.model.sparse,
             device: args.model.device,
@@ -308,8 +294,8 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let mut stream = engine.submit(request)?;
     let mut stdout = std::io::stdout();
-    while let Some(event) = stream.next().await {
-        match event {
+    loop {
+        match stream.read().await.map_err(|message| anyhow::anyhow!("generation failed: {message}"))? {
             GenerationEvent::Token { text, .. } => {
                 stdout.write_all(text.as_bytes())?;
                 stdout.flush()?;
@@ -329,5 +315,4 @@ async fn generate(args: GenerateArgs) -> Result<()> {
             GenerationEvent::Failed { message } => bail!("generation failed: {message}"),
         }
     }
-    bail!("the engine stopped before finishing")
 }

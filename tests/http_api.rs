@@ -445,6 +445,39 @@ async fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             Some("reasoning.strategy"),
         ),
         (
+            "a misspelt reasoning field",
+            &chat,
+            with(good.clone(), json!({"reasoning": {"max_thinking_token": 8}})).to_string().into(),
+            400,
+            Some("reasoning.max_thinking_token"),
+        ),
+        // Features terse lacks are refused by name, never answered as if absent.
+        (
+            "a JSON schema to follow",
+            &chat,
+            with(good.clone(), json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}))
+                .to_string()
+                .into(),
+            400,
+            Some("response_format"),
+        ),
+        (
+            "tools",
+            &chat,
+            with(good.clone(), json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"}))
+                .to_string()
+                .into(),
+            400,
+            Some("tools"),
+        ),
+        (
+            "a logit bias",
+            &completions,
+            json!({"prompt": "Hi", "logit_bias": {"1": 5}}).to_string().into(),
+            400,
+            Some("logit_bias"),
+        ),
+        (
             "unknown model",
             &chat,
             with(good.clone(), json!({"model": "gpt-4o"})).to_string().into(),

@@ -142,3 +142,42 @@ async fn min_thinking_tokens_hold_off_every_stop_before_the_minimum() {
     assert_eq!(usage.thinking_tokens, close_at + 1);
     assert_eq!(usage.think_stop_reason, Some(ThinkStopReason::StopTemperature));
 }
+
+#[tokio::test]
+async fn a_cancelled_sequence_is_answered_with_what_it_used() {
+    let engine = engine();
+    let request = GenerationRequest {
+        id: "cancelled".into(),
+        prompt: prompt(engine),
+        max_tokens: 4_000,
+        sampling: SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() },
+        stop: vec![],
+        received_at: std::time::Instant::now(),
+        reasoning: ReasoningSettings::default(),
+    };
+    let mut events = engine.submit(request).unwrap();
+    let mut seen = 0;
+    while seen < 5 {
+        match events.read().await.unwrap() {
+            GenerationEvent::Token { .. } => seen += 1,
+            other => panic!("the sequence ended early: {other:?}"),
+        }
+    }
+    events.cancel();
+    // Tokens already on their way come first; then the engine's last word.
+    loop {
+        match events.read().await.unwrap() {
+            GenerationEvent::Token { .. } => seen += 1,
+            GenerationEvent::Finished { reason, usage, reasoning } => {
+                assert_eq!(reason, terse::engine::FinishReason::Cancelled);
+                assert_eq!(usage.completion_tokens, seen, "every token it streamed, and no more");
+                assert_eq!(reasoning.thinking_tokens, seen, "the random model never stops thinking");
+                assert_eq!(reasoning.think_stop_reason, Some(ThinkStopReason::Cancelled));
+                break;
+            }
+            GenerationEvent::Failed { message } => panic!("{message}"),
+        }
+    }
+    assert!(events.next().await.is_none(), "nothing after Finished");
+    assert!(seen < 4_000, "cancelled before the end");
+}

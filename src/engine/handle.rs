@@ -12,6 +12,12 @@ use crate::reasoning::phase::ThinkTokens;
 use crate::reasoning::profile::ReasoningProfile;
 use crate::tokenize::TextTokenizer;
 
+/// The scheduler's defaults, one source for `EngineConfig::default` and the
+/// command line's.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+pub const DEFAULT_MAX_QUEUE: usize = 64;
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -38,10 +44,10 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_batch: 8,
-            max_queue: 64,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_queue: DEFAULT_MAX_QUEUE,
             kv_cache_budget_bytes: None,
-            prefill_chunk: 512,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_cache_dtype: crate::model::KvPrecision::F32,
             reasoning: ReasoningProfile::default(),
             sparse: SparseMode::Auto,
@@ -51,9 +57,13 @@ impl Default for EngineConfig {
     }
 }
 
-/// Events of one sequence. Dropping it cancels the sequence.
+/// Events of one sequence. [`GenerationStream::cancel`] stops the sequence,
+/// and the engine answers with its last event, `Finished` with reason
+/// `Cancelled` and the usage so far; dropping the stream stops it too,
+/// unanswered.
 pub struct GenerationStream {
     pub(crate) rx: mpsc::UnboundedReceiver<GenerationEvent>,
+    pub(crate) cancelled: Arc<AtomicBool>,
 }
 
 impl GenerationStream {
@@ -61,11 +71,56 @@ impl GenerationStream {
     pub async fn next(&mut self) -> Option<GenerationEvent> {
         self.rx.recv().await
     }
+
+    /// The next `Token` or `Finished` event; `Failed`, and an engine that
+    /// stopped before `Finished`, are errors.
+    pub async fn read(&mut self) -> Result<GenerationEvent, String> {
+        match self.next().await {
+            Some(GenerationEvent::Failed { message }) => Err(message),
+            Some(event) => Ok(event),
+            None => Err("the engine stopped before finishing the request".into()),
+        }
+    }
+
+    /// Stop generating; the engine answers at its next step.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
 }
 
 pub(crate) struct Submission {
     pub request: GenerationRequest,
     pub events: mpsc::UnboundedSender<GenerationEvent>,
+    pub cancelled: Arc<AtomicBool>,
+    /// Counted in flight until the sequence is dropped.
+    pub in_flight: InFlight,
+    /// Counted as waiting until admitted (or dropped).
+    pub queued: Queued,
+}
+
+impl Submission {
+    /// The client cancelled or went away.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst) || self.events.is_closed()
+    }
+}
+
+/// A request counted in `Shared::in_flight` for as long as it lives.
+pub(crate) struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request counted in `Shared::waiting` for as long as it lives.
+pub(crate) struct Queued(Arc<Shared>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub(crate) struct Shared {
@@ -122,14 +177,18 @@ impl EngineHandle {
         if reserved.is_err() {
             return Err(SubmitError::QueueFull(shared.max_queue));
         }
-        let (events, rx) = mpsc::unbounded_channel();
+        // From here the guards keep the books: a submission the engine never
+        // takes in is dropped with them.
+        let queued = Queued(shared.clone());
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        if self.submit_tx.send(Submission { request, events }).is_err() {
-            shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let in_flight = InFlight(shared.clone());
+        let (events, rx) = mpsc::unbounded_channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let submission = Submission { request, events, cancelled: cancelled.clone(), in_flight, queued };
+        if self.submit_tx.send(submission).is_err() {
             return Err(SubmitError::ShuttingDown);
         }
-        Ok(GenerationStream { rx })
+        Ok(GenerationStream { rx, cancelled })
     }
 
     pub fn model_info(&self) -> &ModelInfo {

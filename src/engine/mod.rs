@@ -1,11 +1,13 @@
 //! The scheduler: continuous batching over one model on its own thread.
 //!
 //! The HTTP side submits a [`GenerationRequest`] through an [`EngineHandle`] and
-//! reads [`GenerationEvent`]s from the returned [`GenerationStream`]. Dropping
-//! the stream cancels the sequence; the engine frees its KV cache at its next step.
+//! reads [`GenerationEvent`]s from the returned [`GenerationStream`].
+//! Cancelling the stream (or dropping it) stops the sequence; the engine frees
+//! its KV cache at its next step, and answers a cancelled stream with its usage.
 
 mod device_pick;
 mod handle;
+mod logits;
 mod request;
 mod sampling;
 mod scheduler;
@@ -18,9 +20,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use device_pick::PickOnDevice;
-pub use handle::{EngineConfig, EngineHandle, GenerationStream};
+pub use handle::{EngineConfig, EngineHandle, GenerationStream, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK};
+pub use logits::{DeviceEdit, LogitChain, LogitProcessor, Penalties};
 pub use request::*;
-pub use sampling::{argmax, Sampler};
+pub use crate::reasoning::stopping::argmax;
+pub use sampling::Sampler;
 
 use crate::metrics::Metrics;
 use candle_core::Device;

@@ -1,48 +1,33 @@
-//! Choosing the next token from logits: penalties, temperature, top-k, top-p.
+//! Choosing the next token from edited logits (`logits.rs`): temperature, top-k, top-p, seed.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
 
 use super::request::SamplingParams;
+use crate::reasoning::stopping::argmax;
 
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
-    /// How often each token has been generated so far (for OpenAI's penalties).
-    counts: HashMap<u32, u32>,
-    /// Tokens seen in prompt or output (for the repetition penalty).
-    seen: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+    pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_os_rng(),
         };
-        let seen = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { Default::default() };
-        Sampler { params, rng, counts: HashMap::new(), seen }
+        Sampler { params, rng }
     }
 
-    /// Greedy with no penalties: the argmax of the (TS-edited) logits is the
-    /// whole choice, so it can be made where the logits are.
-    pub fn is_plain_greedy(&self) -> bool {
-        let p = &self.params;
-        p.temperature <= 0.0 && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    /// Greedy: the argmax of the edited logits is the whole choice, so it can
+    /// be made where the logits are (when the processors allow).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
     }
 
-    /// Record a token the sequence now contains (sampled or injected).
-    pub fn observe(&mut self, token: u32) {
-        *self.counts.entry(token).or_default() += 1;
-        if self.params.repetition_penalty != 1.0 {
-            self.seen.insert(token);
-        }
-    }
-
-    /// Pick the next token; `logits` is edited in place.
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        self.apply_penalties(logits);
+    /// Pick the next token from logits the processors have edited.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 {
             return argmax(logits);
@@ -85,35 +70,6 @@ impl Sampler {
         }
         probs.last().map(|(id, _)| *id).unwrap_or_else(|| argmax(logits))
     }
-
-    fn apply_penalties(&self, logits: &mut [f32]) {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            for &t in &self.seen {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
-                }
-            }
-        }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            for (&t, &c) in &self.counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
-                }
-            }
-        }
-    }
-}
-
-/// Index of the largest logit; the lowest index wins ties.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]
@@ -126,47 +82,34 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_largest_logit() {
-        let mut s = Sampler::new(params(0.0), &[]);
-        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 2.9]), 1);
+        let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
     }
 
     #[test]
     fn same_seed_same_choices() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = || {
-            let mut s = Sampler::new(params(1.0), &[]);
-            (0..20).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+            let mut s = Sampler::new(params(1.0));
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
     }
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(1.5) }, &[]);
+        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(1.5) });
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut [0.0, 1.0, 5.0, 4.9]), 2);
+            assert_eq!(s.sample(&[0.0, 1.0, 5.0, 4.9]), 2);
         }
     }
 
     #[test]
     fn top_p_keeps_only_the_nucleus() {
         // Token 0 holds ~98% of the mass: top_p 0.5 must always pick it.
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) }, &[]);
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) });
         for _ in 0..50 {
-            assert_eq!(s.sample(&mut [6.0, 1.0, 1.0, 0.5]), 0);
+            assert_eq!(s.sample(&[6.0, 1.0, 1.0, 0.5]), 0);
         }
-    }
-
-    #[test]
-    fn frequency_penalty_discourages_repeats() {
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 2.0, ..params(0.0) }, &[]);
-        s.observe(0);
-        assert_eq!(s.sample(&mut [1.0, 0.5]), 1);
-    }
-
-    #[test]
-    fn repetition_penalty_covers_the_prompt() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 3.0, ..params(0.0) }, &[0]);
-        assert_eq!(s.sample(&mut [1.0, 0.5]), 1);
     }
 }

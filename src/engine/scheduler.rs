@@ -1,12 +1,19 @@
 //! The engine thread: continuous batching over one model.
 //!
-//! Each step: take in new submissions, drop cancelled sequences, admit waiting
-//! ones while the batch and the KV-cache budget allow, run ONE forward pass over
-//! every running sequence (prefill chunks and decode tokens together), then
-//! sample, stream and retire. A sequence joins or leaves between any two steps.
+//! Each step ([`Scheduler::run`]): take in new submissions, retire cancelled
+//! sequences (each answered with its usage so far), admit waiting ones while
+//! the batch and the KV-cache budget allow, plan ONE forward pass over every
+//! running sequence (prefill chunks and decode tokens together), run it,
+//! choose each sequence's next token, stream and retire. A sequence joins or
+//! leaves between any two steps.
+//!
+//! No books are kept by hand: a request's place in the queue and in-flight
+//! counters is a guard it holds (`handle.rs`), and the KV budget in use is
+//! computed from the running sequences, so dropping a sequence, for whatever
+//! reason, releases all it held.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,12 +23,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use candle_core::Tensor;
 
 use super::device_pick::{pick_greedy, GreedyRow};
-use super::handle::{Shared, Submission};
+use super::handle::{InFlight, Shared, Submission};
+use super::logits::{LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, Usage};
 use super::sampling::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
-use crate::model::{SeqChunk, SeqKvCache, Transformer};
+use crate::model::{SeqChunk, SeqKvCache, StepLogits, Transformer};
 use crate::reasoning::control::{Decision, ForcedKind, ReasoningControl, ThinkStopReason};
 use crate::reasoning::phase::PhaseTracker;
 use crate::tokenize::PhasedDecoder;
@@ -29,22 +37,56 @@ use crate::tokenize::PhasedDecoder;
 struct Sequence {
     request: GenerationRequest,
     events: UnboundedSender<GenerationEvent>,
+    cancelled: Arc<AtomicBool>,
     /// Prompt followed by completion tokens (sampled and injected).
     tokens: Vec<u32>,
     /// Completion tokens so far, the end-of-turn token included.
     completion: usize,
-    control: ReasoningControl,
-    cache: SeqKvCache,
+    /// Reasoning control, penalties: the editors of the next token's logits.
+    logits: LogitChain,
     sampler: Sampler,
+    cache: SeqKvCache,
     decoder: PhasedDecoder,
     stop: StopMatcher,
-    reserved_bytes: u64,
+    _in_flight: InFlight,
 }
 
 impl Sequence {
     /// Tokens not yet fed through the model.
     fn pending(&self) -> usize {
         self.tokens.len() - self.cache.len()
+    }
+
+    fn control(&self) -> &ReasoningControl {
+        &self.logits.reasoning
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst) || self.events.is_closed()
+    }
+
+    /// The last event: how the sequence ended and what it used.
+    fn finish(&self, reason: FinishReason) {
+        let usage = Usage { prompt_tokens: self.request.prompt.len(), completion_tokens: self.completion };
+        let reasoning = reasoning_usage(self.control(), reason);
+        let _ = self.events.send(GenerationEvent::Finished { reason, usage, reasoning });
+    }
+}
+
+/// How a completion's tokens split, from its reasoning control.
+fn reasoning_usage(control: &ReasoningControl, reason: FinishReason) -> ReasoningUsage {
+    let ended_by = match reason {
+        FinishReason::Stop => ThinkStopReason::Natural,
+        FinishReason::Length => ThinkStopReason::Length,
+        FinishReason::Cancelled => ThinkStopReason::Cancelled,
+    };
+    ReasoningUsage {
+        thinking_tokens: control.thinking_tokens(),
+        answer_tokens: control.answer_tokens(),
+        forced_tokens: control.forced_tokens(),
+        forced_end_of_thinking: control.forced_tokens_of(ForcedKind::EndOfThinking),
+        forced_continuation: control.forced_tokens_of(ForcedKind::Continuation),
+        think_stop_reason: control.stop_reason(ended_by),
     }
 }
 
@@ -55,6 +97,24 @@ enum Next {
     /// A token chosen from the logits.
     Sampled(u32),
 }
+
+/// What the engine holds between steps.
+#[derive(Default)]
+struct Batch {
+    waiting: VecDeque<Submission>,
+    running: Vec<Sequence>,
+    /// Whether new submissions can still arrive.
+    closed: bool,
+}
+
+impl Batch {
+    fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+}
+
+/// One step's rows: (index among the running sequences, tokens it feeds).
+type StepPlan = Vec<(usize, usize)>;
 
 pub(crate) struct Scheduler {
     pub model: Transformer,
@@ -67,222 +127,211 @@ pub(crate) struct Scheduler {
     pub pick_on_device: bool,
 }
 
-/// A step's logits (one row per stepped sequence): in the host path's own
-/// buffer, or a tensor on the model's device.
-enum StepLogits<'a> {
-    Host(&'a mut [f32]),
-    Device(Tensor),
-}
-
 impl Scheduler {
     pub fn run(self) {
-        let mut waiting: VecDeque<Submission> = VecDeque::new();
-        let mut running: Vec<Sequence> = Vec::new();
+        let mut batch = Batch::default();
         // The host path's logits, kept from step to step.
         let mut host_logits: Vec<f32> = Vec::new();
-        let mut reserved: u64 = 0;
-        let mut open = true;
         let phase_seconds = |name: &str| self.metrics.engine_step_seconds.with_label_values(&[name]);
         let (forward_seconds, pick_seconds, deliver_seconds) = (phase_seconds("forward"), phase_seconds("pick"), phase_seconds("deliver"));
         let took = |phase: &prometheus::Histogram, since: Instant| phase.observe(since.elapsed().as_secs_f64());
-        loop {
-            // 1. Take in submissions; sleep on the channel when there is nothing to do.
-            if running.is_empty() && waiting.is_empty() {
-                // Idle: the gauges were last set before the step that retired
-                // the last sequences; they must not keep those while we sleep.
-                self.metrics.queue_depth.set(0);
-                self.metrics.running_sequences.set(0);
-                self.metrics.kv_cache_used_bytes.set(reserved as i64);
-                if !open {
-                    break;
-                }
-                match self.submissions.recv() {
-                    Ok(s) => waiting.push_back(s),
-                    Err(_) => break,
-                }
-            }
-            loop {
-                match self.submissions.try_recv() {
-                    Ok(s) => waiting.push_back(s),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            }
-
-            // 2. Forget requests whose client went away.
-            waiting.retain(|s| {
-                let gone = s.events.is_closed();
-                if gone {
-                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                    self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-                }
-                !gone
-            });
-            running.retain(|seq| {
-                let gone = seq.events.is_closed();
-                if gone {
-                    reserved -= seq.reserved_bytes;
-                    self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-                    tracing::debug!(id = %seq.request.id, "client gone; sequence cancelled");
-                }
-                !gone
-            });
-
-            // 3. Admit in arrival order while the batch and the KV budget allow.
-            while running.len() < self.max_batch {
-                let Some(front) = waiting.front() else { break };
-                let r = &front.request;
-                let need = (r.prompt.len() + r.max_tokens) as u64 * self.shared.kv_bytes_per_token;
-                if reserved + need > self.shared.kv_budget_bytes {
-                    break;
-                }
-                let s = waiting.pop_front().expect("front exists");
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                reserved += need;
-                running.push(Sequence {
-                    sampler: Sampler::new(s.request.sampling.clone(), &s.request.prompt),
-                    stop: StopMatcher::new(s.request.stop.clone()),
-                    tokens: s.request.prompt.clone(),
-                    completion: 0,
-                    control: ReasoningControl::new(
-                        s.request.reasoning.clone(),
-                        self.shared.injections.clone(),
-                        PhaseTracker::new(self.shared.think, &s.request.prompt),
-                        self.shared.tokenizer.end_of_turn_ids().to_vec(),
-                    ),
-                    cache: self.model.new_cache(),
-                    decoder: PhasedDecoder::new(self.shared.think),
-                    reserved_bytes: need,
-                    request: s.request,
-                    events: s.events,
-                });
-            }
-            self.metrics.queue_depth.set(waiting.len() as i64);
-            self.metrics.running_sequences.set(running.len() as i64);
-            self.metrics.kv_cache_used_bytes.set(reserved as i64);
-            if running.is_empty() {
+        while self.take_submissions(&mut batch) {
+            self.retire_cancelled(&mut batch);
+            self.admit(&mut batch);
+            self.publish_gauges(&batch);
+            if batch.running.is_empty() {
                 continue;
             }
-
-            // 4. One forward pass. Decoding sequences feed their last token; prefilling
-            // ones feed a chunk whose bounds depend only on the sequence itself, and at
-            // most `prefill_chunk` prompt tokens enter a step (at least one chunk does).
-            let mut prefill_budget = self.prefill_chunk;
-            let mut stepping: Vec<usize> = Vec::new();
-            let mut lens: Vec<usize> = Vec::new();
-            for (i, seq) in running.iter().enumerate() {
-                let pending = seq.pending();
-                if pending == 1 {
-                    stepping.push(i);
-                    lens.push(1);
-                } else {
-                    let chunk = pending.min(self.prefill_chunk);
-                    if chunk <= prefill_budget || prefill_budget == self.prefill_chunk {
-                        prefill_budget = prefill_budget.saturating_sub(chunk);
-                        stepping.push(i);
-                        lens.push(chunk);
-                    }
+            let plan = self.plan(&batch.running);
+            self.metrics.batch_size.observe(plan.len() as f64);
+            let started = Instant::now();
+            let logits = self.forward(&mut batch.running, &plan, &mut host_logits);
+            took(&forward_seconds, started);
+            let started = Instant::now();
+            match logits.and_then(|logits| self.choose(&mut batch.running, &plan, logits)) {
+                Ok(choices) => {
+                    took(&pick_seconds, started);
+                    let started = Instant::now();
+                    self.deliver(&mut batch.running, choices);
+                    took(&deliver_seconds, started);
                 }
-            }
-            self.metrics.batch_size.observe(stepping.len() as f64);
-            let forward_started = Instant::now();
-            let logits = {
-                let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(stepping.len());
-                let mut rest: &mut [Sequence] = &mut running;
-                let mut base = 0;
-                for (&i, &len) in stepping.iter().zip(&lens) {
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
-                    let (seq, after) = tail.split_first_mut().expect("index in range");
-                    let start = seq.cache.len();
-                    chunks.push(SeqChunk { tokens: &seq.tokens[start..start + len], cache: &mut seq.cache });
-                    rest = after;
-                    base = i + 1;
-                }
-                if self.model.runs_on_host() {
-                    self.model.forward_into(&mut chunks, &mut host_logits).map(|()| StepLogits::Host(&mut host_logits))
-                } else {
-                    self.model.forward(&mut chunks).map(StepLogits::Device)
-                }
-            };
-            took(&forward_seconds, forward_started);
-            let pick_started = Instant::now();
-            let choices = match logits.and_then(|logits| self.choose(&mut running, &stepping, logits)) {
-                Ok(c) => c,
                 Err(e) => {
                     tracing::error!("forward pass failed: {e}");
-                    for seq in running.drain(..) {
+                    for seq in batch.running.drain(..) {
                         let _ = seq.events.send(GenerationEvent::Failed { message: format!("model error: {e}") });
-                        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                     }
-                    reserved = 0;
-                    continue;
-                }
-            };
-
-            took(&pick_seconds, pick_started);
-
-            // 5. Take in the next token(s) of every sequence whose prompt is fully fed; stream; retire.
-            let deliver_started = Instant::now();
-            let mut finished: Vec<usize> = Vec::new();
-            for (i, next) in choices {
-                let seq = &mut running[i];
-                let ended = match next {
-                    Next::Forced(tokens) => self.push_tokens(seq, &tokens, Some(ForcedKind::EndOfThinking)),
-                    Next::Sampled(token) => self.take_token(seq, token),
-                };
-                if let Some(reason) = ended {
-                    let ended_by = match reason {
-                        FinishReason::Stop => ThinkStopReason::Natural,
-                        FinishReason::Length => ThinkStopReason::Length,
-                        FinishReason::Cancelled => ThinkStopReason::Cancelled,
-                    };
-                    let usage = Usage { prompt_tokens: seq.request.prompt.len(), completion_tokens: seq.completion };
-                    let reasoning = ReasoningUsage {
-                        thinking_tokens: seq.control.thinking_tokens(),
-                        answer_tokens: seq.control.answer_tokens(),
-                        forced_tokens: seq.control.forced_tokens(),
-                        forced_end_of_thinking: seq.control.forced_tokens_of(ForcedKind::EndOfThinking),
-                        forced_continuation: seq.control.forced_tokens_of(ForcedKind::Continuation),
-                        think_stop_reason: seq.control.stop_reason(ended_by),
-                    };
-                    let _ = seq.events.send(GenerationEvent::Finished { reason, usage, reasoning });
-                    finished.push(i);
                 }
             }
-            for &i in finished.iter().rev() {
-                let seq = running.swap_remove(i);
-                reserved -= seq.reserved_bytes;
-                self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-            }
-            took(&deliver_seconds, deliver_started);
         }
         tracing::info!("engine thread stopped");
     }
 
-    /// What each stepped sequence whose prompt is fully fed takes in next:
+    /// Take in new submissions, sleeping on the channel while there is
+    /// nothing to do; `false` once nothing more can come and nothing is left.
+    fn take_submissions(&self, batch: &mut Batch) -> bool {
+        if batch.is_idle() {
+            // The gauges were last set before the step that retired the last
+            // sequences; they must not keep those while we sleep.
+            self.publish_gauges(batch);
+            if batch.closed {
+                return false;
+            }
+            match self.submissions.recv() {
+                Ok(s) => batch.waiting.push_back(s),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.submissions.try_recv() {
+                Ok(s) => batch.waiting.push_back(s),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    batch.closed = true;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Answer and drop the requests whose client cancelled or went away.
+    fn retire_cancelled(&self, batch: &mut Batch) {
+        batch.waiting.retain(|s| {
+            if !s.is_cancelled() {
+                return true;
+            }
+            let usage = Usage { prompt_tokens: s.request.prompt.len(), completion_tokens: 0 };
+            let reasoning = reasoning_usage(&self.reasoning_control(&s.request), FinishReason::Cancelled);
+            let _ = s.events.send(GenerationEvent::Finished { reason: FinishReason::Cancelled, usage, reasoning });
+            false
+        });
+        batch.running.retain(|seq| {
+            if !seq.is_cancelled() {
+                return true;
+            }
+            tracing::debug!(id = %seq.request.id, "sequence cancelled");
+            seq.finish(FinishReason::Cancelled);
+            false
+        });
+    }
+
+    /// KV-cache bytes a request reserves: its whole length, prompt and completion.
+    fn kv_need(&self, request: &GenerationRequest) -> u64 {
+        (request.prompt.len() + request.max_tokens) as u64 * self.shared.kv_bytes_per_token
+    }
+
+    fn kv_reserved(&self, batch: &Batch) -> u64 {
+        batch.running.iter().map(|seq| self.kv_need(&seq.request)).sum()
+    }
+
+    /// Admit waiting requests in arrival order while the batch and the KV budget allow.
+    fn admit(&self, batch: &mut Batch) {
+        let mut reserved = self.kv_reserved(batch);
+        while batch.running.len() < self.max_batch {
+            let Some(front) = batch.waiting.front() else { break };
+            let need = self.kv_need(&front.request);
+            if reserved + need > self.shared.kv_budget_bytes {
+                break;
+            }
+            reserved += need;
+            let submission = batch.waiting.pop_front().expect("front exists");
+            batch.running.push(self.start(submission));
+        }
+    }
+
+    fn publish_gauges(&self, batch: &Batch) {
+        self.metrics.queue_depth.set(batch.waiting.len() as i64);
+        self.metrics.running_sequences.set(batch.running.len() as i64);
+        self.metrics.kv_cache_used_bytes.set(self.kv_reserved(batch) as i64);
+    }
+
+    fn reasoning_control(&self, request: &GenerationRequest) -> ReasoningControl {
+        ReasoningControl::new(
+            request.reasoning.clone(),
+            self.shared.injections.clone(),
+            PhaseTracker::new(self.shared.think, &request.prompt),
+            self.shared.tokenizer.end_of_turn_ids().to_vec(),
+        )
+    }
+
+    /// A submission admitted to the batch: it leaves the queue's count now.
+    fn start(&self, submission: Submission) -> Sequence {
+        let Submission { request, events, cancelled, in_flight, queued } = submission;
+        drop(queued);
+        let penalties = Penalties::new(&request.sampling, &request.prompt);
+        Sequence {
+            logits: LogitChain::new(self.reasoning_control(&request), penalties),
+            sampler: Sampler::new(request.sampling.clone()),
+            stop: StopMatcher::new(request.stop.clone()),
+            tokens: request.prompt.clone(),
+            completion: 0,
+            cache: self.model.new_cache(),
+            decoder: PhasedDecoder::new(self.shared.think),
+            request,
+            events,
+            cancelled,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// Decoding sequences feed their last token; prefilling ones feed a chunk
+    /// whose bounds depend only on the sequence itself, and at most
+    /// `prefill_chunk` prompt tokens enter a step (at least one chunk does).
+    fn plan(&self, running: &[Sequence]) -> StepPlan {
+        let mut prefill_budget = self.prefill_chunk;
+        let mut plan = Vec::new();
+        for (i, seq) in running.iter().enumerate() {
+            let pending = seq.pending();
+            if pending == 1 {
+                plan.push((i, 1));
+            } else {
+                let chunk = pending.min(self.prefill_chunk);
+                if chunk <= prefill_budget || prefill_budget == self.prefill_chunk {
+                    prefill_budget = prefill_budget.saturating_sub(chunk);
+                    plan.push((i, chunk));
+                }
+            }
+        }
+        plan
+    }
+
+    /// The step's one forward pass over the planned rows.
+    fn forward<'l>(&self, running: &mut [Sequence], plan: &StepPlan, host_logits: &'l mut Vec<f32>) -> candle_core::Result<StepLogits<'l>> {
+        let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(plan.len());
+        let mut rest: &mut [Sequence] = running;
+        let mut base = 0;
+        for &(i, len) in plan {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+            let (seq, after) = tail.split_first_mut().expect("index in range");
+            let start = seq.cache.len();
+            chunks.push(SeqChunk { tokens: &seq.tokens[start..start + len], cache: &mut seq.cache });
+            rest = after;
+            base = i + 1;
+        }
+        self.model.step(&mut chunks, host_logits)
+    }
+
+    /// What each planned sequence whose prompt is fully fed takes in next:
     /// forced tokens, or a token chosen from its row of `logits`. The host
-    /// path's rows are edited (TS) and sampled in place. Of a device's,
-    /// greedy rows are chosen there when `pick_on_device`; only the other
-    /// rows are copied to the host, edited and sampled.
-    fn choose(&self, running: &mut [Sequence], stepping: &[usize], logits: StepLogits<'_>) -> candle_core::Result<Vec<(usize, Next)>> {
-        let mut choices = Vec::with_capacity(stepping.len());
+    /// path's rows are edited and sampled in place. Of a device's, greedy rows
+    /// whose processors allow it are chosen there when `pick_on_device`; only
+    /// the other rows are copied to the host, edited and sampled.
+    fn choose(&self, running: &mut [Sequence], plan: &StepPlan, logits: StepLogits<'_>) -> candle_core::Result<Vec<(usize, Next)>> {
+        let mut choices = Vec::with_capacity(plan.len());
         let mut host_rows: Vec<(usize, usize)> = Vec::new(); // (row, index in choices)
         let mut device_rows: Vec<(usize, usize)> = Vec::new();
-        for (row, &i) in stepping.iter().enumerate() {
+        let on_device = self.pick_on_device && matches!(logits, StepLogits::Device(_));
+        for (row, &(i, _)) in plan.iter().enumerate() {
             let seq = &mut running[i];
             if seq.pending() > 0 {
                 continue; // still prefilling
             }
             // An empty injection text (a misconfigured model) would leave nothing to feed.
-            if let Some(forced) = seq.control.forced_now().filter(|f| !f.is_empty()) {
+            if let Some(forced) = seq.logits.reasoning.forced_now().filter(|f| !f.is_empty()) {
                 choices.push((i, Next::Forced(forced)));
                 continue;
             }
             let slot = (row, choices.len());
-            if self.pick_on_device && seq.sampler.is_plain_greedy() && matches!(logits, StepLogits::Device(_)) {
+            if on_device && seq.sampler.is_greedy() && seq.logits.device_plan().is_some() {
                 device_rows.push(slot);
             } else {
                 host_rows.push(slot);
@@ -292,25 +341,25 @@ impl Scheduler {
         if !device_rows.is_empty() {
             let rows: Vec<GreedyRow<'_>> = device_rows
                 .iter()
-                .map(|&(row, slot)| GreedyRow { row, ts: running[choices[slot].0].control.stop_edit() })
+                .map(|&(row, slot)| GreedyRow { row, ts: running[choices[slot].0].logits.device_plan().flatten() })
                 .collect();
             let StepLogits::Device(on_device) = &logits else { unreachable!("device rows are taken only from a device's logits") };
             let picks = pick_greedy(on_device, &rows)?;
             drop(rows);
             for (&(_, slot), pick) in device_rows.iter().zip(picks) {
-                running[choices[slot].0].control.note_top_before_edit(pick.top_was_stop);
+                running[choices[slot].0].logits.reasoning.note_top_before_edit(pick.top_was_stop);
                 choices[slot].1 = Next::Sampled(pick.token);
             }
         }
         let mut sample = |slot: usize, row: &mut [f32]| {
             let seq = &mut running[choices[slot].0];
-            seq.control.edit_logits(row);
+            seq.logits.apply(row);
             choices[slot].1 = Next::Sampled(seq.sampler.sample(row));
         };
         match logits {
             // The host's logits are edited and sampled where the model wrote them.
             StepLogits::Host(values) => {
-                let vocab = values.len() / stepping.len();
+                let vocab = values.len() / plan.len();
                 for &(row, slot) in &host_rows {
                     sample(slot, &mut values[row * vocab..(row + 1) * vocab]);
                 }
@@ -332,14 +381,35 @@ impl Scheduler {
         Ok(choices)
     }
 
+    /// Take in each sequence's next token(s), stream them, and retire the
+    /// sequences that ended.
+    fn deliver(&self, running: &mut Vec<Sequence>, choices: Vec<(usize, Next)>) {
+        let mut finished: Vec<usize> = Vec::new();
+        for (i, next) in choices {
+            let seq = &mut running[i];
+            let ended = match next {
+                Next::Forced(tokens) => self.push_tokens(seq, &tokens, Some(ForcedKind::EndOfThinking)),
+                Next::Sampled(token) => self.take_token(seq, token),
+            };
+            if let Some(reason) = ended {
+                seq.finish(reason);
+                finished.push(i);
+            }
+        }
+        for &i in finished.iter().rev() {
+            running.swap_remove(i);
+        }
+    }
+
     /// Judge a chosen token and take it in (or its replacement). `Some` when
     /// the sequence has ended.
     fn take_token(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
-        match seq.control.after_sample(token) {
+        match seq.logits.reasoning.after_sample(token) {
             Decision::Replace(continuation) => self.push_tokens(seq, &continuation, Some(ForcedKind::Continuation)),
             Decision::Keep if self.shared.tokenizer.end_of_turn_ids().contains(&token) => {
                 seq.completion += 1;
-                let phase = seq.control.observe(token, None);
+                seq.logits.accept(token, None);
+                let phase = seq.control().last_token_phase();
                 let rest = self.flush_text(seq);
                 if !rest.is_empty() {
                     let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase, forced: false });
@@ -357,8 +427,8 @@ impl Scheduler {
         for &token in tokens {
             seq.tokens.push(token);
             seq.completion += 1;
-            seq.sampler.observe(token);
-            let phase = seq.control.observe(token, forced);
+            seq.logits.accept(token, forced);
+            let phase = seq.control().last_token_phase();
             let delta = seq.decoder.push(tokenizer, token);
             let (mut text, stopped) = match seq.stop.push(&delta) {
                 StopOutcome::Continue(t) => (t, false),
@@ -366,7 +436,7 @@ impl Scheduler {
             };
             let out_of_room = seq.completion >= seq.request.max_tokens
                 || seq.tokens.len() >= self.shared.context_length
-                || seq.control.answer_allowance_spent();
+                || seq.control().answer_allowance_spent();
             if out_of_room && !stopped {
                 text += &self.flush_text(seq);
             }

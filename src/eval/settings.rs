@@ -25,20 +25,18 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::reasoning::control::Strategy;
+use crate::reasoning::modes::{Mode, ReasoningFields, MODE_VALUES};
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setting {
     pub name: String,
     /// `reasoning_effort`.
-    pub mode: Option<String>,
-    /// `reasoning.strategy`.
-    pub strategy: Option<&'static str>,
-    pub stop_temperature: Option<f64>,
-    pub ramp: bool,
-    pub max_thinking_tokens: Option<u64>,
-    pub min_thinking_tokens: Option<u64>,
+    pub effort: Option<Mode>,
+    /// The `reasoning` object, as the server defines it.
+    pub reasoning: ReasoningFields,
 }
 
-const MODES: [&str; 6] = ["short", "medium", "long", "low", "high", "none"];
 
 impl Setting {
     /// Parse one spec (see the module documentation).
@@ -47,15 +45,9 @@ impl Setting {
         if spec.is_empty() {
             bail!("empty setting");
         }
-        let mut s = Setting {
-            name: String::new(),
-            mode: None,
-            strategy: None,
-            stop_temperature: None,
-            ramp: false,
-            max_thinking_tokens: None,
-            min_thinking_tokens: None,
-        };
+        let mut name = String::new();
+        let mut effort: Option<Mode> = None;
+        let mut r = ReasoningFields::default();
         let mut label_items = Vec::new();
         let mut baseline = false;
         for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -66,47 +58,41 @@ impl Setting {
             let need = |what: &str| value.with_context(|| format!("`{key}` needs a value: `{key}={what}`"));
             match key {
                 "name" => {
-                    s.name = need("LABEL")?.to_string();
+                    name = need("LABEL")?.to_string();
                     continue;
                 }
                 "baseline" => baseline = true,
-                m if value.is_none() && MODES.contains(&m) => set_once(&mut s.mode, m.to_string(), "mode")?,
+                m if value.is_none() && Mode::parse(m).is_some() => set_once(&mut effort, Mode::parse(m).expect("checked"), "mode")?,
                 "mode" => {
                     let m = need("short|medium|long")?;
-                    if !MODES.contains(&m) {
-                        bail!("unknown mode `{m}` (one of {})", MODES.join(", "));
-                    }
-                    set_once(&mut s.mode, m.to_string(), "mode")?;
+                    let Some(mode) = Mode::parse(m) else { bail!("unknown mode `{m}` (one of {MODE_VALUES})") };
+                    set_once(&mut effort, mode, "mode")?;
                 }
                 "ts" => {
-                    let t: f64 = parse_number(key, need("T")?)?;
+                    let t: f32 = parse_number(key, need("T")?)?;
                     if !(t >= 1.0 && t.is_finite()) {
                         bail!("`ts` must be a stop temperature >= 1, got {t}");
                     }
-                    set_once(&mut s.strategy, "ts", "strategy")?;
-                    s.stop_temperature = Some(t);
+                    set_once(&mut r.strategy, Strategy::Ts, "strategy")?;
+                    r.stop_temperature = Some(t);
                 }
                 "ramp" => {
-                    s.ramp = match value {
-                        None | Some("true") => true,
-                        Some("false") => false,
+                    r.ramp = match value {
+                        None | Some("true") => Some(true),
+                        Some("false") => None,
                         Some(v) => bail!("`ramp` is true or false, got `{v}`"),
                     }
                 }
                 "budget" => {
-                    set_once(&mut s.strategy, "budget", "strategy")?;
-                    s.max_thinking_tokens = Some(parse_count(key, need("N")?)?);
+                    set_once(&mut r.strategy, Strategy::Budget, "strategy")?;
+                    r.max_thinking_tokens = Some(parse_count(key, need("N")?)?);
                 }
-                "max-thinking" => s.max_thinking_tokens = Some(parse_count(key, need("N")?)?),
-                "min-thinking" => s.min_thinking_tokens = Some(parse_count(key, need("N")?)?),
+                "max-thinking" => r.max_thinking_tokens = Some(parse_count(key, need("N")?)?),
+                "min-thinking" => r.min_thinking_tokens = Some(parse_count(key, need("N")?)?),
                 "strategy" => {
-                    let st = match need("none|ts|budget")? {
-                        "none" => "none",
-                        "ts" => "ts",
-                        "budget" => "budget",
-                        other => bail!("unknown strategy `{other}` (none, ts or budget)"),
-                    };
-                    set_once(&mut s.strategy, st, "strategy")?;
+                    let name = need("none|ts|budget")?;
+                    let Some(st) = Strategy::parse(name) else { bail!("unknown strategy `{name}` (none, ts or budget)") };
+                    set_once(&mut r.strategy, st, "strategy")?;
                 }
                 other => bail!(
                     "unknown item `{other}` in setting `{spec}` (known: baseline, short, medium, long, mode=, ts=, ramp, budget=, max-thinking=, min-thinking=, strategy=, name=)"
@@ -115,18 +101,18 @@ impl Setting {
             label_items.push(item);
         }
         if baseline {
-            if s.strategy.is_some() || s.mode.is_some() || s.ramp || s.max_thinking_tokens.is_some() {
+            if r.strategy.is_some() || effort.is_some() || r.ramp.is_some() || r.max_thinking_tokens.is_some() {
                 bail!("`baseline` means no control and cannot be combined with other items (in `{spec}`)");
             }
-            s.strategy = Some("none");
+            r.strategy = Some(Strategy::None);
         }
-        if s.ramp && s.strategy != Some("ts") {
+        if r.ramp.is_some() && r.strategy != Some(Strategy::Ts) {
             bail!("`ramp` only applies to TS: add `ts=T` (in `{spec}`)");
         }
-        if s.strategy == Some("budget") && s.max_thinking_tokens == Some(0) {
+        if r.strategy == Some(Strategy::Budget) && r.max_thinking_tokens == Some(0) {
             bail!("`budget` must be at least 1 token (in `{spec}`)");
         }
-        if let (Some(min), Some(max)) = (s.min_thinking_tokens, s.max_thinking_tokens) {
+        if let (Some(min), Some(max)) = (r.min_thinking_tokens, r.max_thinking_tokens) {
             if min > max {
                 bail!("min-thinking ({min}) exceeds the thinking budget ({max}) in `{spec}`");
             }
@@ -134,36 +120,20 @@ impl Setting {
         if label_items.is_empty() {
             bail!("setting `{spec}` has a name but no control: use `baseline` for no control");
         }
-        if s.name.is_empty() {
-            s.name = label_items.join(",");
+        if name.is_empty() {
+            name = label_items.join(",");
         }
-        Ok(s)
+        Ok(Setting { name, effort, reasoning: r })
     }
 
     /// The request fields that apply this setting: `reasoning_effort` and the `reasoning` object.
     pub fn request_fields(&self) -> Map<String, Value> {
         let mut fields = Map::new();
-        if let Some(mode) = &self.mode {
-            fields.insert("reasoning_effort".into(), json!(mode));
+        if let Some(mode) = self.effort {
+            fields.insert("reasoning_effort".into(), json!(mode.label()));
         }
-        let mut reasoning = Map::new();
-        if let Some(st) = self.strategy {
-            reasoning.insert("strategy".into(), json!(st));
-        }
-        if let Some(t) = self.stop_temperature {
-            reasoning.insert("stop_temperature".into(), json!(t));
-        }
-        if self.ramp {
-            reasoning.insert("ramp".into(), json!(true));
-        }
-        if let Some(n) = self.max_thinking_tokens {
-            reasoning.insert("max_thinking_tokens".into(), json!(n));
-        }
-        if let Some(n) = self.min_thinking_tokens {
-            reasoning.insert("min_thinking_tokens".into(), json!(n));
-        }
-        if !reasoning.is_empty() {
-            fields.insert("reasoning".into(), Value::Object(reasoning));
+        if self.reasoning != ReasoningFields::default() {
+            fields.insert("reasoning".into(), serde_json::to_value(&self.reasoning).expect("plain fields serialize"));
         }
         fields
     }
@@ -179,11 +149,11 @@ fn set_once<T: PartialEq + std::fmt::Debug>(slot: &mut Option<T>, value: T, what
     }
 }
 
-fn parse_number(key: &str, v: &str) -> Result<f64> {
+fn parse_number(key: &str, v: &str) -> Result<f32> {
     v.parse().with_context(|| format!("`{key}` needs a number, got `{v}`"))
 }
 
-fn parse_count(key: &str, v: &str) -> Result<u64> {
+fn parse_count(key: &str, v: &str) -> Result<usize> {
     v.parse().with_context(|| format!("`{key}` needs a whole number of tokens, got `{v}`"))
 }
 

@@ -19,7 +19,7 @@ use super::kernel::Value;
 
 /// What a cache keeps keys and values in. f16 halves the cache (and what
 /// attention reads per step); the arithmetic stays f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum KvPrecision {
     #[default]
     F32,

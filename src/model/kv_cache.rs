@@ -127,3 +127,10 @@ impl SeqKvCache {
         Ok(views)
     }
 }
+
+/// The new tokens of one sequence in a step and its cache; the tokens sit at
+/// positions `cache.len()..cache.len() + tokens.len()`.
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqKvCache,
+}

@@ -26,10 +26,10 @@ pub use prune::{is_projection_weight, prune_hf_dir};
 pub use gguf::{load_gguf, load_gguf_dequantized, load_gguf_on, LoadedModel};
 pub use hf::{load_hf_dir, load_hf_dir_on, HfConfig, SparseMode, SparsityReport};
 pub use host_attention::KvPrecision;
-pub use kv_cache::SeqKvCache;
+pub use kv_cache::{SeqChunk, SeqKvCache};
 pub use linear::Linear;
 pub use synthetic::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
-pub use transformer::{SeqChunk, TokenEmbedding, Transformer};
+pub use transformer::{StepLogits, TokenEmbedding, Transformer};
 
 /// What the server says about the model it serves.
 #[derive(Debug, Clone)]

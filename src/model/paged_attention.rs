@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::TransformerConfig;
 use super::kv_pages::KvPool;
-use super::transformer::SeqChunk;
+use super::kv_cache::SeqChunk;
 
 /// Pool rows to read: one run of consecutive rows (a view of the pool), or
 /// a list (a gather).

@@ -12,7 +12,7 @@ use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
 use super::host_attention::{self, Heads, KvPrecision, StepSeqs};
-use super::kv_cache::SeqKvCache;
+use super::kv_cache::{SeqChunk, SeqKvCache};
 use super::kv_pages::KvPool;
 use super::linear::Linear;
 use super::paged_attention::{attend_causal, PagedStep};
@@ -173,12 +173,13 @@ struct HostNorms {
     last: HostNorm,
 }
 
-/// The new tokens of one sequence in a step and its cache; the tokens sit at
-/// positions `cache.len()..cache.len() + tokens.len()`.
-pub struct SeqChunk<'a> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut SeqKvCache,
+/// A step's logits (one row per chunk): in the host path's own buffer, or a
+/// tensor on the model's device.
+pub enum StepLogits<'a> {
+    Host(&'a mut [f32]),
+    Device(Tensor),
 }
+
 
 impl Transformer {
     pub fn new(
@@ -271,6 +272,18 @@ impl Transformer {
     /// caller's buffer.
     pub fn runs_on_host(&self) -> bool {
         self.host_norms.is_some()
+    }
+
+    /// Run one step: the logits of the last token of each chunk, in the host
+    /// path's buffer `host` (reused from step to step) or as a tensor on the
+    /// model's device.
+    pub fn step<'a>(&self, chunks: &mut [SeqChunk<'_>], host: &'a mut Vec<f32>) -> Result<StepLogits<'a>> {
+        if self.runs_on_host() {
+            self.forward_into(chunks, host)?;
+            Ok(StepLogits::Host(host.as_mut_slice()))
+        } else {
+            Ok(StepLogits::Device(self.forward(chunks)?))
+        }
     }
 
     /// Run one step, the logits of the last token of each chunk written into

@@ -12,7 +12,7 @@
 //! forced, and returned as part of the text.
 
 use super::phase::{Phase, PhaseTracker};
-use super::stopping::scale_stop_mass;
+use super::stopping::{argmax, scale_stop_mass};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -32,6 +32,27 @@ impl Strategy {
             "none" => Strategy::None,
             _ => return None,
         })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::None => "none",
+            Strategy::Ts => "ts",
+            Strategy::Budget => "budget",
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Strategy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Strategy::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("must be one of ts, budget or none, got \"{name}\"")))
+    }
+}
+
+impl serde::Serialize for Strategy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -149,6 +170,8 @@ pub struct ReasoningControl {
     /// Before TS's edit of the latest logits, the top token was a stop token:
     /// a stop then is the model's own, not TS's doing.
     top_was_stop: bool,
+    /// The phase the latest observed token belongs to.
+    last_token_phase: Phase,
 }
 
 impl ReasoningControl {
@@ -156,7 +179,6 @@ impl ReasoningControl {
         ReasoningControl {
             settings,
             injections,
-            tracker,
             end_of_turn,
             controlled: 0,
             thinking_tokens: 0,
@@ -166,6 +188,8 @@ impl ReasoningControl {
             stop_reason: None,
             budget_spent: false,
             top_was_stop: false,
+            last_token_phase: tracker.phase(),
+            tracker,
         }
     }
 
@@ -232,7 +256,7 @@ impl ReasoningControl {
         let tau = self.current_stop_temperature();
         if tau > 1.0 {
             let stops = self.tracker.stop_set(&self.end_of_turn);
-            self.top_was_stop = stops.contains(&crate::engine::argmax(logits));
+            self.top_was_stop = stops.contains(&argmax(logits));
             scale_stop_mass(logits, stops, tau);
         }
     }
@@ -285,7 +309,14 @@ impl ReasoningControl {
                 *left = left.saturating_sub(1);
             }
         }
+        self.last_token_phase = phase;
         phase
+    }
+
+    /// The phase the latest observed token belongs to (the close token of a
+    /// thought belongs to the thought, though the phase after it is ANSWER).
+    pub fn last_token_phase(&self) -> Phase {
+        self.last_token_phase
     }
 
     /// Models without think tokens: the wrap-up's answer allowance is used up.

@@ -8,10 +8,9 @@
 //! fields: τ > 1 → `ts`, a lone `max_thinking_tokens` → `budget`.
 //! Under `ts`, `max_thinking_tokens` is the ramp's horizon, not a hard cap.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::control::{ReasoningSettings, Strategy};
-use crate::tokenize::ChatMessage;
 
 /// The length level a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +48,22 @@ impl Mode {
     }
 }
 
+/// The `reasoning_effort` / `reasoning.mode` values, for error messages.
+pub const MODE_VALUES: &str = "short, medium, long, low, high or none";
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Mode::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("must be one of {MODE_VALUES}, got \"{name}\"")))
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.label())
+    }
+}
+
 /// Where a mode's level prompt goes in a chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -60,58 +75,82 @@ pub enum LevelPlacement {
     System,
 }
 
-/// What a mode means for one model (a `[modes.NAME]` table of its manifest).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The reasoning fields a request's `reasoning` object and a manifest's
+/// `[modes.NAME]` table may set, each optional: their one definition. A
+/// preset may not name a `mode` (it is one).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModePreset {
-    /// The instruction a length-trained checkpoint was trained with.
-    #[serde(default)]
-    pub level_prompt: Option<String>,
-    #[serde(default)]
-    pub placement: LevelPlacement,
-    #[serde(default = "no_strategy", deserialize_with = "strategy_name")]
-    pub strategy: Strategy,
-    #[serde(default = "one")]
-    pub stop_temperature: f32,
-    #[serde(default)]
-    pub ramp: bool,
-    #[serde(default)]
+pub struct ReasoningFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// τ ≥ 1 of TS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_thinking_tokens: Option<usize>,
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub min_thinking_tokens: Option<usize>,
 }
 
-fn no_strategy() -> Strategy {
-    Strategy::None
+impl ReasoningFields {
+    /// The checks of a field on its own (ranges serde's types do not carry).
+    pub fn check(&self) -> Result<(), MergeError> {
+        if let Some(t) = self.stop_temperature {
+            if !(t >= 1.0 && t.is_finite()) {
+                return Err(MergeError {
+                    field: "stop_temperature",
+                    message: format!("`reasoning.stop_temperature` must be a finite number >= 1, got {t}"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
-fn one() -> f32 {
-    1.0
+/// What a mode means for one model (a `[modes.NAME]` table of its manifest):
+/// where its level prompt goes, and its reasoning fields.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModePreset {
+    /// The instruction a length-trained checkpoint was trained with.
+    pub level_prompt: Option<String>,
+    pub placement: LevelPlacement,
+    pub reasoning: ReasoningFields,
 }
 
-fn strategy_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Strategy, D::Error> {
-    let name = String::deserialize(d)?;
-    Strategy::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("unknown strategy `{name}` (ts, budget or none)")))
+impl<'de> Deserialize<'de> for ModePreset {
+    /// The table's `level_prompt` and `placement`, and the rest as
+    /// [`ReasoningFields`] (so an unknown key is an error, as it is in a request).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let level_prompt = table.remove("level_prompt").map(serde_json::from_value).transpose().map_err(D::Error::custom)?;
+        let placement = table.remove("placement").map(serde_json::from_value).transpose().map_err(D::Error::custom)?.unwrap_or_default();
+        if table.contains_key("mode") {
+            return Err(D::Error::custom("a mode's preset cannot name a `mode`"));
+        }
+        let reasoning = serde_json::from_value(serde_json::Value::Object(table)).map_err(D::Error::custom)?;
+        Ok(ModePreset { level_prompt, placement, reasoning })
+    }
 }
 
 impl ModePreset {
-    pub fn settings(&self) -> ReasoningSettings {
-        ReasoningSettings {
-            strategy: self.strategy,
-            stop_temperature: self.stop_temperature,
-            ramp: self.ramp,
-            max_thinking_tokens: self.max_thinking_tokens,
-            min_thinking_tokens: self.min_thinking_tokens,
-        }
+    /// A preset of these reasoning fields, without a level prompt.
+    pub fn of(reasoning: ReasoningFields) -> Self {
+        ModePreset { reasoning, ..Default::default() }
     }
 
     /// Check a preset as it is read, so a bad manifest fails at start.
     pub fn check(&self, mode: &str) -> Result<(), String> {
-        if !(self.stop_temperature >= 1.0) {
-            return Err(format!("modes.{mode}.stop_temperature must be >= 1, got {}", self.stop_temperature));
+        let tau = self.reasoning.stop_temperature.unwrap_or(1.0);
+        if !(tau >= 1.0 && tau.is_finite()) {
+            return Err(format!("modes.{mode}.stop_temperature must be a finite number >= 1, got {tau}"));
         }
-        // The same consistency rules as a request merged with no fields of its own.
-        merge(Some(self), &ReasoningOverrides::default())
+        // The same rules as a request merged with no fields of its own.
+        merge(Some(self), &ReasoningFields::default())
             .map(|_| ())
             .map_err(|e| format!("modes.{mode}: {}", e.message.replace("`reasoning.", "`")))
     }
@@ -149,31 +188,21 @@ impl Default for ModePresets {
     /// and medium, a generous hard cap for long. Placeholders until `terse eval`
     /// has measured the model; manifests override them.
     fn default() -> Self {
-        let ts = |tau: f32, budget: usize| ModePreset {
-            level_prompt: None,
-            placement: LevelPlacement::UserSuffix,
-            strategy: Strategy::Ts,
-            stop_temperature: tau,
-            ramp: true,
-            max_thinking_tokens: Some(budget),
-            min_thinking_tokens: None,
+        let ts = |tau: f32, budget: usize| {
+            ModePreset::of(ReasoningFields {
+                strategy: Some(Strategy::Ts),
+                stop_temperature: Some(tau),
+                ramp: Some(true),
+                max_thinking_tokens: Some(budget),
+                ..Default::default()
+            })
         };
         ModePresets {
             short: ts(4.0, 256),
             medium: ts(2.0, 1024),
-            long: ModePreset { strategy: Strategy::Budget, stop_temperature: 1.0, ramp: false, ..ts(1.0, 4096) },
+            long: ModePreset::of(ReasoningFields { strategy: Some(Strategy::Budget), max_thinking_tokens: Some(4096), ..Default::default() }),
         }
     }
-}
-
-/// The `reasoning` fields a request gave, not yet merged.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ReasoningOverrides {
-    pub strategy: Option<Strategy>,
-    pub stop_temperature: Option<f32>,
-    pub ramp: Option<bool>,
-    pub max_thinking_tokens: Option<usize>,
-    pub min_thinking_tokens: Option<usize>,
 }
 
 /// A merge whose result is inconsistent; `field` names the request field at fault.
@@ -184,13 +213,13 @@ pub struct MergeError {
 }
 
 /// The settings a request runs with: its mode's preset, then its own fields.
-pub fn merge(preset: Option<&ModePreset>, req: &ReasoningOverrides) -> Result<ReasoningSettings, MergeError> {
-    let base = preset.map(ModePreset::settings).unwrap_or_default();
-    let preset_strategy = preset.map_or(Strategy::None, |p| p.strategy);
-    let strategy = match req.strategy {
-        Some(s) => s,
-        None if preset_strategy != Strategy::None => preset_strategy,
-        None => match (req.stop_temperature, req.max_thinking_tokens) {
+pub fn merge(preset: Option<&ModePreset>, req: &ReasoningFields) -> Result<ReasoningSettings, MergeError> {
+    req.check()?;
+    let base = preset.map(|p| p.reasoning.clone()).unwrap_or_default();
+    let strategy = match (req.strategy, base.strategy) {
+        (Some(s), _) => s,
+        (None, Some(s)) if s != Strategy::None => s,
+        (None, _) => match (req.stop_temperature, req.max_thinking_tokens) {
             (Some(t), _) if t > 1.0 => Strategy::Ts,
             (_, Some(_)) => Strategy::Budget,
             _ => Strategy::None,
@@ -198,8 +227,8 @@ pub fn merge(preset: Option<&ModePreset>, req: &ReasoningOverrides) -> Result<Re
     };
     let settings = ReasoningSettings {
         strategy,
-        stop_temperature: req.stop_temperature.unwrap_or(base.stop_temperature),
-        ramp: req.ramp.unwrap_or(base.ramp),
+        stop_temperature: req.stop_temperature.or(base.stop_temperature).unwrap_or(1.0),
+        ramp: req.ramp.or(base.ramp).unwrap_or(false),
         max_thinking_tokens: req.max_thinking_tokens.or(base.max_thinking_tokens),
         min_thinking_tokens: req.min_thinking_tokens.or(base.min_thinking_tokens),
     };
@@ -224,28 +253,6 @@ pub fn merge(preset: Option<&ModePreset>, req: &ReasoningOverrides) -> Result<Re
     Ok(settings)
 }
 
-/// Put a mode's level prompt into the chat, where its preset says.
-pub fn apply_level_prompt(messages: &mut Vec<ChatMessage>, preset: &ModePreset) {
-    let Some(prompt) = preset.level_prompt.as_deref().filter(|p| !p.is_empty()) else { return };
-    let append = |m: &mut ChatMessage| {
-        if m.content.is_empty() {
-            m.content = prompt.to_string();
-        } else {
-            m.content = format!("{}\n\n{prompt}", m.content.trim_end());
-        }
-    };
-    match preset.placement {
-        LevelPlacement::UserSuffix => match messages.iter_mut().rev().find(|m| m.role == "user") {
-            Some(last_user) => append(last_user),
-            None => messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() }),
-        },
-        LevelPlacement::System => match messages.first_mut().filter(|m| m.role == "system" || m.role == "developer") {
-            Some(system) => append(system),
-            None => messages.insert(0, ChatMessage { role: "system".into(), content: prompt.to_string() }),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,72 +261,53 @@ mod tests {
         ModePreset {
             level_prompt: Some("Be brief.".into()),
             placement: LevelPlacement::UserSuffix,
-            strategy,
-            stop_temperature: 3.0,
-            ramp: true,
-            max_thinking_tokens: Some(100),
-            min_thinking_tokens: Some(10),
+            reasoning: ReasoningFields {
+                strategy: Some(strategy),
+                stop_temperature: Some(3.0),
+                ramp: Some(true),
+                max_thinking_tokens: Some(100),
+                min_thinking_tokens: Some(10),
+                ..Default::default()
+            },
         }
     }
 
     #[test]
     fn request_fields_override_the_preset_one_by_one() {
         let p = preset(Strategy::Ts);
-        let req = ReasoningOverrides { max_thinking_tokens: Some(40), ramp: Some(false), ..Default::default() };
+        let req = ReasoningFields { max_thinking_tokens: Some(40), ramp: Some(false), ..Default::default() };
         let s = merge(Some(&p), &req).unwrap();
         assert_eq!(s.strategy, Strategy::Ts, "the preset's strategy stays");
         assert_eq!((s.stop_temperature, s.ramp, s.max_thinking_tokens, s.min_thinking_tokens), (3.0, false, Some(40), Some(10)));
-        let s = merge(Some(&p), &ReasoningOverrides { strategy: Some(Strategy::Budget), ..Default::default() }).unwrap();
+        let s = merge(Some(&p), &ReasoningFields { strategy: Some(Strategy::Budget), ..Default::default() }).unwrap();
         assert_eq!((s.strategy, s.max_thinking_tokens), (Strategy::Budget, Some(100)));
     }
 
     #[test]
     fn without_a_mode_the_strategy_follows_the_fields() {
-        let ts = merge(None, &ReasoningOverrides { stop_temperature: Some(2.0), ..Default::default() }).unwrap();
+        let ts = merge(None, &ReasoningFields { stop_temperature: Some(2.0), ..Default::default() }).unwrap();
         assert_eq!(ts.strategy, Strategy::Ts);
-        let cap = merge(None, &ReasoningOverrides { max_thinking_tokens: Some(8), ..Default::default() }).unwrap();
+        let cap = merge(None, &ReasoningFields { max_thinking_tokens: Some(8), ..Default::default() }).unwrap();
         assert_eq!(cap.strategy, Strategy::Budget);
-        assert_eq!(merge(None, &ReasoningOverrides::default()).unwrap(), ReasoningSettings::default());
+        assert_eq!(merge(None, &ReasoningFields::default()).unwrap(), ReasoningSettings::default());
         // A mode without control of its own does not silence the request's fields.
-        let uncontrolled = ModePreset { max_thinking_tokens: None, min_thinking_tokens: None, ..preset(Strategy::None) };
-        let cap = merge(Some(&uncontrolled), &ReasoningOverrides { max_thinking_tokens: Some(8), ..Default::default() });
+        let mut uncontrolled = preset(Strategy::None);
+        (uncontrolled.reasoning.max_thinking_tokens, uncontrolled.reasoning.min_thinking_tokens) = (None, None);
+        let cap = merge(Some(&uncontrolled), &ReasoningFields { max_thinking_tokens: Some(8), ..Default::default() });
         assert_eq!(cap.unwrap().strategy, Strategy::Budget);
     }
 
     #[test]
     fn a_minimum_above_the_presets_cap_names_the_request_field() {
         let p = preset(Strategy::Budget);
-        let err = merge(Some(&p), &ReasoningOverrides { min_thinking_tokens: Some(500), ..Default::default() }).unwrap_err();
+        let err = merge(Some(&p), &ReasoningFields { min_thinking_tokens: Some(500), ..Default::default() }).unwrap_err();
         assert_eq!(err.field, "min_thinking_tokens");
-        let err = merge(Some(&p), &ReasoningOverrides { max_thinking_tokens: Some(5), ..Default::default() }).unwrap_err();
+        let err = merge(Some(&p), &ReasoningFields { max_thinking_tokens: Some(5), ..Default::default() }).unwrap_err();
         assert_eq!(err.field, "max_thinking_tokens");
-        let err = merge(None, &ReasoningOverrides { strategy: Some(Strategy::Budget), ..Default::default() }).unwrap_err();
+        let err = merge(None, &ReasoningFields { strategy: Some(Strategy::Budget), ..Default::default() }).unwrap_err();
         assert_eq!(err.field, "max_thinking_tokens");
-    }
-
-    fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
-    }
-
-    #[test]
-    fn level_prompt_goes_after_the_last_user_turn_or_into_the_system_prompt() {
-        let mut chat = vec![msg("user", "a"), msg("assistant", "b"), msg("user", "What is 2+2? ")];
-        apply_level_prompt(&mut chat, &preset(Strategy::Ts));
-        assert_eq!(chat[2].content, "What is 2+2?\n\nBe brief.");
-        assert_eq!(chat[0].content, "a");
-
-        let system = ModePreset { placement: LevelPlacement::System, ..preset(Strategy::Ts) };
-        let mut chat = vec![msg("user", "q")];
-        apply_level_prompt(&mut chat, &system);
-        assert_eq!(chat, vec![msg("system", "Be brief."), msg("user", "q")]);
-        let mut chat = vec![msg("system", "You help."), msg("user", "q")];
-        apply_level_prompt(&mut chat, &system);
-        assert_eq!(chat[0].content, "You help.\n\nBe brief.");
-
-        let silent = ModePreset { level_prompt: None, ..preset(Strategy::Ts) };
-        let mut chat = vec![msg("user", "q")];
-        apply_level_prompt(&mut chat, &silent);
-        assert_eq!(chat, vec![msg("user", "q")]);
+        let err = merge(None, &ReasoningFields { stop_temperature: Some(f32::INFINITY), ..Default::default() }).unwrap_err();
+        assert_eq!(err.field, "stop_temperature");
     }
 
     #[test]
@@ -339,13 +327,28 @@ mod tests {
         "#;
         let p: ModePresets = toml::from_str(text).unwrap();
         assert_eq!(p.short.placement, LevelPlacement::System);
-        assert_eq!(p.short.strategy, Strategy::Ts);
-        assert_eq!(p.medium.stop_temperature, 1.0);
-        assert_eq!(p.long.strategy, Strategy::None);
+        assert_eq!(p.short.level_prompt.as_deref(), Some("Think briefly."));
+        assert_eq!(p.short.reasoning.strategy, Some(Strategy::Ts));
+        assert_eq!(merge(Some(&p.medium), &ReasoningFields::default()).unwrap().stop_temperature, 1.0);
+        assert_eq!(p.long.reasoning.strategy, None);
+        assert_eq!(merge(Some(&p.long), &ReasoningFields::default()).unwrap().strategy, Strategy::None);
         p.check().unwrap();
         let bad: ModePresets = toml::from_str(&text.replace("stop_temperature = 4.0", "stop_temperature = 0.5")).unwrap();
         assert!(bad.check().unwrap_err().contains("modes.short.stop_temperature"));
         assert!(toml::from_str::<ModePresets>(&text.replace("\"ts\"", "\"fast\"")).is_err());
+        // A misspelt key is an error, not a silently ignored setting; a preset names no mode.
+        assert!(toml::from_str::<ModePresets>(&text.replace("ramp = true", "rmap = true")).is_err());
+        assert!(toml::from_str::<ModePresets>(&text.replace("ramp = true", "mode = \"long\"")).is_err());
         ModePresets::default().check().unwrap();
+    }
+
+    #[test]
+    fn the_fields_read_and_write_as_a_request_names_them() {
+        let fields: ReasoningFields = serde_json::from_value(serde_json::json!({"mode": "high", "strategy": "ts", "stop_temperature": 4, "max_thinking_tokens": 64})).unwrap();
+        assert_eq!((fields.mode, fields.strategy, fields.stop_temperature), (Some(Mode::Long), Some(Strategy::Ts), Some(4.0)));
+        let written = serde_json::to_value(&fields).unwrap();
+        assert_eq!(written, serde_json::json!({"mode": "long", "strategy": "ts", "stop_temperature": 4.0, "max_thinking_tokens": 64}));
+        let err = serde_json::from_value::<ReasoningFields>(serde_json::json!({"strategy": "magic"})).unwrap_err().to_string();
+        assert!(err.contains("must be one of ts, budget or none"), "{err}");
     }
 }

@@ -73,6 +73,17 @@ pub fn log_sum_exp(values: impl Iterator<Item = f32> + Clone) -> f64 {
     max as f64 + sum.ln()
 }
 
+/// Index of the largest logit; the lowest index wins ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,88 +1,42 @@
 //! `POST /v1/chat/completions`.
 
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::endpoint::{Endpoint, ResponseIds};
 use super::error::ApiError;
-use super::extract::JsonObject;
-use super::generate::{self, RequestRecord};
-use super::openai::{
-    unix_now, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta,
-    TerseExtension, UsageBody,
-};
-use crate::reasoning::modes::{apply_level_prompt, Mode};
+use super::generate::{self, Collected};
+use super::openai::{AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, TerseExtension, UsageBody};
+use super::sse::ChunkFormat;
+use super::validate::GenerationParams;
+use super::wire::ChatFields;
+use crate::engine::EngineHandle;
+use crate::reasoning::modes::Mode;
 use crate::reasoning::phase::Phase;
-use super::sse::{self, ChunkFormat};
-use super::validate::{self, Fields};
-use super::{request_id, AppState};
+use crate::tokenize::{apply_level_prompt, ChatMessage};
 
-const ENDPOINT: &str = "chat_completions";
+pub struct Chat;
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<JsonObject, ApiError>,
-) -> Response {
-    let mut record = RequestRecord::new(&state, ENDPOINT, request_id(&headers));
-    match handle(&state, body, &mut record).await {
-        Ok((events, params)) => {
-            let ids = Ids {
-                id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-                created: unix_now(),
-                model: state.served_name.clone(),
-            };
-            if params.stream {
-                return sse::response(events, record, ids, params.include_usage);
-            }
-            match generate::collect(events, &mut record).await {
-                Ok(done) => Json(ChatCompletion {
-                    id: ids.id,
-                    object: "chat.completion",
-                    created: ids.created,
-                    model: ids.model,
-                    choices: vec![ChatChoice {
-                        index: 0,
-                        message: AssistantMessage {
-                            role: "assistant",
-                            content: done.text,
-                            reasoning_content: done.reasoning,
-                        },
-                        finish_reason: done.reason.as_openai(),
-                        logprobs: None,
-                    }],
-                    usage: UsageBody::new(done.usage, &done.reasoning_usage),
-                    terse: TerseExtension::new(record.mode_label(), &done.reasoning_usage),
-                })
-                .into_response(),
-                Err(e) => record.reject(e),
+impl Endpoint for Chat {
+    const NAME: &'static str = "chat_completions";
+    const ID_PREFIX: &'static str = "chatcmpl-";
+    type Fields = ChatFields;
+    type Checked = Vec<ChatMessage>;
+    type Chunks = ChatChunks;
+
+    fn check(fields: ChatFields) -> Result<Vec<ChatMessage>, ApiError> {
+        let messages = fields.messages()?;
+        fields.refuse_unsupported()?;
+        Ok(messages)
+    }
+
+    async fn prompt(engine: &EngineHandle, mut messages: Vec<ChatMessage>, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
+        if let Some(preset) = engine.reasoning_profile().modes.get(params.mode) {
+            if let Some(level) = &preset.level_prompt {
+                apply_level_prompt(&mut messages, level, preset.placement);
             }
         }
-        Err(e) => record.reject(e),
-    }
-}
-
-async fn handle(
-    state: &AppState,
-    body: Result<JsonObject, ApiError>,
-    record: &mut RequestRecord,
-) -> Result<(crate::engine::GenerationStream, validate::CommonParams), ApiError> {
-    let JsonObject(map) = body?;
-    let fields = Fields::new(&map);
-    record.set_mode(validate::mode_of(&fields));
-    validate::check_model(&fields, &state.served_name)?;
-    let mut messages = validate::chat_messages(&fields)?;
-    let params = validate::common_params(&fields)?;
-    validate::refuse_unsupported(&fields, true)?;
-    let engine = generate::engine(state)?;
-    if let Some(preset) = engine.reasoning_profile().modes.get(params.mode) {
-        apply_level_prompt(&mut messages, preset);
-    }
-    let thinking_off = params.mode == Mode::None;
-    let prompt = {
+        let thinking_off = params.mode == Mode::None;
         let engine = engine.clone();
         generate::blocking(move || {
             let tokenizer = engine.tokenizer();
@@ -92,34 +46,50 @@ async fn handle(
                 .apply_chat_template_with(&messages, true, enable_thinking)
                 .map_err(|e| ApiError::Template(e.to_string()))?;
             let text = engine.reasoning_profile().open_thought(text);
-            let mut prompt = tokenizer
-                .encode(&text)
-                .map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;
+            let mut prompt = tokenizer.encode(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;
             if thinking_off {
                 generate::close_open_thought(&engine, &mut prompt);
             }
             Ok(prompt)
         })
-        .await?
-    };
-    let events = generate::submit(&engine, prompt, &params, record)?;
-    Ok((events, params))
+        .await
+    }
+
+    fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response {
+        let Collected { text, reasoning, finished } = done;
+        Json(ChatCompletion {
+            id: ids.id,
+            object: "chat.completion",
+            created: ids.created,
+            model: ids.model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: "assistant", content: text, reasoning_content: reasoning },
+                finish_reason: finished.reason.as_openai(),
+                logprobs: None,
+            }],
+            usage: UsageBody::new(finished.usage, &finished.reasoning),
+            terse: TerseExtension::new(mode, &finished.reasoning),
+        })
+        .into_response()
+    }
+
+    fn chunks(ids: ResponseIds) -> ChatChunks {
+        ChatChunks(ids)
+    }
 }
 
-/// What every chunk of one response repeats.
-struct Ids {
-    id: String,
-    created: u64,
-    model: String,
-}
+/// The chunks of a streamed chat completion.
+pub struct ChatChunks(ResponseIds);
 
-impl Ids {
+impl ChatChunks {
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<UsageBody>, terse: Option<TerseExtension>) -> String {
+        let ids = &self.0;
         let chunk = ChatCompletionChunk {
-            id: self.id.clone(),
+            id: ids.id.clone(),
             object: "chat.completion.chunk",
-            created: self.created,
-            model: self.model.clone(),
+            created: ids.created,
+            model: ids.model.clone(),
             choices,
             usage,
             terse,
@@ -128,29 +98,14 @@ impl Ids {
     }
 
     fn choice(delta: Delta, finish_reason: Option<&'static str>) -> Vec<ChatChunkChoice> {
-        vec![ChatChunkChoice {
-            index: 0,
-            delta,
-            finish_reason,
-            logprobs: None,
-        }]
+        vec![ChatChunkChoice { index: 0, delta, finish_reason, logprobs: None }]
     }
 }
 
-impl ChunkFormat for Ids {
+impl ChunkFormat for ChatChunks {
     fn opening(&self) -> Option<String> {
-        Some(self.chunk(
-            Ids::choice(
-                Delta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                    reasoning_content: None,
-                },
-                None,
-            ),
-            None,
-            None,
-        ))
+        let delta = Delta { role: Some("assistant"), content: Some(String::new()), reasoning_content: None };
+        Some(self.chunk(Self::choice(delta, None), None, None))
     }
 
     fn text(&self, text: String, phase: Phase) -> String {
@@ -158,11 +113,11 @@ impl ChunkFormat for Ids {
             Phase::Thinking => Delta { reasoning_content: Some(text), ..Default::default() },
             Phase::Answer => Delta { content: Some(text), ..Default::default() },
         };
-        self.chunk(Ids::choice(delta, None), None, None)
+        self.chunk(Self::choice(delta, None), None, None)
     }
 
     fn finish(&self, reason: &'static str, terse: TerseExtension) -> String {
-        self.chunk(Ids::choice(Delta::default(), Some(reason)), None, Some(terse))
+        self.chunk(Self::choice(Delta::default(), Some(reason)), None, Some(terse))
     }
 
     fn usage(&self, usage: UsageBody) -> String {

@@ -1,117 +1,81 @@
 //! `POST /v1/completions` (text completion: the prompt is sent as it is).
 
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::endpoint::{Endpoint, ResponseIds};
 use super::error::ApiError;
-use super::extract::JsonObject;
-use super::generate::{self, RequestRecord};
-use super::openai::{unix_now, TerseExtension, TextChoice, TextCompletion, UsageBody};
+use super::generate::{self, Collected};
+use super::openai::{TerseExtension, TextChoice, TextCompletion, UsageBody};
+use super::sse::ChunkFormat;
+use super::validate::{GenerationParams, Prompt};
+use super::wire::CompletionFields;
+use crate::engine::EngineHandle;
 use crate::reasoning::modes::Mode;
 use crate::reasoning::phase::Phase;
-use super::sse::{self, ChunkFormat};
-use super::validate::{self, Fields, Prompt};
-use super::{request_id, AppState};
-use crate::engine::GenerationStream;
 
-const ENDPOINT: &str = "completions";
+pub struct Completions;
 
-pub async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<JsonObject, ApiError>,
-) -> Response {
-    let mut record = RequestRecord::new(&state, ENDPOINT, request_id(&headers));
-    match handle(&state, body, &mut record).await {
-        Ok((events, params)) => {
-            let ids = Ids {
-                id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-                created: unix_now(),
-                model: state.served_name.clone(),
-            };
-            if params.stream {
-                return sse::response(events, record, ids, params.include_usage);
+impl Endpoint for Completions {
+    const NAME: &'static str = "completions";
+    const ID_PREFIX: &'static str = "cmpl-";
+    type Fields = CompletionFields;
+    type Checked = CompletionFields;
+    type Chunks = TextChunks;
+
+    fn check(fields: CompletionFields) -> Result<CompletionFields, ApiError> {
+        // The vocabulary bound of token-id prompts needs the engine; the rest is checked now.
+        fields.require_prompt()?;
+        fields.refuse_unsupported()?;
+        Ok(fields)
+    }
+
+    async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
+        let mut prompt = match fields.prompt(engine.tokenizer().vocab_size())? {
+            Prompt::Tokens(ids) => ids,
+            Prompt::Text(text) => {
+                let engine = engine.clone();
+                generate::blocking(move || {
+                    engine.tokenizer().encode(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))
+                })
+                .await?
             }
-            match generate::collect(events, &mut record).await {
-                Ok(done) => {
-                    let terse = TerseExtension::new(record.mode_label(), &done.reasoning_usage);
-                    let mut body = ids.completion(done.text, done.reasoning, Some(done.reason.as_openai()));
-                    body.usage = Some(UsageBody::new(done.usage, &done.reasoning_usage));
-                    body.terse = Some(terse);
-                    Json(body).into_response()
-                }
-                Err(e) => record.reject(e),
-            }
+        };
+        if params.mode == Mode::None {
+            generate::close_open_thought(engine, &mut prompt);
         }
-        Err(e) => record.reject(e),
+        Ok(prompt)
+    }
+
+    fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response {
+        let Collected { text, reasoning, finished } = done;
+        let chunks = TextChunks(ids);
+        let mut body = chunks.completion(text, reasoning, Some(finished.reason.as_openai()));
+        body.usage = Some(UsageBody::new(finished.usage, &finished.reasoning));
+        body.terse = Some(TerseExtension::new(mode, &finished.reasoning));
+        Json(body).into_response()
+    }
+
+    fn chunks(ids: ResponseIds) -> TextChunks {
+        TextChunks(ids)
     }
 }
 
-async fn handle(
-    state: &AppState,
-    body: Result<JsonObject, ApiError>,
-    record: &mut RequestRecord,
-) -> Result<(GenerationStream, validate::CommonParams), ApiError> {
-    let JsonObject(map) = body?;
-    let fields = Fields::new(&map);
-    record.set_mode(validate::mode_of(&fields));
-    validate::check_model(&fields, &state.served_name)?;
-    // The vocabulary bound of token-id prompts needs the engine; check the rest first.
-    if fields.get("prompt").is_none() {
-        return Err(ApiError::field("prompt", "`prompt` is required"));
-    }
-    let params = validate::common_params(&fields)?;
-    validate::refuse_unsupported(&fields, false)?;
-    let engine = generate::engine(state)?;
-    let prompt = match validate::completion_prompt(&fields, engine.tokenizer().vocab_size())? {
-        Prompt::Tokens(ids) => ids,
-        Prompt::Text(text) => {
-            let engine = engine.clone();
-            generate::blocking(move || {
-                engine
-                    .tokenizer()
-                    .encode(&text)
-                    .map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))
-            })
-            .await?
-        }
-    };
-    let mut prompt = prompt;
-    if params.mode == Mode::None {
-        generate::close_open_thought(&engine, &mut prompt);
-    }
-    let events = generate::submit(&engine, prompt, &params, record)?;
-    Ok((events, params))
-}
+/// A text completion's body, whole or as stream chunks.
+pub struct TextChunks(ResponseIds);
 
-struct Ids {
-    id: String,
-    created: u64,
-    model: String,
-}
-
-impl Ids {
+impl TextChunks {
     fn completion(&self, text: String, reasoning_content: Option<String>, finish_reason: Option<&'static str>) -> TextCompletion {
-        let choices = vec![TextChoice {
-            index: 0,
-            text,
-            reasoning_content,
-            finish_reason,
-            logprobs: None,
-        }];
-        self.object(choices)
+        self.object(vec![TextChoice { index: 0, text, reasoning_content, finish_reason, logprobs: None }])
     }
 
     fn object(&self, choices: Vec<TextChoice>) -> TextCompletion {
+        let ids = &self.0;
         TextCompletion {
-            id: self.id.clone(),
+            id: ids.id.clone(),
             object: "text_completion",
-            created: self.created,
-            model: self.model.clone(),
+            created: ids.created,
+            model: ids.model.clone(),
             choices,
             usage: None,
             terse: None,
@@ -119,7 +83,7 @@ impl Ids {
     }
 }
 
-impl ChunkFormat for Ids {
+impl ChunkFormat for TextChunks {
     fn opening(&self) -> Option<String> {
         None
     }

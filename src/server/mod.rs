@@ -8,16 +8,25 @@
 //! bounds the whole drain.
 //!
 //! One file per endpoint (`chat.rs`, `completions.rs`, `models.rs`, `health.rs`);
-//! request checks in `validate.rs`; the one error type in `error.rs`; streaming
-//! in `sse.rs`; what the generation endpoints share in `generate.rs`.
+//! the generation endpoints' one skeleton in `endpoint.rs`; their requests as
+//! types in `wire.rs` and the checks on them in `validate.rs`; the one error
+//! type in `error.rs`; submitting and reading a generation in `generate.rs`,
+//! streaming it in `sse.rs`; its metrics and log line in `record.rs`.
 //!
 //! Choices where OpenAI's API is silent or does not apply:
 //! - The body is parsed as JSON whatever its `Content-Type` (curl's `-d` sends
 //!   a form type). A body over `max_body_bytes` is read and discarded (up to
 //!   4x the limit) before the 413, so the client gets the answer, not a reset.
 //! - `developer` messages are given to the chat template as `system`.
-//! - `n`, `best_of` > 1, `logprobs`, `echo` and `suffix` are refused (400
-//!   `unsupported_parameter`) rather than silently ignored.
+//! - Fields that would change the reply and that terse does not have yet are
+//!   refused (400 `unsupported_parameter`, naming the field) rather than
+//!   silently ignored: `n` and `best_of` > 1, `logprobs` / `top_logprobs`,
+//!   `echo`, `suffix`, `tools` / `functions`, a `tool_choice` other than
+//!   `none`, a `response_format` other than `text`, a non-empty `logit_bias`,
+//!   and `tool_calls` in the history. OpenAI's fields that change nothing
+//!   terse generates (`wire::IGNORED_FIELDS`: `user`, `metadata`, ...) are
+//!   accepted and ignored, as are fields OpenAI does not define; terse's own
+//!   `reasoning` object is strict, so a misspelt key is a 400.
 //! - A request whose client hung up is counted with status `499`.
 //! - 429 (queue full) and 503 while loading carry `Retry-After: 1`.
 //! - With API keys configured (`auth.rs`), all but `/health`, `/ready` and
@@ -35,14 +44,17 @@ mod access_log;
 pub mod auth;
 mod chat;
 mod completions;
+mod endpoint;
 pub mod error;
 mod extract;
 mod generate;
 mod health;
 mod models;
 pub mod openai;
+mod record;
 mod sse;
 pub mod validate;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -95,7 +107,7 @@ pub struct ServeConfig {
 }
 
 /// Per-request limits beyond the engine's.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RequestLimits {
     /// Deadline of a whole generation request, from its arrival; `None`: none.
     pub timeout: Option<Duration>,
@@ -103,15 +115,26 @@ pub struct RequestLimits {
     pub max_tokens: Option<usize>,
 }
 
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits { timeout: Some(Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS)), max_tokens: None }
+    }
+}
+
+/// The server's defaults, one source for `ServeConfig::new` and the command line's.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS);
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 600;
 
 impl ServeConfig {
     /// Defaults for everything but the model: 127.0.0.1, port 8080.
     pub fn new(model_path: impl Into<PathBuf>, served_name: impl Into<String>) -> Self {
         ServeConfig {
-            host: "127.0.0.1".into(),
-            port: 8080,
+            host: DEFAULT_HOST.into(),
+            port: DEFAULT_PORT,
             model_path: model_path.into(),
             served_name: served_name.into(),
             engine: EngineConfig::default(),
@@ -189,8 +212,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(request_id));
     let app = Router::new()
-        .route(CHAT_COMPLETIONS, post(chat::chat_completions))
-        .route(COMPLETIONS, post(completions::completions))
+        .route(CHAT_COMPLETIONS, post(endpoint::handle::<chat::Chat>))
+        .route(COMPLETIONS, post(endpoint::handle::<completions::Completions>))
         .route(MODELS, get(models::list))
         .route(MODEL, get(models::retrieve))
         .route(HEALTH, get(health::health))

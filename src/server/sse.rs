@@ -1,9 +1,9 @@
 //! Streaming a generation as Server-Sent Events, shared by chat and text
 //! completions: each endpoint only says how its chunks look ([`ChunkFormat`]).
 //!
-//! The SSE body owns the [`GenerationStream`] and the [`RequestRecord`]: when
-//! the client disconnects, hyper drops the body, which cancels the sequence in
-//! the engine and records the request (status 499) at that moment.
+//! The SSE body owns the [`Generation`]: when the client disconnects, hyper
+//! drops the body, which cancels the sequence in the engine; the request is
+//! recorded (status 499) once the engine has answered with its usage.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -13,10 +13,9 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
 
 use super::error::ApiError;
-use super::generate::RequestRecord;
+use super::generate::{Generation, Output};
 use super::openai::{TerseExtension, UsageBody};
-use crate::engine::{GenerationEvent, GenerationStream};
-use crate::reasoning::phase::Phase as TextPhase;
+use crate::reasoning::phase::Phase;
 
 /// Comment lines sent while no token arrives (e.g. a long queue wait), so that
 /// proxies keep the connection open.
@@ -27,24 +26,24 @@ pub trait ChunkFormat: Send + 'static {
     /// Sent before any token (the chat role chunk), if any.
     fn opening(&self) -> Option<String>;
     /// A piece of the thinking or of the answer, never both.
-    fn text(&self, text: String, phase: TextPhase) -> String;
+    fn text(&self, text: String, phase: Phase) -> String;
     fn finish(&self, reason: &'static str, terse: TerseExtension) -> String;
     /// The usage-only chunk of `stream_options.include_usage`.
     fn usage(&self, usage: UsageBody) -> String;
 }
 
-enum Phase {
+/// Where a stream is.
+enum Stage {
     Opening,
     Streaming,
     Done,
 }
 
 struct State<F> {
-    events: GenerationStream,
-    record: RequestRecord,
+    generation: Generation,
     format: F,
     include_usage: bool,
-    phase: Phase,
+    stage: Stage,
 }
 
 fn data(json: String) -> Event {
@@ -58,50 +57,27 @@ fn done() -> Event {
 /// The SSE events of one generation, ending in `data: [DONE]`.
 fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     stream::unfold(state, |mut st| async move {
-        let batch = match st.phase {
-            Phase::Done => return None,
-            Phase::Opening => {
-                st.phase = Phase::Streaming;
-                match st.format.opening() {
-                    Some(json) => vec![data(json)],
-                    None => vec![],
-                }
+        let batch = match st.stage {
+            Stage::Done => return None,
+            Stage::Opening => {
+                st.stage = Stage::Streaming;
+                st.format.opening().map(data).into_iter().collect()
             }
-            Phase::Streaming => loop {
-                let event = match st.record.next_event(&mut st.events).await {
-                    Ok(event) => event,
-                    // Past the deadline: the stream ends with the error and the
-                    // sequence is cancelled when the body is dropped.
-                    Err(e) => break fail(&mut st, e),
-                };
-                match event {
-                    Some(GenerationEvent::Token { text, phase, .. }) => {
-                        st.record.on_token(phase);
-                        if !text.is_empty() {
-                            break vec![data(st.format.text(text, phase))];
-                        }
+            // Past the deadline, or a failure: the stream ends with the error,
+            // and the sequence is cancelled when the body is dropped.
+            Stage::Streaming => match st.generation.next().await {
+                Ok(Output::Text(text, phase)) => vec![data(st.format.text(text, phase))],
+                Ok(Output::Finished(end)) => {
+                    st.stage = Stage::Done;
+                    let terse = TerseExtension::new(st.generation.record().mode_label(), &end.reasoning);
+                    let mut out = vec![data(st.format.finish(end.reason.as_openai(), terse))];
+                    if st.include_usage {
+                        out.push(data(st.format.usage(UsageBody::new(end.usage, &end.reasoning))));
                     }
-                    Some(GenerationEvent::Finished { reason, usage, reasoning }) => {
-                        st.record.on_finished(&usage, &reasoning);
-                        st.phase = Phase::Done;
-                        let terse = TerseExtension::new(st.record.mode_label(), &reasoning);
-                        let mut out = vec![data(st.format.finish(reason.as_openai(), terse))];
-                        if st.include_usage {
-                            out.push(data(st.format.usage(UsageBody::new(usage, &reasoning))));
-                        }
-                        out.push(done());
-                        break out;
-                    }
-                    Some(GenerationEvent::Failed { message }) => {
-                        break fail(&mut st, ApiError::Internal(format!("generation failed: {message}")));
-                    }
-                    None => {
-                        break fail(
-                            &mut st,
-                            ApiError::Internal("the engine stopped before finishing the request".into()),
-                        );
-                    }
+                    out.push(done());
+                    out
                 }
+                Err(e) => fail(&mut st, e),
             },
         };
         Some((batch, st))
@@ -112,25 +88,12 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
 /// An error after the stream has begun: an SSE event with OpenAI's error body.
 fn fail<F>(st: &mut State<F>, error: ApiError) -> Vec<Event> {
     tracing::warn!(error = %error, "stream failed");
-    st.record.set_error(&error);
-    st.phase = Phase::Done;
+    st.generation.record().set_error(&error);
+    st.stage = Stage::Done;
     vec![data(error.to_json()), done()]
 }
 
-pub fn response<F: ChunkFormat>(
-    events_in: GenerationStream,
-    record: RequestRecord,
-    format: F,
-    include_usage: bool,
-) -> Response {
-    let state = State {
-        events: events_in,
-        record,
-        format,
-        include_usage,
-        phase: Phase::Opening,
-    };
-    Sse::new(events(state))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response()
+pub fn response<F: ChunkFormat>(generation: Generation, format: F, include_usage: bool) -> Response {
+    let state = State { generation, format, include_usage, stage: Stage::Opening };
+    Sse::new(events(state)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }

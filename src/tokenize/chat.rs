@@ -3,10 +3,37 @@
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
+use crate::reasoning::modes::LevelPlacement;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+}
+
+/// Put a mode's level prompt (the instruction a length-trained checkpoint was
+/// trained with) into the chat, where its preset says.
+pub fn apply_level_prompt(messages: &mut Vec<ChatMessage>, prompt: &str, placement: LevelPlacement) {
+    if prompt.is_empty() {
+        return;
+    }
+    let append = |m: &mut ChatMessage| {
+        if m.content.is_empty() {
+            m.content = prompt.to_string();
+        } else {
+            m.content = format!("{}\n\n{prompt}", m.content.trim_end());
+        }
+    };
+    match placement {
+        LevelPlacement::UserSuffix => match messages.iter_mut().rev().find(|m| m.role == "user") {
+            Some(last_user) => append(last_user),
+            None => messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() }),
+        },
+        LevelPlacement::System => match messages.first_mut().filter(|m| m.role == "system" || m.role == "developer") {
+            Some(system) => append(system),
+            None => messages.insert(0, ChatMessage { role: "system".into(), content: prompt.to_string() }),
+        },
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -78,6 +105,25 @@ mod tests {
 
     fn msg(role: &str, content: &str) -> ChatMessage {
         ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn level_prompt_goes_after_the_last_user_turn_or_into_the_system_prompt() {
+        let mut chat = vec![msg("user", "a"), msg("assistant", "b"), msg("user", "What is 2+2? ")];
+        apply_level_prompt(&mut chat, "Be brief.", LevelPlacement::UserSuffix);
+        assert_eq!(chat[2].content, "What is 2+2?\n\nBe brief.");
+        assert_eq!(chat[0].content, "a");
+
+        let mut chat = vec![msg("user", "q")];
+        apply_level_prompt(&mut chat, "Be brief.", LevelPlacement::System);
+        assert_eq!(chat, vec![msg("system", "Be brief."), msg("user", "q")]);
+        let mut chat = vec![msg("system", "You help."), msg("user", "q")];
+        apply_level_prompt(&mut chat, "Be brief.", LevelPlacement::System);
+        assert_eq!(chat[0].content, "You help.\n\nBe brief.");
+
+        let mut chat = vec![msg("user", "q")];
+        apply_level_prompt(&mut chat, "", LevelPlacement::UserSuffix);
+        assert_eq!(chat, vec![msg("user", "q")]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
-pub use chat::{ChatMessage, ChatTemplate, TemplateError};
+pub use chat::{apply_level_prompt, ChatMessage, ChatTemplate, TemplateError};
 pub use stream::{IncrementalDecoder, PhasedDecoder};
 
 pub struct TextTokenizer {

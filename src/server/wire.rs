@@ -1,0 +1,293 @@
+//! The generation requests as types: what each endpoint reads from its JSON
+//! body, deserialized with serde, so the schema exists once, as code.
+//!
+//! A body is read twice from the same parsed JSON: once as the fields every
+//! generation endpoint shares ([`GenerationFields`]), once as the endpoint's
+//! own ([`ChatFields`], [`CompletionFields`]); a field neither names is
+//! ignored (OpenAI clients send extras; [`IGNORED_FIELDS`] lists the ones
+//! OpenAI defines). Range checks, refusals and defaults are methods in
+//! `validate.rs`. A deserialization error names its field by its dotted path
+//! (`messages[0].role`, `reasoning.strategy`), as [`ApiError::field`] expects.
+
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::reasoning::modes::{Mode, ReasoningFields};
+
+/// Fields OpenAI defines that do not change what terse generates, accepted
+/// and ignored: the end user's id, request metadata, storage and tier hints,
+/// and `parallel_tool_calls` (there are no tools to call in parallel).
+pub const IGNORED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
+
+/// What every generation endpoint reads besides its prompt. `null` is the same
+/// as absent.
+#[derive(Debug, Default, Deserialize)]
+pub struct GenerationFields {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    /// An integer; a negative one is taken as its two's-complement u64.
+    pub seed: Option<i128>,
+    pub stop: Option<StopStrings>,
+    pub n: Option<i64>,
+    pub best_of: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub reasoning_effort: Option<Mode>,
+    pub reasoning: Option<ReasoningFields>,
+    /// Features that change the reply's shape or content, which terse does not
+    /// have yet: refused when used (`validate.rs`), never silently ignored.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    pub logit_bias: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object")]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+    /// OpenAI's padding of stream chunks against length side channels; not needed here.
+    pub include_obfuscation: Option<bool>,
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopStrings(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StopStrings {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Strings;
+        impl<'de> Visitor<'de> for Strings {
+            type Value = StopStrings;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<StopStrings, E> {
+                Ok(StopStrings(vec![s.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StopStrings, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    all.push(s);
+                }
+                Ok(StopStrings(all))
+            }
+        }
+        d.deserialize_any(Strings)
+    }
+}
+
+/// `POST /v1/chat/completions`' own fields.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatFields {
+    pub messages: Option<Vec<WireMessage>>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a message object")]
+pub struct WireMessage {
+    pub role: Option<String>,
+    pub content: Option<MessageContent>,
+    /// Calls an assistant turn made (refused: terse has no tools yet).
+    pub tool_calls: Option<Value>,
+}
+
+/// A message's `content`: text, or a list of content parts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Content;
+        impl<'de> Visitor<'de> for Content {
+            type Value = MessageContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(s.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageContent, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element::<ContentPart>()? {
+                    parts.push(part);
+                }
+                Ok(MessageContent::Parts(parts))
+            }
+        }
+        d.deserialize_any(Content)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(expecting = "an object")]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub text: Option<String>,
+}
+
+/// `POST /v1/completions`' own fields.
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionFields {
+    /// A string, one string in an array, or token ids (checked in `validate.rs`).
+    pub prompt: Option<Value>,
+    pub logprobs: Option<Value>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+}
+
+/// Deserialize `T` from a parsed body (or part of one), naming the field at fault.
+pub fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = dotted(e.path());
+        field_error(&path, &e.into_inner().to_string())
+    })
+}
+
+/// `messages[0].content`, `reasoning.strategy`: the path as `param` names fields.
+fn dotted(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            serde_path_to_error::Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// serde's message at `path`, in the words the rest of the API uses:
+/// "`temperature` must be a number, not a string".
+fn field_error(path: &str, message: &str) -> ApiError {
+    // An unknown key of a strict object (`reasoning`) is named by its own
+    // path (which the path already ends with).
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let param = if path.is_empty() || path == name || path.ends_with(&format!(".{name}")) {
+            if path.is_empty() { name.to_string() } else { path.to_string() }
+        } else {
+            format!("{path}.{name}")
+        };
+        let expected = expected.trim_start_matches(", ");
+        return ApiError::field(param.clone(), format!("unknown field `{param}`; {expected}"));
+    }
+    let shown = if path.is_empty() { "the body".to_string() } else { format!("`{path}`") };
+    let text = if let Some(rest) = message.strip_prefix("invalid type: ") {
+        match rest.split_once(", expected ") {
+            Some((got, expected)) => format!("{shown} must be {}, not {}", expected_kind(expected), got_kind(got)),
+            None => format!("{shown}: {message}"),
+        }
+    } else if let Some(rest) = message.strip_prefix("invalid value: ") {
+        match rest.split_once(", expected ") {
+            Some((got, expected)) => format!("{shown} must be {}, got {}", expected_kind(expected), got_value(got)),
+            None => format!("{shown}: {message}"),
+        }
+    } else if message.starts_with("must ") {
+        format!("{shown} {message}")
+    } else {
+        format!("{shown}: {message}")
+    };
+    ApiError::field(path, text)
+}
+
+/// serde's name for what it expected, as a JSON type.
+fn expected_kind(expected: &str) -> &str {
+    match expected {
+        "f32" | "f64" => "a number",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "u8" | "u16" | "u32" | "u64" | "u128" => "an integer",
+        "usize" => "a non-negative integer",
+        "a sequence" => "an array",
+        other if other.starts_with("struct ") || other == "a map" => "an object",
+        other => other,
+    }
+}
+
+/// serde's description of the value it got, as a JSON type.
+fn got_kind(got: &str) -> &str {
+    let word = got.split([' ', '`']).next().unwrap_or(got);
+    match word {
+        "string" => "a string",
+        "integer" | "floating" => "a number",
+        "boolean" => "a boolean",
+        "sequence" => "an array",
+        "map" => "an object",
+        "null" | "unit" => "null",
+        _ => got,
+    }
+}
+
+/// The value of "integer `-5`": `-5`.
+fn got_value(got: &str) -> &str {
+    got.split('`').nth(1).unwrap_or(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn param_of<T: DeserializeOwned + std::fmt::Debug>(body: Value) -> (String, String) {
+        match parse::<T>(&body) {
+            Err(ApiError::InvalidField { param, message }) => (param, message),
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_by_its_path() {
+        let cases = [
+            (json!({"temperature": "hot"}), "temperature", "`temperature` must be a number, not a string"),
+            (json!({"max_tokens": 1.5}), "max_tokens", "`max_tokens` must be an integer, not a number"),
+            (json!({"stream": "yes"}), "stream", "`stream` must be a boolean, not a string"),
+            (json!({"stop": [1]}), "stop[0]", "`stop[0]` must be a string, not a number"),
+            (json!({"stop": {}}), "stop", "`stop` must be a string or an array of strings, not an object"),
+            (json!({"stream_options": {"include_usage": 1}}), "stream_options.include_usage", "`stream_options.include_usage` must be a boolean, not a number"),
+            (json!({"reasoning": "lots"}), "reasoning", "`reasoning` must be an object, not a string"),
+            (json!({"reasoning": {"strategy": "magic"}}), "reasoning.strategy", "`reasoning.strategy` must be one of ts, budget or none, got \"magic\""),
+            (json!({"reasoning": {"max_thinking_tokens": -5}}), "reasoning.max_thinking_tokens", "`reasoning.max_thinking_tokens` must be a non-negative integer, got -5"),
+            (json!({"reasoning_effort": "extreme"}), "reasoning_effort", "`reasoning_effort` must be one of short, medium, long, low, high or none, got \"extreme\""),
+        ];
+        for (body, param, message) in cases {
+            assert_eq!(param_of::<GenerationFields>(body.clone()), (param.to_string(), message.to_string()), "{body}");
+        }
+        let (param, message) = param_of::<GenerationFields>(json!({"reasoning": {"max_thinking_token": 5}}));
+        assert_eq!(param, "reasoning.max_thinking_token");
+        assert!(message.starts_with("unknown field `reasoning.max_thinking_token`; expected one of"), "{message}");
+        assert_eq!(param_of::<ChatFields>(json!({"messages": [{"role": 5}]})).0, "messages[0].role");
+        assert_eq!(param_of::<ChatFields>(json!({"messages": ["hi"]})).0, "messages[0]");
+        assert_eq!(param_of::<ChatFields>(json!({"messages": [{"content": [{"type": 1}]}]})).0, "messages[0].content[0].type");
+        assert_eq!(param_of::<ChatFields>(json!({"messages": [{"content": 7}]})).0, "messages[0].content");
+    }
+
+    #[test]
+    fn unknown_top_level_fields_and_nulls_are_absent() {
+        let fields: GenerationFields = parse(&json!({"frobnicate": [1], "user": "x", "temperature": null, "stop": "END"})).unwrap();
+        assert_eq!((fields.temperature, fields.stop), (None, Some(StopStrings(vec!["END".into()]))));
+        let chat: ChatFields = parse(&json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}], "name": "n"}]})).unwrap();
+        let message = &chat.messages.unwrap()[0];
+        assert_eq!(message.content, Some(MessageContent::Parts(vec![ContentPart { kind: Some("text".into()), text: Some("a".into()) }])));
+    }
+}
