@@ -39,8 +39,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TERSE = ROOT / "target" / "release" / "terse"
-BENCH_FORWARD = ROOT / "target" / "release" / "examples" / "bench_forward"
+# Another build's binaries (to compare two builds side by side) through
+# TERSE_BENCH_BIN / TERSE_BENCH_FORWARD_BIN.
+TERSE = Path(os.environ.get("TERSE_BENCH_BIN", ROOT / "target" / "release" / "terse"))
+BENCH_FORWARD = Path(os.environ.get("TERSE_BENCH_FORWARD_BIN", ROOT / "target" / "release" / "examples" / "bench_forward"))
 RESULTS = ROOT / "bench-results"
 THREADS = 2
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use terse::engine::argmax;
-use terse::model::{load_gguf, Arch, KvPrecision, LoadedModel, SeqChunk, SeqKvCache};
+use terse::model::{load_gguf, Arch, KvPrecision, LoadedModel, Rows, SeqChunk, SeqKvCache};
 use terse::tokenize::ChatMessage;
 
 /// Largest |ours - reference| allowed on any logit, per model. Both sides
@@ -274,4 +274,22 @@ fn smollm2_f16_kv_cache_halves_the_cache_and_keeps_the_logits_close() {
     }
     let (f32_bytes, f16_bytes) = (bytes[0], bytes[1]);
     assert!(f16_bytes > 0 && f16_bytes * 2 == f32_bytes, "f16 cache {f16_bytes} bytes, f32 {f32_bytes}");
+}
+
+/// The logits of every position of a prompt's chunk (`Rows::All`, for
+/// verifying drafted or probed tokens) have the bits of each prefix's own
+/// last position on the quantized kernels: a row depends on nothing beside it.
+#[test]
+fn every_position_of_a_chunk_has_its_prefixs_bits() {
+    let model = load_gguf(&model_path("smollm2-135m"), "smollm2-135m").unwrap();
+    let prompt = prompt_tokens(&model, PROMPTS[0]);
+    let mut cache = model.transformer.new_cache();
+    let all = model.transformer.forward_rows(&mut [SeqChunk { tokens: &prompt, cache: &mut cache }], Rows::All).unwrap();
+    let all = all.to_vec2::<f32>().unwrap();
+    assert_eq!(all.len(), prompt.len());
+    for end in 1..=prompt.len() {
+        let mut cache = model.transformer.new_cache();
+        let last = model.transformer.forward(&mut [SeqChunk { tokens: &prompt[..end], cache: &mut cache }]).unwrap();
+        assert_eq!(all[end - 1], last.to_vec2::<f32>().unwrap()[0], "position {}", end - 1);
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use candle_core::DType;
 use terse::engine::argmax;
 use terse::model::{
-    convert_gguf_to_hf, load_gguf_dequantized, load_hf_dir, prune_hf_dir, LoadedModel, SeqChunk, SeqKvCache,
+    convert_gguf_to_hf, load_gguf_dequantized, load_hf_dir, prune_hf_dir, LoadedModel, Rows, SeqChunk, SeqKvCache,
     SparseMode, Transformer,
 };
 use terse::tokenize::ChatMessage;
@@ -30,7 +30,7 @@ fn work_dir() -> PathBuf {
 /// removes them. (A filtered run leaves them for the next run to clear.)
 struct RemovesCopiesWhenLast;
 
-const TESTS: usize = 6;
+const TESTS: usize = 7;
 static UNFINISHED: AtomicUsize = AtomicUsize::new(TESTS);
 
 impl Drop for RemovesCopiesWhenLast {
@@ -158,38 +158,62 @@ fn a_bf16_2_4_checkpoint_stores_bf16_values_and_matches_its_dense_computation() 
 
 /// The tensor path (every model on a GPU) keeps all sequences' keys and
 /// values in one pool of pages and attends for all decoding sequences at
-/// once. Run on the CPU in f32, it computes what the host path computes, and
-/// what its older layout (a cache tensor and an attention per sequence)
-/// computes, on a schedule that takes every branch of the pooled plan:
-/// prompts in chunks (one of 130 tokens, over pages and across steps), a
-/// sequence joining part-way ahead of the others in the step's order (steps
-/// that mix chunks and single tokens, outputs put back in order), and
-/// decoding sequences of lengths far enough apart to be attended in two groups.
+/// once. Run on the CPU in f32, it computes what the host path computes, on
+/// a schedule that takes every branch of the pooled plan: prompts in chunks
+/// (one of 130 tokens, over pages and across steps), a sequence joining
+/// part-way ahead of the others in the step's order (steps that mix chunks
+/// and single tokens, outputs put back in order), and decoding sequences of
+/// lengths far enough apart to be attended in two groups.
 #[test]
 fn the_pooled_kv_cache_computes_what_the_host_path_computes() {
     let _copies = RemovesCopiesWhenLast;
     let (f32_dir, _, _) = dirs();
-    let (mut model, _) = load_hf_dir(f32_dir, "smol-f32-pooled", SparseMode::Auto).unwrap();
+    let (model, _) = load_hf_dir(f32_dir, "smol-f32-pooled", SparseMode::Auto).unwrap();
     assert!(model.transformer.runs_on_host() && !model.transformer.pooled_kv());
     let long: String = PROMPTS.iter().cycle().take(20).copied().collect::<Vec<_>>().join(" ");
     let prompts: Vec<Vec<u32>> = [PROMPTS[0], &long, PROMPTS[2]].iter().map(|t| prompt(&model, t)).collect();
     assert!(prompts[1].len() > 2 * PAGE && prompts[1].len() > 2 * (prompts[0].len() + 24), "the long prompt spans pages and outgrows the others");
     let on_host = batched_greedy(&model.transformer, &prompts, 24);
-    model.transformer.use_tensor_path().unwrap();
-    model.transformer.set_pooled_kv(true).unwrap();
-    assert!(!model.transformer.runs_on_host() && model.transformer.pooled_kv());
-    let pooled = batched_greedy(&model.transformer, &prompts, 24);
-    model.transformer.set_pooled_kv(false).unwrap();
-    let apart = batched_greedy(&model.transformer, &prompts, 24);
-    for (name, other) in [("pooled", &pooled), ("per-sequence", &apart)] {
-        for (seq, ((logits, tokens), (host_logits, host_tokens))) in other.iter().zip(&on_host).enumerate() {
-            assert_eq!(tokens, host_tokens, "{name}, sequence {seq}");
-            for (step, (a, b)) in logits.iter().zip(host_logits).enumerate() {
-                // Differently ordered f32 sums, not a different computation.
-                assert!(max_diff(a, b) < 1e-3, "{name}, sequence {seq}, step {step}: logits differ by {}", max_diff(a, b));
-            }
+    let pooled_model = model.transformer.into_tensor_path().unwrap();
+    assert!(!pooled_model.runs_on_host() && pooled_model.pooled_kv());
+    let pooled = batched_greedy(&pooled_model, &prompts, 24);
+    for (seq, ((logits, tokens), (host_logits, host_tokens))) in pooled.iter().zip(&on_host).enumerate() {
+        assert_eq!(tokens, host_tokens, "sequence {seq}");
+        for (step, (a, b)) in logits.iter().zip(host_logits).enumerate() {
+            // Differently ordered f32 sums, not a different computation.
+            assert!(max_diff(a, b) < 1e-3, "sequence {seq}, step {step}: logits differ by {}", max_diff(a, b));
         }
     }
+    // Every position's logits of a chunk, on the tensor path: the last is the
+    // one a step returns, and each earlier one is that prefix's own last.
+    every_position_is_its_prefixs_last(&pooled_model, &prompts[0], 1e-3);
+}
+
+/// The logits of every position of one chunk (`Rows::All`) against the
+/// logits of each prefix run alone, within `tolerance`.
+fn every_position_is_its_prefixs_last(model: &Transformer, prompt: &[u32], tolerance: f32) {
+    let mut cache = model.new_cache();
+    let all = model.forward_rows(&mut [SeqChunk { tokens: prompt, cache: &mut cache }], Rows::All).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(all.len(), prompt.len());
+    for end in [1, prompt.len() / 2, prompt.len()] {
+        let mut cache = model.new_cache();
+        let last = model.forward(&mut [SeqChunk { tokens: &prompt[..end], cache: &mut cache }]).unwrap().to_vec2::<f32>().unwrap();
+        let diff = max_diff(&all[end - 1], &last[0]);
+        assert!(diff <= tolerance, "position {}: {diff}", end - 1);
+    }
+}
+
+/// On the host path too; dense f32 products go through candle's matmul,
+/// whose sums are blocked by the number of rows, so rows agree within float
+/// rounding rather than bit for bit (the quantized kernels' rows are
+/// bit-exact: `tests/reference.rs`).
+#[test]
+fn every_position_of_a_chunk_on_the_host_path_is_its_prefixs_last() {
+    let _copies = RemovesCopiesWhenLast;
+    let (f32_dir, _, _) = dirs();
+    let (model, _) = load_hf_dir(f32_dir, "smol-f32-rows", SparseMode::Auto).unwrap();
+    assert!(model.transformer.runs_on_host());
+    every_position_is_its_prefixs_last(&model.transformer, &prompt(&model, PROMPTS[1]), 1e-3);
 }
 
 /// Positions per page of the pooled KV cache.

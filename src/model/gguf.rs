@@ -13,7 +13,8 @@ use candle_nn::{Embedding, RmsNorm};
 use super::config::TransformerConfig;
 use super::linear::Linear;
 use super::quant::{BlockFormat, QuantMatrix};
-use super::transformer::{Attention, Block, Mlp, TokenEmbedding, Transformer};
+use super::layer::{Attention, Block, LayerSpec, Mlp};
+use super::transformer::{TokenEmbedding, Transformer};
 use super::ModelInfo;
 use crate::tokenize::TextTokenizer;
 
@@ -80,6 +81,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         let p = format!("blk.{i}");
         let w = &mut weights;
         blocks.push(Block {
+            spec: LayerSpec::default(),
             attn_norm: norm(w, &format!("{p}.attn_norm.weight"))?,
             attn: Attention {
                 q: linear(w, &format!("{p}.attn_q"))?,

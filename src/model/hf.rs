@@ -15,7 +15,8 @@ use candle_nn::{Embedding, RmsNorm};
 use serde::Deserialize;
 
 use super::sparse::{Precision, Sparse24};
-use super::transformer::{Attention, Block, Mlp, TokenEmbedding};
+use super::layer::{Attention, Block, LayerSpec, Mlp};
+use super::transformer::TokenEmbedding;
 use super::{Arch, Linear, LoadedModel, ModelInfo, Transformer, TransformerConfig};
 use crate::tokenize::TextTokenizer;
 
@@ -281,6 +282,7 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         let a = format!("{p}.self_attn");
         let m = format!("{p}.mlp");
         blocks.push(Block {
+            spec: LayerSpec::default(),
             attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
             attn: Attention {
                 q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,

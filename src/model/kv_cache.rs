@@ -1,130 +1,97 @@
-//! One sequence's keys and values, per layer, growing in place.
+//! One sequence's keys and values, in the representation of the backend that
+//! made the cache (`Transformer::new_cache`): its own growing buffers on the
+//! host path, or pages of the pool all sequences share on the tensor path.
 
 use std::sync::Arc;
-
-use candle_core::{Result, Tensor};
 
 use super::host_attention::{HostKv, KvPrecision};
 use super::kv_pages::{KvPool, SeqPages};
 
-/// Keys and values of one sequence: per layer a (kv_heads, capacity, head_dim)
-/// buffer of which the first `len` positions are filled. Capacity doubles when
-/// full, so appending costs amortised O(1) copies per token. The buffers are
-/// tensors (any device, any dtype) or, for f32 on the CPU, plain vectors (f32
-/// or f16) that `host_attention` reads in place, or pages of a pool that all
-/// sequences share (`kv_pages`); a sequence uses one kind throughout.
-pub struct SeqKvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    host: Vec<HostKv>,
-    pages: Option<SeqPages>,
-    len: usize,
-    capacity: usize,
-}
-
+/// Positions a host cache first has room for; it doubles when full.
 const INITIAL_CAPACITY: usize = 64;
 
-impl SeqKvCache {
-    pub fn new(n_layer: usize) -> Self {
-        Self::with_precision(n_layer, KvPrecision::F32)
-    }
+/// Keys and values of one sequence.
+pub enum SeqKvCache {
+    /// The host path's: per layer a buffer of `capacity` positions per KV head
+    /// (f32 or f16), which `host_attention` reads in place. Capacity doubles
+    /// when full, so appending costs amortised O(1) copies per token.
+    Host { layers: Vec<HostKv>, len: usize, capacity: usize },
+    /// The tensor path's: the sequence's pages of the shared pool (`kv_pages`).
+    Paged { pages: SeqPages, len: usize },
+}
 
-    /// A cache whose CPU buffers keep keys and values in `precision`.
-    pub fn with_precision(n_layer: usize, precision: KvPrecision) -> Self {
-        SeqKvCache { layers: (0..n_layer).map(|_| None).collect(), host: (0..n_layer).map(|_| HostKv::new(precision)).collect(), pages: None, len: 0, capacity: 0 }
+impl SeqKvCache {
+    /// A host cache of `n_layer` layers keeping keys and values in `precision`.
+    pub fn on_host(n_layer: usize, precision: KvPrecision) -> Self {
+        SeqKvCache::Host { layers: (0..n_layer).map(|_| HostKv::new(precision)).collect(), len: 0, capacity: 0 }
     }
 
     /// A cache whose positions live in pages of `pool`.
     pub fn in_pool(pool: Arc<KvPool>) -> Self {
-        SeqKvCache { layers: Vec::new(), host: Vec::new(), pages: Some(SeqPages::new(pool)), len: 0, capacity: 0 }
-    }
-
-    /// The sequence's pages, when its cache is in a pool.
-    pub fn pages(&self) -> Option<&SeqPages> {
-        self.pages.as_ref()
-    }
-
-    pub fn pages_mut(&mut self) -> Option<&mut SeqPages> {
-        self.pages.as_mut()
-    }
-
-    /// A pooled cache's `len` after a step wrote `new` positions in every layer.
-    pub fn advance(&mut self, new: usize) {
-        self.len += new;
+        SeqKvCache::Paged { pages: SeqPages::new(pool), len: 0 }
     }
 
     /// Positions already cached (the position of the next token).
     pub fn len(&self) -> usize {
-        self.len
+        match self {
+            SeqKvCache::Host { len, .. } | SeqKvCache::Paged { len, .. } => *len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Bytes held by the buffers.
     pub fn allocated_bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| ((k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()) as u64)
-            .sum::<u64>()
-            + self.host.iter().map(HostKv::bytes).sum::<u64>()
-            + self.pages.as_ref().map_or(0, |p| p.page_count() as u64 * p.pool().page_bytes())
+        match self {
+            SeqKvCache::Host { layers, .. } => layers.iter().map(HostKv::bytes).sum(),
+            SeqKvCache::Paged { pages, .. } => pages.page_count() as u64 * pages.pool().page_bytes(),
+        }
     }
 
-    /// The host path's `append`: store `keys` and `values` (new × kv_heads·head_dim
+    /// The sequence's pages, when its cache is in a pool.
+    pub fn pages_mut(&mut self) -> Option<&mut SeqPages> {
+        match self {
+            SeqKvCache::Paged { pages, .. } => Some(pages),
+            SeqKvCache::Host { .. } => None,
+        }
+    }
+
+    pub fn is_paged(&self) -> bool {
+        matches!(self, SeqKvCache::Paged { .. })
+    }
+
+    /// A pooled cache's `len` after a step wrote `new` positions in every layer.
+    pub fn advance(&mut self, new: usize) {
+        if let SeqKvCache::Paged { len, .. } = self {
+            *len += new;
+        }
+    }
+
+    /// The host path's append: store `keys` and `values` (new × kv_heads·head_dim
     /// f32, rotated) at positions len.. of `layer`. Call for every layer in
     /// order; the last layer's call advances `len`.
     pub fn append_host(&mut self, layer: usize, keys: &[f32], values: &[f32], kv_heads: usize, head_dim: usize) {
-        let needed = self.len + keys.len() / (kv_heads * head_dim);
-        while needed > self.capacity {
-            self.capacity = (self.capacity * 2).max(INITIAL_CAPACITY);
+        let SeqKvCache::Host { layers, len, capacity } = self else {
+            panic!("append_host on a pooled cache");
+        };
+        let needed = *len + keys.len() / (kv_heads * head_dim);
+        while needed > *capacity {
+            *capacity = (*capacity * 2).max(INITIAL_CAPACITY);
         }
-        self.host[layer].write(self.len, keys, values, kv_heads, head_dim, self.capacity);
-        if layer + 1 == self.host.len() {
-            self.len = needed;
+        layers[layer].write(*len, keys, values, kv_heads, head_dim, *capacity);
+        if layer + 1 == layers.len() {
+            *len = needed;
         }
     }
 
     /// `layer`'s host buffers, for `host_attention::attend_into`.
     pub fn host_layer(&self, layer: usize) -> &HostKv {
-        &self.host[layer]
-    }
-
-    /// Append `k`, `v` (kv_heads, new, head_dim) at positions len.. in `layer` and
-    /// return views of everything cached in that layer, new positions included.
-    /// Call for every layer in order; the last layer's call advances `len`.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (heads, new, dim) = k.dims3()?;
-        let needed = self.len + new;
-        if needed > self.capacity {
-            let mut cap = self.capacity.max(INITIAL_CAPACITY);
-            while cap < needed {
-                cap *= 2;
-            }
-            for entry in self.layers.iter_mut().flatten() {
-                let grow = |t: &Tensor| -> Result<Tensor> {
-                    let extra = Tensor::zeros((heads, cap - t.dim(1)?, dim), t.dtype(), t.device())?;
-                    Tensor::cat(&[t, &extra], 1)
-                };
-                *entry = (grow(&entry.0)?, grow(&entry.1)?);
-            }
-            self.capacity = cap;
+        match self {
+            SeqKvCache::Host { layers, .. } => &layers[layer],
+            SeqKvCache::Paged { .. } => panic!("host_layer on a pooled cache"),
         }
-        let entry = match &mut self.layers[layer] {
-            Some(e) => e,
-            slot @ None => {
-                let zeros = || Tensor::zeros((heads, self.capacity, dim), k.dtype(), k.device());
-                slot.insert((zeros()?, zeros()?))
-            }
-        };
-        entry.0.slice_set(&k.contiguous()?, 1, self.len)?;
-        entry.1.slice_set(&v.contiguous()?, 1, self.len)?;
-        let views = (entry.0.narrow(1, 0, needed)?, entry.1.narrow(1, 0, needed)?);
-        if layer + 1 == self.layers.len() {
-            self.len = needed;
-        }
-        Ok(views)
     }
 }
 

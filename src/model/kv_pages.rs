@@ -1,6 +1,6 @@
 //! Keys and values of every sequence in one pool of pages per layer, for the
 //! tensor path (every model on a GPU; on the CPU only when a test asks for
-//! it with `Transformer::use_tensor_path`).
+//! it with `Transformer::into_tensor_path`).
 //!
 //! With one cache tensor per sequence, attention has to run per sequence: a
 //! GPU then pays some fifteen kernel launches per sequence per layer, and a

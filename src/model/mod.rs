@@ -6,9 +6,11 @@ mod device;
 mod gguf;
 mod hf;
 mod host_attention;
+mod host_path;
 mod kernel;
 mod kv_cache;
 mod kv_pages;
+mod layer;
 mod linear;
 mod paged_attention;
 mod prune;
@@ -16,6 +18,7 @@ mod row_ops;
 pub mod quant;
 pub mod sparse;
 mod synthetic;
+mod tensor_path;
 mod threads;
 mod transformer;
 
@@ -29,7 +32,8 @@ pub use host_attention::KvPrecision;
 pub use kv_cache::{SeqChunk, SeqKvCache};
 pub use linear::Linear;
 pub use synthetic::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
-pub use transformer::{StepLogits, TokenEmbedding, Transformer};
+pub use layer::{Activation, Attention, Block, LayerSpec, Mlp};
+pub use transformer::{BackendKind, Rows, StepLogits, TokenEmbedding, Transformer};
 
 /// What the server says about the model it serves.
 #[derive(Debug, Clone)]

@@ -305,7 +305,7 @@ impl DecodeGroup {
 /// Dot-product attention of one sequence's new queries (heads, len, hd),
 /// scaled by `scale` (`None` when they come scaled), over its keys and
 /// values (kv_heads, total, hd), causal; returns (len, heads × hd).
-pub fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_heads: usize, scale: Option<f64>) -> Result<Tensor> {
+fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_heads: usize, scale: Option<f64>) -> Result<Tensor> {
     let (nh, len, hd) = q.dims3()?;
     let group = nh / kv_heads;
     let total = start + len;

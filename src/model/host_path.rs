@@ -1,0 +1,185 @@
+//! The host path: the forward pass for f32 on the CPU. The activations stay
+//! plain rows from the embedding to the head, every step between the matrix
+//! products is a loop of `row_ops` or `host_attention`, and each sequence's
+//! keys and values sit in its own buffers (`SeqKvCache::Host`).
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Result};
+use candle_nn::RmsNorm;
+
+use super::host_attention::{self, Heads, KvPrecision, StepSeqs};
+use super::kv_cache::SeqChunk;
+use super::layer::{Activation, Block};
+use super::linear::Linear;
+use super::quant::QuantizedRows;
+use super::row_ops;
+use super::transformer::{RopeTable, Rows, Transformer};
+
+/// What a step writes between its inputs and its logits, kept from one step
+/// to the next: once the buffers are as large as a step needs, a step
+/// allocates nothing when the embedding and every matrix are ours (GGUF's
+/// Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), apart from a KV cache's doubling. Each
+/// buffer is named for what it holds; they keep the size of the largest step
+/// (a prefill chunk) for the model's life.
+#[derive(Default)]
+struct HostBuffers {
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    /// Where each sequence's rows start among the step's rows, and their end.
+    row_starts: Vec<usize>,
+    /// The residual stream (tokens × hidden).
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attended: Vec<f32>,
+    /// A layer's output before it joins the residual stream.
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// The rows the head reads (the last of each chunk, or all), before and after the final norm.
+    last: Vec<f32>,
+    last_normed: Vec<f32>,
+    /// The quantized input of the matrix products.
+    acts: QuantizedRows,
+}
+
+/// One RMS norm's weight and ε, for `row_ops::rms_norm_into`.
+struct HostNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl HostNorm {
+    fn new(norm: &RmsNorm) -> Result<HostNorm> {
+        // candle's `RmsNorm` hands its ε to the kernel as f32 too.
+        Ok(HostNorm { weight: norm.weight().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, eps: norm.eps() as f32 })
+    }
+
+    fn apply(&self, x: &[f32], out: &mut Vec<f32>) {
+        row_ops::rms_norm_into(x, &self.weight, self.eps, out)
+    }
+}
+
+/// A rotary table as plain rows: `half` values a position.
+struct HostRope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+pub(super) struct HostPath {
+    /// (before attention, before the MLP) per block.
+    norms: Vec<(HostNorm, HostNorm)>,
+    final_norm: HostNorm,
+    ropes: Vec<HostRope>,
+    kv_precision: KvPrecision,
+    buffers: Mutex<HostBuffers>,
+}
+
+impl HostPath {
+    pub fn new(blocks: &[Block], final_norm: &RmsNorm, ropes: &[RopeTable]) -> Result<HostPath> {
+        let norms = blocks.iter().map(|b| Ok((HostNorm::new(&b.attn_norm)?, HostNorm::new(&b.ffn_norm)?))).collect::<Result<_>>()?;
+        let ropes = ropes
+            .iter()
+            .map(|r| Ok(HostRope { cos: r.cos.flatten_all()?.to_vec1()?, sin: r.sin.flatten_all()?.to_vec1()? }))
+            .collect::<Result<_>>()?;
+        Ok(HostPath { norms, final_norm: HostNorm::new(final_norm)?, ropes, kv_precision: KvPrecision::F32, buffers: Default::default() })
+    }
+
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv_precision
+    }
+
+    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
+        self.kv_precision = precision;
+    }
+
+    /// One step of `model` over `chunks`; the logits of `rows` go to `logits`.
+    pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows, logits: &mut Vec<f32>) -> Result<()> {
+        let mut guard = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let b = &mut *guard;
+        b.ids.clear();
+        b.positions.clear();
+        b.row_starts.clear();
+        b.row_starts.push(0);
+        for c in chunks.iter() {
+            b.ids.extend_from_slice(c.tokens);
+            b.positions.push(c.cache.len());
+            b.row_starts.push(b.ids.len());
+        }
+        let n = b.ids.len();
+        model.embedding.rows_into(&b.ids, &mut b.x)?;
+        for (layer, (block, (attn_norm, ffn_norm))) in model.blocks.iter().zip(&self.norms).enumerate() {
+            attn_norm.apply(&b.x, &mut b.normed);
+            self.attention(model, layer, block, chunks, b)?;
+            row_ops::add_assign(&mut b.x, &b.out);
+            ffn_norm.apply(&b.x, &mut b.normed);
+            let mlp = &block.mlp;
+            Linear::forward_many_rows_into([&mlp.gate, &mlp.up], &b.normed, n, &mut b.acts, [&mut b.gate, &mut b.up])?;
+            match block.spec.activation {
+                Activation::Silu => row_ops::silu_times(&mut b.gate, &b.up),
+            }
+            mlp.down.forward_rows_into(&b.gate, n, &mut b.acts, &mut b.out)?;
+            row_ops::add_assign(&mut b.x, &b.out);
+        }
+        let head_rows = match rows {
+            Rows::All => {
+                self.final_norm.apply(&b.x, &mut b.last_normed);
+                n
+            }
+            Rows::Last => {
+                let width = b.x.len() / n;
+                b.last.clear();
+                for &end in &b.row_starts[1..] {
+                    b.last.extend_from_slice(&b.x[(end - 1) * width..end * width]);
+                }
+                self.final_norm.apply(&b.last, &mut b.last_normed);
+                chunks.len()
+            }
+        };
+        model.lm_head.forward_rows_into(&b.last_normed, head_rows, &mut b.acts, logits)
+    }
+
+    /// One layer's attention on rows (`b.normed` is tokens × hidden, the
+    /// result goes to `b.out`): rotation, cache append and attention as loops
+    /// over the activations' and the cache's own memory (`host_attention`).
+    fn attention(&self, model: &Transformer, layer: usize, block: &Block, chunks: &mut [SeqChunk<'_>], b: &mut HostBuffers) -> Result<()> {
+        let cfg = &model.config;
+        let attn = &block.attn;
+        let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
+        let tokens = b.ids.len();
+        Linear::forward_many_rows_into([&attn.q, &attn.k, &attn.v], &b.normed, tokens, &mut b.acts, [&mut b.q, &mut b.k, &mut b.v])?;
+        let (q, k, v) = (&mut b.q, &mut b.k, &b.v);
+        let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        if q.len() != tokens * q_width || k.len() != tokens * kv_width || v.len() != tokens * kv_width {
+            candle_core::bail!(
+                "layer {layer}: q/k/v widths {}/{}/{} do not fit {} heads and {} KV heads of {}",
+                q.len() / tokens,
+                k.len() / tokens,
+                v.len() / tokens,
+                cfg.n_head,
+                cfg.n_kv_head,
+                cfg.head_dim
+            );
+        }
+        let rope = &self.ropes[block.spec.rope];
+        let half = cfg.head_dim / 2;
+        for ((chunk, &start), rows) in chunks.iter_mut().zip(&b.positions).zip(b.row_starts.windows(2)) {
+            let (row, len) = (rows[0], rows[1] - rows[0]);
+            for i in row..row + len {
+                let at = (start + i - row) * half;
+                let (cos, sin) = (&rope.cos[at..at + half], &rope.sin[at..at + half]);
+                host_attention::rotate(&mut q[i * q_width..(i + 1) * q_width], cfg.head_dim, cfg.rope_halves, cos, sin);
+                host_attention::rotate(&mut k[i * kv_width..(i + 1) * kv_width], cfg.head_dim, cfg.rope_halves, cos, sin);
+            }
+            let new = row * kv_width..(row + len) * kv_width;
+            chunk.cache.append_host(layer, &k[new.clone()], &v[new], cfg.n_kv_head, cfg.head_dim);
+        }
+        let chunks = &*chunks;
+        let seqs = StepSeqs { row_starts: &b.row_starts, positions: &b.positions, cache: |s: usize| chunks[s].cache.host_layer(layer) };
+        host_attention::attend_into(&b.q, seqs, heads, &mut b.attended);
+        attn.o.forward_rows_into(&b.attended, tokens, &mut b.acts, &mut b.out)
+    }
+}
