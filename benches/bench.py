@@ -3,6 +3,7 @@
 
     python3 benches/bench.py --runs 3                 # smollm2-135m and qwen2.5-0.5b
     python3 benches/bench.py qwen2.5-1.5b --runs 3
+    python3 benches/bench.py synth:qwen3-0.6b:q8_0 synth:qwen3-1.7b:q4_k_m   # random weights, real shapes
 
 For each model, in one run and one after another (never two engines at once):
 
@@ -111,6 +112,17 @@ def last_json_line(text):
 
 
 def fetch_model(name):
+    """The model file: fetched by its manifest name, or, for `synth:SHAPE:DTYPE`
+    (e.g. `synth:qwen3-0.6b:q8_0`), written with random weights by `terse synth`
+    into bench-results/ (once) for shapes no package here carries."""
+    if name.startswith("synth:"):
+        _, shape, dtype = name.split(":")
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"synth-{shape}.{dtype}.gguf"
+        if not path.exists():
+            subprocess.run([str(TERSE), "synth", "--shape", shape, "--dtype", dtype, "--out", str(path)], cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL)
+        return str(path)
     out = subprocess.run([str(ROOT / "models" / "fetch"), name], cwd=ROOT, check=True,
                          stdout=subprocess.PIPE, text=True).stdout
     return out.strip().splitlines()[-1].strip()
@@ -304,11 +316,13 @@ def decode_request(name, max_tokens, variant=0):
     return {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": []}
 
 
-def bench_server(name, prompt_ids, args):
+def bench_server(model, path, prompt_ids, args):
     port = free_port()
     RESULTS.mkdir(exist_ok=True)
+    # A synthetic file is served by path, under its file name.
+    spec, name = (path, Path(path).stem) if model.startswith("synth:") else (model, model)
     log_path = RESULTS / f"server-{name}-{port}.log"
-    cmd = [str(TERSE), "serve", "--model", name, "--port", str(port), "--max-batch", "8"]
+    cmd = [str(TERSE), "serve", "--model", spec, "--port", str(port), "--max-batch", "8"]
     print(f"  [server] {' '.join(cmd[1:])}", flush=True)
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
@@ -466,7 +480,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,4,8", help="comma-separated stream counts")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward,llama,server")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward,reference,llama,server")
     # Internal: the llama.cpp subprocess.
     ap.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -506,8 +520,9 @@ def main():
             res["terse"] = bench_forward(res["path"], "terse", args)
             prompt_ids = res["terse"].pop("prompt_ids")
             res["arch"] = res["terse"].get("arch")
-            res["reference"] = bench_forward(res["path"], "reference", args)
-            res["reference"].pop("prompt_ids", None)
+            if "reference" not in skip:
+                res["reference"] = bench_forward(res["path"], "reference", args)
+                res["reference"].pop("prompt_ids", None)
             # A process of its own, so that the eight caches do not count in
             # the single-stream peak RSS above.
             batched = bench_forward(res["path"], "terse", args, batch=8)
@@ -525,7 +540,7 @@ def main():
         phase_done("llama_cpp", "llama" not in skip)
         res["loadavg_after_llama_cpp"] = loadavg()
         if "server" not in skip:
-            res["server"] = bench_server(model, prompt_ids, args)
+            res["server"] = bench_server(model, res["path"], prompt_ids, args)
         phase_done("server", "server" not in skip)
         res["loadavg_after"] = loadavg()
         res["ratios"] = ratios(res)

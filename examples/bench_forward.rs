@@ -179,6 +179,7 @@ fn batched_decode(model: &Transformer, prompt: &[u32], decode_tokens: usize, bat
 enum Reference {
     Llama(candle_transformers::models::quantized_llama::ModelWeights, Device),
     Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights, Device),
+    Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights, Device),
 }
 
 impl Reference {
@@ -200,6 +201,11 @@ impl Reference {
                 &mut file,
                 device,
             )?, device.clone()),
+            "qwen3" => Reference::Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                device,
+            )?, device.clone()),
             other => bail!("no reference model for architecture {other}"),
         })
     }
@@ -208,6 +214,7 @@ impl Reference {
         let logits = match self {
             Reference::Llama(m, device) => m.forward(&Tensor::new(tokens, device)?.unsqueeze(0)?, pos)?,
             Reference::Qwen2(m, device) => m.forward(&Tensor::new(tokens, device)?.unsqueeze(0)?, pos)?,
+            Reference::Qwen3(m, device) => m.forward(&Tensor::new(tokens, device)?.unsqueeze(0)?, pos)?,
         };
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
@@ -218,6 +225,7 @@ impl Engine for Reference {
         match self {
             Reference::Llama(m, _) => m.clear_kv_cache(),
             Reference::Qwen2(m, _) => m.clear_kv_cache(),
+            Reference::Qwen3(m, _) => m.clear_kv_cache(),
         }
         self.forward(prompt, 0)
     }

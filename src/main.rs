@@ -280,7 +280,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }], true)?
     };
-    let prompt = tokenizer.encode(&text)?;
+    let prompt = tokenizer.encode_prompt(&text)?;
     let max_tokens = args.max_tokens.min(engine.context_length().saturating_sub(prompt.len()));
     let request = GenerationRequest {
         id: "cli".into(),

@@ -114,6 +114,12 @@ pub enum SynthShape {
     /// DeepSeek-R1-Distill-Qwen-1.5B's exact shapes (28 layers, hidden 1536, 12 / 2 heads).
     #[value(name = "r1-distill-qwen-1.5b")]
     R1DistillQwen1_5b,
+    /// Qwen3-0.6B's exact shapes (28 layers, hidden 1024, 16 / 8 heads of 128, tied head).
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
+    /// Qwen3-1.7B's exact shapes (28 layers, hidden 2048, 16 / 8 heads of 128, tied head).
+    #[value(name = "qwen3-1.7b")]
+    Qwen3_1_7b,
     /// No tensors: only the tokenizer and chat template (a few MB), to carry to
     /// a machine without models and pass there as --tokenizer-from.
     TokenizerOnly,
@@ -126,6 +132,10 @@ pub enum SynthType {
     Q8_0,
     #[value(name = "q4_k")]
     Q4k,
+    /// Q4_K, with `attn_v`, `ffn_down` (every other layer) and the head in
+    /// Q6_K, as llama.cpp's Q4_K_M mixes them.
+    #[value(name = "q4_k_m")]
+    Q4kM,
 }
 
 /// A GGUF with random weights, real shapes and a real tokenizer: for
@@ -134,9 +144,11 @@ pub enum SynthType {
 pub struct SynthArgs {
     #[arg(long, value_enum, default_value = "r1-distill-qwen-1.5b")]
     shape: SynthShape,
-    /// The GGUF (or manifest name) whose tokenizer and chat template to copy.
-    #[arg(long, default_value = "r1-distill-tokenizer")]
-    tokenizer_from: String,
+    /// The GGUF, Hugging Face `tokenizer.json` (or its directory), or manifest
+    /// name whose tokenizer and chat template to copy; default: the shape's
+    /// family's (r1-distill-tokenizer, qwen3-tokenizer).
+    #[arg(long)]
+    tokenizer_from: Option<String>,
     #[arg(long, value_enum, default_value = "q4_k")]
     dtype: SynthType,
     #[arg(long, default_value_t = 0)]
@@ -149,23 +161,31 @@ pub struct SynthArgs {
 pub fn synth(args: SynthArgs) -> Result<()> {
     use candle_core::quantized::GgmlDType;
     use terse::model::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
-    let tokenizer_from = match terse::manifest::load_manifest(&args.tokenizer_from) {
+    let family_tokenizer = match args.shape {
+        SynthShape::Qwen3_0_6b | SynthShape::Qwen3_1_7b => "qwen3-tokenizer",
+        _ => "r1-distill-tokenizer",
+    };
+    let tokenizer_name = args.tokenizer_from.as_deref().unwrap_or(family_tokenizer);
+    let tokenizer_from = match terse::manifest::load_manifest(tokenizer_name) {
         Ok(m) => terse::manifest::models_dir().join("cache").join(&m.name).join(&m.file),
-        Err(_) => PathBuf::from(&args.tokenizer_from),
+        Err(_) => PathBuf::from(tokenizer_name),
     };
     let mut spec = match args.shape {
         SynthShape::Tiny => SyntheticSpec::tiny_qwen2(152_064),
         SynthShape::R1DistillQwen1_5b => SyntheticSpec::r1_distill_qwen_1_5b(),
+        SynthShape::Qwen3_0_6b => SyntheticSpec::qwen3_0_6b(28),
+        SynthShape::Qwen3_1_7b => SyntheticSpec::qwen3_1_7b(),
         SynthShape::TokenizerOnly => {
             write_tokenizer_gguf(&args.out, &tokenizer_from)?;
             println!("{}", args.out.display());
             return Ok(());
         }
     };
-    spec.dtype = match args.dtype {
-        SynthType::F32 => GgmlDType::F32,
-        SynthType::Q8_0 => GgmlDType::Q8_0,
-        SynthType::Q4k => GgmlDType::Q4K,
+    (spec.dtype, spec.sensitive_dtype) = match args.dtype {
+        SynthType::F32 => (GgmlDType::F32, None),
+        SynthType::Q8_0 => (GgmlDType::Q8_0, None),
+        SynthType::Q4k => (GgmlDType::Q4K, None),
+        SynthType::Q4kM => (GgmlDType::Q4K, Some(GgmlDType::Q6K)),
     };
     spec.seed = args.seed;
     write_random_gguf(&args.out, &spec, &tokenizer_from)?;

@@ -262,3 +262,35 @@ fn a_device_this_build_cannot_use_fails_the_start_in_one_line() {
     assert_eq!(out.status.code(), Some(2), "a usage error:\n{err}");
     assert!(err.contains("cpu, cuda or cuda:N"), "{err}");
 }
+
+/// A GGUF holding only `metadata` (no tensors).
+fn metadata_only(name: &str, metadata: &[(&str, candle_core::quantized::gguf_file::Value)]) -> PathBuf {
+    let path = scratch("metadata").join(format!("{name}.gguf"));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let meta: Vec<(&str, &candle_core::quantized::gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    candle_core::quantized::gguf_file::write(&mut file, &meta, &[]).unwrap();
+    path
+}
+
+#[test]
+fn an_unknown_architecture_or_a_missing_key_fails_serve_generate_and_inspect_in_one_line() {
+    use candle_core::quantized::gguf_file::Value;
+    let unknown = metadata_only("mamba", &[("general.architecture", Value::String("mamba".into()))]);
+    let lacking = metadata_only(
+        "qwen3-lacking",
+        &[("general.architecture", Value::String("qwen3".into())), ("qwen3.embedding_length", Value::U32(64))],
+    );
+    for (path, says) in [
+        (&unknown, "unsupported architecture `mamba` (terse runs llama, qwen2, qwen3, gemma3)"),
+        (&lacking, "GGUF metadata lacks qwen3.attention.head_count"),
+    ] {
+        let model = path.to_str().unwrap();
+        for args in [vec!["serve", "--port", "0", "--model", model], vec!["generate", "--model", model, "hi"], vec!["inspect", model]] {
+            let out = terse().args(&args).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}:\n{err}");
+            assert!(err.contains(says), "{args:?}: expected {says:?} in:\n{err}");
+            assert!(!err.contains("panicked"), "{args:?}:\n{err}");
+        }
+    }
+}

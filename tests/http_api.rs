@@ -56,6 +56,10 @@ async fn health_ready_models_and_request_ids() {
     assert!(details["weight_bytes"].as_u64().unwrap() > 50_000_000, "{details}");
     assert_eq!(details["sparse_fraction"], 0.0);
     assert_eq!(details["device"], "cpu");
+    // SmolLM2's manifest gives it its profile; it has no think tokens.
+    let reasoning = &details["reasoning"];
+    assert_eq!(reasoning["source"], "manifest", "{details}");
+    assert!(reasoning["think_open"].is_null() && reasoning["thinking_by_default"] == false, "{details}");
     let r = get(&s.url(&format!("/v1/models/{MODEL}"))).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["id"], MODEL);

@@ -149,3 +149,39 @@ fn qwen3_stream_enters_and_leaves_the_thought_across_chunk_boundaries() {
     assert_eq!(answer, format!("\n\n{c}"));
     assert_eq!(phase, Phase::Answer);
 }
+
+/// A file given without a manifest: what its vocabulary and template say.
+fn detected(t: &TextTokenizer) -> terse::engine::ResolvedReasoning {
+    terse::engine::resolve_reasoning(t, &terse::reasoning::profile::ReasoningProfile::default(), false).unwrap()
+}
+
+#[test]
+fn reasoning_is_detected_from_the_vocabulary_and_the_template() {
+    use terse::engine::ProfileSource;
+    // R1-Distill's older template stops at `<｜Assistant｜>`: detected, and the
+    // thought is opened after the generation prompt, as the model was trained.
+    let r1 = detected(&r1_tokenizer());
+    assert_eq!(r1.summary.source, ProfileSource::Detected);
+    assert_eq!((r1.summary.think_open.as_deref(), r1.summary.think_close.as_deref()), (Some("<think>"), Some("</think>")));
+    assert!(r1.profile.start_thinking && r1.summary.thinking_by_default);
+    assert_eq!(r1.think.map(|t| (t.open, t.close)), Some((151648, 151649)));
+    let t = r1_tokenizer();
+    assert_eq!(r1.injections.end_of_thinking, t.encode("\n</think>\n\n").unwrap());
+
+    // Qwen3's template has the `enable_thinking` switch: the model opens the thought.
+    let qwen3 = detected(&qwen3_tokenizer());
+    assert_eq!(qwen3.summary.source, ProfileSource::Detected);
+    assert!(!qwen3.profile.start_thinking && qwen3.summary.thinking_by_default);
+
+    // SmolLM2 has no think tokens: no thinking phase, the wrap-up text at a budget.
+    let smol_path = terse::manifest::resolve_model("smollm2-135m").expect("run ./models/fetch smollm2-135m").path;
+    let smol = TextTokenizer::from_gguf(&gguf_file::Content::read(&mut File::open(smol_path).unwrap()).unwrap()).unwrap();
+    let none = detected(&smol);
+    assert_eq!(none.summary.source, ProfileSource::None);
+    assert!(none.think.is_none() && !none.summary.thinking_by_default && none.summary.think_open.is_none());
+    assert_eq!(none.injections.end_of_thinking, smol.encode("\nFinal answer:").unwrap());
+
+    // A manifest wins: R1's keeps its own texts and says so.
+    let manifest = terse::engine::resolve_reasoning(&r1_tokenizer(), &r1_profile(), true).unwrap();
+    assert_eq!(manifest.summary.source, ProfileSource::Manifest);
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use terse::engine::argmax;
-use terse::model::{load_gguf, Arch, KvPrecision, LoadedModel, Rows, SeqChunk, SeqKvCache};
+use terse::model::{load_gguf, Activation, Arch, KvPrecision, LoadedModel, Rows, SeqChunk, SeqKvCache};
 use terse::tokenize::ChatMessage;
 
 /// Largest |ours - reference| allowed on any logit, per model. Both sides
@@ -25,6 +25,21 @@ use terse::tokenize::ChatMessage;
 /// (`model::quant`). Measured worst: 1.60 on SmolLM2, 0.58 on Qwen.
 const SMOLLM2_TOLERANCE: f32 = 2.0;
 const QWEN_TOLERANCE: f32 = 1.0;
+/// Qwen3 on random weights (`qwen3_matches_candle_transformers`), logits of
+/// magnitude ~15. With f16 weights both sides run candle's own products, and
+/// differ only in float rounding (attention's and the norms' sums, then f16
+/// inputs to the products): measured worst 0.058 (0.016 with f32 weights).
+/// Quantized, each side rounds every activation row to 8 bits, and a
+/// last-bit difference upstream flips such a rounding: measured worst 0.61
+/// (Q8_0) and 0.56 (Q4_K_M, where the reference differs from its own prefill
+/// by 0.33). A wrong step (a missing per-head norm, the wrong head size or
+/// rope base) moves logits by whole units.
+const QWEN3_F16_TOLERANCE: f32 = 0.15;
+const QWEN3_TOLERANCE: f32 = 1.0;
+/// Gemma-3-270m (`gemma3_matches_candle_transformers`): measured worst 2.02
+/// over 4 prompts × 33 steps (the reference differs from its own prefill by
+/// up to 1.34), and 1.64 for prefills past the 512-position window.
+const GEMMA3_TOLERANCE: f32 = 2.5;
 const STEPS: usize = 32;
 const PROMPTS: [&str; 3] = [
     "What is the capital of France?",
@@ -39,6 +54,8 @@ fn model_path(name: &str) -> PathBuf {
 enum Reference {
     Llama(candle_transformers::models::quantized_llama::ModelWeights),
     Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
+    Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights),
+    Gemma3(candle_transformers::models::quantized_gemma3::ModelWeights),
 }
 
 impl Reference {
@@ -52,6 +69,12 @@ impl Reference {
             Arch::Qwen2 => Reference::Qwen2(
                 candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
             ),
+            Arch::Qwen3 => Reference::Qwen3(
+                candle_transformers::models::quantized_qwen3::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+            ),
+            Arch::Gemma3 => Reference::Gemma3(
+                candle_transformers::models::quantized_gemma3::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
+            ),
         }
     }
 
@@ -60,6 +83,9 @@ impl Reference {
         let logits = match self {
             Reference::Llama(m) => m.forward(&x, pos),
             Reference::Qwen2(m) => m.forward(&x, pos),
+            // Its logits are of the last position only, like the others'.
+            Reference::Qwen3(m) => m.forward(&x, pos),
+            Reference::Gemma3(m) => m.forward(&x, pos),
         }
         .unwrap();
         logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -69,6 +95,9 @@ impl Reference {
         match self {
             Reference::Llama(m) => m.clear_kv_cache(),
             Reference::Qwen2(m) => m.clear_kv_cache(),
+            Reference::Qwen3(m) => m.clear_kv_cache(),
+            // Its caches start again at position 0.
+            Reference::Gemma3(_) => {}
         }
     }
 }
@@ -103,13 +132,22 @@ fn top_two_gap(logits: &[f32]) -> f32 {
 }
 
 fn compare_with_reference(name: &str, tolerance: f32) {
-    let path = model_path(name);
-    let ours = load_gguf(&path, name).unwrap();
-    let mut reference = Reference::load(&path, ours.transformer.config.arch);
+    compare_file_with_reference(&model_path(name), name, tolerance);
+}
+
+fn compare_file_with_reference(path: &Path, name: &str, tolerance: f32) {
+    let ours = load_gguf(path, name).unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|text| prompt_tokens(&ours, text)).collect();
+    compare_prompts_with_reference(path, &ours, name, &prompts, tolerance);
+}
+
+fn compare_prompts_with_reference(path: &Path, ours: &LoadedModel, name: &str, prompts: &[Vec<u32>], tolerance: f32) {
+    let mut reference = Reference::load(path, ours.transformer.config.arch);
     let mut worst = 0f32;
     let mut greedy_checked = 0;
-    for text in PROMPTS {
-        let prompt = prompt_tokens(&ours, text);
+    for prompt in prompts {
+        let prompt = prompt.clone();
+        let text = format!("{} prompt tokens", prompt.len());
         reference.clear();
         // The reference chooses the tokens (greedy); both models are fed the same ones.
         let mut ref_logits = vec![reference.forward(&prompt, 0)];
@@ -119,7 +157,7 @@ fn compare_with_reference(name: &str, tolerance: f32) {
             inputs.push(next);
             ref_logits.push(reference.forward(&[next], prompt.len() + step));
         }
-        let our_logits = ours_alone(&ours, &prompt, &inputs);
+        let our_logits = ours_alone(ours, &prompt, &inputs);
         // How far the reference is from itself: the last step recomputed as one prefill.
         reference.clear();
         let mut all = prompt.clone();
@@ -138,14 +176,90 @@ fn compare_with_reference(name: &str, tolerance: f32) {
             }
         }
     }
-    eprintln!("{name}: max logit difference {worst:e} over {} prompts x {} steps; greedy compared at {greedy_checked} steps", PROMPTS.len(), STEPS + 1);
+    eprintln!("{name}: max logit difference {worst:e} over {} prompts x {} steps; greedy compared at {greedy_checked} steps", prompts.len(), STEPS + 1);
     // A third of the steps at least, so the greedy comparison means something.
-    assert!(greedy_checked >= PROMPTS.len() * STEPS / 3, "too few decisive steps to compare greedy tokens");
+    assert!(greedy_checked >= prompts.len() * STEPS / 3, "too few decisive steps to compare greedy tokens");
 }
 
 #[test]
 fn smollm2_matches_candle_transformers() {
     compare_with_reference("smollm2-135m", SMOLLM2_TOLERANCE);
+}
+
+/// Qwen3 (no public weights here): random weights in Qwen3-0.6B's exact
+/// per-layer shapes (16 / 8 heads of 128 on a hidden size of 1024, per-head
+/// q/k norms, a tied head) with the real Qwen3 tokenizer and chat template,
+/// in Q8_0 and in a Q4_K_M-like mix (Q4_K, with Q6_K for every other
+/// layer's `attn_v` and `ffn_down`), against candle-transformers'
+/// `quantized_qwen3`; and in f16, where nothing but float rounding separates
+/// the two, so a wrong step shows far above the tolerance. Eight of its 28
+/// layers (four in f16), to keep the test's files and time small; every layer
+/// is the same computation.
+#[test]
+fn qwen3_matches_candle_transformers() {
+    use candle_core::quantized::GgmlDType;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-qwen3");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokenizer = terse::manifest::models_dir().join("cache/qwen3-tokenizer/tokenizer.json");
+    assert!(tokenizer.is_file(), "run ./models/fetch qwen3-tokenizer");
+    let cases = [
+        (GgmlDType::F16, None, "f16", 4, QWEN3_F16_TOLERANCE),
+        (GgmlDType::Q8_0, None, "q8_0", 8, QWEN3_TOLERANCE),
+        (GgmlDType::Q4K, Some(GgmlDType::Q6K), "q4_k_m", 8, QWEN3_TOLERANCE),
+    ];
+    for (dtype, sensitive, label, layers, tolerance) in cases {
+        let path = dir.join(format!("qwen3-0.6b-shapes.{label}.gguf"));
+        let spec = terse::model::SyntheticSpec { dtype, sensitive_dtype: sensitive, seed: 7, ..terse::model::SyntheticSpec::qwen3_0_6b(layers) };
+        terse::model::write_random_gguf(&path, &spec, &tokenizer).unwrap();
+        compare_file_with_reference(&path, &format!("qwen3-synthetic-{label}"), tolerance);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+/// Gemma 3 (the real 270m file) against candle-transformers'
+/// `quantized_gemma3`: raw prompts (the pretrained model has no chat
+/// template), 32 decode steps; and a prompt longer than the 512-position
+/// sliding window, its prefill only.
+///
+/// The reference departs from Gemma in three places, so the comparison
+/// takes them into account: its MLP applies SiLU where Gemma (and llama.cpp,
+/// and terse) apply GELU-tanh, so for this comparison our layers are switched
+/// to SiLU (`tests/gemma3.rs` checks the real one against llama.cpp);
+/// its one-token decode masks nothing, ignoring the window, so past the
+/// window only its prefill is compared; and that prefill lets a windowed
+/// layer's query see 513 positions where Hugging Face and llama.cpp (and
+/// terse) let it see 512.
+#[test]
+fn gemma3_matches_candle_transformers() {
+    let path = model_path("gemma-3-270m");
+    let mut ours = load_gguf(&path, "gemma-3-270m").unwrap();
+    for block in &mut ours.transformer.blocks {
+        assert_eq!(block.spec.activation, Activation::GeluTanh);
+        block.spec.activation = Activation::Silu;
+    }
+    let prompts: Vec<Vec<u32>> = ["The capital of France is", "Once upon a time, in a small village by the sea,", "def fibonacci(n):", "The three primary colors are"]
+        .iter()
+        .map(|text| ours.tokenizer.encode_prompt(text).unwrap())
+        .collect();
+    compare_prompts_with_reference(&path, &ours, "gemma-3-270m", &prompts, GEMMA3_TOLERANCE);
+
+    // Past the window: prefills of 520, 640 and ~760 positions.
+    let long = "The history of the city goes back to the Romans, who built a bridge over the river.".repeat(40);
+    let prompt = ours.tokenizer.encode_prompt(&long).unwrap();
+    assert!(prompt.len() > 700, "the long prompt outgrows the window: {} tokens", prompt.len());
+    let mut worst = 0f32;
+    let mut reference = Reference::load(&path, Arch::Gemma3);
+    for end in [520, 640, prompt.len()] {
+        let theirs = reference.forward(&prompt[..end], 0);
+        let mine = ours_alone(&ours, &prompt[..end], &[]).remove(0);
+        let diff = mine.iter().zip(&theirs).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        worst = worst.max(diff);
+        assert!(diff <= GEMMA3_TOLERANCE, "{end} positions: max logit difference {diff}");
+        if top_two_gap(&theirs) > GEMMA3_TOLERANCE {
+            assert_eq!(argmax(&mine), argmax(&theirs), "{end} positions: greedy tokens differ");
+        }
+    }
+    eprintln!("gemma-3-270m past the window: prefill logits differ by up to {worst:e}");
 }
 
 #[test]
@@ -291,5 +405,47 @@ fn every_position_of_a_chunk_has_its_prefixs_bits() {
         let mut cache = model.transformer.new_cache();
         let last = model.transformer.forward(&mut [SeqChunk { tokens: &prompt[..end], cache: &mut cache }]).unwrap();
         assert_eq!(all[end - 1], last.to_vec2::<f32>().unwrap()[0], "position {}", end - 1);
+    }
+}
+
+/// Gemma 3 on the tensor path (every model on a GPU) computes what the host
+/// path computes, windows included: the file's weights dequantized to f32 on
+/// both, so only the attention code differs; two sequences in one batch,
+/// one prefilled in chunks past the 512-position window, then decoding.
+#[test]
+fn gemma3_on_the_tensor_path_computes_what_the_host_path_computes() {
+    let path = model_path("gemma-3-270m");
+    let host = terse::model::load_gguf_dequantized(&path, "gemma-3-270m").unwrap();
+    assert!(host.transformer.runs_on_host());
+    let long = "The history of the city goes back to the Romans, who built a bridge over the river.".repeat(36);
+    let prompts = [host.tokenizer.encode_prompt(&long).unwrap(), host.tokenizer.encode_prompt("The capital of France is").unwrap()];
+    assert!(prompts[0].len() > 640);
+    let run = |model: &terse::model::Transformer| -> Vec<Vec<f32>> {
+        let mut caches: Vec<SeqKvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+        // The long prompt in chunks of 256 beside the short one's whole prompt, then both decode.
+        let mut fed = [0usize, 0];
+        let mut out = Vec::new();
+        let mut next = [0u32; 2];
+        for _ in 0..8 {
+            let feeds: Vec<Vec<u32>> = (0..2)
+                .map(|s| if fed[s] < prompts[s].len() { prompts[s][fed[s]..(fed[s] + 256).min(prompts[s].len())].to_vec() } else { vec![next[s]] })
+                .collect();
+            let (a, b) = caches.split_at_mut(1);
+            let mut chunks = [SeqChunk { tokens: &feeds[0], cache: &mut a[0] }, SeqChunk { tokens: &feeds[1], cache: &mut b[0] }];
+            let logits = model.forward(&mut chunks).unwrap().to_vec2::<f32>().unwrap();
+            for s in 0..2 {
+                fed[s] += feeds[s].len();
+                next[s] = argmax(&logits[s]);
+            }
+            out.extend(logits);
+        }
+        out
+    };
+    let on_host = run(&host.transformer);
+    let tensor = host.transformer.into_tensor_path().unwrap();
+    let on_tensors = run(&tensor);
+    for (i, (a, b)) in on_host.iter().zip(&on_tensors).enumerate() {
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-2, "row {i}: logits differ by {diff}");
     }
 }

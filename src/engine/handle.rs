@@ -130,6 +130,7 @@ pub(crate) struct Shared {
     pub think: Option<ThinkTokens>,
     pub injections: Injections,
     pub profile: ReasoningProfile,
+    pub reasoning_summary: super::ReasoningSummary,
     pub max_queue: usize,
     pub context_length: usize,
     pub kv_bytes_per_token: u64,
@@ -198,6 +199,11 @@ impl EngineHandle {
     /// The model's mode presets and injected texts.
     pub fn reasoning_profile(&self) -> &ReasoningProfile {
         &self.shared.profile
+    }
+
+    /// Where the model's reasoning profile came from, and what it says.
+    pub fn reasoning_summary(&self) -> &super::ReasoningSummary {
+        &self.shared.reasoning_summary
     }
 
     /// The model's think delimiters, if it has them.

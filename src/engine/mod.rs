@@ -8,6 +8,7 @@
 mod device_pick;
 mod handle;
 mod logits;
+mod profile;
 mod request;
 mod sampling;
 mod scheduler;
@@ -22,6 +23,7 @@ use anyhow::{Context, Result};
 pub use device_pick::PickOnDevice;
 pub use handle::{EngineConfig, EngineHandle, GenerationStream, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK};
 pub use logits::{DeviceEdit, LogitChain, LogitProcessor, Penalties};
+pub use profile::{resolve_reasoning, ProfileSource, ReasoningSummary, ResolvedReasoning};
 pub use request::*;
 pub use crate::reasoning::stopping::argmax;
 pub use sampling::Sampler;
@@ -30,10 +32,6 @@ use crate::metrics::Metrics;
 use candle_core::Device;
 
 use crate::model::{load_gguf_on, load_hf_dir_on, LoadedModel, SparseMode};
-use crate::reasoning::control::Injections;
-use crate::reasoning::phase::ThinkTokens;
-use crate::reasoning::profile::ReasoningProfile;
-use crate::tokenize::TextTokenizer;
 
 /// Default KV-cache budget: room for a full batch of full-context sequences,
 /// but no more than this (sequences beyond it wait), and never less than one
@@ -82,13 +80,23 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         .with_label_values(&[&info.id, &info.arch, &info.format, &info.dtype, &format!("{}", info.sparse_fraction), &info.device])
         .set(1);
 
-    let (think, injections) = reasoning_profile(&tokenizer, &config.reasoning)?;
+    let reasoning = resolve_reasoning(&tokenizer, &config.reasoning, config.reasoning.from_manifest)?;
+    let summary = &reasoning.summary;
+    tracing::info!(
+        source = ?summary.source,
+        think_open = summary.think_open.as_deref().unwrap_or(""),
+        think_close = summary.think_close.as_deref().unwrap_or(""),
+        thinking_by_default = summary.thinking_by_default,
+        opens_thought_after_prompt = reasoning.profile.start_thinking && reasoning.think.is_some(),
+        "reasoning profile"
+    );
     let shared = Arc::new(handle::Shared {
         info,
         tokenizer: Arc::new(tokenizer),
-        think,
-        injections,
-        profile: config.reasoning.clone(),
+        think: reasoning.think,
+        injections: reasoning.injections,
+        profile: reasoning.profile,
+        reasoning_summary: reasoning.summary,
         max_queue: config.max_queue,
         context_length,
         kv_bytes_per_token,
@@ -142,20 +150,4 @@ fn gpu_kv_cap(device: &Device) -> Option<u64> {
 #[cfg(not(feature = "cuda"))]
 fn gpu_kv_cap(_device: &Device) -> Option<u64> {
     None
-}
-
-/// The think delimiters and injected texts of a model, tokenized once. The
-/// delimiters count only when the vocabulary holds each as one token.
-fn reasoning_profile(tokenizer: &TextTokenizer, profile: &ReasoningProfile) -> Result<(Option<ThinkTokens>, Injections)> {
-    let think = match (tokenizer.token_to_id(&profile.think_open), tokenizer.token_to_id(&profile.think_close)) {
-        (Some(open), Some(close)) if open != close => Some(ThinkTokens { open, close }),
-        _ => None,
-    };
-    let end_of_thinking = if think.is_some() { &profile.end_of_thinking } else { &profile.wrap_up };
-    let injections = Injections {
-        end_of_thinking: tokenizer.encode(end_of_thinking)?,
-        continuation: tokenizer.encode(&profile.continuation)?,
-        answer_tokens_after_wrap_up: Some(profile.answer_tokens_after_wrap_up),
-    };
-    Ok((think, injections))
 }

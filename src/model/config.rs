@@ -3,18 +3,31 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 
+use super::layer::{Activation, LayerSpec};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen2's layout without q/k/v biases, with an RMS norm of each query and
+    /// key head before rotation, and a head size of its own.
+    Qwen3,
+    /// Embeddings scaled by √hidden; norms before and after attention and the
+    /// MLP; q/k norms; a GELU-tanh MLP; sliding-window layers between global
+    /// ones, each kind with its own rope base.
+    Gemma3,
 }
 
 impl Arch {
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3];
+
     pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "llama" => Ok(Arch::Llama),
-            "qwen2" => Ok(Arch::Qwen2),
-            other => bail!("unsupported architecture `{other}` (terse runs llama and qwen2)"),
+        match Arch::ALL.into_iter().find(|a| a.name() == name) {
+            Some(arch) => Ok(arch),
+            None => {
+                let known: Vec<&str> = Arch::ALL.iter().map(Arch::name).collect();
+                bail!("unsupported architecture `{name}` (terse runs {})", known.join(", "))
+            }
         }
     }
 
@@ -22,13 +35,38 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
     /// Qwen rotates the two halves of each head (NEOX style); GGUF llama weights
     /// rotate adjacent pairs (llama.cpp's NORM style).
     pub fn rope_is_neox(&self) -> bool {
-        matches!(self, Arch::Qwen2)
+        matches!(self, Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Each query and key head goes through an RMS norm of its own before rotation.
+    pub fn norms_q_and_k(&self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Attention's and the MLP's outputs go through a norm of their own before
+    /// joining the residual stream.
+    pub fn norms_outputs(&self) -> bool {
+        matches!(self, Arch::Gemma3)
+    }
+
+    /// The embeddings are scaled by √hidden.
+    pub fn scales_embeddings(&self) -> bool {
+        matches!(self, Arch::Gemma3)
+    }
+
+    pub fn activation(&self) -> Activation {
+        match self {
+            Arch::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
     }
 }
 
@@ -49,6 +87,17 @@ pub struct TransformerConfig {
     /// and every qwen2 file); otherwise on adjacent pairs (llama GGUFs, whose
     /// q/k rows llama.cpp permuted).
     pub rope_halves: bool,
+    /// Layers that attend only to the last `sliding_window` positions: all
+    /// but every `sliding_pattern`-th (Gemma 3: 512 and 6).
+    pub sliding_window: Option<usize>,
+    pub sliding_pattern: usize,
+    /// The rope base of the windowed layers (Gemma 3's 10,000; the global
+    /// layers keep `rope_theta`).
+    pub rope_local_theta: Option<f32>,
+    /// Per rotary frequency (head_dim / 2 of them), the factor it is divided
+    /// by: Llama 3's rope scaling (a GGUF's `rope_freqs` tensor, or a
+    /// `config.json`'s `rope_scaling`), applied to the global rope table.
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl TransformerConfig {
@@ -67,7 +116,8 @@ impl TransformerConfig {
         let hidden = get("embedding_length")?.to_u32()? as usize;
         let n_head = get("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = get("attention.head_count_kv")?.to_u32()? as usize;
-        let head_dim = match get("rope.dimension_count") {
+        // Qwen3's head size is its own (`key_length`), not hidden / heads.
+        let head_dim = match get("attention.key_length").or_else(|_| get("rope.dimension_count")) {
             Ok(v) => v.to_u32()? as usize,
             Err(_) => hidden / n_head,
         };
@@ -93,6 +143,19 @@ impl TransformerConfig {
             context_length: get("context_length")?.to_u32()? as usize,
             vocab_size,
             rope_halves: arch.rope_is_neox(),
+            sliding_window: None,
+            sliding_pattern: 0,
+            rope_local_theta: None,
+            rope_freq_factors: None,
+        };
+        let cfg = if arch == Arch::Gemma3 {
+            let window = get("attention.sliding_window")?.to_u32()? as usize;
+            // llama.cpp's default: every sixth layer global.
+            let pattern = get("attention.sliding_window_pattern").map(|v| v.to_u32().unwrap_or(6) as usize).unwrap_or(6);
+            let local = get("rope.local_freq_base").and_then(|v| Ok(v.to_f32()?)).unwrap_or(10_000.0);
+            TransformerConfig { sliding_window: Some(window), sliding_pattern: pattern.max(1), rope_local_theta: Some(local), ..cfg }
+        } else {
+            cfg
         };
         if cfg.n_head == 0 || cfg.n_kv_head == 0 || cfg.n_head % cfg.n_kv_head != 0 {
             bail!("head counts {} / {} are inconsistent", cfg.n_head, cfg.n_kv_head);
@@ -100,8 +163,51 @@ impl TransformerConfig {
         Ok(cfg)
     }
 
+    /// What layer `layer` computes: its activation, window and rope table
+    /// (0, the global base; 1, the windowed layers' own).
+    pub fn layer_spec(&self, layer: usize) -> LayerSpec {
+        let windowed = self.sliding_window.filter(|_| self.sliding_pattern > 0 && (layer + 1) % self.sliding_pattern != 0);
+        let rope = usize::from(windowed.is_some() && self.rope_local_theta.is_some());
+        LayerSpec { activation: self.arch.activation(), window: windowed, rope }
+    }
+
+    /// The rope bases the layers' specs name, in table order.
+    pub fn rope_bases(&self) -> Vec<f32> {
+        let mut bases = vec![self.rope_theta];
+        if let (Some(local), Some(_)) = (self.rope_local_theta, self.sliding_window) {
+            bases.push(local);
+        }
+        bases
+    }
+
     /// Bytes of KV cache one token takes in every layer, keys and values in `dtype`.
     pub fn kv_bytes_per_token(&self, dtype: candle_core::DType) -> u64 {
         (self.n_layer * 2 * self.n_kv_head * self.head_dim * dtype.size_in_bytes()) as u64
     }
+}
+
+/// Llama 3's rope scaling as per-frequency factors, for a head of `head_dim`
+/// rotating with base `theta`: frequencies whose wavelength is below
+/// `original / high` keep theirs, those above `original / low` are divided
+/// by `factor`, and those between are blended smoothly (the published Llama
+/// 3.1 rule; `scaling` is [factor, low, high, original]).
+pub fn llama3_freq_factors(theta: f32, head_dim: usize, scaling: [f32; 4]) -> Vec<f32> {
+    let [factor, low, high, original] = scaling;
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    (0..head_dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1f32 / theta.powf(i as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                let scaled = (1.0 - smooth) * freq / factor + smooth * freq;
+                freq / scaled
+            }
+        })
+        .collect()
 }

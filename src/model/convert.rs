@@ -27,6 +27,8 @@ fn hf_name(gguf: &str) -> Option<String> {
             "attn_k" => "self_attn.k_proj",
             "attn_v" => "self_attn.v_proj",
             "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
             "ffn_gate" => "mlp.gate_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
@@ -91,6 +93,8 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     let (class, model_type) = match config.arch {
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Arch::Gemma3 => anyhow::bail!("{}: gemma3 files cannot be written as a Hugging Face directory yet (terse reads none)", gguf.display()),
     };
     let torch_dtype = if dtype == DType::BF16 { "bfloat16" } else { "float32" };
     let hf_config = json!({

@@ -13,7 +13,7 @@ use candle_nn::{Embedding, RmsNorm};
 use super::config::TransformerConfig;
 use super::linear::Linear;
 use super::quant::{BlockFormat, QuantMatrix};
-use super::layer::{Attention, Block, LayerSpec, Mlp};
+use super::layer::{Attention, Block, Mlp};
 use super::transformer::{TokenEmbedding, Transformer};
 use super::ModelInfo;
 use crate::tokenize::TextTokenizer;
@@ -45,10 +45,14 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     let mut file = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
-    let config = TransformerConfig::from_gguf(&content)?;
+    let mut config = TransformerConfig::from_gguf(&content)?;
     let tokenizer = TextTokenizer::from_gguf(&content)?;
 
     let mut weights = Weights { file, content: &content, path, device: device.clone(), bytes: 0, type_counts: Default::default() };
+    // Llama 3's rope scaling, as the file's per-frequency factors.
+    if weights.has("rope_freqs.weight") {
+        config.rope_freq_factors = Some(weights.tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+    }
     // On the CPU, matrices in a format our kernels read are repacked straight
     // from the file (see `Weights::matrix`); the rest go through candle.
     let ours = !dequantize && device.is_cpu();
@@ -76,18 +80,24 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         Some(m) => TokenEmbedding::Quantized(m.clone()),
         None => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(&device)?, config.hidden)),
     };
+    let qk_norms = config.arch.norms_q_and_k();
+    let outputs_normed = config.arch.norms_outputs();
     let mut blocks = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let p = format!("blk.{i}");
         let w = &mut weights;
         blocks.push(Block {
-            spec: LayerSpec::default(),
+            spec: config.layer_spec(i),
+            post_attn_norm: outputs_normed.then(|| norm(w, &format!("{p}.post_attention_norm.weight"))).transpose()?,
+            post_ffn_norm: outputs_normed.then(|| norm(w, &format!("{p}.post_ffw_norm.weight"))).transpose()?,
             attn_norm: norm(w, &format!("{p}.attn_norm.weight"))?,
             attn: Attention {
                 q: linear(w, &format!("{p}.attn_q"))?,
                 k: linear(w, &format!("{p}.attn_k"))?,
                 v: linear(w, &format!("{p}.attn_v"))?,
                 o: linear(w, &format!("{p}.attn_output"))?,
+                q_norm: qk_norms.then(|| norm(w, &format!("{p}.attn_q_norm.weight"))).transpose()?,
+                k_norm: qk_norms.then(|| norm(w, &format!("{p}.attn_k_norm.weight"))).transpose()?,
             },
             ffn_norm: norm(w, &format!("{p}.ffn_norm.weight"))?,
             mlp: Mlp {

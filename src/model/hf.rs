@@ -15,7 +15,7 @@ use candle_nn::{Embedding, RmsNorm};
 use serde::Deserialize;
 
 use super::sparse::{Precision, Sparse24};
-use super::layer::{Attention, Block, LayerSpec, Mlp};
+use super::layer::{Attention, Block, Mlp};
 use super::transformer::TokenEmbedding;
 use super::{Arch, Linear, LoadedModel, ModelInfo, Transformer, TransformerConfig};
 use crate::tokenize::TextTokenizer;
@@ -50,6 +50,9 @@ pub struct HfConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     pub torch_dtype: Option<String>,
+    /// Llama 3's `{"rope_type": "llama3", "factor", "low_freq_factor",
+    /// "high_freq_factor", "original_max_position_embeddings"}`.
+    pub rope_scaling: Option<serde_json::Value>,
 }
 
 fn default_rope_theta() -> f32 {
@@ -61,6 +64,7 @@ impl HfConfig {
         let from_class = self.architectures.iter().find_map(|a| match a.as_str() {
             "LlamaForCausalLM" => Some(Arch::Llama),
             "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "Qwen3ForCausalLM" => Some(Arch::Qwen3),
             _ => None,
         });
         match (from_class, self.model_type.as_deref()) {
@@ -71,6 +75,24 @@ impl HfConfig {
     }
 
     pub fn transformer_config(&self) -> Result<TransformerConfig> {
+        let mut config = self.plain_config()?;
+        if let Some(scaling) = &self.rope_scaling {
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+            let number = |key: &str| scaling.get(key).and_then(|v| v.as_f64()).map(|v| v as f32).with_context(|| format!("rope_scaling lacks {key}"));
+            match kind {
+                "llama3" => {
+                    let scaling = [number("factor")?, number("low_freq_factor")?, number("high_freq_factor")?, number("original_max_position_embeddings")?];
+                    let factors = super::config::llama3_freq_factors(config.rope_theta, config.head_dim, scaling);
+                    config.rope_freq_factors = Some(factors);
+                }
+                "default" | "" => {}
+                other => bail!("rope_scaling of type `{other}` is not supported (llama3 is)"),
+            }
+        }
+        Ok(config)
+    }
+
+    fn plain_config(&self) -> Result<TransformerConfig> {
         let arch = self.arch()?;
         let n_kv_head = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0 || n_kv_head == 0 || self.num_attention_heads % n_kv_head != 0 {
@@ -89,6 +111,10 @@ impl HfConfig {
             context_length: self.max_position_embeddings,
             vocab_size: self.vocab_size,
             rope_halves: true,
+            sliding_window: None,
+            sliding_pattern: 0,
+            rope_local_theta: None,
+            rope_freq_factors: None,
         })
     }
 }
@@ -276,19 +302,25 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
             Ok(None)
         }
     };
+    let qk_norms = config.arch.norms_q_and_k();
+    let head_norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(at.put(weights.load(name, &[config.head_dim])?)?, config.rms_eps)) };
     let mut blocks = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let p = format!("model.layers.{i}");
         let a = format!("{p}.self_attn");
         let m = format!("{p}.mlp");
         blocks.push(Block {
-            spec: LayerSpec::default(),
+            spec: config.layer_spec(i),
+            post_attn_norm: None,
+            post_ffn_norm: None,
             attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
             attn: Attention {
                 q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,
                 k: projection(&weights, &format!("{a}.k_proj"), [kv, h], bias(&format!("{a}.k_proj"), kv)?, sparse, &at, &mut report)?,
                 v: projection(&weights, &format!("{a}.v_proj"), [kv, h], bias(&format!("{a}.v_proj"), kv)?, sparse, &at, &mut report)?,
                 o: projection(&weights, &format!("{a}.o_proj"), [h, q_width], None, sparse, &at, &mut report)?,
+                q_norm: qk_norms.then(|| head_norm(&format!("{a}.q_norm.weight"))).transpose()?,
+                k_norm: qk_norms.then(|| head_norm(&format!("{a}.k_norm.weight"))).transpose()?,
             },
             ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
             mlp: Mlp {

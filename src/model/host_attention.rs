@@ -122,16 +122,19 @@ impl HostKv {
     }
 
     /// One (row, KV head) item of `attend_into`: `out` (group × head_dim) is the
-    /// attention of the group's query heads `q` over positions `0..visible`.
+    /// attention of the group's query heads `q` over positions `first..visible`.
     #[allow(clippy::too_many_arguments)]
-    fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, first: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
         let (cap, hd) = (self.capacity, self.head_dim);
+        // Positions 0..visible of the head, the first `first` skipped.
         match &self.store {
             Store::F32 { keys, values } => {
-                attend_one(kernel, q, head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd), hd, scale, scores, out)
+                let (k, v) = (head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd));
+                attend_one(kernel, q, &k[first * hd..], &v[first * hd..], hd, scale, scores, out)
             }
             Store::F16 { keys, values } => {
-                attend_one(kernel, q, head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd), hd, scale, scores, out)
+                let (k, v) = (head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd));
+                attend_one(kernel, q, &k[first * hd..], &v[first * hd..], hd, scale, scores, out)
             }
         }
     }
@@ -187,7 +190,7 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
     row_starts.push(seqs.last().map_or(0, |s| s.rows.end));
     let positions: Vec<usize> = seqs.iter().map(|s| s.start).collect();
     let mut out = Vec::new();
-    attend_into(queries, StepSeqs { row_starts: &row_starts, positions: &positions, cache: |s: usize| seqs[s].cache }, heads, &mut out);
+    attend_into(queries, StepSeqs { row_starts: &row_starts, positions: &positions, window: None, cache: |s: usize| seqs[s].cache }, heads, &mut out);
     out
 }
 
@@ -198,6 +201,8 @@ pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32
 pub struct StepSeqs<'a, C> {
     pub row_starts: &'a [usize],
     pub positions: &'a [usize],
+    /// Each query sees only the last this many positions (itself included).
+    pub window: Option<usize>,
     pub cache: C,
 }
 
@@ -253,8 +258,9 @@ pub fn attend_into<'c, C: Fn(usize) -> &'c HostKv + Sync>(queries: &[f32], seqs:
                 let (row, kv_head) = (item / kv_heads, item % kv_heads);
                 let s = seqs.row_starts.partition_point(|&start| start <= row) - 1;
                 let visible = seqs.positions[s] + (row - seqs.row_starts[s]) + 1;
+                let first = seqs.window.map_or(0, |w| visible.saturating_sub(w));
                 let q = &queries[item * item_width..(item + 1) * item_width];
-                (seqs.cache)(s).attend_item(kernel, q, kv_head, visible, scale, scores, out);
+                (seqs.cache)(s).attend_item(kernel, q, kv_head, first, visible, scale, scores, out);
             }
         })
     };

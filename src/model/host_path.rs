@@ -34,9 +34,14 @@ struct HostBuffers {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// q and k after their per-head norms (swapped with `q` and `k`).
+    q_normed: Vec<f32>,
+    k_normed: Vec<f32>,
     attended: Vec<f32>,
-    /// A layer's output before it joins the residual stream.
+    /// A layer's output before it joins the residual stream, and after its
+    /// own norm where the block has one.
     out: Vec<f32>,
+    out_normed: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     /// The rows the head reads (the last of each chunk, or all), before and after the final norm.
@@ -69,9 +74,19 @@ struct HostRope {
     sin: Vec<f32>,
 }
 
+/// One block's norms as plain rows.
+struct BlockNorms {
+    attn: HostNorm,
+    ffn: HostNorm,
+    /// The per-head norms of queries and keys, where the family has them.
+    q_and_k: Option<(HostNorm, HostNorm)>,
+    /// The norms of attention's and the MLP's outputs, where the family has them.
+    post_attn: Option<HostNorm>,
+    post_ffn: Option<HostNorm>,
+}
+
 pub(super) struct HostPath {
-    /// (before attention, before the MLP) per block.
-    norms: Vec<(HostNorm, HostNorm)>,
+    norms: Vec<BlockNorms>,
     final_norm: HostNorm,
     ropes: Vec<HostRope>,
     kv_precision: KvPrecision,
@@ -80,7 +95,23 @@ pub(super) struct HostPath {
 
 impl HostPath {
     pub fn new(blocks: &[Block], final_norm: &RmsNorm, ropes: &[RopeTable]) -> Result<HostPath> {
-        let norms = blocks.iter().map(|b| Ok((HostNorm::new(&b.attn_norm)?, HostNorm::new(&b.ffn_norm)?))).collect::<Result<_>>()?;
+        let norms = blocks
+            .iter()
+            .map(|b| {
+                let q_and_k = match (&b.attn.q_norm, &b.attn.k_norm) {
+                    (Some(q), Some(k)) => Some((HostNorm::new(q)?, HostNorm::new(k)?)),
+                    _ => None,
+                };
+                let post = |n: &Option<RmsNorm>| n.as_ref().map(HostNorm::new).transpose();
+                Ok(BlockNorms {
+                    attn: HostNorm::new(&b.attn_norm)?,
+                    ffn: HostNorm::new(&b.ffn_norm)?,
+                    q_and_k,
+                    post_attn: post(&b.post_attn_norm)?,
+                    post_ffn: post(&b.post_ffn_norm)?,
+                })
+            })
+            .collect::<Result<_>>()?;
         let ropes = ropes
             .iter()
             .map(|r| Ok(HostRope { cos: r.cos.flatten_all()?.to_vec1()?, sin: r.sin.flatten_all()?.to_vec1()? }))
@@ -111,18 +142,22 @@ impl HostPath {
         }
         let n = b.ids.len();
         model.embedding.rows_into(&b.ids, &mut b.x)?;
-        for (layer, (block, (attn_norm, ffn_norm))) in model.blocks.iter().zip(&self.norms).enumerate() {
-            attn_norm.apply(&b.x, &mut b.normed);
-            self.attention(model, layer, block, chunks, b)?;
-            row_ops::add_assign(&mut b.x, &b.out);
-            ffn_norm.apply(&b.x, &mut b.normed);
+        if model.config.arch.scales_embeddings() {
+            row_ops::scale(&mut b.x, (model.config.hidden as f32).sqrt());
+        }
+        for (layer, (block, norms)) in model.blocks.iter().zip(&self.norms).enumerate() {
+            norms.attn.apply(&b.x, &mut b.normed);
+            self.attention(model, layer, block, norms, chunks, b)?;
+            Self::join_residual(&norms.post_attn, b);
+            norms.ffn.apply(&b.x, &mut b.normed);
             let mlp = &block.mlp;
             Linear::forward_many_rows_into([&mlp.gate, &mlp.up], &b.normed, n, &mut b.acts, [&mut b.gate, &mut b.up])?;
             match block.spec.activation {
                 Activation::Silu => row_ops::silu_times(&mut b.gate, &b.up),
+                Activation::GeluTanh => row_ops::gelu_tanh_times(&mut b.gate, &b.up),
             }
             mlp.down.forward_rows_into(&b.gate, n, &mut b.acts, &mut b.out)?;
-            row_ops::add_assign(&mut b.x, &b.out);
+            Self::join_residual(&norms.post_ffn, b);
         }
         let head_rows = match rows {
             Rows::All => {
@@ -142,28 +177,46 @@ impl HostPath {
         model.lm_head.forward_rows_into(&b.last_normed, head_rows, &mut b.acts, logits)
     }
 
+    /// `b.out` into the residual stream, through its own norm where the block has one.
+    fn join_residual(norm: &Option<HostNorm>, b: &mut HostBuffers) {
+        match norm {
+            Some(norm) => {
+                norm.apply(&b.out, &mut b.out_normed);
+                row_ops::add_assign(&mut b.x, &b.out_normed);
+            }
+            None => row_ops::add_assign(&mut b.x, &b.out),
+        }
+    }
+
     /// One layer's attention on rows (`b.normed` is tokens × hidden, the
     /// result goes to `b.out`): rotation, cache append and attention as loops
     /// over the activations' and the cache's own memory (`host_attention`).
-    fn attention(&self, model: &Transformer, layer: usize, block: &Block, chunks: &mut [SeqChunk<'_>], b: &mut HostBuffers) -> Result<()> {
+    fn attention(&self, model: &Transformer, layer: usize, block: &Block, norms: &BlockNorms, chunks: &mut [SeqChunk<'_>], b: &mut HostBuffers) -> Result<()> {
         let cfg = &model.config;
         let attn = &block.attn;
         let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
         let tokens = b.ids.len();
         Linear::forward_many_rows_into([&attn.q, &attn.k, &attn.v], &b.normed, tokens, &mut b.acts, [&mut b.q, &mut b.k, &mut b.v])?;
-        let (q, k, v) = (&mut b.q, &mut b.k, &b.v);
         let (q_width, kv_width) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
-        if q.len() != tokens * q_width || k.len() != tokens * kv_width || v.len() != tokens * kv_width {
+        if b.q.len() != tokens * q_width || b.k.len() != tokens * kv_width || b.v.len() != tokens * kv_width {
             candle_core::bail!(
                 "layer {layer}: q/k/v widths {}/{}/{} do not fit {} heads and {} KV heads of {}",
-                q.len() / tokens,
-                k.len() / tokens,
-                v.len() / tokens,
+                b.q.len() / tokens,
+                b.k.len() / tokens,
+                b.v.len() / tokens,
                 cfg.n_head,
                 cfg.n_kv_head,
                 cfg.head_dim
             );
         }
+        if let Some((q_norm, k_norm)) = &norms.q_and_k {
+            // Rows of head_dim: each head normed on its own.
+            q_norm.apply(&b.q, &mut b.q_normed);
+            k_norm.apply(&b.k, &mut b.k_normed);
+            std::mem::swap(&mut b.q, &mut b.q_normed);
+            std::mem::swap(&mut b.k, &mut b.k_normed);
+        }
+        let (q, k, v) = (&mut b.q, &mut b.k, &b.v);
         let rope = &self.ropes[block.spec.rope];
         let half = cfg.head_dim / 2;
         for ((chunk, &start), rows) in chunks.iter_mut().zip(&b.positions).zip(b.row_starts.windows(2)) {
@@ -178,7 +231,12 @@ impl HostPath {
             chunk.cache.append_host(layer, &k[new.clone()], &v[new], cfg.n_kv_head, cfg.head_dim);
         }
         let chunks = &*chunks;
-        let seqs = StepSeqs { row_starts: &b.row_starts, positions: &b.positions, cache: |s: usize| chunks[s].cache.host_layer(layer) };
+        let seqs = StepSeqs {
+            row_starts: &b.row_starts,
+            positions: &b.positions,
+            window: block.spec.window,
+            cache: |s: usize| chunks[s].cache.host_layer(layer),
+        };
         host_attention::attend_into(&b.q, seqs, heads, &mut b.attended);
         attn.o.forward_rows_into(&b.attended, tokens, &mut b.acts, &mut b.out)
     }

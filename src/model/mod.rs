@@ -22,7 +22,7 @@ mod tensor_path;
 mod threads;
 mod transformer;
 
-pub use config::{Arch, TransformerConfig};
+pub use config::{llama3_freq_factors, Arch, TransformerConfig};
 pub use convert::convert_gguf_to_hf;
 pub use device::{dense_compute_dtype, describe as describe_device, DeviceSpec};
 pub use prune::{is_projection_weight, prune_hf_dir};

@@ -94,6 +94,8 @@ struct Prefill {
     len: usize,
     /// Position of its first new token.
     start: usize,
+    /// The attention window of its queries, if any.
+    window: Option<usize>,
     /// Pool rows of positions 0..start + len.
     pool_rows: PoolRows,
     /// Where its new rows go, one run per stretch of consecutive pool rows.
@@ -112,8 +114,20 @@ struct Run {
 type Decoding = (usize, Vec<u32>);
 
 impl PagedStep {
-    /// Reserve the pages the step's new positions need, and build its plan.
-    pub fn new(pool: &Arc<KvPool>, chunks: &mut [SeqChunk<'_>], cfg: &TransformerConfig, cos: &Tensor, sin: &Tensor, dtype: DType, device: &Device) -> Result<PagedStep> {
+    /// Reserve the pages the step's new positions need, and build its plan:
+    /// rotation by the tables `cos` and `sin`, and each query attending to
+    /// the last `window` positions (itself included), or to all.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: &Arc<KvPool>,
+        chunks: &mut [SeqChunk<'_>],
+        cfg: &TransformerConfig,
+        cos: &Tensor,
+        sin: &Tensor,
+        window: Option<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<PagedStep> {
         let (width, head_dim) = (cfg.n_kv_head * cfg.head_dim, cfg.head_dim);
         let mut positions = Vec::new();
         let (mut decoding, mut prefills): (Vec<Decoding>, Vec<Prefill>) = (Vec::new(), Vec::new());
@@ -129,11 +143,13 @@ impl PagedStep {
             };
             pages.reserve(start + len)?;
             positions.extend((start..start + len).map(|p| p as u32));
-            let pool_rows: Vec<u32> = (0..start + len).map(|p| pages.row(p)).collect();
             if len == 1 {
-                decoding.push((step_row, pool_rows));
+                // Only the positions the window lets the query see.
+                let first = window.map_or(0, |w| (start + 1).saturating_sub(w));
+                decoding.push((step_row, (first..start + 1).map(|p| pages.row(p)).collect()));
             } else {
-                prefills.push(Prefill::new(step_row, start, len, &pool_rows, device)?);
+                let pool_rows: Vec<u32> = (0..start + len).map(|p| pages.row(p)).collect();
+                prefills.push(Prefill::new(step_row, start, len, &pool_rows, window, device)?);
             }
             step_row += len;
         }
@@ -182,7 +198,7 @@ impl PagedStep {
         for p in &self.prefills {
             let q = q.narrow(0, p.first_step_row, p.len)?.reshape((p.len, nh, hd))?.transpose(0, 1)?.contiguous()?;
             let by_head = |pool: &Tensor| p.pool_rows.of(pool)?.reshape((p.start + p.len, nkv, hd))?.transpose(0, 1)?.contiguous();
-            outputs.push(attend_causal(&q, &by_head(&keys)?, &by_head(&values)?, p.start, nkv, None)?);
+            outputs.push(attend_causal(&q, &by_head(&keys)?, &by_head(&values)?, p.start, p.window, nkv, None)?);
         }
         let y = if outputs.len() == 1 { outputs.pop().expect("one output") } else { Tensor::cat(&outputs, 0)? };
         match &self.restore {
@@ -242,7 +258,7 @@ fn inverse_permutation(order: &[usize]) -> Option<Vec<u32>> {
 impl Prefill {
     /// A chunk of `len` tokens at step row `first_step_row` and positions
     /// `start..`; `pool_rows` holds the pool rows of positions 0..start + len.
-    fn new(first_step_row: usize, start: usize, len: usize, pool_rows: &[u32], device: &Device) -> Result<Prefill> {
+    fn new(first_step_row: usize, start: usize, len: usize, pool_rows: &[u32], window: Option<usize>, device: &Device) -> Result<Prefill> {
         let mut runs: Vec<Run> = Vec::new();
         for p in start..start + len {
             let pool_row = pool_rows[p] as usize;
@@ -251,7 +267,7 @@ impl Prefill {
                 _ => runs.push(Run { step_row: first_step_row + p - start, count: 1, pool_row }),
             }
         }
-        Ok(Prefill { first_step_row, len, start, pool_rows: PoolRows::new(pool_rows, device)?, runs })
+        Ok(Prefill { first_step_row, len, start, window, pool_rows: PoolRows::new(pool_rows, device)?, runs })
     }
 }
 
@@ -304,8 +320,9 @@ impl DecodeGroup {
 
 /// Dot-product attention of one sequence's new queries (heads, len, hd),
 /// scaled by `scale` (`None` when they come scaled), over its keys and
-/// values (kv_heads, total, hd), causal; returns (len, heads × hd).
-fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_heads: usize, scale: Option<f64>) -> Result<Tensor> {
+/// values (kv_heads, total, hd), causal (and within `window`); returns (len, heads × hd).
+#[allow(clippy::too_many_arguments)]
+fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, window: Option<usize>, kv_heads: usize, scale: Option<f64>) -> Result<Tensor> {
     let (nh, len, hd) = q.dims3()?;
     let group = nh / kv_heads;
     let total = start + len;
@@ -317,8 +334,8 @@ fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_he
         Some(scale) => (scores * scale)?,
         None => scores,
     };
-    let scores = if len > 1 {
-        let mask = causal_mask(len, start, q.device())?.to_dtype(q.dtype())?; // (len, total)
+    let scores = if len > 1 || window.is_some() {
+        let mask = causal_mask(len, start, window, q.device())?.to_dtype(q.dtype())?; // (len, total)
         scores.reshape((kv_heads, group, len, total))?.broadcast_add(&mask)?.reshape((kv_heads, group * len, total))?
     } else {
         scores
@@ -328,11 +345,11 @@ fn attend_causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, kv_he
     out.reshape((nh, len, hd))?.transpose(0, 1)?.reshape((len, nh * hd))
 }
 
-/// 0 where query `i` (at position start + i) may see key `j`, -inf after it.
-fn causal_mask(len: usize, start: usize, device: &Device) -> Result<Tensor> {
+/// 0 where query `i` (at position start + i) may see key `j`: not after
+/// it, and within the last `window` positions; -inf elsewhere.
+fn causal_mask(len: usize, start: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let total = start + len;
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let sees = |i: usize, j: usize| j <= start + i && window.is_none_or(|w| start + i < j + w);
+    let mask: Vec<f32> = (0..len).flat_map(|i| (0..total).map(move |j| if sees(i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(mask, (len, total), device)
 }

@@ -84,6 +84,28 @@ fn silu_times_here(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate = gelu(gate) · up` with GELU's tanh approximation, 0.5·g·(1 +
+/// tanh(√(2/π)·(g + 0.044715·g³))), Gemma's MLP activation, in one pass.
+pub fn gelu_tanh_times(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up of unequal lengths");
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    by_rows(gate, RUN, |first, part| {
+        for (g, &u) in part.iter_mut().zip(&up[first * RUN..]) {
+            let x = *g;
+            *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh()) * u;
+        }
+    });
+}
+
+/// Every value of `x` times `factor`, in place.
+pub fn scale(x: &mut [f32], factor: f32) {
+    by_rows(x, RUN, |_, part| {
+        for v in part {
+            *v *= factor;
+        }
+    });
+}
+
 /// `e^x` for every value, in place.
 pub fn exp_in_place(xs: &mut [f32]) {
     let done = match Kernel::detect() {

@@ -1,7 +1,8 @@
 //! Checkpoints with random weights and real shapes: GGUF files a test (or a
 //! benchmark on a machine no model can reach) writes itself. The tokenizer and
-//! chat template are copied from a real GGUF's header, so prompts, think
-//! tokens and templates are the real model's; only the weights are noise.
+//! chat template are copied from a real GGUF's header, or made from a real
+//! Hugging Face `tokenizer.json` (byte-level BPE, as Qwen's), so prompts,
+//! think tokens and templates are the real model's; only the weights are noise.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -23,6 +24,8 @@ pub struct SyntheticSpec {
     pub hidden: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
+    /// Per head; `hidden / n_head` unless the family says otherwise (Qwen3).
+    pub head_dim: usize,
     pub ffn_hidden: usize,
     /// Embedding rows; at least the tokenizer's vocabulary.
     pub vocab_size: usize,
@@ -30,8 +33,14 @@ pub struct SyntheticSpec {
     pub rope_theta: f32,
     /// The embedding table doubles as the output head (no `output.weight`).
     pub tied_head: bool,
+    /// Llama 3's rope scaling (factor, low and high frequency factors, the
+    /// original context), written as the `rope_freqs` tensor llama.cpp reads.
+    pub llama3_rope: Option<[f32; 4]>,
     /// Storage type of the projection matrices (the embedding is stored the same way).
     pub dtype: GgmlDType,
+    /// Where given, the type of `attn_v`, `ffn_down` and the head instead (every
+    /// other layer's), as llama.cpp's Q4_K_M keeps some matrices in Q6_K.
+    pub sensitive_dtype: Option<GgmlDType>,
     pub seed: u64,
 }
 
@@ -44,12 +53,15 @@ impl SyntheticSpec {
             hidden: 64,
             n_head: 4,
             n_kv_head: 2,
+            head_dim: 16,
             ffn_hidden: 128,
             vocab_size,
             context_length: 4096,
             rope_theta: 10_000.0,
             tied_head: true,
+            llama3_rope: None,
             dtype: GgmlDType::F32,
+            sensitive_dtype: None,
             seed: 0,
         }
     }
@@ -63,14 +75,67 @@ impl SyntheticSpec {
             hidden: 1536,
             n_head: 12,
             n_kv_head: 2,
+            head_dim: 128,
             ffn_hidden: 8960,
             vocab_size: 151_936,
             context_length: 131_072,
             rope_theta: 10_000.0,
             tied_head: false,
+            llama3_rope: None,
             dtype: GgmlDType::Q4K,
+            sensitive_dtype: None,
             seed: 0,
         }
+    }
+
+    /// Qwen3's shapes at `n_layer` layers (0.6B: 28): hidden 1024, 16 / 8
+    /// heads of 128 (not hidden / heads), FFN 3072, a tied head, rope θ 1e6.
+    pub fn qwen3_0_6b(n_layer: usize) -> Self {
+        SyntheticSpec {
+            arch: Arch::Qwen3,
+            n_layer,
+            hidden: 1024,
+            n_head: 16,
+            n_kv_head: 8,
+            head_dim: 128,
+            ffn_hidden: 3072,
+            vocab_size: 151_936,
+            context_length: 40_960,
+            rope_theta: 1_000_000.0,
+            tied_head: true,
+            llama3_rope: None,
+            dtype: GgmlDType::Q8_0,
+            sensitive_dtype: None,
+            seed: 0,
+        }
+    }
+
+    /// Llama-3.2-1B's shapes at `n_layer` layers (its own: 16): hidden 2048,
+    /// 32 / 8 heads of 64, FFN 8192, a tied head, rope θ 500,000 with Llama 3
+    /// scaling (factor 32, low 1, high 4, original context 8,192).
+    pub fn llama_3_2_1b(n_layer: usize) -> Self {
+        SyntheticSpec {
+            arch: Arch::Llama,
+            n_layer,
+            hidden: 2048,
+            n_head: 32,
+            n_kv_head: 8,
+            head_dim: 64,
+            ffn_hidden: 8192,
+            vocab_size: 128_256,
+            context_length: 131_072,
+            rope_theta: 500_000.0,
+            tied_head: true,
+            llama3_rope: Some([32.0, 1.0, 4.0, 8192.0]),
+            dtype: GgmlDType::Q8_0,
+            sensitive_dtype: None,
+            seed: 0,
+        }
+    }
+
+    /// Qwen3-1.7B's shapes: hidden 2048, 16 / 8 heads of 128, FFN 6144, 28 layers, a tied head.
+    pub fn qwen3_1_7b() -> Self {
+        SyntheticSpec { hidden: 2048, ffn_hidden: 6144, ..Self::qwen3_0_6b(28) }
     }
 }
 
@@ -81,12 +146,122 @@ fn noise(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f32) -> Result<Tensor
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
+/// The `tokenizer.*` keys of the GGUF at `path`.
+fn gguf_tokenizer_metadata(path: &Path) -> Result<Vec<(String, gguf_file::Value)>> {
+    let mut source = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let header = gguf_file::Content::read(&mut source).map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+    let mut keys: Vec<(String, gguf_file::Value)> = header.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
+}
+
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// GGUF `tokenizer.*` keys made from a Hugging Face byte-level BPE tokenizer
+/// (`tokenizer.json`, with `tokenizer_config.json` beside it for the special
+/// tokens and the chat template), its token list padded to `rows` entries as
+/// llama.cpp pads it to the embedding's rows. `pre` names llama.cpp's
+/// pre-tokenizer (`qwen2`, `llama-bpe`, ...).
+pub fn hf_tokenizer_metadata(tokenizer_json: &Path, rows: usize, pre: &str) -> Result<Vec<(String, gguf_file::Value)>> {
+    use gguf_file::Value;
+    let read = |path: &Path| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    };
+    let tokenizer = read(tokenizer_json)?;
+    let config = read(&tokenizer_json.with_file_name("tokenizer_config.json"))?;
+    let model = &tokenizer["model"];
+    if model["type"] != "BPE" {
+        anyhow::bail!("{}: only BPE tokenizers can be written as GGUF metadata here, not {}", tokenizer_json.display(), model["type"]);
+    }
+    let vocab = model["vocab"].as_object().context("tokenizer.json has no model.vocab")?;
+    let added = tokenizer["added_tokens"].as_array().cloned().unwrap_or_default();
+    let highest = vocab.values().chain(added.iter().map(|t| &t["id"])).filter_map(|v| v.as_u64()).max().unwrap_or(0) as usize;
+    let size = rows.max(highest + 1);
+    let mut tokens: Vec<Option<String>> = vec![None; size];
+    let mut types = vec![NORMAL; size];
+    for (text, id) in vocab {
+        tokens[id.as_u64().context("a vocabulary id is not a number")? as usize] = Some(text.clone());
+    }
+    for t in &added {
+        let id = t["id"].as_u64().context("an added token has no id")? as usize;
+        tokens[id] = t["content"].as_str().map(str::to_string);
+        types[id] = if t["special"].as_bool().unwrap_or(false) { CONTROL } else { USER_DEFINED };
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| {
+            Value::String(t.unwrap_or_else(|| {
+                types[id] = UNUSED;
+                format!("[PAD{id}]")
+            }))
+        })
+        .collect();
+    // Merges are "a b" strings (older files) or [a, b] pairs.
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .context("tokenizer.json has no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+            serde_json::Value::Array(pair) if pair.len() == 2 => Ok(Value::String(format!("{} {}", pair[0].as_str().unwrap_or(""), pair[1].as_str().unwrap_or("")))),
+            other => anyhow::bail!("a merge of tokenizer.json is neither a string nor a pair: {other}"),
+        })
+        .collect::<Result<_>>()?;
+    let id_of = |key: &str| -> Option<u32> {
+        let text = match &config[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(o) => o.get("content")?.as_str()?.to_string(),
+            _ => return None,
+        };
+        added.iter().find(|t| t["content"] == text.as_str()).and_then(|t| t["id"].as_u64()).or_else(|| vocab.get(&text)?.as_u64()).map(|id| id as u32)
+    };
+    let mut metadata = vec![
+        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        ("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(config["add_bos_token"].as_bool().unwrap_or(false))),
+    ];
+    for (key, name) in [("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")] {
+        if let Some(id) = id_of(key) {
+            metadata.push((format!("tokenizer.ggml.{name}_token_id"), Value::U32(id)));
+        }
+    }
+    if let Some(template) = config["chat_template"].as_str() {
+        metadata.push(("tokenizer.chat_template".to_string(), Value::String(template.to_string())));
+    }
+    Ok(metadata)
+}
+
+/// The tokenizer a synthetic checkpoint gets: a GGUF's, or a Hugging Face
+/// `tokenizer.json`'s (the file, or a directory holding it).
+fn tokenizer_metadata(from: &Path, spec: &SyntheticSpec) -> Result<Vec<(String, gguf_file::Value)>> {
+    let json = if from.is_dir() { from.join("tokenizer.json") } else { from.to_path_buf() };
+    if json.extension().is_some_and(|e| e == "json") {
+        let pre = match spec.arch {
+            Arch::Qwen2 | Arch::Qwen3 => "qwen2",
+            _ => "llama-bpe",
+        };
+        hf_tokenizer_metadata(&json, spec.vocab_size, pre)
+    } else {
+        gguf_tokenizer_metadata(from)
+    }
+}
+
 /// Write a random-weight checkpoint with `spec`'s shapes to `out`, with the
-/// tokenizer and chat template (every `tokenizer.*` key) of the GGUF at `tokenizer_from`.
+/// tokenizer and chat template of `tokenizer_from`: a GGUF (every
+/// `tokenizer.*` key is copied) or a Hugging Face `tokenizer.json`.
 pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path) -> Result<()> {
-    let mut source = File::open(tokenizer_from).with_context(|| format!("opening {}", tokenizer_from.display()))?;
-    let header = gguf_file::Content::read(&mut source)
-        .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", tokenizer_from.display()))?;
+    if spec.arch == Arch::Gemma3 {
+        anyhow::bail!("synthetic gemma3 checkpoints are not written yet (its real 270m file is fetched instead)");
+    }
     let arch = spec.arch.name();
     let key = |k: &str| format!("{arch}.{k}");
     let mut metadata: Vec<(String, gguf_file::Value)> = vec![
@@ -101,22 +276,22 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
         (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(1e-6)),
         (key("rope.freq_base"), gguf_file::Value::F32(spec.rope_theta)),
         (key("vocab_size"), gguf_file::Value::U32(spec.vocab_size as u32)),
+        (key("attention.key_length"), gguf_file::Value::U32(spec.head_dim as u32)),
+        (key("attention.value_length"), gguf_file::Value::U32(spec.head_dim as u32)),
     ];
-    let mut tokenizer_keys: Vec<_> = header.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect();
-    tokenizer_keys.sort_by(|a, b| a.0.cmp(b.0));
-    for (k, v) in tokenizer_keys {
-        metadata.push((k.clone(), v.clone()));
-    }
+    metadata.extend(tokenizer_metadata(tokenizer_from, spec)?);
 
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-    let head_dim = spec.hidden / spec.n_head;
-    let kv_width = spec.n_kv_head * head_dim;
+    let (q_width, kv_width) = (spec.n_head * spec.head_dim, spec.n_kv_head * spec.head_dim);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let matrix = |rng: &mut ChaCha8Rng, rows: usize, cols: usize| -> Result<QTensor> {
+    let typed = |rng: &mut ChaCha8Rng, rows: usize, cols: usize, dtype: GgmlDType| -> Result<QTensor> {
         // Scaled so activations keep their size through the layers.
         let t = noise(rng, (rows, cols), 1.0 / (cols as f32).sqrt())?;
-        Ok(QTensor::quantize(&t, spec.dtype)?)
+        Ok(QTensor::quantize(&t, dtype)?)
     };
+    let matrix = |rng: &mut ChaCha8Rng, rows: usize, cols: usize| typed(rng, rows, cols, spec.dtype);
+    // Every other layer's sensitive matrices in the other type, where the spec names one.
+    let sensitive = |layer: usize| spec.sensitive_dtype.filter(|_| layer % 2 == 0).unwrap_or(spec.dtype);
     let vector = |values: Tensor| -> Result<QTensor> { Ok(QTensor::quantize(&values, GgmlDType::F32)?) };
     let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
 
@@ -126,24 +301,35 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
     for i in 0..spec.n_layer {
         let p = format!("blk.{i}");
         tensors.push((format!("{p}.attn_norm.weight"), vector(ones(spec.hidden)?)?));
-        tensors.push((format!("{p}.attn_q.weight"), matrix(&mut rng, spec.hidden, spec.hidden)?));
+        tensors.push((format!("{p}.attn_q.weight"), matrix(&mut rng, q_width, spec.hidden)?));
         tensors.push((format!("{p}.attn_k.weight"), matrix(&mut rng, kv_width, spec.hidden)?));
-        tensors.push((format!("{p}.attn_v.weight"), matrix(&mut rng, kv_width, spec.hidden)?));
+        tensors.push((format!("{p}.attn_v.weight"), typed(&mut rng, kv_width, spec.hidden, sensitive(i))?));
         if spec.arch == Arch::Qwen2 {
-            for (name, width) in [("attn_q", spec.hidden), ("attn_k", kv_width), ("attn_v", kv_width)] {
+            for (name, width) in [("attn_q", q_width), ("attn_k", kv_width), ("attn_v", kv_width)] {
                 let bias = noise(&mut rng, (1, width), 0.1)?.flatten_all()?;
                 tensors.push((format!("{p}.{name}.bias"), vector(bias)?));
             }
         }
-        tensors.push((format!("{p}.attn_output.weight"), matrix(&mut rng, spec.hidden, spec.hidden)?));
+        if spec.arch.norms_q_and_k() {
+            // Around 1, so each head's norm matters.
+            for name in ["attn_q_norm", "attn_k_norm"] {
+                let weight = (noise(&mut rng, (1, spec.head_dim), 0.2)?.flatten_all()? + 1.0)?;
+                tensors.push((format!("{p}.{name}.weight"), vector(weight)?));
+            }
+        }
+        tensors.push((format!("{p}.attn_output.weight"), matrix(&mut rng, spec.hidden, q_width)?));
         tensors.push((format!("{p}.ffn_norm.weight"), vector(ones(spec.hidden)?)?));
         tensors.push((format!("{p}.ffn_gate.weight"), matrix(&mut rng, spec.ffn_hidden, spec.hidden)?));
         tensors.push((format!("{p}.ffn_up.weight"), matrix(&mut rng, spec.ffn_hidden, spec.hidden)?));
-        tensors.push((format!("{p}.ffn_down.weight"), matrix(&mut rng, spec.hidden, spec.ffn_hidden)?));
+        tensors.push((format!("{p}.ffn_down.weight"), typed(&mut rng, spec.hidden, spec.ffn_hidden, sensitive(i))?));
+    }
+    if let Some([factor, low, high, original]) = spec.llama3_rope {
+        let factors = super::config::llama3_freq_factors(spec.rope_theta, spec.head_dim, [factor, low, high, original]);
+        tensors.push(("rope_freqs.weight".into(), vector(Tensor::new(factors.as_slice(), &Device::Cpu)?)?));
     }
     tensors.push(("output_norm.weight".into(), vector(ones(spec.hidden)?)?));
     if !spec.tied_head {
-        tensors.push(("output.weight".into(), matrix(&mut rng, spec.vocab_size, spec.hidden)?));
+        tensors.push(("output.weight".into(), typed(&mut rng, spec.vocab_size, spec.hidden, spec.sensitive_dtype.unwrap_or(spec.dtype))?));
     }
     write_atomically(out, &metadata, &tensors)
 }

@@ -33,12 +33,24 @@ impl TensorPath {
     pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows) -> Result<Tensor> {
         let (device, cfg) = (model.device(), &model.config);
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
-        // One table for now: every layer's spec names rope 0.
-        let (cos, sin) = &self.ropes[0];
-        let step = PagedStep::new(&self.pool, chunks, cfg, cos, sin, cos.dtype(), device)?;
+        // One plan per kind of layer (its window and rope table), shared by
+        // the layers of that kind.
+        let mut plans: Vec<((Option<usize>, usize), PagedStep)> = Vec::new();
+        for block in &model.blocks {
+            let kind = (block.spec.window, block.spec.rope);
+            if !plans.iter().any(|(k, _)| *k == kind) {
+                let (cos, sin) = &self.ropes[kind.1];
+                plans.push((kind, PagedStep::new(&self.pool, chunks, cfg, cos, sin, kind.0, cos.dtype(), device)?));
+            }
+        }
         let mut x = model.embedding.forward(&ids, device)?; // (tokens, hidden)
+        if cfg.arch.scales_embeddings() {
+            x = (x * (cfg.hidden as f64).sqrt())?;
+        }
         for (layer, block) in model.blocks.iter().enumerate() {
-            x = self.block(layer, block, cfg, &x, &step)?;
+            let kind = (block.spec.window, block.spec.rope);
+            let step = &plans.iter().find(|(k, _)| *k == kind).expect("a plan for every kind of layer").1;
+            x = self.block(layer, block, cfg, &x, step)?;
         }
         for c in chunks.iter_mut() {
             c.cache.advance(c.tokens.len());
@@ -60,20 +72,41 @@ impl TensorPath {
         model.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 
-    /// One layer: attention and the MLP, each after its norm and added back.
+        /// One layer: attention and the MLP, each after its norm and added back.
     fn block(&self, layer: usize, block: &Block, cfg: &TransformerConfig, x: &Tensor, step: &PagedStep) -> Result<Tensor> {
         let h = block.attn_norm.forward(x)?;
         let attn = &block.attn;
         let [q, k, v] = Linear::forward_many(&[&attn.q, &attn.k, &attn.v], &h)?.try_into().expect("three layers, three outputs");
+        // Each head normed on its own (rows of head_dim), where the family does.
+        let per_head = |x: Tensor, norm: &Option<candle_nn::RmsNorm>| -> Result<Tensor> {
+            match norm {
+                Some(norm) => {
+                    let (tokens, width) = x.dims2()?;
+                    norm.forward(&x.reshape((tokens * width / cfg.head_dim, cfg.head_dim))?)?.reshape((tokens, width))
+                }
+                None => Ok(x),
+            }
+        };
+        let (q, k) = (per_head(q, &attn.q_norm)?, per_head(k, &attn.k_norm)?);
         let h = attn.o.forward(&step.attend(layer, cfg, &q, &k, &v)?)?;
-        let x = (x + h)?;
+        let x = (x + after(h, &block.post_attn_norm)?)?;
         let h = block.ffn_norm.forward(&x)?;
         let mlp = &block.mlp;
         let [gate, up] = Linear::forward_many(&[&mlp.gate, &mlp.up], &h)?.try_into().expect("two layers, two outputs");
         let gate = match block.spec.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
+            // candle's `gelu` is the tanh approximation.
+            Activation::GeluTanh => gate.gelu()?,
         };
         let h = mlp.down.forward(&(gate * up)?)?;
-        x + h
+        x + after(h, &block.post_ffn_norm)?
+    }
+}
+
+/// An output through its own norm, where the block has one.
+fn after(h: Tensor, norm: &Option<candle_nn::RmsNorm>) -> Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward(&h),
+        None => Ok(h),
     }
 }

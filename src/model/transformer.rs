@@ -79,8 +79,17 @@ pub(super) struct RopeTable {
 }
 
 impl RopeTable {
-    fn new(cfg: &TransformerConfig, theta: f32, device: &Device) -> Result<RopeTable> {
-        let inv_freq: Vec<f32> = (0..cfg.head_dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / cfg.head_dim as f32)).collect();
+    /// The table of base `theta`, each frequency divided by its factor where given.
+    fn new(cfg: &TransformerConfig, theta: f32, factors: Option<&[f32]>, device: &Device) -> Result<RopeTable> {
+        let mut inv_freq: Vec<f32> = (0..cfg.head_dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / cfg.head_dim as f32)).collect();
+        if let Some(factors) = factors {
+            if factors.len() != inv_freq.len() {
+                candle_core::bail!("rope_freqs holds {} factors but the heads rotate {} frequencies", factors.len(), inv_freq.len());
+            }
+            for (f, by) in inv_freq.iter_mut().zip(factors) {
+                *f /= by;
+            }
+        }
         let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
         let positions = Tensor::arange(0, cfg.context_length as u32, device)?.to_dtype(DType::F32)?.reshape((cfg.context_length, 1))?;
         let angles = positions.matmul(&inv_freq.reshape((1, ()))?)?;
@@ -151,7 +160,13 @@ impl Transformer {
         kind: BackendKind,
     ) -> Result<Self> {
         let dtype = embedding.dtype();
-        let ropes = vec![RopeTable::new(&config, config.rope_theta, &device)?];
+        // The first table is the global one, which Llama 3's scaling applies to.
+        let ropes = config
+            .rope_bases()
+            .into_iter()
+            .enumerate()
+            .map(|(i, theta)| RopeTable::new(&config, theta, config.rope_freq_factors.as_deref().filter(|_| i == 0), &device))
+            .collect::<Result<Vec<_>>>()?;
         let on_host = kind == BackendKind::Auto && device.is_cpu() && dtype == DType::F32;
         let backend = if on_host {
             Backend::Host(HostPath::new(&blocks, &final_norm, &ropes)?)

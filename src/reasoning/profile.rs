@@ -28,6 +28,10 @@ pub struct ReasoningProfile {
     pub start_thinking: bool,
     #[serde(skip)]
     pub modes: ModePresets,
+    /// Whether a manifest set this profile (else it is the defaults, and what
+    /// the model's own file says decides its thinking).
+    #[serde(skip)]
+    pub from_manifest: bool,
 }
 
 impl Default for ReasoningProfile {
@@ -41,6 +45,7 @@ impl Default for ReasoningProfile {
             continuation: "Wait".into(),
             start_thinking: false,
             modes: ModePresets::default(),
+            from_manifest: false,
         }
     }
 }

@@ -6,7 +6,7 @@ use axum::Json;
 use super::endpoint::{Endpoint, ResponseIds};
 use super::error::ApiError;
 use super::generate::{self, Collected};
-use super::openai::{AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Delta, TerseExtension, UsageBody};
+use super::openai::{AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion, Delta, TerseExtension, UsageBody};
 use super::sse::ChunkFormat;
 use super::validate::GenerationParams;
 use super::wire::ChatFields;
@@ -46,7 +46,7 @@ impl Endpoint for Chat {
                 .apply_chat_template_with(&messages, true, enable_thinking)
                 .map_err(|e| ApiError::Template(e.to_string()))?;
             let text = engine.reasoning_profile().open_thought(text);
-            let mut prompt = tokenizer.encode(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;
+            let mut prompt = tokenizer.encode_prompt(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;
             if thinking_off {
                 generate::close_open_thought(&engine, &mut prompt);
             }
@@ -57,21 +57,18 @@ impl Endpoint for Chat {
 
     fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response {
         let Collected { text, reasoning, finished } = done;
-        Json(ChatCompletion {
-            id: ids.id,
-            object: "chat.completion",
-            created: ids.created,
-            model: ids.model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage { role: "assistant", content: text, reasoning_content: reasoning },
-                finish_reason: finished.reason.as_openai(),
-                logprobs: None,
-            }],
-            usage: UsageBody::new(finished.usage, &finished.reasoning),
-            terse: TerseExtension::new(mode, &finished.reasoning),
-        })
-        .into_response()
+        let choice = ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content: text, reasoning_content: reasoning },
+            finish_reason: finished.reason.as_openai(),
+            logprobs: None,
+        };
+        let reply: ChatCompletion = Completion {
+            usage: Some(UsageBody::new(finished.usage, &finished.reasoning)),
+            terse: Some(TerseExtension::new(mode, &finished.reasoning)),
+            ..ids.completion("chat.completion", vec![choice])
+        };
+        Json(reply).into_response()
     }
 
     fn chunks(ids: ResponseIds) -> ChatChunks {
@@ -84,16 +81,7 @@ pub struct ChatChunks(ResponseIds);
 
 impl ChatChunks {
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<UsageBody>, terse: Option<TerseExtension>) -> String {
-        let ids = &self.0;
-        let chunk = ChatCompletionChunk {
-            id: ids.id.clone(),
-            object: "chat.completion.chunk",
-            created: ids.created,
-            model: ids.model.clone(),
-            choices,
-            usage,
-            terse,
-        };
+        let chunk: ChatCompletionChunk = Completion { usage, terse, ..self.0.completion("chat.completion.chunk", choices) };
         serde_json::to_string(&chunk).unwrap_or_default()
     }
 

@@ -36,7 +36,7 @@ impl Endpoint for Completions {
             Prompt::Text(text) => {
                 let engine = engine.clone();
                 generate::blocking(move || {
-                    engine.tokenizer().encode(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))
+                    engine.tokenizer().encode_prompt(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))
                 })
                 .await?
             }
@@ -70,16 +70,7 @@ impl TextChunks {
     }
 
     fn object(&self, choices: Vec<TextChoice>) -> TextCompletion {
-        let ids = &self.0;
-        TextCompletion {
-            id: ids.id.clone(),
-            object: "text_completion",
-            created: ids.created,
-            model: ids.model.clone(),
-            choices,
-            usage: None,
-            terse: None,
-        }
+        self.0.completion("text_completion", choices)
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, Collected};
-use super::openai::unix_now;
+use super::openai::{unix_now, Completion};
 use super::record::RequestRecord;
 use super::sse::{self, ChunkFormat};
 use super::validate::{mode_of, GenerationParams};
@@ -29,6 +29,13 @@ pub struct ResponseIds {
     pub id: String,
     pub created: u64,
     pub model: String,
+}
+
+impl ResponseIds {
+    /// `choices` wrapped as an `object`, without usage or extension.
+    pub fn completion<C>(&self, object: &'static str, choices: Vec<C>) -> Completion<C> {
+        Completion { id: self.id.clone(), object, created: self.created, model: self.model.clone(), choices, usage: None, terse: None }
+    }
 }
 
 /// What a generation endpoint adds to the skeleton.

@@ -26,6 +26,7 @@ fn card(state: &AppState) -> ModelCard {
                 weight_bytes: info.weight_bytes,
                 sparse_fraction: info.sparse_fraction,
                 device: info.device.clone(),
+                reasoning: e.reasoning_summary().clone(),
             }
         }),
     }

@@ -52,18 +52,28 @@ impl TerseExtension {
     }
 }
 
-// ---- /v1/chat/completions ----
-
+/// What every reply and stream chunk of a generation wraps its choices in.
 #[derive(Debug, Serialize)]
-pub struct ChatCompletion {
+pub struct Completion<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: UsageBody,
-    pub terse: TerseExtension,
+    pub choices: Vec<C>,
+    /// A whole reply's; in a stream, the usage-only chunk's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageBody>,
+    /// A whole reply's; in a stream, the chunk that carries `finish_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terse: Option<TerseExtension>,
 }
+
+// ---- /v1/chat/completions ----
+
+/// `chat.completion`.
+pub type ChatCompletion = Completion<ChatChoice>;
+/// `chat.completion.chunk`.
+pub type ChatCompletionChunk = Completion<ChatChunkChoice>;
 
 #[derive(Debug, Serialize)]
 pub struct ChatChoice {
@@ -80,20 +90,6 @@ pub struct AssistantMessage {
     /// The thinking, apart from the answer; absent when the model did not think.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChatCompletionChunk {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<ChatChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<UsageBody>,
-    /// Sent with the chunk that carries `finish_reason`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub terse: Option<TerseExtension>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,18 +112,8 @@ pub struct Delta {
 
 // ---- /v1/completions ----
 
-#[derive(Debug, Serialize)]
-pub struct TextCompletion {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<TextChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<UsageBody>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub terse: Option<TerseExtension>,
-}
+/// `text_completion`, whole or as a stream chunk.
+pub type TextCompletion = Completion<TextChoice>;
 
 #[derive(Debug, Serialize)]
 pub struct TextChoice {
@@ -174,6 +160,8 @@ pub struct ModelDetails {
     pub sparse_fraction: f64,
     /// Where the model runs: `cpu` or `cuda:N`.
     pub device: String,
+    /// How it thinks, and where terse learned it.
+    pub reasoning: crate::engine::ReasoningSummary,
 }
 
 /// Seconds since the Unix epoch.

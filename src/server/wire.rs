@@ -61,30 +61,43 @@ pub struct StreamOptions {
     pub include_obfuscation: Option<bool>,
 }
 
+/// A field that is one string or a list of `T`.
+enum TextOr<T> {
+    Text(String),
+    List(Vec<T>),
+}
+
+fn text_or_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D, expecting: &'static str) -> Result<TextOr<T>, D::Error> {
+    struct TextOrList<T>(&'static str, std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for TextOrList<T> {
+        type Value = TextOr<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(TextOr::Text(s.to_string()))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut all = Vec::new();
+            while let Some(item) = seq.next_element::<T>()? {
+                all.push(item);
+            }
+            Ok(TextOr::List(all))
+        }
+    }
+    d.deserialize_any(TextOrList(expecting, std::marker::PhantomData))
+}
+
 /// `stop`: one string or a list of them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StopStrings(pub Vec<String>);
 
 impl<'de> Deserialize<'de> for StopStrings {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Strings;
-        impl<'de> Visitor<'de> for Strings {
-            type Value = StopStrings;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or an array of strings")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<StopStrings, E> {
-                Ok(StopStrings(vec![s.to_string()]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StopStrings, A::Error> {
-                let mut all = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    all.push(s);
-                }
-                Ok(StopStrings(all))
-            }
-        }
-        d.deserialize_any(Strings)
+        Ok(StopStrings(match text_or_list(d, "a string or an array of strings")? {
+            TextOr::Text(one) => vec![one],
+            TextOr::List(all) => all,
+        }))
     }
 }
 
@@ -114,24 +127,10 @@ pub enum MessageContent {
 
 impl<'de> Deserialize<'de> for MessageContent {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Content;
-        impl<'de> Visitor<'de> for Content {
-            type Value = MessageContent;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or an array of content parts")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<MessageContent, E> {
-                Ok(MessageContent::Text(s.to_string()))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageContent, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(part) = seq.next_element::<ContentPart>()? {
-                    parts.push(part);
-                }
-                Ok(MessageContent::Parts(parts))
-            }
-        }
-        d.deserialize_any(Content)
+        Ok(match text_or_list(d, "a string or an array of content parts")? {
+            TextOr::Text(text) => MessageContent::Text(text),
+            TextOr::List(parts) => MessageContent::Parts(parts),
+        })
     }
 }
 

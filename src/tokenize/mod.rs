@@ -2,6 +2,7 @@
 //! prompts rendered from the model's own template, so one .gguf is all a model needs.
 
 mod chat;
+mod spm;
 mod stream;
 
 use std::path::Path;
@@ -22,6 +23,9 @@ pub struct TextTokenizer {
     template: Option<ChatTemplate>,
     /// Tokens that end the assistant's turn (EOS, `<|im_end|>`, ...).
     end_of_turn: Vec<u32>,
+    /// The BOS a prompt must start with, where the file asks for it
+    /// (`tokenizer.ggml.add_bos_token`: Gemma, R1-Distill, Llama).
+    bos_first: Option<u32>,
 }
 
 /// llama.cpp's names for pre-tokenizers that candle builds under another name.
@@ -53,7 +57,10 @@ impl TextTokenizer {
     /// Build the tokenizer, template and end-of-turn set from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let pre = content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
+        let kind = content.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let mut inner = match pre.as_deref().and_then(candle_pipeline_alias) {
+            // SentencePiece vocabularies (Gemma, Llama 2), which candle does not read.
+            _ if kind == "llama" => spm::from_gguf(content),
             // candle knows the pipeline under another name: build from a copy of the
             // metadata that uses it (the tensors are not needed for a tokenizer).
             Some(alias) => {
@@ -64,9 +71,9 @@ impl TextTokenizer {
                     tensor_data_offset: content.tensor_data_offset,
                 };
                 renamed.metadata.insert("tokenizer.ggml.pre".into(), gguf_file::Value::String(alias.into()));
-                Tokenizer::from_gguf(&renamed)
+                Tokenizer::from_gguf(&renamed).map_err(anyhow::Error::from)
             }
-            None => Tokenizer::from_gguf(content),
+            None => Tokenizer::from_gguf(content).map_err(anyhow::Error::from),
         }
         .context("building the tokenizer from GGUF metadata")?;
         let meta = |key: &str| content.metadata.get(key);
@@ -92,7 +99,9 @@ impl TextTokenizer {
         };
         let eos_id = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok());
         let end_of_turn = end_of_turn_ids(&inner, eos_id);
-        Ok(TextTokenizer { inner, template, end_of_turn })
+        let add_bos = meta("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let bos_first = meta("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()).filter(|_| add_bos);
+        Ok(TextTokenizer { inner, template, end_of_turn, bos_first })
     }
 
     /// Build the tokenizer from a Hugging Face `tokenizer.json`, and the template
@@ -128,7 +137,8 @@ impl TextTokenizer {
             .transpose()?;
         let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
         let end_of_turn = end_of_turn_ids(&inner, eos_id);
-        Ok(TextTokenizer { inner, template, end_of_turn })
+        let bos_first = bos.as_deref().and_then(|t| inner.token_to_id(t)).filter(|_| config.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false));
+        Ok(TextTokenizer { inner, template, end_of_turn, bos_first })
     }
 
     /// Add the end-of-sequence ids a Hugging Face `generation_config.json` names
@@ -163,6 +173,17 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokens of a prompt (a rendered chat or a raw completion prompt): as
+    /// [`Self::encode`], starting with BOS where the file asks for it and the
+    /// text did not write it (a chat template usually does).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let Some(bos) = self.bos_first.filter(|&b| ids.first() != Some(&b)) {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
     }
 
     /// Text of `ids`, special tokens left out.
