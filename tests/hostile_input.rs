@@ -287,7 +287,7 @@ fn random_value(rng: &mut ChaCha8Rng, depth: u32) -> Value {
         2 => json!([0i64, -1, 1, 2, 7, 255, 4096, 8191, 8192, i64::MAX, i64::MIN][rng.random_range(0..11)]),
         3 => json!(u64::MAX),
         4 => json!([0.0, -0.0, 0.5, 1.0, 2.0000001, -3.5, 1e-300, 1e300, f64::MAX][rng.random_range(0..9)]),
-        5 | 6 | 7 => Value::String(random_text(rng)),
+        5..=7 => Value::String(random_text(rng)),
         8 | 9 if depth < 4 => Value::Array((0..rng.random_range(0..4)).map(|_| random_value(rng, depth + 1)).collect()),
         10 | 11 if depth < 4 => {
             let mut map = Map::new();

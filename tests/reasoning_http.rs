@@ -237,7 +237,8 @@ async fn greedy_choice_on_the_device_path_gives_the_host_paths_tokens() {
     let on_device = futures::future::join_all(bodies.iter().map(|b| ask(&device_path, b))).await;
     for (b, got) in bodies.iter().zip(&on_device) {
         let want = ask(server(), b).await;
-        for field in ["content"] {
+        {
+            let field = "content";
             assert_eq!(got["choices"][0]["message"][field], want["choices"][0]["message"][field], "{b}");
         }
         assert_eq!(got["terse"], want["terse"], "{b}");

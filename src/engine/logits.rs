@@ -4,8 +4,9 @@
 //! fixed order, then to the [`Sampler`](super::Sampler):
 //! 1. reasoning control (temperature-scaled stopping), on the model's own
 //!    distribution, before anything else has moved it;
-//! 2. penalties (presence, frequency, repetition), on the request's own terms;
-//! (then logit bias and grammar masks, when they come, in that order).
+//! 2. penalties (presence, frequency, repetition), on the request's own terms.
+//!
+//! Logit bias and grammar masks, when they come, follow in that order.
 //!
 //! Every token the sequence takes in, sampled or injected, reaches every
 //! processor the same way ([`LogitChain::accept`]), so an injected `Wait` is

@@ -166,7 +166,7 @@ impl TransformerConfig {
     /// What layer `layer` computes: its activation, window and rope table
     /// (0, the global base; 1, the windowed layers' own).
     pub fn layer_spec(&self, layer: usize) -> LayerSpec {
-        let windowed = self.sliding_window.filter(|_| self.sliding_pattern > 0 && (layer + 1) % self.sliding_pattern != 0);
+        let windowed = self.sliding_window.filter(|_| self.sliding_pattern > 0 && !(layer + 1).is_multiple_of(self.sliding_pattern));
         let rope = usize::from(windowed.is_some() && self.rope_local_theta.is_some());
         LayerSpec { activation: self.arch.activation(), window: windowed, rope }
     }

@@ -59,7 +59,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     let linear = |w: &mut Weights, prefix: &str| -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let bias_name = format!("{prefix}.bias");
-        let bias = if w.has(&bias_name) { Some(w.tensor(&bias_name)?.dequantize(&device)?) } else { None };
+        let bias = if w.has(&bias_name) { Some(w.tensor(&bias_name)?.dequantize(device)?) } else { None };
         if ours {
             if let Some(matrix) = w.matrix(&name)? {
                 return Ok(Linear::quant(Arc::new(matrix), bias));
@@ -67,18 +67,18 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         }
         let weight = w.tensor(&name)?;
         if dequantize {
-            return Ok(Linear::dense(weight.dequantize(&device)?, bias)?);
+            return Ok(Linear::dense(weight.dequantize(device)?, bias)?);
         }
         Ok(Linear::from_qtensor(weight, bias)?)
     };
-    let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(w.tensor(name)?.dequantize(&device)?, config.rms_eps)) };
+    let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(w.tensor(name)?.dequantize(device)?, config.rms_eps)) };
 
     // The table stays quantized where our kernels read its format, and a tied
     // head multiplies with the very same matrix.
     let shared = if ours { weights.matrix("token_embd.weight")?.map(Arc::new) } else { None };
     let embedding = match &shared {
         Some(m) => TokenEmbedding::Quantized(m.clone()),
-        None => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(&device)?, config.hidden)),
+        None => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(device)?, config.hidden)),
     };
     let qk_norms = config.arch.norms_q_and_k();
     let outputs_normed = config.arch.norms_outputs();
@@ -114,7 +114,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     } else if let Some(m) = shared {
         Linear::shared_quant(m)
     } else if dequantize {
-        Linear::dense(weights.tensor("token_embd.weight")?.dequantize(&device)?, None)?
+        Linear::dense(weights.tensor("token_embd.weight")?.dequantize(device)?, None)?
     } else {
         Linear::from_qtensor(weights.tensor("token_embd.weight")?, None)?
     };
@@ -135,7 +135,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         vocab_size: config.vocab_size,
         weight_bytes,
         sparse_fraction: 0.0,
-        device: super::describe_device(&device),
+        device: super::describe_device(device),
     };
     let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device.clone())?;
     Ok(LoadedModel { transformer, tokenizer, info })

@@ -95,7 +95,7 @@ impl HfConfig {
     fn plain_config(&self) -> Result<TransformerConfig> {
         let arch = self.arch()?;
         let n_kv_head = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads == 0 || n_kv_head == 0 || self.num_attention_heads % n_kv_head != 0 {
+        if self.num_attention_heads == 0 || n_kv_head == 0 || !self.num_attention_heads.is_multiple_of(n_kv_head) {
             bail!("config.json: head counts {} / {n_kv_head} are inconsistent", self.num_attention_heads);
         }
         Ok(TransformerConfig {

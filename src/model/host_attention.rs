@@ -280,7 +280,7 @@ impl super::kernel::Kernel {
         match self {
             // SAFETY: `detect` saw AVX2, FMA and F16C on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 { .. } if head_dim % 8 == 0 => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
+            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
             _ => {
                 let dots = keys.chunks_exact(head_dim).flat_map(|k| q.chunks_exact(head_dim).map(move |q| dot(q, k) * scale));
                 for (s, d) in scores.iter_mut().zip(dots) {
@@ -295,7 +295,7 @@ impl super::kernel::Kernel {
         match self {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 { .. } if head_dim % 8 == 0 => unsafe { avx2::weighted_values(probs, values, head_dim, out) },
+            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::weighted_values(probs, values, head_dim, out) },
             _ => {
                 let group = out.len() / head_dim;
                 out.fill(0.0);
@@ -341,7 +341,7 @@ mod avx2 {
     pub unsafe fn scores<E: Value>(q: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32]) {
         let group = q.len() / head_dim;
         let total = keys.len() / head_dim * group;
-        assert!(scores.len() >= total && q.len() == group * head_dim && head_dim % 8 == 0);
+        assert!(scores.len() >= total && q.len() == group * head_dim && head_dim.is_multiple_of(8));
         let dot = |t: usize| -> __m256 {
             let (key, g) = (t / group, t % group);
             let (k, q) = (keys.as_ptr().add(key * head_dim), q.as_ptr().add(g * head_dim));
@@ -371,7 +371,7 @@ mod avx2 {
     pub unsafe fn weighted_values<E: Value>(probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32]) {
         let group = out.len() / head_dim;
         let positions = values.len() / head_dim;
-        assert!(probs.len() >= positions * group && head_dim % 8 == 0);
+        assert!(probs.len() >= positions * group && head_dim.is_multiple_of(8));
         for g in 0..group {
             for d in (0..head_dim).step_by(64) {
                 let width = (head_dim - d).min(64) / 8;

@@ -363,7 +363,7 @@ impl QuantMatrix {
     /// The bytes a (rows × cols) matrix of `format` takes in a GGUF file.
     pub fn gguf_bytes(format: BlockFormat, rows: usize, cols: usize) -> candle_core::Result<usize> {
         let per_block = format.block_values();
-        if cols % per_block != 0 {
+        if !cols.is_multiple_of(per_block) {
             candle_core::bail!("{format:?} rows need a multiple of {per_block} columns, not {cols}");
         }
         Ok(rows * cols / per_block * format.block_bytes())

@@ -47,7 +47,7 @@ impl Sparse24 {
     /// Compress a row-major (rows × cols) matrix, or say why it does not follow the pattern.
     pub fn compress(dense: &[f32], rows: usize, cols: usize) -> Result<Self, NotSparse> {
         assert_eq!(dense.len(), rows * cols, "matrix data and shape disagree");
-        if cols % 4 != 0 {
+        if !cols.is_multiple_of(4) {
             return Err(NotSparse::Width(cols));
         }
         let groups = rows * cols / 4;
@@ -320,7 +320,7 @@ fn row_dot<V: Value>(vals: &[V], pos: &[u8], x: &[f32]) -> f32 {
 /// Keep the two largest |w| of every group of four along each row (ties go to
 /// the earlier position): one-shot magnitude pruning to the 2:4 pattern.
 pub fn prune_2_4(dense: &mut [f32], cols: usize) -> Result<(), NotSparse> {
-    if cols % 4 != 0 {
+    if !cols.is_multiple_of(4) {
         return Err(NotSparse::Width(cols));
     }
     for group in dense.chunks_exact_mut(4) {

@@ -291,7 +291,7 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
     };
     let matrix = |rng: &mut ChaCha8Rng, rows: usize, cols: usize| typed(rng, rows, cols, spec.dtype);
     // Every other layer's sensitive matrices in the other type, where the spec names one.
-    let sensitive = |layer: usize| spec.sensitive_dtype.filter(|_| layer % 2 == 0).unwrap_or(spec.dtype);
+    let sensitive = |layer: usize| spec.sensitive_dtype.filter(|_| layer.is_multiple_of(2)).unwrap_or(spec.dtype);
     let vector = |values: Tensor| -> Result<QTensor> { Ok(QTensor::quantize(&values, GgmlDType::F32)?) };
     let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
 

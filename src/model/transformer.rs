@@ -109,7 +109,7 @@ pub enum BackendKind {
 }
 
 enum Backend {
-    Host(HostPath),
+    Host(Box<HostPath>),
     Tensor(TensorPath),
 }
 
@@ -169,7 +169,7 @@ impl Transformer {
             .collect::<Result<Vec<_>>>()?;
         let on_host = kind == BackendKind::Auto && device.is_cpu() && dtype == DType::F32;
         let backend = if on_host {
-            Backend::Host(HostPath::new(&blocks, &final_norm, &ropes)?)
+            Backend::Host(Box::new(HostPath::new(&blocks, &final_norm, &ropes)?))
         } else {
             Backend::Tensor(TensorPath::new(&config, &ropes, dtype, &device)?)
         };

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::JsonObject;
-use super::generate::{self, Collected};
+use super::generate::{self, Collected, Generation};
 use super::openai::{unix_now, Completion};
 use super::record::RequestRecord;
 use super::sse::{self, ChunkFormat};
@@ -74,10 +74,11 @@ pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: He
         Ok(p) => p,
         Err(e) => return record.reject(e),
     };
-    let mut generation = match generate::submit(&engine, prompt, &params, &state.limits, record) {
-        Ok(g) => g,
-        Err((e, mut record)) => return record.reject(e),
+    let stream = match generate::submit(&engine, prompt, &params, &state.limits, &mut record) {
+        Ok(stream) => stream,
+        Err(e) => return record.reject(e),
     };
+    let mut generation = Generation::new(stream, record, &state.limits);
     let ids = ResponseIds {
         id: format!("{}{}", E::ID_PREFIX, uuid::Uuid::new_v4().simple()),
         created: unix_now(),

@@ -48,48 +48,40 @@ pub fn submit(
     prompt: Vec<u32>,
     params: &GenerationParams,
     limits: &RequestLimits,
-    mut record: RequestRecord,
-) -> Result<Generation, (ApiError, RequestRecord)> {
-    let queued = (|| {
-        let context = engine.context_length();
-        if prompt.is_empty() {
-            return Err(ApiError::field("prompt", "the prompt is empty"));
-        }
-        if prompt.len() >= context {
-            return Err(ApiError::PromptTooLong { prompt: prompt.len(), context });
-        }
-        let room = context - prompt.len();
-        let max_tokens = match (params.max_tokens, limits.max_tokens) {
-            (Some(asked), Some(limit)) if asked > limit => {
-                return Err(ApiError::field(
-                    "max_tokens",
-                    format!("`max_tokens` (or `max_completion_tokens`) is {asked} but this server allows at most {limit}"),
-                ))
-            }
-            (Some(asked), _) => asked,
-            (None, Some(limit)) => limit.min(room),
-            (None, None) => room,
-        };
-        let request = GenerationRequest {
-            id: record.request_id().to_string(),
-            prompt,
-            max_tokens,
-            sampling: params.sampling.clone(),
-            stop: params.stop.clone(),
-            received_at: record.received(),
-            reasoning: reasoning_settings(engine, params)?,
-        };
-        let prompt_tokens = request.prompt.len();
-        Ok((engine.submit(request)?, prompt_tokens))
-    })();
-    match queued {
-        Ok((stream, prompt_tokens)) => {
-            record.on_submitted(prompt_tokens);
-            let deadline = limits.timeout.map(|t| record.received() + t);
-            Ok(Generation { stream: Some(stream), record: Some(record), deadline, finished: false })
-        }
-        Err(e) => Err((e, record)),
+    record: &mut RequestRecord,
+) -> Result<GenerationStream, ApiError> {
+    let context = engine.context_length();
+    if prompt.is_empty() {
+        return Err(ApiError::field("prompt", "the prompt is empty"));
     }
+    if prompt.len() >= context {
+        return Err(ApiError::PromptTooLong { prompt: prompt.len(), context });
+    }
+    let room = context - prompt.len();
+    let max_tokens = match (params.max_tokens, limits.max_tokens) {
+        (Some(asked), Some(limit)) if asked > limit => {
+            return Err(ApiError::field(
+                "max_tokens",
+                format!("`max_tokens` (or `max_completion_tokens`) is {asked} but this server allows at most {limit}"),
+            ))
+        }
+        (Some(asked), _) => asked,
+        (None, Some(limit)) => limit.min(room),
+        (None, None) => room,
+    };
+    let request = GenerationRequest {
+        id: record.request_id().to_string(),
+        prompt,
+        max_tokens,
+        sampling: params.sampling.clone(),
+        stop: params.stop.clone(),
+        received_at: record.received(),
+        reasoning: reasoning_settings(engine, params)?,
+    };
+    let prompt_tokens = request.prompt.len();
+    let stream = engine.submit(request)?;
+    record.on_submitted(prompt_tokens);
+    Ok(stream)
 }
 
 /// One submitted generation as a handler reads it: the engine's events under
@@ -122,6 +114,12 @@ pub enum Output {
 }
 
 impl Generation {
+    /// A submitted sequence's events, read for `record` under the server's deadline.
+    pub fn new(stream: GenerationStream, record: RequestRecord, limits: &RequestLimits) -> Self {
+        let deadline = limits.timeout.map(|t| record.received() + t);
+        Generation { stream: Some(stream), record: Some(record), deadline, finished: false }
+    }
+
     pub fn record(&mut self) -> &mut RequestRecord {
         self.record.as_mut().expect("a generation holds its record until dropped")
     }
