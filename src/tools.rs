@@ -120,6 +120,10 @@ pub enum SynthShape {
     /// Qwen3-1.7B's exact shapes (28 layers, hidden 2048, 16 / 8 heads of 128, tied head).
     #[value(name = "qwen3-1.7b")]
     Qwen3_1_7b,
+    /// Llama-3.2-1B's exact shapes (16 layers, hidden 2048, 32 / 8 heads of
+    /// 64, tied head) with Llama 3 rope scaling (`rope_freqs`).
+    #[value(name = "llama-3.2-1b")]
+    Llama3_2_1b,
     /// No tensors: only the tokenizer and chat template (a few MB), to carry to
     /// a machine without models and pass there as --tokenizer-from.
     TokenizerOnly,
@@ -153,6 +157,9 @@ pub struct SynthArgs {
     dtype: SynthType,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Fewer (or more) layers than the shape's own, each of its shapes.
+    #[arg(long)]
+    layers: Option<usize>,
     /// The GGUF file to write.
     #[arg(long)]
     out: PathBuf,
@@ -162,7 +169,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     use candle_core::quantized::GgmlDType;
     use terse::model::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
     let family_tokenizer = match args.shape {
-        SynthShape::Qwen3_0_6b | SynthShape::Qwen3_1_7b => "qwen3-tokenizer",
+        SynthShape::Qwen3_0_6b | SynthShape::Qwen3_1_7b | SynthShape::Llama3_2_1b => "qwen3-tokenizer",
         _ => "r1-distill-tokenizer",
     };
     let tokenizer_name = args.tokenizer_from.as_deref().unwrap_or(family_tokenizer);
@@ -175,6 +182,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         SynthShape::R1DistillQwen1_5b => SyntheticSpec::r1_distill_qwen_1_5b(),
         SynthShape::Qwen3_0_6b => SyntheticSpec::qwen3_0_6b(28),
         SynthShape::Qwen3_1_7b => SyntheticSpec::qwen3_1_7b(),
+        SynthShape::Llama3_2_1b => SyntheticSpec::llama_3_2_1b(16),
         SynthShape::TokenizerOnly => {
             write_tokenizer_gguf(&args.out, &tokenizer_from)?;
             println!("{}", args.out.display());
@@ -188,6 +196,9 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         SynthType::Q4kM => (GgmlDType::Q4K, Some(GgmlDType::Q6K)),
     };
     spec.seed = args.seed;
+    if let Some(layers) = args.layers {
+        spec.n_layer = layers;
+    }
     write_random_gguf(&args.out, &spec, &tokenizer_from)?;
     println!("{}", args.out.display());
     Ok(())
