@@ -294,3 +294,40 @@ fn an_unknown_architecture_or_a_missing_key_fails_serve_generate_and_inspect_in_
         }
     }
 }
+
+/// A GGUF whose one tensor is in an IQ format (written by hand: candle's
+/// writer has no IQ types).
+fn iq_model() -> PathBuf {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes()); // a string
+    string(&mut b, "llama");
+    string(&mut b, "blk.0.attn_q.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend(256u64.to_le_bytes());
+    b.extend(256u64.to_le_bytes());
+    b.extend(16u32.to_le_bytes()); // IQ2_XXS
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().next_multiple_of(32) + 256 * 256, 0);
+    let path = scratch("iq").join("iq2_xxs.gguf");
+    std::fs::write(&path, b).unwrap();
+    path
+}
+
+#[test]
+fn a_file_in_a_format_terse_cannot_read_names_the_tensor_and_the_format() {
+    let path = iq_model();
+    let out = terse().args(["inspect", path.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("tensor blk.0.attn_q.weight is IQ2_XXS, which terse cannot read"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -12,10 +12,11 @@ use terse::model::{write_random_gguf, Arch, SyntheticSpec};
 
 const NAME: &str = "qwen3-tiny";
 
-fn tiny_qwen3() -> std::path::PathBuf {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-qwen3-http");
+/// A tiny Qwen3 file of the test's own (`name`), so tests do not share one.
+fn tiny_qwen3(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-qwen3");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("qwen3-tiny.gguf");
+    let path = dir.join(format!("{name}.gguf"));
     let tokenizer = terse::manifest::models_dir().join("cache/qwen3-tokenizer/tokenizer.json");
     assert!(tokenizer.is_file(), "run ./models/fetch qwen3-tokenizer");
     let spec = SyntheticSpec { arch: Arch::Qwen3, head_dim: 32, seed: 3, ..SyntheticSpec::tiny_qwen2(151_936) };
@@ -38,7 +39,7 @@ fn chat(extra: serde_json::Value) -> serde_json::Value {
 
 #[tokio::test]
 async fn a_qwen3_file_without_a_manifest_is_served_with_its_thinking_detected() {
-    let path = tiny_qwen3();
+    let path = tiny_qwen3("served");
     let server = TestServer::start_with(|c| {
         c.model_path = path.clone();
         c.served_name = NAME.into();
@@ -66,5 +67,30 @@ async fn a_qwen3_file_without_a_manifest_is_served_with_its_thinking_detected() 
     assert_eq!(off.json["terse"]["answer_tokens"], 8, "{}", off.json);
     assert_eq!(off.json["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
     server.shutdown_and_wait().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The same Qwen3 as a Hugging Face directory (`terse convert`, f32) computes
+/// what its GGUF computes: `Qwen3ForCausalLM`'s q/k norms are read.
+#[test]
+fn a_qwen3_hugging_face_directory_computes_what_its_gguf_computes() {
+    use terse::model::{convert_gguf_to_hf, load_gguf, load_hf_dir, SeqChunk, SparseMode};
+    let path = tiny_qwen3("converted");
+    let dir = path.with_extension("hf");
+    let _ = std::fs::remove_dir_all(&dir);
+    convert_gguf_to_hf(&path, &dir, candle_core::DType::F32).unwrap();
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(config.contains("Qwen3ForCausalLM"), "{config}");
+    let gguf = load_gguf(&path, NAME).unwrap();
+    let (hf, _) = load_hf_dir(&dir, NAME, SparseMode::Off).unwrap();
+    let prompt = gguf.tokenizer.encode("What is the capital of France?").unwrap();
+    let logits = |m: &terse::model::Transformer| {
+        let mut cache = m.new_cache();
+        m.forward(&mut [SeqChunk { tokens: &prompt, cache: &mut cache }]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logits(&gguf.transformer), logits(&hf.transformer));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-3, "logits differ by {diff}");
+    let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
 }

@@ -43,12 +43,25 @@ pub fn load_gguf_dequantized(path: &Path, served_name: &str) -> Result<LoadedMod
 
 fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Device) -> Result<LoadedModel> {
     let mut file = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+    let mut content = gguf_file::Content::read(&mut file).map_err(|e| match unreadable_tensor(path) {
+        Some((tensor, format)) => anyhow::anyhow!("{}: tensor {tensor} is {format}, which terse cannot read (use a Q4_K_M, Q5_K_M, Q8_0 or F16 file)", path.display()),
+        None => anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()),
+    })?;
     let mut config = TransformerConfig::from_gguf(&content)?;
     let tokenizer = TextTokenizer::from_gguf(&content)?;
+    // The vocabulary's arrays (32 MB for Gemma's 262k tokens) are in the
+    // tokenizer now; only the tensor index is read from here on.
+    content.metadata = Default::default();
 
-    let mut weights = Weights { file, content: &content, path, device: device.clone(), bytes: 0, type_counts: Default::default() };
+    let mut weights = Weights {
+        file,
+        content: &content,
+        path,
+        device: device.clone(),
+        bytes: 0,
+        type_counts: Default::default(),
+        on_candle: Default::default(),
+    };
     // Llama 3's rope scaling, as the file's per-frequency factors.
     if weights.has("rope_freqs.weight") {
         config.rope_freq_factors = Some(weights.tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
@@ -64,6 +77,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
             if let Some(matrix) = w.matrix(&name)? {
                 return Ok(Linear::quant(Arc::new(matrix), bias));
             }
+            w.note_candle_matrix(&name);
         }
         let weight = w.tensor(&name)?;
         if dequantize {
@@ -118,7 +132,10 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     } else {
         Linear::from_qtensor(weights.tensor("token_embd.weight")?, None)?
     };
-    let Weights { bytes: weight_bytes, type_counts, .. } = weights;
+    let Weights { bytes: weight_bytes, type_counts, on_candle, .. } = weights;
+    for (format, (count, first)) in on_candle {
+        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_1, q5_0, q8_0, q4_k, q6_k)");
+    }
 
     let dtype = type_counts
         .iter()
@@ -151,11 +168,21 @@ struct Weights<'a> {
     bytes: u64,
     /// Elements per type, over the matrices.
     type_counts: std::collections::BTreeMap<String, u64>,
+    /// Per format our kernels do not read: how many matrices run on candle's, and the first.
+    on_candle: std::collections::BTreeMap<String, (usize, String)>,
 }
 
 impl Weights<'_> {
     fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Matrix `name` goes to candle's kernels (its format is not one of ours).
+    fn note_candle_matrix(&mut self, name: &str) {
+        if let Some(info) = self.content.tensor_infos.get(name) {
+            let format = format!("{:?}", info.ggml_dtype).to_lowercase();
+            self.on_candle.entry(format).or_insert_with(|| (0, name.to_string())).0 += 1;
+        }
     }
 
     fn count(&mut self, dtype: GgmlDType, shape: &candle_core::Shape, bytes: usize) {
@@ -187,4 +214,89 @@ impl Weights<'_> {
         self.count(dtype, &shape, QuantMatrix::gguf_bytes(format, rows, cols)?);
         Ok(Some(matrix))
     }
+}
+
+/// GGUF's names of the tensor types candle cannot read (the IQ family and later ones).
+fn unreadable_format(type_id: u32) -> Option<&'static str> {
+    Some(match type_id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
+}
+
+/// The first tensor of the GGUF at `path` in a format candle cannot read,
+/// with that format's name: read from the header alone, to say what candle's
+/// reader only gives as a type number.
+fn unreadable_tensor(path: &Path) -> Option<(String, &'static str)> {
+    use std::io::Read;
+    let mut r = BufReader::new(File::open(path).ok()?);
+    fn u32_at(r: &mut BufReader<File>) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_of(r: &mut BufReader<File>) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn string(r: &mut BufReader<File>) -> Option<String> {
+        let len = u64_of(r)?;
+        let mut b = vec![0u8; usize::try_from(len).ok().filter(|&n| n < 1 << 20)?];
+        r.read_exact(&mut b).ok()?;
+        String::from_utf8(b).ok()
+    }
+    /// Skip one metadata value of type `t`.
+    fn skip(r: &mut BufReader<File>, t: u32) -> Option<()> {
+        let fixed = match t {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => return string(r).map(|_| ()),
+            9 => {
+                let (inner, n) = (u32_at(r)?, u64_of(r)?);
+                for _ in 0..n {
+                    skip(r, inner)?;
+                }
+                return Some(());
+            }
+            _ => return None,
+        };
+        r.seek_relative(fixed).ok()
+    }
+    if u32_at(&mut r)? != u32::from_le_bytes(*b"GGUF") {
+        return None;
+    }
+    let _version = u32_at(&mut r)?;
+    let (tensors, entries) = (u64_of(&mut r)?, u64_of(&mut r)?);
+    for _ in 0..entries {
+        string(&mut r)?;
+        let t = u32_at(&mut r)?;
+        skip(&mut r, t)?;
+    }
+    for _ in 0..tensors {
+        let name = string(&mut r)?;
+        let dims = u32_at(&mut r)?;
+        for _ in 0..dims {
+            u64_of(&mut r)?;
+        }
+        let type_id = u32_at(&mut r)?;
+        u64_of(&mut r)?;
+        if let Some(format) = unreadable_format(type_id) {
+            return Some((name, format));
+        }
+    }
+    None
 }

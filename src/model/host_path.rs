@@ -49,6 +49,8 @@ struct HostBuffers {
     last_normed: Vec<f32>,
     /// The quantized input of the matrix products.
     acts: QuantizedRows,
+    /// Per rope base, the step's rotary rows.
+    ropes: Vec<HostRope>,
 }
 
 /// One RMS norm's weight and ε, for `row_ops::rms_norm_into`.
@@ -68,10 +70,29 @@ impl HostNorm {
     }
 }
 
-/// A rotary table as plain rows: `half` values a position.
+/// A rope base's frequencies, and the step's rotary rows (`half` values a
+/// token) computed from them: a row per token of the step rather than a
+/// table of the whole context (64 MB for Gemma 3's two bases). Each angle is
+/// the one product `position · frequency` and its cosine and sine, as the
+/// tensor path's tables hold them, so the rows have those tables' bits.
 struct HostRope {
+    inv_freq: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+}
+
+impl HostRope {
+    fn fill(&mut self, positions: impl Iterator<Item = usize>) {
+        self.cos.clear();
+        self.sin.clear();
+        for p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                self.cos.push(angle.cos());
+                self.sin.push(angle.sin());
+            }
+        }
+    }
 }
 
 /// One block's norms as plain rows.
@@ -88,7 +109,6 @@ struct BlockNorms {
 pub(super) struct HostPath {
     norms: Vec<BlockNorms>,
     final_norm: HostNorm,
-    ropes: Vec<HostRope>,
     kv_precision: KvPrecision,
     buffers: Mutex<HostBuffers>,
 }
@@ -112,11 +132,9 @@ impl HostPath {
                 })
             })
             .collect::<Result<_>>()?;
-        let ropes = ropes
-            .iter()
-            .map(|r| Ok(HostRope { cos: r.cos.flatten_all()?.to_vec1()?, sin: r.sin.flatten_all()?.to_vec1()? }))
-            .collect::<Result<_>>()?;
-        Ok(HostPath { norms, final_norm: HostNorm::new(final_norm)?, ropes, kv_precision: KvPrecision::F32, buffers: Default::default() })
+        let ropes = ropes.iter().map(|r| HostRope { inv_freq: r.inv_freq.clone(), cos: Vec::new(), sin: Vec::new() }).collect();
+        let buffers = Mutex::new(HostBuffers { ropes, ..Default::default() });
+        Ok(HostPath { norms, final_norm: HostNorm::new(final_norm)?, kv_precision: KvPrecision::F32, buffers })
     }
 
     pub fn kv_precision(&self) -> KvPrecision {
@@ -141,6 +159,11 @@ impl HostPath {
             b.row_starts.push(b.ids.len());
         }
         let n = b.ids.len();
+        // Every token's position, for each rope base's rows.
+        for rope in &mut b.ropes {
+            let (positions, row_starts) = (&b.positions, &b.row_starts);
+            rope.fill(positions.iter().zip(row_starts.windows(2)).flat_map(|(&start, rows)| start..start + rows[1] - rows[0]));
+        }
         model.embedding.rows_into(&b.ids, &mut b.x)?;
         if model.config.arch.scales_embeddings() {
             row_ops::scale(&mut b.x, (model.config.hidden as f32).sqrt());
@@ -217,12 +240,12 @@ impl HostPath {
             std::mem::swap(&mut b.k, &mut b.k_normed);
         }
         let (q, k, v) = (&mut b.q, &mut b.k, &b.v);
-        let rope = &self.ropes[block.spec.rope];
+        let rope = &b.ropes[block.spec.rope];
         let half = cfg.head_dim / 2;
-        for ((chunk, &start), rows) in chunks.iter_mut().zip(&b.positions).zip(b.row_starts.windows(2)) {
+        for (chunk, rows) in chunks.iter_mut().zip(b.row_starts.windows(2)) {
             let (row, len) = (rows[0], rows[1] - rows[0]);
             for i in row..row + len {
-                let at = (start + i - row) * half;
+                let at = i * half;
                 let (cos, sin) = (&rope.cos[at..at + half], &rope.sin[at..at + half]);
                 host_attention::rotate(&mut q[i * q_width..(i + 1) * q_width], cfg.head_dim, cfg.rope_halves, cos, sin);
                 host_attention::rotate(&mut k[i * kv_width..(i + 1) * kv_width], cfg.head_dim, cfg.rope_halves, cos, sin);

@@ -84,17 +84,30 @@ fn silu_times_here(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `gate = gelu(gate) · up` with GELU's tanh approximation, 0.5·g·(1 +
-/// tanh(√(2/π)·(g + 0.044715·g³))), Gemma's MLP activation, in one pass.
+/// √(2/π), doubled: GELU's tanh approximation 0.5·g·(1 + tanh(y)), y =
+/// √(2/π)·(g + 0.044715·g³), is g / (1 + e^(−2y)), the form SiLU takes.
+const GELU_2_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044715;
+
+/// `gate = gelu(gate) · up` with GELU's tanh approximation, Gemma's MLP
+/// activation, in one pass (as `silu_times`, on e^(−2y)).
 pub fn gelu_tanh_times(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up of unequal lengths");
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    by_rows(gate, RUN, |first, part| {
-        for (g, &u) in part.iter_mut().zip(&up[first * RUN..]) {
-            let x = *g;
-            *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh()) * u;
-        }
-    });
+    by_rows(gate, RUN, |first, part| gelu_tanh_times_here(part, &up[first * RUN..first * RUN + part.len()]));
+}
+
+fn gelu_tanh_times_here(gate: &mut [f32], up: &[f32]) {
+    let done = match Kernel::detect() {
+        // SAFETY: `detect` saw AVX2 and FMA; the lengths are equal (asserted).
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 { .. } => unsafe { avx2::gelu_tanh_times(gate, up) },
+        _ => 0,
+    };
+    for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
+        let x = *g;
+        let two_y = GELU_2_SQRT_2_OVER_PI * (x + GELU_CUBIC * (x * x * x));
+        *g = x / (1.0 + exp(-two_y)) * u;
+    }
 }
 
 /// Every value of `x` times `factor`, in place.
@@ -178,6 +191,24 @@ mod avx2 {
         whole
     }
 
+    /// `row_ops::gelu_tanh_times` on whole vectors of eight; the scalar
+    /// steps' operations, in their order (multiplies and adds unfused), so
+    /// both give the same bits.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_tanh_times(gate: &mut [f32], up: &[f32]) -> usize {
+        let whole = gate.len() / 8 * 8;
+        let (one, sign) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
+        let (scale, cubic) = (_mm256_set1_ps(super::GELU_2_SQRT_2_OVER_PI), _mm256_set1_ps(super::GELU_CUBIC));
+        for i in (0..whole).step_by(8) {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+            let two_y = _mm256_mul_ps(scale, _mm256_add_ps(x, _mm256_mul_ps(cubic, cube)));
+            let gelu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_xor_ps(two_y, sign))));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(gelu, _mm256_loadu_ps(up.as_ptr().add(i))));
+        }
+        whole
+    }
+
     /// The whole groups of eight; returns how many values were done.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn silu_times(gate: &mut [f32], up: &[f32]) -> usize {
@@ -201,6 +232,24 @@ mod tests {
         let mut xs: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) * 0.0917).collect();
         xs.extend([0.0, -0.0, 1e-30, -1e-30, 87.5, -86.9, 88.0, -87.0, 200.0, -200.0, 0.5, -0.5]);
         xs
+    }
+
+    #[test]
+    fn gelu_tanh_matches_its_tanh_form_and_the_vector_path_gives_the_scalar_bits() {
+        let xs = samples();
+        let up: Vec<f32> = xs.iter().map(|x| 1.0 + x.abs() * 0.01).collect();
+        let mut fast = xs.clone();
+        gelu_tanh_times(&mut fast, &up);
+        for ((&x, &u), &got) in xs.iter().zip(&up).zip(&fast) {
+            let want = 0.5 * x as f64 * (1.0 + (0.797_884_560_8 * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh()) * u as f64;
+            assert!((got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "gelu({x}) = {got}, expected {want}");
+        }
+        // Each value on its own (the scalar tail) gives the bits the vectors gave.
+        for (i, (&x, &u)) in xs.iter().zip(&up).enumerate() {
+            let mut one = [x];
+            gelu_tanh_times_here(&mut one, &[u]);
+            assert_eq!(one[0].to_bits(), fast[i].to_bits(), "gelu({x})");
+        }
     }
 
     #[test]

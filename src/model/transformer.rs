@@ -72,8 +72,10 @@ impl TokenEmbedding {
     }
 }
 
-/// Rotary angles of one rope base, (context_length, head_dim / 2) f32.
+/// Rotary angles of one rope base: its frequencies, and as tables
+/// (context_length, head_dim / 2) f32.
 pub(super) struct RopeTable {
+    pub inv_freq: Vec<f32>,
     pub cos: Tensor,
     pub sin: Tensor,
 }
@@ -90,11 +92,19 @@ impl RopeTable {
                 *f /= by;
             }
         }
-        let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
+        let freqs = Tensor::new(inv_freq.as_slice(), device)?;
         let positions = Tensor::arange(0, cfg.context_length as u32, device)?.to_dtype(DType::F32)?.reshape((cfg.context_length, 1))?;
-        let angles = positions.matmul(&inv_freq.reshape((1, ()))?)?;
-        Ok(RopeTable { cos: angles.cos()?, sin: angles.sin()? })
+        let angles = positions.matmul(&freqs.reshape((1, ()))?)?;
+        Ok(RopeTable { inv_freq, cos: angles.cos()?, sin: angles.sin()? })
     }
+}
+
+/// The rotary tables the layers' specs name; the first is the global one,
+/// which Llama 3's scaling applies to. Each backend keeps them in its own form.
+fn rope_tables(config: &TransformerConfig, device: &Device) -> Result<Vec<RopeTable>> {
+    let factors = config.rope_freq_factors.as_deref();
+    let bases = config.rope_bases().into_iter().enumerate();
+    bases.map(|(i, theta)| RopeTable::new(config, theta, factors.filter(|_| i == 0), device)).collect()
 }
 
 /// Which backend runs the model.
@@ -136,8 +146,6 @@ pub struct Transformer {
     pub blocks: Vec<Block>,
     pub final_norm: RmsNorm,
     pub lm_head: Linear,
-    /// The rotary tables the layers' specs name.
-    pub(super) ropes: Vec<RopeTable>,
     device: Device,
     /// What activations and the KV cache are held in: the embedding table's dtype.
     dtype: DType,
@@ -160,25 +168,20 @@ impl Transformer {
         kind: BackendKind,
     ) -> Result<Self> {
         let dtype = embedding.dtype();
-        // The first table is the global one, which Llama 3's scaling applies to.
-        let ropes = config
-            .rope_bases()
-            .into_iter()
-            .enumerate()
-            .map(|(i, theta)| RopeTable::new(&config, theta, config.rope_freq_factors.as_deref().filter(|_| i == 0), &device))
-            .collect::<Result<Vec<_>>>()?;
+        let ropes = rope_tables(&config, &device)?;
         let on_host = kind == BackendKind::Auto && device.is_cpu() && dtype == DType::F32;
         let backend = if on_host {
             Backend::Host(Box::new(HostPath::new(&blocks, &final_norm, &ropes)?))
         } else {
             Backend::Tensor(TensorPath::new(&config, &ropes, dtype, &device)?)
         };
-        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, ropes, device, dtype, backend })
+        Ok(Transformer { config, embedding, blocks, final_norm, lm_head, device, dtype, backend })
     }
 
     /// The same model on the tensor path (caches made before must not be used after).
     pub fn into_tensor_path(mut self) -> Result<Self> {
-        self.backend = Backend::Tensor(TensorPath::new(&self.config, &self.ropes, self.dtype, &self.device)?);
+        let ropes = rope_tables(&self.config, &self.device)?;
+        self.backend = Backend::Tensor(TensorPath::new(&self.config, &ropes, self.dtype, &self.device)?);
         Ok(self)
     }
 
