@@ -132,6 +132,9 @@ pub enum SynthShape {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum SynthType {
     F32,
+    F16,
+    #[value(name = "q4_0")]
+    Q4_0,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_k")]
@@ -191,6 +194,8 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     };
     (spec.dtype, spec.sensitive_dtype) = match args.dtype {
         SynthType::F32 => (GgmlDType::F32, None),
+        SynthType::F16 => (GgmlDType::F16, None),
+        SynthType::Q4_0 => (GgmlDType::Q4_0, None),
         SynthType::Q8_0 => (GgmlDType::Q8_0, None),
         SynthType::Q4k => (GgmlDType::Q4K, None),
         SynthType::Q4kM => (GgmlDType::Q4K, Some(GgmlDType::Q6K)),

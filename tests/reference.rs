@@ -31,8 +31,8 @@ const QWEN_TOLERANCE: f32 = 1.0;
 /// inputs to the products): measured worst 0.058 (0.016 with f32 weights).
 /// Quantized, each side rounds every activation row to 8 bits, and a
 /// last-bit difference upstream flips such a rounding: measured worst 0.61
-/// (Q8_0) and 0.56 (Q4_K_M, where the reference differs from its own prefill
-/// by 0.33). A wrong step (a missing per-head norm, the wrong head size or
+/// (Q8_0), 0.39 (Q4_0, on Q4_1's kernels) and 0.56 (Q4_K_M, where the
+/// reference differs from its own prefill by 0.33). A wrong step (a missing per-head norm, the wrong head size or
 /// rope base) moves logits by whole units.
 const QWEN3_F16_TOLERANCE: f32 = 0.15;
 const QWEN3_TOLERANCE: f32 = 1.0;
@@ -189,7 +189,7 @@ fn smollm2_matches_candle_transformers() {
 /// Qwen3 (no public weights here): random weights in Qwen3-0.6B's exact
 /// per-layer shapes (16 / 8 heads of 128 on a hidden size of 1024, per-head
 /// q/k norms, a tied head) with the real Qwen3 tokenizer and chat template,
-/// in Q8_0 and in a Q4_K_M-like mix (Q4_K, with Q6_K for every other
+/// in Q8_0, Q4_0 and in a Q4_K_M-like mix (Q4_K, with Q6_K for every other
 /// layer's `attn_v` and `ffn_down`), against candle-transformers'
 /// `quantized_qwen3`; and in f16, where nothing but float rounding separates
 /// the two, so a wrong step shows far above the tolerance. Eight of its 28
@@ -205,6 +205,8 @@ fn qwen3_matches_candle_transformers() {
     let cases = [
         (GgmlDType::F16, None, "f16", 4, QWEN3_F16_TOLERANCE),
         (GgmlDType::Q8_0, None, "q8_0", 8, QWEN3_TOLERANCE),
+        // Run on Q4_1's kernels (quant.rs).
+        (GgmlDType::Q4_0, None, "q4_0", 4, QWEN3_TOLERANCE),
         (GgmlDType::Q4K, Some(GgmlDType::Q6K), "q4_k_m", 8, QWEN3_TOLERANCE),
     ];
     for (dtype, sensitive, label, layers, tolerance) in cases {
