@@ -295,7 +295,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     let mut stream = engine.submit(request)?;
     let mut stdout = std::io::stdout();
     loop {
-        match stream.read().await.map_err(|message| anyhow::anyhow!("generation failed: {message}"))? {
+        match stream.read().await.map_err(anyhow::Error::msg)? {
             GenerationEvent::Token { text, .. } => {
                 stdout.write_all(text.as_bytes())?;
                 stdout.flush()?;

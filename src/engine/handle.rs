@@ -73,10 +73,10 @@ impl GenerationStream {
     }
 
     /// The next `Token` or `Finished` event; `Failed`, and an engine that
-    /// stopped before `Finished`, are errors.
+    /// stopped before `Finished`, are errors (their messages say which).
     pub async fn read(&mut self) -> Result<GenerationEvent, String> {
         match self.next().await {
-            Some(GenerationEvent::Failed { message }) => Err(message),
+            Some(GenerationEvent::Failed { message }) => Err(format!("generation failed: {message}")),
             Some(event) => Ok(event),
             None => Err("the engine stopped before finishing the request".into()),
         }

@@ -148,8 +148,19 @@ impl TransformerConfig {
             rope_local_theta: None,
             rope_freq_factors: None,
         };
+        // Linear rope scaling (Gemma 3's 4B and larger: ×8 on the global
+        // layers) divides every frequency of the global table by the factor.
+        let linear = get("rope.scaling.type").ok().and_then(|v| v.to_string().ok().cloned()).filter(|t| t == "linear");
+        let factor = get("rope.scaling.factor").ok().and_then(|v| v.to_f32().ok()).filter(|&f| f > 0.0 && f != 1.0);
+        let cfg = match (linear, factor) {
+            (Some(_), Some(factor)) => TransformerConfig { rope_freq_factors: Some(vec![factor; head_dim / 2]), ..cfg },
+            _ => cfg,
+        };
         let cfg = if arch == Arch::Gemma3 {
             let window = get("attention.sliding_window")?.to_u32()? as usize;
+            if window == 0 {
+                bail!("{arch_name}.attention.sliding_window is 0; a window holds at least one position");
+            }
             // llama.cpp's default: every sixth layer global.
             let pattern = get("attention.sliding_window_pattern").map(|v| v.to_u32().unwrap_or(6) as usize).unwrap_or(6);
             let local = get("rope.local_freq_base").and_then(|v| Ok(v.to_f32()?)).unwrap_or(10_000.0);

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::{Arch, TransformerConfig};
 use crate::tokenize::TextTokenizer;
 
-/// The Hugging Face name of a GGUF tensor of the llama / qwen2 layout.
+/// The Hugging Face name of a GGUF tensor of the llama / qwen2 / qwen3 layout.
 fn hf_name(gguf: &str) -> Option<String> {
     if let Some(rest) = gguf.strip_prefix("blk.") {
         let (layer, part) = rest.split_once('.')?;
@@ -60,6 +60,9 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     let mut file = File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", gguf.display()))?;
     let config = TransformerConfig::from_gguf(&content)?;
+    if content.tensor_infos.contains_key("rope_freqs.weight") || config.rope_freq_factors.is_some() {
+        anyhow::bail!("{}: its rope scaling (rope_freqs or rope.scaling) has no config.json form here; the directory would run unscaled", gguf.display());
+    }
     let tokenizer = TextTokenizer::from_gguf(&content)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 

@@ -1,4 +1,4 @@
-//! Loading a llama / qwen2 GGUF file: weights stay in their quantized blocks.
+//! Loading a GGUF file (llama, qwen2, qwen3, gemma3): weights stay in their quantized blocks.
 
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
@@ -86,6 +86,14 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         Ok(Linear::from_qtensor(weight, bias)?)
     };
     let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(w.tensor(name)?.dequantize(device)?, config.rms_eps)) };
+    // A per-head norm must hold one weight per value of a head.
+    let head_norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> {
+        let t = w.tensor(name)?;
+        if t.shape().dims() != [config.head_dim] {
+            anyhow::bail!("{}: tensor {name} has shape {:?}, expected [{}] (the head size)", path.display(), t.shape().dims(), config.head_dim);
+        }
+        Ok(RmsNorm::new(t.dequantize(device)?, config.rms_eps))
+    };
 
     // The table stays quantized where our kernels read its format, and a tied
     // head multiplies with the very same matrix.
@@ -110,8 +118,8 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
                 k: linear(w, &format!("{p}.attn_k"))?,
                 v: linear(w, &format!("{p}.attn_v"))?,
                 o: linear(w, &format!("{p}.attn_output"))?,
-                q_norm: qk_norms.then(|| norm(w, &format!("{p}.attn_q_norm.weight"))).transpose()?,
-                k_norm: qk_norms.then(|| norm(w, &format!("{p}.attn_k_norm.weight"))).transpose()?,
+                q_norm: qk_norms.then(|| head_norm(w, &format!("{p}.attn_q_norm.weight"))).transpose()?,
+                k_norm: qk_norms.then(|| head_norm(w, &format!("{p}.attn_k_norm.weight"))).transpose()?,
             },
             ffn_norm: norm(w, &format!("{p}.ffn_norm.weight"))?,
             mlp: Mlp {
@@ -257,25 +265,47 @@ fn unreadable_tensor(path: &Path) -> Option<(String, &'static str)> {
         r.read_exact(&mut b).ok()?;
         String::from_utf8(b).ok()
     }
-    /// Skip one metadata value of type `t`.
-    fn skip(r: &mut BufReader<File>, t: u32) -> Option<()> {
-        let fixed = match t {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            10..=12 => 8,
-            8 => return string(r).map(|_| ()),
-            9 => {
-                let (inner, n) = (u32_at(r)?, u64_of(r)?);
-                for _ in 0..n {
-                    skip(r, inner)?;
-                }
-                return Some(());
-            }
-            _ => return None,
-        };
-        r.seek_relative(fixed).ok()
+    /// Bytes of one value of fixed-size type `t`.
+    fn fixed_size(t: u32) -> Option<i64> {
+        match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
     }
+    /// Skip one metadata value of type `t` (an array holds no arrays of
+    /// arrays in any file llama.cpp writes: one level is enough); `None` on
+    /// anything a truncated or corrupt file could make of it.
+    fn skip(r: &mut BufReader<File>, t: u32, end: u64, nested: bool) -> Option<()> {
+        if let Some(size) = fixed_size(t) {
+            return r.seek_relative(size).ok();
+        }
+        match t {
+            8 => string(r).map(|_| ()),
+            9 if !nested => {
+                let (inner, n) = (u32_at(r)?, u64_of(r)?);
+                match fixed_size(inner) {
+                    Some(size) => {
+                        let bytes = i64::try_from(n).ok()?.checked_mul(size)?;
+                        let at = r.stream_position().ok()?;
+                        (at.checked_add(bytes as u64)? <= end).then_some(())?;
+                        r.seek_relative(bytes).ok()
+                    }
+                    None => {
+                        for _ in 0..n {
+                            skip(r, inner, end, true)?;
+                            (r.stream_position().ok()? <= end).then_some(())?;
+                        }
+                        Some(())
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+    let end = std::fs::metadata(path).ok()?.len();
     if u32_at(&mut r)? != u32::from_le_bytes(*b"GGUF") {
         return None;
     }
@@ -284,7 +314,7 @@ fn unreadable_tensor(path: &Path) -> Option<(String, &'static str)> {
     for _ in 0..entries {
         string(&mut r)?;
         let t = u32_at(&mut r)?;
-        skip(&mut r, t)?;
+        skip(&mut r, t, end, false)?;
     }
     for _ in 0..tensors {
         let name = string(&mut r)?;
@@ -299,4 +329,30 @@ fn unreadable_tensor(path: &Path) -> Option<(String, &'static str)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header with one metadata array whose count claims far more values
+    /// than the file holds: the scan gives up instead of seeking on.
+    #[test]
+    fn a_corrupt_array_count_ends_the_header_scan() {
+        let mut b = Vec::new();
+        b.extend(b"GGUF");
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        b.extend(b"huge");
+        b.extend(9u32.to_le_bytes()); // an array
+        b.extend(4u32.to_le_bytes()); // of u32
+        b.extend((1u64 << 60).to_le_bytes());
+        let path = std::env::temp_dir().join(format!("terse-corrupt-{}.gguf", std::process::id()));
+        std::fs::write(&path, &b).unwrap();
+        // Before the bound it seeked 2^60 times; now it returns.
+        assert_eq!(unreadable_tensor(&path), None);
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -67,11 +67,16 @@ impl HfConfig {
             "Qwen3ForCausalLM" => Some(Arch::Qwen3),
             _ => None,
         });
-        match (from_class, self.model_type.as_deref()) {
-            (Some(arch), _) => Ok(arch),
-            (None, Some(t)) => Arch::parse(t),
+        let arch = match (from_class, self.model_type.as_deref()) {
+            (Some(arch), _) => arch,
+            (None, Some(t)) => Arch::parse(t)?,
             (None, None) => bail!("config.json names no architecture (architectures / model_type)"),
+        };
+        if arch == Arch::Gemma3 {
+            // Its window, post-norms and scaled embeddings are read from GGUF files only.
+            bail!("gemma3 is served from GGUF files; Hugging Face directories of it are not read yet");
         }
+        Ok(arch)
     }
 
     pub fn transformer_config(&self) -> Result<TransformerConfig> {

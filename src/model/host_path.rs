@@ -19,7 +19,7 @@ use super::transformer::{RopeTable, Rows, Transformer};
 /// What a step writes between its inputs and its logits, kept from one step
 /// to the next: once the buffers are as large as a step needs, a step
 /// allocates nothing when the embedding and every matrix are ours (GGUF's
-/// Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), apart from a KV cache's doubling. Each
+/// Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), apart from a KV cache's doubling. Each
 /// buffer is named for what it holds; they keep the size of the largest step
 /// (a prefill chunk) for the model's life.
 #[derive(Default)]

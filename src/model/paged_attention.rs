@@ -53,7 +53,7 @@ impl PoolRows {
     }
 }
 
-/// A step's plan, the same for every layer.
+/// A step's plan, the same for every layer of one kind (window and rope table).
 pub struct PagedStep {
     pool: Arc<KvPool>,
     /// (tokens, 1, head_dim / 2): each token's rotary row; the queries'

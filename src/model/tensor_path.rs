@@ -1,7 +1,7 @@
 //! The tensor path: the forward pass on candle tensors, on any device and in
 //! any dtype (every model on a GPU). Every sequence's keys and values live in
-//! one pool of pages (`kv_pages`), and a step's attention is planned once for
-//! all layers (`paged_attention::PagedStep`).
+//! one pool of pages (`kv_pages`), and a step's attention is planned once per
+//! kind of layer, its window and rope table (`paged_attention::PagedStep`).
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! Our own forward pass for the llama and qwen2 families, batched across sequences.
+//! Our own forward pass for the llama, qwen2, qwen3 and gemma3 families, batched across sequences.
 //!
 //! All tokens of all sequences in a step go through the linear layers as ONE
 //! matrix product; attention then reads each sequence's own keys and values.

@@ -13,7 +13,7 @@ use super::wire::ChatFields;
 use crate::engine::EngineHandle;
 use crate::reasoning::modes::Mode;
 use crate::reasoning::phase::Phase;
-use crate::tokenize::{apply_level_prompt, ChatMessage};
+use crate::tokenize::apply_level_prompt;
 
 pub struct Chat;
 
@@ -21,16 +21,18 @@ impl Endpoint for Chat {
     const NAME: &'static str = "chat_completions";
     const ID_PREFIX: &'static str = "chatcmpl-";
     type Fields = ChatFields;
-    type Checked = Vec<ChatMessage>;
     type Chunks = ChatChunks;
 
-    fn check(fields: ChatFields) -> Result<Vec<ChatMessage>, ApiError> {
-        let messages = fields.messages()?;
-        fields.refuse_unsupported()?;
-        Ok(messages)
+    fn check(fields: &ChatFields) -> Result<(), ApiError> {
+        fields.messages().map(|_| ())
     }
 
-    async fn prompt(engine: &EngineHandle, mut messages: Vec<ChatMessage>, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
+    fn refuse_unsupported(fields: &ChatFields) -> Result<(), ApiError> {
+        fields.refuse_unsupported()
+    }
+
+    async fn prompt(engine: &EngineHandle, fields: ChatFields, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
+        let mut messages = fields.messages()?;
         if let Some(preset) = engine.reasoning_profile().modes.get(params.mode) {
             if let Some(level) = &preset.level_prompt {
                 apply_level_prompt(&mut messages, level, preset.placement);

@@ -20,14 +20,15 @@ impl Endpoint for Completions {
     const NAME: &'static str = "completions";
     const ID_PREFIX: &'static str = "cmpl-";
     type Fields = CompletionFields;
-    type Checked = CompletionFields;
     type Chunks = TextChunks;
 
-    fn check(fields: CompletionFields) -> Result<CompletionFields, ApiError> {
+    fn check(fields: &CompletionFields) -> Result<(), ApiError> {
         // The vocabulary bound of token-id prompts needs the engine; the rest is checked now.
-        fields.require_prompt()?;
-        fields.refuse_unsupported()?;
-        Ok(fields)
+        fields.require_prompt()
+    }
+
+    fn refuse_unsupported(fields: &CompletionFields) -> Result<(), ApiError> {
+        fields.refuse_unsupported()
     }
 
     async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {

@@ -45,15 +45,15 @@ pub trait Endpoint: 'static {
     /// Response ids are this prefix and a random hex string.
     const ID_PREFIX: &'static str;
     /// The endpoint's own fields of the body.
-    type Fields: DeserializeOwned + Send;
-    /// Those fields checked, ready to become a prompt.
-    type Checked: Send + 'static;
+    type Fields: DeserializeOwned + Send + 'static;
     type Chunks: ChunkFormat;
 
     /// Check the endpoint's own fields (before the engine is asked for anything).
-    fn check(fields: Self::Fields) -> Result<Self::Checked, ApiError>;
+    fn check(fields: &Self::Fields) -> Result<(), ApiError>;
+    /// Refuse what the endpoint's own fields ask for and terse lacks.
+    fn refuse_unsupported(fields: &Self::Fields) -> Result<(), ApiError>;
     /// The prompt's token ids.
-    fn prompt(engine: &EngineHandle, checked: Self::Checked, params: &GenerationParams) -> impl Future<Output = Result<Vec<u32>, ApiError>> + Send;
+    fn prompt(engine: &EngineHandle, fields: Self::Fields, params: &GenerationParams) -> impl Future<Output = Result<Vec<u32>, ApiError>> + Send;
     /// The whole reply of a request that did not ask for a stream.
     fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response;
     fn chunks(ids: ResponseIds) -> Self::Chunks;
@@ -100,10 +100,11 @@ async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<(EngineH
     let shared: GenerationFields = wire::parse(body)?;
     let own: E::Fields = wire::parse(body)?;
     shared.check_model(&state.served_name)?;
-    let checked = E::check(own)?;
+    E::check(&own)?;
     let params = shared.params()?;
     shared.refuse_unsupported()?;
+    E::refuse_unsupported(&own)?;
     let engine = generate::engine(state)?;
-    let prompt = E::prompt(&engine, checked, &params).await?;
+    let prompt = E::prompt(&engine, own, &params).await?;
     Ok((engine, prompt, params))
 }

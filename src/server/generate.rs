@@ -137,7 +137,7 @@ impl Generation {
                         .map_err(|_| ApiError::Timeout(deadline.duration_since(received).as_secs()))?
                 }
             };
-            match event.map_err(|message| ApiError::Internal(format!("generation failed: {message}")))? {
+            match event.map_err(ApiError::Internal)? {
                 GenerationEvent::Token { text, phase, .. } => {
                     self.record().on_token();
                     if !text.is_empty() {
@@ -145,7 +145,11 @@ impl Generation {
                     }
                 }
                 GenerationEvent::Finished { reason, usage, reasoning } => {
-                    self.record().on_finished(reason, &usage, &reasoning);
+                    if reason == FinishReason::Cancelled {
+                        self.record().on_usage(&usage, &reasoning);
+                    } else {
+                        self.record().on_finished(&usage, &reasoning);
+                    }
                     self.finished = true;
                     return Ok(Output::Finished(Finished { reason, usage, reasoning }));
                 }
@@ -166,8 +170,8 @@ impl Drop for Generation {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 while let Some(event) = stream.next().await {
-                    if let GenerationEvent::Finished { reason, usage, reasoning } = event {
-                        record.on_finished(reason, &usage, &reasoning);
+                    if let GenerationEvent::Finished { usage, reasoning, .. } = event {
+                        record.on_usage(&usage, &reasoning);
                         break;
                     }
                 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::error::ApiError;
 use super::validate::Mode;
 use super::AppState;
-use crate::engine::{FinishReason, ReasoningUsage, Usage};
+use crate::engine::{ReasoningUsage, Usage};
 use crate::metrics::Metrics;
 use crate::reasoning::control::ForcedKind;
 
@@ -97,12 +97,16 @@ impl RequestRecord {
         self.completion_tokens += 1;
     }
 
-    /// The engine's last word on the request. A cancelled request keeps the
-    /// status it has (the client's 499, or the error that ended it).
-    pub fn on_finished(&mut self, reason: FinishReason, usage: &Usage, reasoning: &ReasoningUsage) {
-        if reason != FinishReason::Cancelled {
-            self.status = 200;
-        }
+    /// The engine's last word on a request answered in full: status 200.
+    pub fn on_finished(&mut self, usage: &Usage, reasoning: &ReasoningUsage) {
+        self.status = 200;
+        self.on_usage(usage, reasoning);
+    }
+
+    /// The engine's account of a request the client never got the end of
+    /// (it went away, or an error ended the reply): the status stays as it
+    /// is (499, or the error's), even when the sequence had ended anyway.
+    pub fn on_usage(&mut self, usage: &Usage, reasoning: &ReasoningUsage) {
         self.reasoning = Some(*reasoning);
         self.prompt_tokens = usage.prompt_tokens;
         self.completion_tokens = usage.completion_tokens;
