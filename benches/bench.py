@@ -232,6 +232,25 @@ def get_status(port, path):
         return None
 
 
+def sse_events(response):
+    """The JSON events of a streamed response up to [DONE], each with its arrival time."""
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        now = time.perf_counter()
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        obj = json.loads(payload)
+        if "error" in obj:
+            raise RuntimeError(f"stream error: {obj['error']}")
+        yield now, obj
+
+
 def stream_completion(port, body):
     """POST a streamed /v1/completions; returns the send time, the arrival time of
     every event (text, finish), and the usage from the final usage chunk."""
@@ -248,22 +267,9 @@ def stream_completion(port, body):
     finish = None    # the event that carries finish_reason
     usage = None
     finish_reason = None
-    while True:
-        line = r.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        now = time.perf_counter()
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            break
+    for now, obj in sse_events(r):
         if first is None:
             first = now
-        obj = json.loads(payload)
-        if "error" in obj:
-            raise RuntimeError(f"stream error: {obj['error']}")
         if obj.get("usage"):
             usage = obj["usage"]
         for ch in obj.get("choices") or []:
@@ -288,15 +294,17 @@ def stop_process(proc, timeout=60):
         proc.wait()
 
 
-def concurrent_streams(port, bodies):
-    """Stream every body at once (released together by a barrier); their results."""
+def concurrent_streams(port, bodies, send=None):
+    """Stream every body at once (released together by a barrier) with `send(port, body)`,
+    `stream_completion` by default; their results."""
+    send = send or stream_completion
     results, errors = [None] * len(bodies), []
     barrier = threading.Barrier(len(bodies))
 
     def worker(i):
         try:
             barrier.wait()
-            results[i] = stream_completion(port, bodies[i])
+            results[i] = send(port, bodies[i])
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
 

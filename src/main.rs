@@ -116,6 +116,10 @@ struct ServeArgs {
     /// memory (twice the sequences in one budget) at f16's rounding.
     #[arg(long, value_enum, default_value_t = KvPrecision::F32, env = "TERSE_KV_CACHE_DTYPE")]
     kv_cache_dtype: KvPrecision,
+    /// Keep the KV pages of prompts and reuse them for later requests that
+    /// start with the same tokens (a chat's history, a shared system prompt).
+    #[arg(long, value_enum, default_value_t = Switch::On, env = "TERSE_PREFIX_CACHE")]
+    prefix_cache: Switch,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES, env = "TERSE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -143,6 +147,12 @@ struct ServeArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Args)]
@@ -247,6 +257,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             kv_cache_budget_bytes: args.kv_cache_bytes,
             prefill_chunk: args.prefill_chunk,
             kv_cache_dtype: args.kv_cache_dtype,
+            prefix_cache: args.prefix_cache == Switch::On,
             reasoning: model.reasoning,
             sparse: args.model.sparse,
             device: args.model.device,

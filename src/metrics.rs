@@ -5,7 +5,7 @@
 //! owns its own registry, so tests can run several servers in one process.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -42,6 +42,18 @@ pub struct Metrics {
     pub engine_step_seconds: HistogramVec,
     pub kv_cache_used_bytes: IntGauge,
     pub kv_cache_budget_bytes: IntGauge,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_cache_queried_tokens_total: IntCounter,
+    pub prefix_cache_hit_tokens_total: IntCounter,
+    /// Pages (and their bytes) the prefix cache holds, shared or idle.
+    pub prefix_cache_pages: IntGauge,
+    pub prefix_cache_bytes: IntGauge,
+    /// Idle cached pages taken back to make room.
+    pub prefix_cache_evictions_total: IntCounter,
+    /// Bytes the KV pool has allocated, in use or not.
+    pub kv_cache_pool_bytes: IntGauge,
+    /// Bytes of the KV pages running sequences hold.
+    pub kv_cache_held_bytes: IntGauge,
     /// Constant 1, labelled with what the model is.
     pub model_info: IntGaugeVec,
     pub model_weight_bytes: IntGauge,
@@ -146,6 +158,16 @@ impl Metrics {
         .unwrap();
         let kv_cache_used_bytes = IntGauge::new("kv_cache_used_bytes", "KV-cache bytes reserved by running sequences").unwrap();
         let kv_cache_budget_bytes = IntGauge::new("kv_cache_budget_bytes", "KV-cache bytes the engine may reserve in all").unwrap();
+        let prefix_cache_queried_tokens_total =
+            IntCounter::new("prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache").unwrap();
+        let prefix_cache_hit_tokens_total =
+            IntCounter::new("prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache, not computed again").unwrap();
+        let prefix_cache_pages = IntGauge::new("prefix_cache_pages", "KV pages kept under a prompt prefix, shared or idle").unwrap();
+        let prefix_cache_bytes = IntGauge::new("prefix_cache_bytes", "Bytes of the KV pages kept under a prompt prefix").unwrap();
+        let prefix_cache_evictions_total =
+            IntCounter::new("prefix_cache_evictions_total", "Idle cached KV pages taken back to make room").unwrap();
+        let kv_cache_pool_bytes = IntGauge::new("kv_cache_pool_bytes", "Bytes the KV page pool has allocated, in use or not").unwrap();
+        let kv_cache_held_bytes = IntGauge::new("kv_cache_held_bytes", "Bytes of the KV pages running sequences hold").unwrap();
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "The served model (value is always 1)"),
             &["model", "arch", "format", "dtype", "sparse_fraction", "device"],
@@ -172,6 +194,13 @@ impl Metrics {
             Box::new(engine_step_seconds.clone()),
             Box::new(kv_cache_used_bytes.clone()),
             Box::new(kv_cache_budget_bytes.clone()),
+            Box::new(prefix_cache_queried_tokens_total.clone()),
+            Box::new(prefix_cache_hit_tokens_total.clone()),
+            Box::new(prefix_cache_pages.clone()),
+            Box::new(prefix_cache_bytes.clone()),
+            Box::new(prefix_cache_evictions_total.clone()),
+            Box::new(kv_cache_pool_bytes.clone()),
+            Box::new(kv_cache_held_bytes.clone()),
             Box::new(model_info.clone()),
             Box::new(model_weight_bytes.clone()),
         ];
@@ -203,6 +232,13 @@ impl Metrics {
             engine_step_seconds,
             kv_cache_used_bytes,
             kv_cache_budget_bytes,
+            prefix_cache_queried_tokens_total,
+            prefix_cache_hit_tokens_total,
+            prefix_cache_pages,
+            prefix_cache_bytes,
+            prefix_cache_evictions_total,
+            kv_cache_pool_bytes,
+            kv_cache_held_bytes,
             model_info,
             model_weight_bytes,
         }

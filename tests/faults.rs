@@ -1,7 +1,8 @@
 //! Clients that misbehave, on the real server and model: hanging up while
 //! their prompt is being prefilled or while they wait in the queue, and
 //! reading a stream very slowly. Each time the engine lets go of the
-//! sequence (gauges back to 0), the request is counted, and others are served.
+//! sequence (gauges back to 0, its KV pages let go), the request is counted,
+//! and others are served.
 //! (Hanging up mid-stream: http_api.rs; SIGTERM and a broken model file: cli.rs.)
 
 mod common;
@@ -84,6 +85,8 @@ async fn hanging_up_during_prefill_or_in_the_queue_frees_everything() {
     drop(prefilling);
     wait_for(&server, "terse_running_sequences", 0.0).await;
     wait_for(&server, "terse_kv_cache_used_bytes", 0.0).await;
+    // Its pages are let go (the full ones stay cached, idle, for a retry).
+    wait_for(&server, "terse_kv_cache_held_bytes", 0.0).await;
     wait_for_status(&server, 499, 2.0).await;
     // Neither produced a token, so neither has a time to first token.
     let text = metrics_text(&server).await;

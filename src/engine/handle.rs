@@ -31,6 +31,9 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// What the CPU's KV cache keeps keys and values in.
     pub kv_cache_dtype: crate::model::KvPrecision,
+    /// Keep full KV pages of prompts and share them with later requests that
+    /// start the same way.
+    pub prefix_cache: bool,
     /// The model's think delimiters, injected texts and mode presets.
     pub reasoning: ReasoningProfile,
     /// Hugging Face directories: run 2:4-conforming projections on the sparse kernel.
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             kv_cache_budget_bytes: None,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_cache_dtype: crate::model::KvPrecision::F32,
+            prefix_cache: true,
             reasoning: ReasoningProfile::default(),
             sparse: SparseMode::Auto,
             device: DeviceSpec::Cpu,

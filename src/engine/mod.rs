@@ -62,6 +62,7 @@ pub fn load_model_on(path: &Path, served_name: &str, sparse: SparseMode, device:
 pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<Metrics>) -> Result<EngineHandle> {
     let LoadedModel { mut transformer, tokenizer, info } = model;
     transformer.set_kv_precision(config.kv_cache_dtype);
+    transformer.set_prefix_cache(config.prefix_cache)?;
     warm_up(&transformer).context("the warm-up forward pass failed")?;
     let context_length = info.context_length;
     let kv_bytes_per_token = transformer.kv_bytes_per_token();

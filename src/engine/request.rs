@@ -79,6 +79,8 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens found in the prefix cache (not computed again).
+    pub cached_tokens: usize,
 }
 
 /// How the completion's tokens split between thinking and answering.

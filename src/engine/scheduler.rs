@@ -42,6 +42,8 @@ struct Sequence {
     tokens: Vec<u32>,
     /// Completion tokens so far, the end-of-turn token included.
     completion: usize,
+    /// Prompt positions the prefix cache held when the sequence started.
+    cached: usize,
     /// Reasoning control, penalties: the editors of the next token's logits.
     logits: LogitChain,
     sampler: Sampler,
@@ -67,7 +69,7 @@ impl Sequence {
 
     /// The last event: how the sequence ended and what it used.
     fn finish(&self, reason: FinishReason) {
-        let usage = Usage { prompt_tokens: self.request.prompt.len(), completion_tokens: self.completion };
+        let usage = Usage { prompt_tokens: self.request.prompt.len(), completion_tokens: self.completion, cached_tokens: self.cached };
         let reasoning = reasoning_usage(self.control(), reason);
         let _ = self.events.send(GenerationEvent::Finished { reason, usage, reasoning });
     }
@@ -199,7 +201,7 @@ impl Scheduler {
             if !s.is_cancelled() {
                 return true;
             }
-            let usage = Usage { prompt_tokens: s.request.prompt.len(), completion_tokens: 0 };
+            let usage = Usage { prompt_tokens: s.request.prompt.len(), completion_tokens: 0, cached_tokens: 0 };
             let reasoning = reasoning_usage(&self.reasoning_control(&s.request), FinishReason::Cancelled);
             let _ = s.events.send(GenerationEvent::Finished { reason: FinishReason::Cancelled, usage, reasoning });
             false
@@ -242,6 +244,17 @@ impl Scheduler {
         self.metrics.queue_depth.set(batch.waiting.len() as i64);
         self.metrics.running_sequences.set(batch.running.len() as i64);
         self.metrics.kv_cache_used_bytes.set(self.kv_reserved(batch) as i64);
+        if let Some(stats) = self.model.prefix_cache_stats() {
+            let m = &self.metrics;
+            // The pool counts from the start; the counters catch up with it.
+            m.prefix_cache_queried_tokens_total.inc_by(stats.queried_tokens.saturating_sub(m.prefix_cache_queried_tokens_total.get()));
+            m.prefix_cache_hit_tokens_total.inc_by(stats.hit_tokens.saturating_sub(m.prefix_cache_hit_tokens_total.get()));
+            m.prefix_cache_evictions_total.inc_by(stats.evictions.saturating_sub(m.prefix_cache_evictions_total.get()));
+            m.prefix_cache_pages.set(stats.cached_pages as i64);
+            m.prefix_cache_bytes.set(stats.cached_bytes as i64);
+            m.kv_cache_pool_bytes.set(stats.pool_bytes as i64);
+            m.kv_cache_held_bytes.set(stats.held_bytes as i64);
+        }
     }
 
     fn reasoning_control(&self, request: &GenerationRequest) -> ReasoningControl {
@@ -258,13 +271,16 @@ impl Scheduler {
         let Submission { request, events, cancelled, in_flight, queued } = submission;
         drop(queued);
         let penalties = Penalties::new(&request.sampling, &request.prompt);
+        // Only what the prefix cache does not hold is prefilled.
+        let cache = self.model.new_cache_for(&request.prompt);
         Sequence {
+            cached: cache.len(),
             logits: LogitChain::new(self.reasoning_control(&request), penalties),
             sampler: Sampler::new(request.sampling.clone()),
             stop: StopMatcher::new(request.stop.clone()),
             tokens: request.prompt.clone(),
             completion: 0,
-            cache: self.model.new_cache(),
+            cache,
             decoder: PhasedDecoder::new(self.shared.think),
             request,
             events,

@@ -1,4 +1,4 @@
-//! Attention on the CPU in f32, straight on the KV cache's own buffers (kept
+//! Attention on the CPU in f32, straight on the KV cache's own pages (kept
 //! in f32 or f16).
 //!
 //! Through candle ops, one sequence's attention in one layer was some twenty
@@ -16,6 +16,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::kernel::Value;
+use super::page_book::PAGE_POSITIONS;
 
 /// What a cache keeps keys and values in. f16 halves the cache (and what
 /// attention reads per step); the arithmetic stays f32.
@@ -26,12 +27,12 @@ pub enum KvPrecision {
     F16,
 }
 
-/// One layer's keys and values of one sequence: per KV head, `capacity`
-/// positions of `head_dim` values, so a head's keys are one contiguous run.
-#[derive(Default)]
-pub struct HostKv {
+/// One layer's keys and values of every sequence, in pages of
+/// `PAGE_POSITIONS` positions (`page_book` says which sequence holds which):
+/// page p's head h is one contiguous run of `PAGE_POSITIONS × head_dim`
+/// values, so a head's keys on a page are read as one slice.
+pub struct PageStore {
     store: Store,
-    capacity: usize,
     kv_heads: usize,
     head_dim: usize,
 }
@@ -41,114 +42,114 @@ enum Store {
     F16 { keys: Vec<f16>, values: Vec<f16> },
 }
 
-impl Default for Store {
-    fn default() -> Self {
-        Store::F32 { keys: Vec::new(), values: Vec::new() }
-    }
-}
-
-/// Positions `0..len` of head `h` in a buffer of `capacity` positions a head.
-fn head_of<E>(buffer: &[E], h: usize, len: usize, capacity: usize, head_dim: usize) -> &[E] {
-    &buffer[h * capacity * head_dim..][..len * head_dim]
-}
-
-/// `buffer` re-laid out from `old` to `capacity` positions a head (its
-/// positions kept when the head shape is the same).
-fn regrow<E: Copy + Default>(buffer: &[E], keep: bool, old: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> Vec<E> {
-    let mut grown = vec![E::default(); kv_heads * capacity * head_dim];
-    if keep {
-        let old = old * head_dim;
-        for h in 0..kv_heads {
-            grown[h * capacity * head_dim..][..old].copy_from_slice(&buffer[h * old..(h + 1) * old]);
-        }
-    }
-    grown
-}
-
-impl HostKv {
-    pub fn new(precision: KvPrecision) -> HostKv {
+impl PageStore {
+    pub fn new(precision: KvPrecision, kv_heads: usize, head_dim: usize) -> PageStore {
         let store = match precision {
-            KvPrecision::F32 => Store::default(),
+            KvPrecision::F32 => Store::F32 { keys: Vec::new(), values: Vec::new() },
             KvPrecision::F16 => Store::F16 { keys: Vec::new(), values: Vec::new() },
         };
-        HostKv { store, ..HostKv::default() }
+        PageStore { store, kv_heads, head_dim }
+    }
+
+    fn page_values(&self) -> usize {
+        self.kv_heads * PAGE_POSITIONS * self.head_dim
+    }
+
+    /// Room for `pages` pages (what was written stays).
+    pub fn grow(&mut self, pages: usize) {
+        let values = pages * self.page_values();
+        match &mut self.store {
+            Store::F32 { keys, values: v } => {
+                keys.resize(values, 0.0);
+                v.resize(values, 0.0);
+            }
+            Store::F16 { keys, values: v } => {
+                keys.resize(values, f16::ZERO);
+                v.resize(values, f16::ZERO);
+            }
+        }
     }
 
     pub fn bytes(&self) -> u64 {
         (match &self.store {
-            Store::F32 { keys, values } => (keys.capacity() + values.capacity()) * 4,
-            Store::F16 { keys, values } => (keys.capacity() + values.capacity()) * 2,
+            Store::F32 { keys, values } => (keys.len() + values.len()) * 4,
+            Store::F16 { keys, values } => (keys.len() + values.len()) * 2,
         }) as u64
     }
 
-    /// Store `keys` and `values` (new × kv_heads·head_dim, position after
-    /// position) at positions `at..at + new`, growing to `capacity` positions first if needed.
-    pub fn write(&mut self, at: usize, keys: &[f32], values: &[f32], kv_heads: usize, head_dim: usize, capacity: usize) {
-        let width = kv_heads * head_dim;
-        assert!(at + keys.len() / width <= capacity && keys.len() == values.len(), "KV write past the capacity asked for");
-        if capacity > self.capacity || self.kv_heads != kv_heads || self.head_dim != head_dim {
-            self.grow(capacity, kv_heads, head_dim);
-        }
-        let cap = self.capacity;
-        for (i, (k, v)) in keys.chunks_exact(width).zip(values.chunks_exact(width)).enumerate() {
-            for h in 0..kv_heads {
-                let to = (h * cap + at + i) * head_dim..(h * cap + at + i + 1) * head_dim;
-                let from = h * head_dim..(h + 1) * head_dim;
-                match &mut self.store {
-                    Store::F32 { keys, values } => {
-                        keys[to.clone()].copy_from_slice(&k[from.clone()]);
-                        values[to].copy_from_slice(&v[from]);
-                    }
-                    Store::F16 { keys, values } => {
-                        keys[to.clone()].convert_from_f32_slice(&k[from.clone()]);
-                        values[to].convert_from_f32_slice(&v[from]);
-                    }
+    /// Bytes one page takes, keys and values.
+    pub fn page_bytes(precision: KvPrecision, kv_heads: usize, head_dim: usize) -> u64 {
+        let size = if precision == KvPrecision::F16 { 2 } else { 4 };
+        (2 * kv_heads * PAGE_POSITIONS * head_dim * size) as u64
+    }
+
+    /// Store one position's `keys` and `values` (kv_heads × head_dim each) at
+    /// `slot` of `page`.
+    pub fn write(&mut self, page: u32, slot: usize, keys: &[f32], values: &[f32]) {
+        let (hd, kv_heads) = (self.head_dim, self.kv_heads);
+        let base = page as usize * kv_heads * PAGE_POSITIONS;
+        for h in 0..kv_heads {
+            let to = ((base + h * PAGE_POSITIONS + slot) * hd)..((base + h * PAGE_POSITIONS + slot + 1) * hd);
+            let from = h * hd..(h + 1) * hd;
+            match &mut self.store {
+                Store::F32 { keys: k, values: v } => {
+                    k[to.clone()].copy_from_slice(&keys[from.clone()]);
+                    v[to].copy_from_slice(&values[from]);
+                }
+                Store::F16 { keys: k, values: v } => {
+                    k[to.clone()].convert_from_f32_slice(&keys[from.clone()]);
+                    v[to].convert_from_f32_slice(&values[from]);
                 }
             }
         }
     }
 
-    /// Re-lay the buffers out for a larger capacity, keeping every head's positions.
-    fn grow(&mut self, capacity: usize, kv_heads: usize, head_dim: usize) {
-        let keep = self.kv_heads == kv_heads && self.head_dim == head_dim;
-        let old = self.capacity;
-        let regrown = |b: &[f32]| regrow(b, keep, old, capacity, kv_heads, head_dim);
-        let regrown16 = |b: &[f16]| regrow(b, keep, old, capacity, kv_heads, head_dim);
-        self.store = match &self.store {
-            Store::F32 { keys, values } => Store::F32 { keys: regrown(keys), values: regrown(values) },
-            Store::F16 { keys, values } => Store::F16 { keys: regrown16(keys), values: regrown16(values) },
-        };
-        (self.capacity, self.kv_heads, self.head_dim) = (capacity, kv_heads, head_dim);
-    }
-
     /// One (row, KV head) item of `attend_into`: `out` (group × head_dim) is the
-    /// attention of the group's query heads `q` over positions `first..visible`.
+    /// attention of the group's query heads `q` over positions `first..visible`
+    /// of the sequence whose pages are `pages`.
     #[allow(clippy::too_many_arguments)]
-    fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, first: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-        let (cap, hd) = (self.capacity, self.head_dim);
-        // Positions 0..visible of the head, the first `first` skipped.
+    fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, pages: &[u32], first: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
         match &self.store {
-            Store::F32 { keys, values } => {
-                let (k, v) = (head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd));
-                attend_one(kernel, q, &k[first * hd..], &v[first * hd..], hd, scale, scores, out)
-            }
-            Store::F16 { keys, values } => {
-                let (k, v) = (head_of(keys, kv_head, visible, cap, hd), head_of(values, kv_head, visible, cap, hd));
-                attend_one(kernel, q, &k[first * hd..], &v[first * hd..], hd, scale, scores, out)
-            }
+            Store::F32 { keys, values } => self.attend_pages(kernel, q, kv_head, pages, first, visible, scale, scores, out, keys, values),
+            Store::F16 { keys, values } => self.attend_pages(kernel, q, kv_head, pages, first, visible, scale, scores, out, keys, values),
         }
     }
-}
 
-/// Scores, softmax and weighted values for one item, the cache in any `Value` type.
-#[allow(clippy::too_many_arguments)]
-fn attend_one<E: Value>(kernel: super::kernel::Kernel, q: &[f32], keys: &[E], values: &[E], head_dim: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let group = q.len() / head_dim;
-    // scores[p·group + g]: query head g of the group against position p.
-    scores.resize(keys.len() / head_dim * group, 0.0);
-    kernel.scores(q, keys, head_dim, scale, scores);
-    softmax_columns(scores, group);
-    kernel.weighted_values(scores, values, head_dim, out);
+    /// Scores page by page, one softmax over them all, then the weighted
+    /// values page by page into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_pages<E: Value>(
+        &self,
+        kernel: super::kernel::Kernel,
+        q: &[f32],
+        kv_head: usize,
+        pages: &[u32],
+        first: usize,
+        visible: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+        keys: &[E],
+        values: &[E],
+    ) {
+        let hd = self.head_dim;
+        let group = q.len() / hd;
+        // The part of page `j` (positions lo..hi) a query sees, as value ranges.
+        let spans = (first / PAGE_POSITIONS..visible.div_ceil(PAGE_POSITIONS)).map(|j| {
+            let (lo, hi) = (first.max(j * PAGE_POSITIONS), visible.min((j + 1) * PAGE_POSITIONS));
+            let head = (pages[j] as usize * self.kv_heads + kv_head) * PAGE_POSITIONS;
+            (lo, (head + lo - j * PAGE_POSITIONS) * hd..(head + hi - j * PAGE_POSITIONS) * hd)
+        });
+        // scores[p·group + g]: query head g of the group against position first + p.
+        scores.resize((visible - first) * group, 0.0);
+        for (lo, range) in spans.clone() {
+            kernel.scores(q, &keys[range], hd, scale, &mut scores[(lo - first) * group..]);
+        }
+        softmax_columns(scores, group);
+        for (i, (lo, range)) in spans.enumerate() {
+            kernel.weighted_values(&scores[(lo - first) * group..], &values[range], hd, out, i > 0);
+        }
+    }
 }
 
 /// Rotate each head of one row (`heads × head_dim` values) to position `pos`,
@@ -175,35 +176,37 @@ pub struct Heads {
 }
 
 /// One sequence in a step: its rows of the step's queries, the position of the
-/// first, and its cache (already holding those rows' keys and values).
+/// first, and its pages (already holding those rows' keys and values).
 #[cfg(test)]
 pub struct SeqQueries<'a> {
     pub rows: std::ops::Range<usize>,
     pub start: usize,
-    pub cache: &'a HostKv,
+    pub pages: &'a [u32],
 }
 
 /// `attend_into` for sequences listed one by one, into a new vector.
 #[cfg(test)]
-pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], heads: Heads) -> Vec<f32> {
+pub fn attend(queries: &[f32], seqs: &[SeqQueries<'_>], store: &PageStore, window: Option<usize>, heads: Heads) -> Vec<f32> {
     let mut row_starts: Vec<usize> = seqs.iter().map(|s| s.rows.start).collect();
     row_starts.push(seqs.last().map_or(0, |s| s.rows.end));
     let positions: Vec<usize> = seqs.iter().map(|s| s.start).collect();
     let mut out = Vec::new();
-    attend_into(queries, StepSeqs { row_starts: &row_starts, positions: &positions, window: None, cache: |s: usize| seqs[s].cache }, heads, &mut out);
+    let step = StepSeqs { row_starts: &row_starts, positions: &positions, window, pages: |s: usize| seqs[s].pages };
+    attend_into(queries, step, store, heads, &mut out);
     out
 }
 
 /// The sequences of a step as attention sees them: sequence s owns query
 /// rows `row_starts[s]..row_starts[s + 1]` (so `row_starts` has one entry
 /// more than there are sequences), the first at position `positions[s]`,
-/// and its cache is `cache(s)` (already holding those rows' keys and values).
-pub struct StepSeqs<'a, C> {
+/// and its keys and values are on pages `pages(s)` (already holding those
+/// rows' own).
+pub struct StepSeqs<'a, P> {
     pub row_starts: &'a [usize],
     pub positions: &'a [usize],
     /// Each query sees only the last this many positions (itself included).
     pub window: Option<usize>,
-    pub cache: C,
+    pub pages: P,
 }
 
 thread_local! {
@@ -232,10 +235,10 @@ fn grow_scratch(values: usize) {
 }
 
 /// Causal attention of every query row (rotated, `tokens × q_heads·head_dim`)
-/// over its own sequence's cache, into `out` (`tokens × q_heads·head_dim`;
-/// its buffer reused, so a step no larger than an earlier one allocates
-/// nothing).
-pub fn attend_into<'c, C: Fn(usize) -> &'c HostKv + Sync>(queries: &[f32], seqs: StepSeqs<'_, C>, heads: Heads, out: &mut Vec<f32>) {
+/// over its own sequence's pages of `store`, into `out` (`tokens ×
+/// q_heads·head_dim`; its buffer reused, so a step no larger than an earlier
+/// one allocates nothing).
+pub fn attend_into<'p, P: Fn(usize) -> &'p [u32] + Sync>(queries: &[f32], seqs: StepSeqs<'_, P>, store: &PageStore, heads: Heads, out: &mut Vec<f32>) {
     let Heads { q_heads, kv_heads, head_dim } = heads;
     let group = q_heads / kv_heads;
     let tokens = queries.len() / (q_heads * head_dim);
@@ -247,10 +250,11 @@ pub fn attend_into<'c, C: Fn(usize) -> &'c HostKv + Sync>(queries: &[f32], seqs:
     // share that KV head, `group × head_dim` values in a row. Each cached key
     // and value is loaded once for the whole group, not once per query head.
     let item_width = group * head_dim;
-    // The scores of as many positions as the largest cache holds (they grow
-    // when a cache doubles, not a position at a time), and softmax's spans.
-    let positions = (0..seqs.positions.len()).map(|s| (seqs.cache)(s).capacity).max().unwrap_or(0);
-    grow_scratch((positions * group).max(SOFTMAX_SCRATCH * group));
+    // The scores of as many positions as the most pages of a sequence hold,
+    // to the next power of two (so they grow now and then, not a page at a
+    // time), and softmax's spans.
+    let positions = (0..seqs.positions.len()).map(|s| (seqs.pages)(s).len() * PAGE_POSITIONS).max().unwrap_or(0);
+    grow_scratch((positions * group).next_power_of_two().max(SOFTMAX_SCRATCH * group));
     let kernel = super::kernel::Kernel::detect();
     let work = |first_item: usize, out: &mut [f32]| {
         SCORES.with_borrow_mut(|scores| {
@@ -260,7 +264,7 @@ pub fn attend_into<'c, C: Fn(usize) -> &'c HostKv + Sync>(queries: &[f32], seqs:
                 let visible = seqs.positions[s] + (row - seqs.row_starts[s]) + 1;
                 let first = seqs.window.map_or(0, |w| visible.saturating_sub(w));
                 let q = &queries[item * item_width..(item + 1) * item_width];
-                (seqs.cache)(s).attend_item(kernel, q, kv_head, first, visible, scale, scores, out);
+                store.attend_item(kernel, q, kv_head, (seqs.pages)(s), first, visible, scale, scores, out);
             }
         })
     };
@@ -290,15 +294,18 @@ impl super::kernel::Kernel {
         }
     }
 
-    /// `out` (group × head_dim) = for each query head g, Σ_p probs[p·group + g] · value p.
-    fn weighted_values<E: Value>(self, probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32]) {
+    /// `out` (group × head_dim) = for each query head g, Σ_p probs[p·group + g]
+    /// · value p, added to what `out` holds when `add` (one page after another).
+    fn weighted_values<E: Value>(self, probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32], add: bool) {
         match self {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::weighted_values(probs, values, head_dim, out) },
+            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::weighted_values(probs, values, head_dim, out, add) },
             _ => {
                 let group = out.len() / head_dim;
-                out.fill(0.0);
+                if !add {
+                    out.fill(0.0);
+                }
                 for (p, v) in probs.chunks_exact(group).zip(values.chunks_exact(head_dim)) {
                     for (&p, out) in p.iter().zip(out.chunks_exact_mut(head_dim)) {
                         for (o, &v) in out.iter_mut().zip(v) {
@@ -368,7 +375,7 @@ mod avx2 {
     /// For each query head, its output (head_dim values, up to 64 in registers
     /// at a time) accumulates probability × value over the positions.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_values<E: Value>(probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32]) {
+    pub unsafe fn weighted_values<E: Value>(probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32], add: bool) {
         let group = out.len() / head_dim;
         let positions = values.len() / head_dim;
         assert!(probs.len() >= positions * group && head_dim.is_multiple_of(8));
@@ -376,6 +383,11 @@ mod avx2 {
             for d in (0..head_dim).step_by(64) {
                 let width = (head_dim - d).min(64) / 8;
                 let mut acc = [_mm256_setzero_ps(); 8];
+                if add {
+                    for (j, acc) in acc.iter_mut().enumerate().take(width) {
+                        *acc = _mm256_loadu_ps(out.as_ptr().add(g * head_dim + d + 8 * j));
+                    }
+                }
                 for p in 0..positions {
                     let w = _mm256_set1_ps(*probs.get_unchecked(p * group + g));
                     let v = values.as_ptr().add(p * head_dim + d);
@@ -491,15 +503,16 @@ mod tests {
     }
 
     #[test]
-    fn an_f16_cache_takes_half_the_bytes() {
-        let (k, v) = (vec![0.5f32; 3 * 16], vec![0.25f32; 3 * 16]);
+    fn an_f16_store_takes_half_the_bytes() {
         let mut sizes = Vec::new();
         for precision in [KvPrecision::F32, KvPrecision::F16] {
-            let mut cache = HostKv::new(precision);
-            cache.write(0, &k, &v, 2, 8, 4);
-            sizes.push(cache.bytes());
+            let mut store = PageStore::new(precision, 2, 8);
+            store.grow(3);
+            store.write(2, 5, &[0.5; 16], &[0.25; 16]);
+            assert_eq!(store.bytes(), 3 * PageStore::page_bytes(precision, 2, 8));
+            sizes.push(store.bytes());
         }
-        assert_eq!(sizes, vec![2 * 2 * 4 * 8 * 4, 2 * 2 * 4 * 8 * 2]);
+        assert_eq!(sizes, vec![3 * 2 * 2 * PAGE_POSITIONS as u64 * 8 * 4, 3 * 2 * 2 * PAGE_POSITIONS as u64 * 8 * 2]);
     }
 
     #[test]
@@ -518,73 +531,71 @@ mod tests {
             }
             softmax_columns(&mut want, group);
             let (mut want_out, mut got_out) = (vec![1f32; group * head_dim], vec![1f32; group * head_dim]);
-            Kernel::Scalar.weighted_values(&want, &values, head_dim, &mut want_out);
-            Kernel::detect().weighted_values(&want, &values, head_dim, &mut got_out);
+            Kernel::Scalar.weighted_values(&want, &values, head_dim, &mut want_out, false);
+            Kernel::detect().weighted_values(&want, &values, head_dim, &mut got_out, false);
             for (w, g) in want_out.iter().zip(&got_out) {
                 assert!((w - g).abs() < 1e-5, "values: {w} vs {g} (group {group}, head {head_dim}, {positions} positions)");
             }
         }
     }
 
+    /// Two sequences on pages of one store, not in order and not side by
+    /// side: one with 5 cached positions and 3 new, one with 150 new (over
+    /// three pages); with and without a window of 70 positions.
     fn batched_attention_case(heads: Heads, precision: KvPrecision) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let (qw, kvw) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
-        // Two sequences: one with 5 cached positions and 3 new, one with 40 new
-        // (so its cache grows through several capacities).
-        let mut caches = [HostKv::new(precision), HostKv::new(precision)];
-        // What the cache holds of a value.
+        let mut store = PageStore::new(precision, heads.kv_heads, heads.head_dim);
+        store.grow(6);
+        let pages: [Vec<u32>; 2] = [vec![4], vec![2, 0, 5]];
+        // What the store holds of a value.
         let kept = |x: Vec<f32>| -> Vec<f32> {
             match precision {
                 KvPrecision::F32 => x,
                 KvPrecision::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
             }
         };
+        let (starts, news) = ([5usize, 0], [3usize, 150]);
         let mut all_keys = [Vec::new(), Vec::new()];
         let mut all_values = [Vec::new(), Vec::new()];
-        let starts = [5usize, 0];
-        for (s, cache) in caches.iter_mut().enumerate() {
-            let k = random(&mut rng, starts[s] * kvw);
-            let v = random(&mut rng, starts[s] * kvw);
-            cache.write(0, &k, &v, heads.kv_heads, heads.head_dim, 8);
+        for s in 0..2 {
+            let total = starts[s] + news[s];
+            let (k, v) = (random(&mut rng, total * kvw), random(&mut rng, total * kvw));
+            for p in 0..total {
+                let (page, slot) = (pages[s][p / PAGE_POSITIONS], p % PAGE_POSITIONS);
+                store.write(page, slot, &k[p * kvw..(p + 1) * kvw], &v[p * kvw..(p + 1) * kvw]);
+            }
             all_keys[s] = kept(k);
             all_values[s] = kept(v);
         }
-        let news = [3usize, 40];
-        for s in 0..2 {
-            let k = random(&mut rng, news[s] * kvw);
-            let v = random(&mut rng, news[s] * kvw);
-            for i in 0..news[s] {
-                let cap = (starts[s] + i + 1).next_power_of_two().max(8);
-                caches[s].write(starts[s] + i, &k[i * kvw..(i + 1) * kvw], &v[i * kvw..(i + 1) * kvw], heads.kv_heads, heads.head_dim, cap);
-            }
-            all_keys[s].extend(kept(k));
-            all_values[s].extend(kept(v));
-        }
         let queries = random(&mut rng, (news[0] + news[1]) * qw);
         let seqs = [
-            SeqQueries { rows: 0..3, start: 5, cache: &caches[0] },
-            SeqQueries { rows: 3..43, start: 0, cache: &caches[1] },
+            SeqQueries { rows: 0..3, start: 5, pages: &pages[0] },
+            SeqQueries { rows: 3..153, start: 0, pages: &pages[1] },
         ];
-        let out = attend(&queries, &seqs, heads);
-        for (s, seq) in seqs.iter().enumerate() {
-            for row in seq.rows.clone() {
-                let visible = seq.start + row - seq.rows.start + 1;
-                for h in 0..heads.q_heads {
-                    let kv = h / (heads.q_heads / heads.kv_heads);
-                    let pick = |all: &Vec<f32>| -> Vec<Vec<f32>> {
-                        (0..visible).map(|p| all[p * kvw + kv * heads.head_dim..][..heads.head_dim].to_vec()).collect()
-                    };
-                    let want = reference(&queries[row * qw + h * heads.head_dim..][..heads.head_dim], &pick(&all_keys[s]), &pick(&all_values[s]));
-                    for (d, w) in want.iter().enumerate() {
-                        let got = out[row * qw + h * heads.head_dim + d] as f64;
-                        assert!((got - w).abs() < 1e-5, "seq {s} row {row} head {h}: {got} vs {w}");
+        for window in [None, Some(70)] {
+            let out = attend(&queries, &seqs, &store, window, heads);
+            for (s, seq) in seqs.iter().enumerate() {
+                for row in seq.rows.clone() {
+                    let visible = seq.start + row - seq.rows.start + 1;
+                    let first = window.map_or(0, |w| visible.saturating_sub(w));
+                    for h in 0..heads.q_heads {
+                        let kv = h / (heads.q_heads / heads.kv_heads);
+                        let pick = |all: &Vec<f32>| -> Vec<Vec<f32>> {
+                            (first..visible).map(|p| all[p * kvw + kv * heads.head_dim..][..heads.head_dim].to_vec()).collect()
+                        };
+                        let want = reference(&queries[row * qw + h * heads.head_dim..][..heads.head_dim], &pick(&all_keys[s]), &pick(&all_values[s]));
+                        for (d, w) in want.iter().enumerate() {
+                            let got = out[row * qw + h * heads.head_dim + d] as f64;
+                            assert!((got - w).abs() < 1e-5, "seq {s} row {row} head {h} window {window:?}: {got} vs {w}");
+                        }
                     }
                 }
             }
+            // The second sequence alone gives the same bits as in the batch.
+            let alone = attend(&queries[3 * qw..], &[SeqQueries { rows: 0..150, start: 0, pages: &pages[1] }], &store, window, heads);
+            assert_eq!(alone, out[3 * qw..].to_vec(), "window {window:?}");
         }
-        // The second sequence alone gives the same bits as in the batch.
-        let alone = attend(&queries[3 * qw..], &[SeqQueries { rows: 0..40, start: 0, cache: &caches[1] }], heads);
-        assert_eq!(alone, out[3 * qw..].to_vec());
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The host path: the forward pass for f32 on the CPU. The activations stay
 //! plain rows from the embedding to the head, every step between the matrix
-//! products is a loop of `row_ops` or `host_attention`, and each sequence's
-//! keys and values sit in its own buffers (`SeqKvCache::Host`).
+//! products is a loop of `row_ops` or `host_attention`, and the keys and
+//! values of every sequence sit in pages of one pool (`host_pages`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Result};
 use candle_nn::RmsNorm;
 
 use super::host_attention::{self, Heads, KvPrecision, StepSeqs};
+use super::host_pages::{HostKvPool, PoolState};
 use super::kv_cache::SeqChunk;
 use super::layer::{Activation, Block};
 use super::linear::Linear;
@@ -19,7 +20,7 @@ use super::transformer::{RopeTable, Rows, Transformer};
 /// What a step writes between its inputs and its logits, kept from one step
 /// to the next: once the buffers are as large as a step needs, a step
 /// allocates nothing when the embedding and every matrix are ours (GGUF's
-/// Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), apart from a KV cache's doubling. Each
+/// Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), apart from the KV pool's growth. Each
 /// buffer is named for what it holds; they keep the size of the largest step
 /// (a prefill chunk) for the model's life.
 #[derive(Default)]
@@ -109,12 +110,13 @@ struct BlockNorms {
 pub(super) struct HostPath {
     norms: Vec<BlockNorms>,
     final_norm: HostNorm,
-    kv_precision: KvPrecision,
+    /// Every sequence's keys and values.
+    pool: Arc<HostKvPool>,
     buffers: Mutex<HostBuffers>,
 }
 
 impl HostPath {
-    pub fn new(blocks: &[Block], final_norm: &RmsNorm, ropes: &[RopeTable]) -> Result<HostPath> {
+    pub fn new(blocks: &[Block], final_norm: &RmsNorm, ropes: &[RopeTable], kv_heads: usize, head_dim: usize) -> Result<HostPath> {
         let norms = blocks
             .iter()
             .map(|b| {
@@ -134,15 +136,23 @@ impl HostPath {
             .collect::<Result<_>>()?;
         let ropes = ropes.iter().map(|r| HostRope { inv_freq: r.inv_freq.clone(), cos: Vec::new(), sin: Vec::new() }).collect();
         let buffers = Mutex::new(HostBuffers { ropes, ..Default::default() });
-        Ok(HostPath { norms, final_norm: HostNorm::new(final_norm)?, kv_precision: KvPrecision::F32, buffers })
+        let pool = HostKvPool::new(blocks.len(), kv_heads, head_dim, KvPrecision::F32, true);
+        Ok(HostPath { norms, final_norm: HostNorm::new(final_norm)?, pool, buffers })
+    }
+
+    pub fn pool(&self) -> &Arc<HostKvPool> {
+        &self.pool
     }
 
     pub fn kv_precision(&self) -> KvPrecision {
-        self.kv_precision
+        self.pool.precision()
     }
 
-    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
-        self.kv_precision = precision;
+    /// A new, empty pool keeping keys and values in `precision`, with or
+    /// without prefix caching (caches made before must not be used after).
+    pub fn reset_pool(&mut self, precision: KvPrecision, prefix_cache: bool) {
+        let (layers, kv_heads, head_dim) = self.pool.shape();
+        self.pool = HostKvPool::new(layers, kv_heads, head_dim, precision, prefix_cache);
     }
 
     /// One step of `model` over `chunks`; the logits of `rows` go to `logits`.
@@ -159,6 +169,11 @@ impl HostPath {
             b.row_starts.push(b.ids.len());
         }
         let n = b.ids.len();
+        let mut pool = self.pool.lock();
+        for c in chunks.iter_mut() {
+            let end = c.cache.len() + c.tokens.len();
+            c.cache.host_pages_mut().expect("checked: a host cache").reserve(&mut pool, end);
+        }
         // Every token's position, for each rope base's rows.
         for rope in &mut b.ropes {
             let (positions, row_starts) = (&b.positions, &b.row_starts);
@@ -170,7 +185,7 @@ impl HostPath {
         }
         for (layer, (block, norms)) in model.blocks.iter().zip(&self.norms).enumerate() {
             norms.attn.apply(&b.x, &mut b.normed);
-            self.attention(model, layer, block, norms, chunks, b)?;
+            self.attention(model, layer, block, norms, chunks, &mut pool, b)?;
             Self::join_residual(&norms.post_attn, b);
             norms.ffn.apply(&b.x, &mut b.normed);
             let mlp = &block.mlp;
@@ -182,6 +197,11 @@ impl HostPath {
             mlp.down.forward_rows_into(&b.gate, n, &mut b.acts, &mut b.out)?;
             Self::join_residual(&norms.post_ffn, b);
         }
+        for c in chunks.iter_mut() {
+            c.cache.host_pages_mut().expect("checked: a host cache").filled(&mut pool, c.tokens);
+            c.cache.advance(c.tokens.len());
+        }
+        drop(pool);
         let head_rows = match rows {
             Rows::All => {
                 self.final_norm.apply(&b.x, &mut b.last_normed);
@@ -212,9 +232,11 @@ impl HostPath {
     }
 
     /// One layer's attention on rows (`b.normed` is tokens × hidden, the
-    /// result goes to `b.out`): rotation, cache append and attention as loops
-    /// over the activations' and the cache's own memory (`host_attention`).
-    fn attention(&self, model: &Transformer, layer: usize, block: &Block, norms: &BlockNorms, chunks: &mut [SeqChunk<'_>], b: &mut HostBuffers) -> Result<()> {
+    /// result goes to `b.out`): rotation, the keys' and values' writes to the
+    /// sequences' pages and attention as loops over the activations' and the
+    /// pages' own memory (`host_attention`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, model: &Transformer, layer: usize, block: &Block, norms: &BlockNorms, chunks: &mut [SeqChunk<'_>], pool: &mut PoolState, b: &mut HostBuffers) -> Result<()> {
         let cfg = &model.config;
         let attn = &block.attn;
         let heads = Heads { q_heads: cfg.n_head, kv_heads: cfg.n_kv_head, head_dim: cfg.head_dim };
@@ -250,17 +272,22 @@ impl HostPath {
                 host_attention::rotate(&mut q[i * q_width..(i + 1) * q_width], cfg.head_dim, cfg.rope_halves, cos, sin);
                 host_attention::rotate(&mut k[i * kv_width..(i + 1) * kv_width], cfg.head_dim, cfg.rope_halves, cos, sin);
             }
-            let new = row * kv_width..(row + len) * kv_width;
-            chunk.cache.append_host(layer, &k[new.clone()], &v[new], cfg.n_kv_head, cfg.head_dim);
+            let pages = chunk.cache.host_pages().expect("checked: a host cache");
+            let store = &mut pool.layers[layer];
+            for (i, position) in (row..row + len).zip(chunk.cache.len()..) {
+                let (page, slot) = pages.place(position);
+                let at = i * kv_width..(i + 1) * kv_width;
+                store.write(page, slot, &k[at.clone()], &v[at]);
+            }
         }
         let chunks = &*chunks;
         let seqs = StepSeqs {
             row_starts: &b.row_starts,
             positions: &b.positions,
             window: block.spec.window,
-            cache: |s: usize| chunks[s].cache.host_layer(layer),
+            pages: |s: usize| chunks[s].cache.host_pages().expect("checked: a host cache").pages(),
         };
-        host_attention::attend_into(&b.q, seqs, heads, &mut b.attended);
+        host_attention::attend_into(&b.q, seqs, &pool.layers[layer], heads, &mut b.attended);
         attn.o.forward_rows_into(&b.attended, tokens, &mut b.acts, &mut b.out)
     }
 }

@@ -1,34 +1,45 @@
 //! One sequence's keys and values, in the representation of the backend that
-//! made the cache (`Transformer::new_cache`): its own growing buffers on the
-//! host path, or pages of the pool all sequences share on the tensor path.
+//! made the cache (`Transformer::new_cache`): pages of the pool all
+//! sequences share, the host's (`host_pages`) or the tensor path's (`kv_pages`).
 
 use std::sync::Arc;
 
-use super::host_attention::{HostKv, KvPrecision};
+use super::host_pages::{HostKvPool, HostSeqPages};
 use super::kv_pages::{KvPool, SeqPages};
-
-/// Positions a host cache first has room for; it doubles when full.
-const INITIAL_CAPACITY: usize = 64;
 
 /// Keys and values of one sequence.
 pub enum SeqKvCache {
-    /// The host path's: per layer a buffer of `capacity` positions per KV head
-    /// (f32 or f16), which `host_attention` reads in place. Capacity doubles
-    /// when full, so appending costs amortised O(1) copies per token.
-    Host { layers: Vec<HostKv>, len: usize, capacity: usize },
+    /// The host path's: the sequence's pages of the host pool, the first of
+    /// which may be a cached prefix shared with other sequences.
+    Host { pages: HostSeqPages, len: usize },
     /// The tensor path's: the sequence's pages of the shared pool (`kv_pages`).
     Paged { pages: SeqPages, len: usize },
 }
 
 impl SeqKvCache {
-    /// A host cache of `n_layer` layers keeping keys and values in `precision`.
-    pub fn on_host(n_layer: usize, precision: KvPrecision) -> Self {
-        SeqKvCache::Host { layers: (0..n_layer).map(|_| HostKv::new(precision)).collect(), len: 0, capacity: 0 }
+    /// An empty cache in the host pool.
+    pub fn on_host(pool: Arc<HostKvPool>) -> Self {
+        SeqKvCache::Host { pages: HostSeqPages::new(pool), len: 0 }
+    }
+
+    /// A host cache for a sequence about to prefill `prompt`, already holding
+    /// the pool's cached pages of its longest prefix (`len` says how many
+    /// positions they cover).
+    pub fn on_host_for(pool: Arc<HostKvPool>, prompt: &[u32]) -> Self {
+        let (pages, len) = HostSeqPages::with_prefix(pool, prompt);
+        SeqKvCache::Host { pages, len }
     }
 
     /// A cache whose positions live in pages of `pool`.
     pub fn in_pool(pool: Arc<KvPool>) -> Self {
         SeqKvCache::Paged { pages: SeqPages::new(pool), len: 0 }
+    }
+
+    /// A cache in `pool` for a sequence about to prefill `prompt`, already
+    /// holding the pool's cached pages of its longest prefix.
+    pub fn in_pool_for(pool: Arc<KvPool>, prompt: &[u32]) -> Self {
+        let (pages, len) = SeqPages::with_prefix(pool, prompt);
+        SeqKvCache::Paged { pages, len }
     }
 
     /// Positions already cached (the position of the next token).
@@ -42,15 +53,15 @@ impl SeqKvCache {
         self.len() == 0
     }
 
-    /// Bytes held by the buffers.
+    /// Bytes of the pages the sequence holds (shared ones counted in full).
     pub fn allocated_bytes(&self) -> u64 {
         match self {
-            SeqKvCache::Host { layers, .. } => layers.iter().map(HostKv::bytes).sum(),
+            SeqKvCache::Host { pages, .. } => pages.pages().len() as u64 * pages.pool().page_bytes(),
             SeqKvCache::Paged { pages, .. } => pages.page_count() as u64 * pages.pool().page_bytes(),
         }
     }
 
-    /// The sequence's pages, when its cache is in a pool.
+    /// The sequence's pages, when its cache is in the tensor path's pool.
     pub fn pages_mut(&mut self) -> Option<&mut SeqPages> {
         match self {
             SeqKvCache::Paged { pages, .. } => Some(pages),
@@ -58,39 +69,29 @@ impl SeqKvCache {
         }
     }
 
+    /// The sequence's pages of the host pool.
+    pub fn host_pages(&self) -> Option<&HostSeqPages> {
+        match self {
+            SeqKvCache::Host { pages, .. } => Some(pages),
+            SeqKvCache::Paged { .. } => None,
+        }
+    }
+
+    pub fn host_pages_mut(&mut self) -> Option<&mut HostSeqPages> {
+        match self {
+            SeqKvCache::Host { pages, .. } => Some(pages),
+            SeqKvCache::Paged { .. } => None,
+        }
+    }
+
     pub fn is_paged(&self) -> bool {
         matches!(self, SeqKvCache::Paged { .. })
     }
 
-    /// A pooled cache's `len` after a step wrote `new` positions in every layer.
+    /// `len` after a step wrote `new` positions in every layer.
     pub fn advance(&mut self, new: usize) {
-        if let SeqKvCache::Paged { len, .. } = self {
-            *len += new;
-        }
-    }
-
-    /// The host path's append: store `keys` and `values` (new × kv_heads·head_dim
-    /// f32, rotated) at positions len.. of `layer`. Call for every layer in
-    /// order; the last layer's call advances `len`.
-    pub fn append_host(&mut self, layer: usize, keys: &[f32], values: &[f32], kv_heads: usize, head_dim: usize) {
-        let SeqKvCache::Host { layers, len, capacity } = self else {
-            panic!("append_host on a pooled cache");
-        };
-        let needed = *len + keys.len() / (kv_heads * head_dim);
-        while needed > *capacity {
-            *capacity = (*capacity * 2).max(INITIAL_CAPACITY);
-        }
-        layers[layer].write(*len, keys, values, kv_heads, head_dim, *capacity);
-        if layer + 1 == layers.len() {
-            *len = needed;
-        }
-    }
-
-    /// `layer`'s host buffers, for `host_attention::attend_into`.
-    pub fn host_layer(&self, layer: usize) -> &HostKv {
         match self {
-            SeqKvCache::Host { layers, .. } => &layers[layer],
-            SeqKvCache::Paged { .. } => panic!("host_layer on a pooled cache"),
+            SeqKvCache::Host { len, .. } | SeqKvCache::Paged { len, .. } => *len += new,
         }
     }
 }

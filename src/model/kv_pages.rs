@@ -23,69 +23,71 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Positions per page: few enough that a sequence wastes little of its last
-/// page, many enough that the host's page lists stay short.
-pub const PAGE_POSITIONS: usize = 64;
+use super::page_book::{PageBook, PrefixCacheStats, SeqPrefix, PAGE_POSITIONS};
 
 /// Pages to start with.
 const INITIAL_PAGES: usize = 16;
 
 /// Every layer's keys and values of every sequence, as (rows, kv_heads ×
-/// head_dim) tensors, and which pages are free.
+/// head_dim) tensors, and who holds which page (`PageBook`, with the prefix
+/// cache's registry).
 pub struct KvPool {
     n_layer: usize,
     /// kv_heads × head_dim: one row.
     width: usize,
     dtype: DType,
     device: Device,
+    /// Whether full pages are registered and matched (`--prefix-cache`).
+    prefix_cache: bool,
     state: Mutex<PoolState>,
 }
 
 struct PoolState {
     /// Per layer (keys, values).
     layers: Vec<(Tensor, Tensor)>,
-    pages: usize,
-    free: Vec<u32>,
-    /// Pages the pool grows to at most by doubling (more only when one step
-    /// needs more).
-    capacity: usize,
+    book: PageBook,
 }
 
 impl KvPool {
-    pub fn new(n_layer: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Arc<KvPool>> {
+    pub fn new(n_layer: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device, prefix_cache: bool) -> Result<Arc<KvPool>> {
         let rows = INITIAL_PAGES * PAGE_POSITIONS;
         let width = kv_heads * head_dim;
         let zeros = || Tensor::zeros((rows, width), dtype, device);
         let layers = (0..n_layer).map(|_| Ok((zeros()?, zeros()?))).collect::<Result<_>>()?;
-        let state = PoolState { layers, pages: INITIAL_PAGES, free: (0..INITIAL_PAGES as u32).rev().collect(), capacity: usize::MAX };
-        Ok(Arc::new(KvPool { n_layer, width, dtype, device: device.clone(), state: Mutex::new(state) }))
+        let state = PoolState { layers, book: PageBook::new(INITIAL_PAGES) };
+        Ok(Arc::new(KvPool { n_layer, width, dtype, device: device.clone(), prefix_cache, state: Mutex::new(state) }))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Keep the pool within `budget_bytes` of keys and values, plus one
-    /// page per sequence of a `max_batch`: what the scheduler may reserve,
-    /// rounded up to pages.
-    pub fn set_capacity(&self, budget_bytes: u64, max_batch: usize) {
-        self.state().capacity = (budget_bytes / self.page_bytes()) as usize + max_batch;
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix_cache
     }
 
-    /// `count` free pages, growing the pool first when too few are free.
+    /// Keep the pool within `budget_bytes` of keys and values, plus one
+    /// page per sequence of a `max_batch`: what the scheduler may reserve,
+    /// rounded up to pages. Past it, idle cached prefixes are evicted.
+    pub fn set_capacity(&self, budget_bytes: u64, max_batch: usize) {
+        self.state().book.set_capacity((budget_bytes / self.page_bytes()) as usize + max_batch);
+    }
+
+    /// What the prefix cache holds and has done so far.
+    pub fn stats(&self) -> PrefixCacheStats {
+        self.state().book.stats(self.page_bytes())
+    }
+
+    /// `count` pages for one sequence, growing the pool first where the book says.
     fn take_pages(&self, count: usize) -> Result<Vec<u32>> {
         let mut state = self.state();
-        if state.free.len() < count {
-            let needed = state.pages + count - state.free.len();
-            let wanted = (state.pages * 2).min(state.capacity).max(needed);
+        let wanted = state.book.grow_target(count);
+        if wanted > state.book.pages() {
             self.grow(&mut state, wanted)?;
         }
-        let at = state.free.len() - count;
         // Ascending, so that a chunk's pages are often one run of rows: one
         // copy to write, and a view instead of a gather to read.
-        let mut taken = state.free.split_off(at);
-        taken.sort_unstable();
-        Ok(taken)
+        Ok(state.book.take(count))
     }
 
     /// Copy every layer into tensors of `pages` pages; the new pages are free.
@@ -105,14 +107,9 @@ impl KvPool {
             grow(keys)?;
             grow(values)?;
         }
-        state.free.extend((state.pages as u32..pages as u32).rev());
-        state.pages = pages;
+        state.book.add_pages(pages);
         tracing::debug!(pages, "KV pool grown");
         Ok(())
-    }
-
-    fn give_back(&self, pages: &mut Vec<u32>) {
-        self.state().free.append(pages);
     }
 
     /// `layer`'s (keys, values) tensors as they are now (cheap clones of the
@@ -145,16 +142,29 @@ impl KvPool {
     }
 }
 
-/// The pages one sequence owns in a pool, in position order; they go back
-/// to the pool when the sequence's cache is dropped.
+/// The pages one sequence holds in a pool, in position order (the first may
+/// be a cached prefix shared with others, read-only); they go back to the
+/// pool when the sequence's cache is dropped.
 pub struct SeqPages {
     pool: Arc<KvPool>,
     pages: Vec<u32>,
+    prefix: SeqPrefix,
 }
 
 impl SeqPages {
     pub fn new(pool: Arc<KvPool>) -> SeqPages {
-        SeqPages { pool, pages: Vec::new() }
+        SeqPages { pool, pages: Vec::new(), prefix: SeqPrefix::default() }
+    }
+
+    /// A sequence about to prefill `prompt`, holding the pool's cached pages
+    /// of its longest prefix; returns how many positions they cover.
+    pub fn with_prefix(pool: Arc<KvPool>, prompt: &[u32]) -> (SeqPages, usize) {
+        if !pool.prefix_cache {
+            return (SeqPages::new(pool), 0);
+        }
+        let (prefix, pages) = SeqPrefix::hold_longest(&mut pool.state().book, prompt);
+        let covered = pages.len() * PAGE_POSITIONS;
+        (SeqPages { pool, pages, prefix }, covered)
     }
 
     pub fn pool(&self) -> &Arc<KvPool> {
@@ -171,6 +181,14 @@ impl SeqPages {
         Ok(())
     }
 
+    /// The step wrote `tokens` at the next positions in every layer: register
+    /// each page they filled under its prefix.
+    pub fn filled(&mut self, tokens: &[u32]) {
+        if self.pool.prefix_cache {
+            self.prefix.filled(&mut self.pool.state().book, &self.pages, tokens);
+        }
+    }
+
     /// The pool row that holds `position` (reserved before).
     pub fn row(&self, position: usize) -> u32 {
         self.pages[position / PAGE_POSITIONS] * PAGE_POSITIONS as u32 + (position % PAGE_POSITIONS) as u32
@@ -179,11 +197,15 @@ impl SeqPages {
     pub fn page_count(&self) -> usize {
         self.pages.len()
     }
+
+    pub fn pages(&self) -> &[u32] {
+        &self.pages
+    }
 }
 
 impl Drop for SeqPages {
     fn drop(&mut self) {
-        self.pool.give_back(&mut self.pages);
+        self.pool.state().book.release(&self.pages);
     }
 }
 
@@ -200,7 +222,7 @@ mod tests {
     #[test]
     fn pages_come_in_ascending_runs_survive_growth_and_go_back_on_drop() {
         let (layers, width) = (2, 4);
-        let pool = KvPool::new(layers, 1, width, DType::F32, &Device::Cpu).unwrap();
+        let pool = KvPool::new(layers, 1, width, DType::F32, &Device::Cpu, true).unwrap();
         let mut first = SeqPages::new(pool.clone());
         first.reserve(3 * PAGE_POSITIONS).unwrap();
         let start = first.row(0) as usize;
@@ -212,7 +234,7 @@ mod tests {
         // More pages than the pool holds: it grows, and the rows written stay.
         let mut second = SeqPages::new(pool.clone());
         second.reserve(40 * PAGE_POSITIONS).unwrap();
-        assert!(pool.state().pages >= 43);
+        assert!(pool.state().book.pages() >= 43);
         for layer in 0..layers {
             let (keys, values) = pool.layer(layer);
             let want = rows_of(start, 3 * PAGE_POSITIONS, width).to_vec2::<f32>().unwrap();
@@ -220,20 +242,20 @@ mod tests {
             let negated: Vec<Vec<f32>> = want.iter().map(|r| r.iter().map(|v| -v).collect()).collect();
             assert_eq!(values.narrow(0, start, 3 * PAGE_POSITIONS).unwrap().to_vec2::<f32>().unwrap(), negated);
         }
-        let free_before = pool.state().free.len();
+        let free_before = pool.state().book.free_count();
         drop(second);
-        assert_eq!(pool.state().free.len(), free_before + 40, "a dropped sequence's pages are free again");
+        assert_eq!(pool.state().book.free_count(), free_before + 40, "a dropped sequence's pages are free again");
     }
 
     #[test]
     fn growth_stops_doubling_at_the_capacity() {
-        let pool = KvPool::new(1, 1, 4, DType::F32, &Device::Cpu).unwrap();
+        let pool = KvPool::new(1, 1, 4, DType::F32, &Device::Cpu, true).unwrap();
         pool.set_capacity(20 * pool.page_bytes(), 2);
         let mut seq = SeqPages::new(pool.clone());
         seq.reserve(17 * PAGE_POSITIONS).unwrap();
-        assert_eq!(pool.state().pages, 22, "doubling 16 would pass 20 budgeted pages + 2");
+        assert_eq!(pool.state().book.pages(), 22, "doubling 16 would pass 20 budgeted pages + 2");
         // A step that needs more than the capacity still gets its pages.
         seq.reserve(30 * PAGE_POSITIONS).unwrap();
-        assert_eq!(pool.state().pages, 30);
+        assert_eq!(pool.state().book.pages(), 30);
     }
 }

@@ -25,8 +25,15 @@ pub(super) struct TensorPath {
 impl TensorPath {
     pub fn new(cfg: &TransformerConfig, ropes: &[RopeTable], dtype: DType, device: &Device) -> Result<TensorPath> {
         let ropes = ropes.iter().map(|r| Ok((r.cos.to_dtype(dtype)?, r.sin.to_dtype(dtype)?))).collect::<Result<_>>()?;
-        let pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device)?;
+        let pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device, true)?;
         Ok(TensorPath { pool, ropes })
+    }
+
+    /// A fresh pool, with or without prefix caching (an empty one: call
+    /// before any sequence exists).
+    pub fn reset_pool(&mut self, cfg: &TransformerConfig, dtype: DType, device: &Device, prefix_cache: bool) -> Result<()> {
+        self.pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device, prefix_cache)?;
+        Ok(())
     }
 
     /// One step of `model` over `chunks`: the f32 logits of `rows`.
@@ -53,6 +60,9 @@ impl TensorPath {
             x = self.block(layer, block, cfg, &x, step)?;
         }
         for c in chunks.iter_mut() {
+            if let Some(pages) = c.cache.pages_mut() {
+                pages.filled(c.tokens);
+            }
             c.cache.advance(c.tokens.len());
         }
         let x = match rows {

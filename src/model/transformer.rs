@@ -20,6 +20,7 @@ use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
 use super::host_attention::KvPrecision;
+use super::page_book::PrefixCacheStats;
 use super::host_path::HostPath;
 use super::kv_cache::{SeqChunk, SeqKvCache};
 use super::layer::Block;
@@ -171,7 +172,7 @@ impl Transformer {
         let ropes = rope_tables(&config, &device)?;
         let on_host = kind == BackendKind::Auto && device.is_cpu() && dtype == DType::F32;
         let backend = if on_host {
-            Backend::Host(Box::new(HostPath::new(&blocks, &final_norm, &ropes)?))
+            Backend::Host(Box::new(HostPath::new(&blocks, &final_norm, &ropes, config.n_kv_head, config.head_dim)?))
         } else {
             Backend::Tensor(TensorPath::new(&config, &ropes, dtype, &device)?)
         };
@@ -181,19 +182,53 @@ impl Transformer {
     /// The same model on the tensor path (caches made before must not be used after).
     pub fn into_tensor_path(mut self) -> Result<Self> {
         let ropes = rope_tables(&self.config, &self.device)?;
-        self.backend = Backend::Tensor(TensorPath::new(&self.config, &ropes, self.dtype, &self.device)?);
+        let prefix_cache = self.prefix_cache();
+        let mut path = TensorPath::new(&self.config, &ropes, self.dtype, &self.device)?;
+        path.reset_pool(&self.config, self.dtype, &self.device, prefix_cache)?;
+        self.backend = Backend::Tensor(path);
         Ok(self)
     }
 
-    /// Bound the pooled cache's growth by the engine's KV budget (for
-    /// `max_batch` sequences); nothing to bound on the host path.
+    /// Bound the pool's growth by the engine's KV budget (for `max_batch`
+    /// sequences): past it, cached prefixes are evicted to make room.
     pub fn set_kv_capacity(&self, budget_bytes: u64, max_batch: usize) {
-        if let Backend::Tensor(path) = &self.backend {
-            path.pool.set_capacity(budget_bytes, max_batch);
+        match &self.backend {
+            Backend::Tensor(path) => path.pool.set_capacity(budget_bytes, max_batch),
+            Backend::Host(path) => path.pool().set_capacity(budget_bytes, max_batch),
         }
     }
 
-    /// Whether the KV cache is the shared pool (the tensor path's).
+    /// Whether full pages of prompts are kept and shared between sequences
+    /// (on by default). Makes a new, empty pool: call before making caches,
+    /// and before `set_kv_capacity`.
+    pub fn set_prefix_cache(&mut self, on: bool) -> Result<()> {
+        match &mut self.backend {
+            Backend::Host(path) => {
+                let precision = path.kv_precision();
+                path.reset_pool(precision, on);
+            }
+            Backend::Tensor(path) => path.reset_pool(&self.config, self.dtype, &self.device, on)?,
+        }
+        Ok(())
+    }
+
+    pub fn prefix_cache(&self) -> bool {
+        match &self.backend {
+            Backend::Host(path) => path.pool().prefix_cache(),
+            Backend::Tensor(path) => path.pool.prefix_cache(),
+        }
+    }
+
+    /// The prefix cache's state, when it is on.
+    pub fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        match &self.backend {
+            Backend::Host(path) if path.pool().prefix_cache() => Some(path.pool().stats()),
+            Backend::Tensor(path) if path.pool.prefix_cache() => Some(path.pool.stats()),
+            _ => None,
+        }
+    }
+
+    /// Whether the KV cache is the tensor path's pool.
     pub fn pooled_kv(&self) -> bool {
         matches!(self.backend, Backend::Tensor(_))
     }
@@ -223,15 +258,26 @@ impl Transformer {
     /// model's dtype. Applies to caches made after.
     pub fn set_kv_precision(&mut self, precision: KvPrecision) {
         if let Backend::Host(path) = &mut self.backend {
-            path.set_kv_precision(precision);
+            let prefix_cache = path.pool().prefix_cache();
+            path.reset_pool(precision, prefix_cache);
         }
     }
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self) -> SeqKvCache {
         match &self.backend {
-            Backend::Host(path) => SeqKvCache::on_host(self.config.n_layer, path.kv_precision()),
+            Backend::Host(path) => SeqKvCache::on_host(path.pool().clone()),
             Backend::Tensor(path) => SeqKvCache::in_pool(path.pool.clone()),
+        }
+    }
+
+    /// A cache for a sequence about to prefill `prompt`: where the prefix
+    /// cache holds pages of the prompt's start, the cache holds them too and
+    /// its `len` is past them, so only the rest is computed.
+    pub fn new_cache_for(&self, prompt: &[u32]) -> SeqKvCache {
+        match &self.backend {
+            Backend::Host(path) => SeqKvCache::on_host_for(path.pool().clone(), prompt),
+            Backend::Tensor(path) => SeqKvCache::in_pool_for(path.pool.clone(), prompt),
         }
     }
 
@@ -239,7 +285,12 @@ impl Transformer {
         if chunks.is_empty() || chunks.iter().any(|c| c.tokens.is_empty()) {
             candle_core::bail!("every sequence in a step needs at least one token");
         }
-        if chunks.iter().any(|c| c.cache.is_paged() != self.pooled_kv()) {
+        let foreign = |c: &SeqChunk<'_>| match (&self.backend, &*c.cache) {
+            (Backend::Host(path), SeqKvCache::Host { pages, .. }) => !Arc::ptr_eq(pages.pool(), path.pool()),
+            (Backend::Tensor(path), SeqKvCache::Paged { pages, .. }) => !Arc::ptr_eq(pages.pool(), &path.pool),
+            _ => true,
+        };
+        if chunks.iter().any(foreign) {
             candle_core::bail!("a sequence's KV cache was made for another backend: make caches with `Transformer::new_cache`");
         }
         if let Some(c) = chunks.iter().find(|c| c.cache.len() + c.tokens.len() > self.config.context_length) {
