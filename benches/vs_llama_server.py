@@ -25,6 +25,10 @@ Loads:
   reply, each reply sent back as the assistant's turn; TTFT per turn.
   llama-server gets `cache_prompt: true` (its slot keeps the prompt's KV).
 
+Memory: terse gets the KV bytes llama-server's cache takes (`--kv-cache-bytes`
+= ctx x slots positions in f16, so half as many positions in terse's f32); a
+prefix cache fills its budget before it evicts.
+
 Threads: 2 for every server (RAYON_NUM_THREADS=2; llama-server -t 2 -tb 2).
 Every figure goes to bench-results/vs-llama-server-<timestamp>.json.
 """
@@ -32,9 +36,11 @@ import argparse
 import http.client
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,7 +81,7 @@ def env():
     return dict(os.environ, RAYON_NUM_THREADS=str(THREADS), OMP_NUM_THREADS=str(THREADS))
 
 
-def stream(port, path, body):
+def stream(port, path, body, on_first=None):
     """POST a streamed request; the send time, the first text event's, the end's, and the completion tokens
     (from the usage chunk, else one per text event)."""
     body = dict(body, stream=True, stream_options={"include_usage": True})
@@ -85,7 +91,7 @@ def stream(port, path, body):
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]!r}")
-    first_text, events, usage, text = None, 0, None, []
+    first_text, events, usage, text, times = None, 0, None, [], []
     for now, obj in sse_events(r):
         if obj.get("usage"):
             usage = obj["usage"]
@@ -94,25 +100,56 @@ def stream(port, path, body):
             if piece:
                 events += 1
                 text.append(piece)
+                times.append(now)
                 if first_text is None:
                     first_text = now
+                    if on_first:
+                        on_first()
     done = time.perf_counter()
     c.close()
     tokens = (usage or {}).get("completion_tokens") or events
     return {"sent": sent, "ttft": (first_text or done) - sent, "done": done, "tokens": tokens, "text": "".join(text),
-            "cached": ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")}
+            "times": times, "cached": ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")}
 
 
 def concurrent(port, path, bodies):
     return concurrent_streams(port, bodies, send=lambda p, body: stream(p, path, body))
 
 
-def story_body(name, max_tokens, variant):
-    names = ["Mara", "Ilse", "Tomas", "Nadia", "Oren", "Lea", "Piet", "Saro", "Juno", "Ada", "Bram", "Cleo", "Dov",
-             "Ezra", "Fay", "Gus"]
-    # A different first word, so that no two streams share a page.
-    prompt = f"{names[variant % len(names)]}'s story. " + STORY.replace("Mara", names[variant % len(names)])
-    return {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": []}
+def story_body(max_tokens, variant):
+    # A number of its own first, so that no two requests of a run share a
+    # page (or, for llama-server, more than a token of a slot's prompt).
+    prompt = f"{variant}. " + STORY
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": []}
+
+
+def interference(s, variant, decoders, decode_tokens):
+    """`decoders` streams decode; once each has its first token, a long prompt
+    (a ~1,400-token handbook) arrives. Returns the longest gap between two
+    tokens of any decoder while that prompt was being prefilled, the decoders'
+    median gap otherwise, and the long prompt's TTFT."""
+    started = [threading.Event() for _ in range(decoders)]
+    results = [None] * decoders
+
+    def decode(i):
+        results[i] = stream(s.port, "/v1/completions", s.body(story_body(decode_tokens, variant * 100 + i)),
+                            on_first=started[i].set)
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(decoders)]
+    for t in threads:
+        t.start()
+    for e in started:
+        e.wait(600)
+    long = stream(s.port, "/v1/completions", s.body({"prompt": handbook(variant), "max_tokens": 8, "temperature": 0,
+                                                     "stop": []}))
+    for t in threads:
+        t.join()
+    start, end = long["sent"], long["sent"] + long["ttft"]
+    during, other = [0.0], []
+    for r in results:
+        for a, b in zip(r["times"], r["times"][1:]):
+            (during if b > start and a < end else other).append(b - a)
+    return max(during), statistics.median(other or [0.0]), long["ttft"]
 
 
 class Server:
@@ -136,9 +173,14 @@ class Server:
         if self.label.startswith("terse"):
             while get_status(self.port, "/ready") != 200:
                 time.sleep(0.3)
+        # Each server names the model its own way.
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        c.request("GET", "/v1/models")
+        self.model = json.loads(c.getresponse().read())["data"][0]["id"]
+        c.close()
 
     def body(self, body):
-        return dict(body, **self.extra)
+        return dict(body, model=self.model, **self.extra)
 
     def stop(self):
         self.rss_kb = vm_hwm_kb(self.proc.pid)
@@ -146,9 +188,23 @@ class Server:
         self.log.close()
 
 
-def start_servers(model_path, name, slots, ctx):
+def kv_bytes_per_token(model_path):
+    """terse's f32 KV bytes per position of a llama-shaped model, from `terse inspect`."""
+    text = subprocess.run([str(TERSE), "inspect", str(model_path)], capture_output=True, text=True, check=True).stdout
+    layers = int(re.search(r"layers: (\d+)", text).group(1))
+    hidden = int(re.search(r"hidden: (\d+)", text).group(1))
+    heads, kv_heads = map(int, re.search(r"heads: (\d+) / (\d+) kv", text).groups())
+    return layers * 2 * kv_heads * (hidden // heads) * 4
+
+
+def start_servers(model_path, name, slots, ctx, prefill_chunk=None):
+    # The bytes of llama-server's KV cache (-c ctx x slots positions in f16):
+    # half as many positions in terse's f32.
+    kv_bytes = ctx * slots * kv_bytes_per_token(model_path) // 2
     terse = lambda label, cache: Server(label, [TERSE, "serve", "--model", model_path, "--port", free_port(),
-                                                "--max-batch", slots, "--prefix-cache", cache])
+                                                "--max-batch", slots, "--prefix-cache", cache,
+                                                "--kv-cache-bytes", kv_bytes]
+                                        + (["--prefill-chunk", prefill_chunk] if prefill_chunk else []))
     llama = Server("llama-server", [ensure_llama_server(), "-m", model_path, "--port", free_port(), "-t", THREADS,
                                     "-tb", THREADS, "-np", slots, "-c", ctx * slots, "--cont-batching", "--jinja",
                                     "--alias", name, "--no-webui"],
@@ -167,15 +223,16 @@ def percentile(xs, q):
 def bench_model(model, args):
     path = fetch_model(model)
     name = Path(path).stem if model.startswith("synth:") else model
-    servers = start_servers(path, name, args.slots, args.ctx)
-    by = {s.label: s for s in servers}
-    out = {"model": model, "file": path, "streams": {}, "multi_turn": {}}
+    servers = start_servers(path, name, args.slots, args.ctx, args.prefill_chunk)
+    out = {"model": model, "file": path, "streams": {}, "multi_turn": {}, "interference": {}}
     try:
         for s in servers:  # warm-up
-            stream(s.port, "/v1/completions", s.body(story_body(name, 4, 0)))
+            stream(s.port, "/v1/completions", s.body(story_body(4, 999_999)))
         streams = {c: {s.label: {"tok_s": [], "ttft": []} for s in servers if s.label != "terse-no-cache"}
                    for c in args.concurrency}
         turns = {s.label: [[] for _ in range(args.turns)] for s in servers}
+        cached = {s.label: [[] for _ in range(args.turns)] for s in servers}  # prompt tokens the server reused
+        stalls = {s.label: [] for s in servers if s.label != "terse-no-cache"}
         for rnd in range(args.rounds):
             order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
             for c in args.concurrency:
@@ -183,7 +240,7 @@ def bench_model(model, args):
                     if s.label == "terse-no-cache":
                         continue
                     rs = concurrent(s.port, "/v1/completions",
-                                    [s.body(story_body(name, args.decode_tokens, rnd * 100 + i)) for i in range(c)])
+                                    [s.body(story_body(args.decode_tokens, (rnd * 100 + c) * 100 + i)) for i in range(c)])
                     wall = max(r["done"] for r in rs) - min(r["sent"] for r in rs)
                     streams[c][s.label]["tok_s"].append(sum(r["tokens"] for r in rs) / wall)
                     streams[c][s.label]["ttft"].extend(r["ttft"] for r in rs)
@@ -195,18 +252,31 @@ def bench_model(model, args):
                 for t in range(args.turns):
                     messages.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
                     r = stream(s.port, "/v1/chat/completions",
-                               s.body({"model": name, "messages": messages, "max_tokens": args.reply_tokens,
-                                       "temperature": 0}))
+                               s.body({"messages": messages, "max_tokens": args.reply_tokens, "temperature": 0}))
                     turns[s.label][t].append(r["ttft"])
+                    cached[s.label][t].append(r["cached"])
                     messages.append({"role": "assistant", "content": r["text"]})
             print(f"    round {rnd + 1}, multi-turn TTFT: "
                   + "; ".join(f"{lbl} " + " ".join(f"{v[-1]:.2f}" for v in tt) for lbl, tt in turns.items()), flush=True)
+            if args.interference:
+                for s in order:
+                    if s.label in stalls:
+                        stalls[s.label].append(interference(s, 1000 + rnd * 10 + servers.index(s), args.interference,
+                                                            args.interference_tokens))
+                print(f"    round {rnd + 1}, a long prompt among {args.interference} decoders (stall, usual gap, its TTFT): "
+                      + "; ".join(f"{lbl} " + " / ".join(f"{x:.2f}" for x in v[-1]) for lbl, v in stalls.items()),
+                      flush=True)
         for c, per in streams.items():
             out["streams"][str(c)] = {lbl: {"tok_s": statistics.median(v["tok_s"]), "tok_s_runs": v["tok_s"],
                                             "ttft_p50": percentile(v["ttft"], 0.5), "ttft_p99": percentile(v["ttft"], 0.99)}
                                       for lbl, v in per.items()}
         out["multi_turn"] = {lbl: [statistics.median(t) for t in tt] for lbl, tt in turns.items()}
         out["multi_turn_runs"] = turns
+        out["multi_turn_cached_tokens"] = cached
+        out["interference"] = {lbl: {"stall_s": statistics.median(x[0] for x in v),
+                                     "usual_gap_s": statistics.median(x[1] for x in v),
+                                     "long_ttft_s": statistics.median(x[2] for x in v), "runs": v}
+                               for lbl, v in stalls.items() if v}
     finally:
         for s in servers:
             s.stop()
@@ -226,6 +296,9 @@ def report(out):
     print("\nmulti-turn TTFT per turn (s, medians):\n")
     for lbl, tt in out["multi_turn"].items():
         print(f"  {lbl:15} " + " ".join(f"{x:.3f}" for x in tt))
+    for lbl, v in out.get("interference", {}).items():
+        print(f"\na long prompt among decoders, {lbl}: longest gap {v['stall_s'] * 1e3:.0f} ms "
+              f"(usual {v['usual_gap_s'] * 1e3:.0f} ms), its TTFT {v['long_ttft_s']:.2f} s")
     print("\npeak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in out["peak_rss_mib"].items()), flush=True)
 
 
@@ -239,6 +312,9 @@ def main():
     ap.add_argument("--reply-tokens", type=int, default=32)
     ap.add_argument("--slots", type=int, default=8, help="terse --max-batch and llama-server -np")
     ap.add_argument("--ctx", type=int, default=4096, help="llama-server's context per slot")
+    ap.add_argument("--interference", type=int, default=4, help="decoders a long prompt arrives among (0: skip)")
+    ap.add_argument("--interference-tokens", type=int, default=384, help="tokens each of those decoders generates")
+    ap.add_argument("--prefill-chunk", type=int, help="terse's --prefill-chunk (default: terse's own)")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if not TERSE.exists():

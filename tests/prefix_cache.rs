@@ -51,6 +51,18 @@ fn run(model: &Transformer, cache: &mut SeqKvCache, prompt: &[u32], chunk: usize
     out
 }
 
+/// Logits compared bit for bit; a failure names the first row and entry that differ.
+#[track_caller]
+fn assert_same_bits(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: rows");
+    for (row, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: row {row}'s length");
+        if let Some(i) = g.iter().zip(w).position(|(a, b)| a.to_bits() != b.to_bits()) {
+            panic!("{what}: row {row}, logit {i}: {} where {} was expected", g[i], w[i]);
+        }
+    }
+}
+
 #[test]
 fn a_hit_shares_the_pages_and_gives_the_bits_of_computing_the_prompt() {
     for precision in [KvPrecision::F32, KvPrecision::F16] {
@@ -62,7 +74,7 @@ fn a_hit_shares_the_pages_and_gives_the_bits_of_computing_the_prompt() {
         // The first sequence computes everything (in small chunks) and registers its full pages.
         let mut first = cached.new_cache_for(&p);
         assert_eq!(first.len(), 0, "nothing cached yet");
-        assert_eq!(run(&cached, &mut first, &p, 64, 6), want, "{precision:?}: the first computation");
+        assert_same_bits(&run(&cached, &mut first, &p, 64, 6), &want, &format!("{precision:?}: the first computation"));
         // Six decoded tokens made 306 positions: four full pages of the prompt are registered.
         let stats = cached.prefix_cache_stats().expect("the cache is on");
         assert_eq!(stats.cached_pages, 4);
@@ -72,13 +84,14 @@ fn a_hit_shares_the_pages_and_gives_the_bits_of_computing_the_prompt() {
         assert_eq!(second.len(), 4 * PAGE);
         let (a, b) = (first.host_pages().unwrap().pages(), second.host_pages().unwrap().pages());
         assert_eq!(a[..4], b[..4], "the very same pages");
-        assert_eq!(run(&cached, &mut second, &p, 512, 6), want, "{precision:?}: a hit gives the same bits");
+        assert_same_bits(&run(&cached, &mut second, &p, 512, 6), &want, &format!("{precision:?}: a hit gives the same bits"));
 
         // A prompt that starts the same and goes on otherwise shares only the pages it agrees on.
         let mut other = p[..150].to_vec();
         other.extend(prompt(9, 100));
+        // (Two whole pages, and the 22 rows of the third that agree, copied.)
         let mut third = cached.new_cache_for(&other);
-        assert_eq!(third.len(), 2 * PAGE);
+        assert_eq!(third.len(), 150);
         let other_want = run(&plain, &mut plain.new_cache_for(&other), &other, 512, 4);
 
         // In a batch with an unrelated sequence, the hit still gives its own bits.
@@ -88,15 +101,15 @@ fn a_hit_shares_the_pages_and_gives_the_bits_of_computing_the_prompt() {
         let mut logits = Vec::new();
         cached
             .forward_into(
-                &mut [SeqChunk { tokens: &other[2 * PAGE..], cache: &mut third }, SeqChunk { tokens: &lone, cache: &mut lone_cache }],
+                &mut [SeqChunk { tokens: &other[150..], cache: &mut third }, SeqChunk { tokens: &lone, cache: &mut lone_cache }],
                 &mut logits,
             )
             .expect("a batched step");
         let vocab = logits.len() / 2;
-        assert_eq!(logits[..vocab], other_want[0][..], "{precision:?}: a hit batched");
-        assert_eq!(logits[vocab..], lone_want[0][..], "{precision:?}: its neighbour");
+        assert_same_bits(&[logits[..vocab].to_vec()], &other_want[..1], &format!("{precision:?}: a hit batched"));
+        assert_same_bits(&[logits[vocab..].to_vec()], &lone_want, &format!("{precision:?}: its neighbour"));
         let stats = cached.prefix_cache_stats().unwrap();
-        assert_eq!(stats.hit_tokens, (4 + 2) as u64 * PAGE as u64);
+        assert_eq!(stats.hit_tokens, 4 * PAGE as u64 + 150);
         assert_eq!(stats.queried_tokens, (300 + 300 + 250 + 40) as u64);
     }
 }
@@ -116,18 +129,49 @@ fn a_tiny_pool_evicts_the_oldest_idle_pages_and_keeps_every_answer_right() {
         for (i, p) in prompts.iter().enumerate() {
             let mut cache = cached.new_cache_for(p);
             hits += usize::from(!cache.is_empty());
-            assert_eq!(run(&cached, &mut cache, p, 128, 3), want[i], "round {round}, prompt {i}");
+            assert_same_bits(&run(&cached, &mut cache, p, 128, 3), &want[i], &format!("round {round}, prompt {i}"));
         }
         // The same prompt right after itself always hits.
         let mut again = cached.new_cache_for(&prompts[3]);
-        assert_eq!(again.len(), 3 * PAGE, "round {round}: the last prompt is still cached");
-        assert_eq!(run(&cached, &mut again, &prompts[3], 128, 3), want[3]);
+        assert_eq!(again.len(), 199, "round {round}: the last prompt is still cached, all but its last token");
+        assert_same_bits(&run(&cached, &mut again, &prompts[3], 128, 3), &want[3], "the last prompt again");
     }
     let stats = cached.prefix_cache_stats().unwrap();
     assert!(stats.evictions > 0, "{stats:?}");
     assert!(stats.pool_bytes <= 8 * page_bytes, "the pool stayed within its capacity: {stats:?}");
     assert_eq!(stats.held_bytes, 0, "every cache was dropped");
     eprintln!("{hits} hits among 12 sequences of four prompts; {stats:?}");
+}
+
+/// A chat's next turn: the last, partly written page of a finished sequence
+/// is kept, and a prompt that goes on from its tokens (the prompt, the reply
+/// it decoded, then more) copies the rows they share; the rest computes to
+/// the same bits as without a cache.
+#[test]
+fn a_next_turn_continues_from_the_last_page_of_the_finished_one() {
+    for precision in [KvPrecision::F32, KvPrecision::F16] {
+        let plain = model(false, precision);
+        let cached = model(true, precision);
+        let first_turn = prompt(2, 100);
+        let mut first = cached.new_cache_for(&first_turn);
+        let reply: Vec<u32> = run(&cached, &mut first, &first_turn, 512, 5).iter().map(|l| argmax(l)).collect();
+        drop(first);
+        // The first turn's 100 prompt positions and 4 of its reply's 5 tokens were written.
+        let mut next_turn = first_turn.clone();
+        next_turn.extend(&reply[..4]);
+        next_turn.extend(prompt(8, 30));
+        let mut second = cached.new_cache_for(&next_turn);
+        assert_eq!(second.len(), 104, "{precision:?}: the whole first turn is reused");
+        let want = run(&plain, &mut plain.new_cache_for(&next_turn), &next_turn, 512, 4);
+        assert_same_bits(&run(&cached, &mut second, &next_turn, 512, 4), &want, &format!("{precision:?}: the same bits"));
+        // A prompt that leaves the first turn's tokens mid-page copies only the rows they agree on.
+        let mut elsewhere = first_turn[..80].to_vec();
+        elsewhere.extend(prompt(4, 20));
+        let mut third = cached.new_cache_for(&elsewhere);
+        assert_eq!(third.len(), 80);
+        let want = run(&plain, &mut plain.new_cache_for(&elsewhere), &elsewhere, 512, 3);
+        assert_same_bits(&run(&cached, &mut third, &elsewhere, 512, 3), &want, &format!("{precision:?}: a copy mid-page"));
+    }
 }
 
 /// The GPU's path, run on the CPU: a hit holds the same pool pages and
@@ -159,7 +203,8 @@ fn the_tensor_path_shares_pages_too_and_decodes_the_same_tokens() {
     assert_eq!((stats.hit_tokens, stats.queried_tokens), (3 * PAGE as u64, 2 * 230));
     drop((first, second));
     assert_eq!(cached.prefix_cache_stats().unwrap().held_bytes, 0, "dropped caches hold nothing");
-    assert_eq!(cached.prefix_cache_stats().unwrap().cached_pages, 3, "the prompt's pages stay cached, idle");
+    // The three full pages, and one tail: the second's last page held what the first's did.
+    assert_eq!(cached.prefix_cache_stats().unwrap().cached_pages, 4, "the prompt's pages stay cached, idle");
 }
 
 fn chat(prompt: &str, extra: Value) -> Value {
@@ -212,9 +257,11 @@ async fn repeated_requests_answer_the_same_with_and_without_the_cache() {
             assert_eq!(r.json["terse"], reference.json["terse"], "request {i}, turn {turn}: the reasoning record");
             let cached = r.json["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
             let prompt_tokens = r.json["usage"]["prompt_tokens"].as_u64().unwrap();
-            assert_eq!(cached % PAGE as u64, 0, "whole pages");
-            // The system prompt's pages were cached by the first request.
-            if i > 0 || turn > 0 {
+            if turn == 1 {
+                // The same request again: everything but the last token (whose logits are needed) is reused.
+                assert_eq!(cached, prompt_tokens - 1, "request {i}, turn {turn}");
+            } else if i > 0 {
+                // The system prompt's pages were cached by the first request.
                 assert!(cached >= PAGE as u64 && cached < prompt_tokens, "request {i}, turn {turn}: {cached} of {prompt_tokens} cached");
             }
         }

@@ -83,6 +83,25 @@ impl PageStore {
         (2 * kv_heads * PAGE_POSITIONS * head_dim * size) as u64
     }
 
+    /// Copy the first `rows` positions of page `from` into page `to`.
+    pub fn copy_rows(&mut self, from: u32, to: u32, rows: usize) {
+        let (page, run, hd) = (self.page_values(), PAGE_POSITIONS * self.head_dim, self.head_dim);
+        for h in 0..self.kv_heads {
+            let src = from as usize * page + h * run;
+            let dst = to as usize * page + h * run;
+            match &mut self.store {
+                Store::F32 { keys, values } => {
+                    keys.copy_within(src..src + rows * hd, dst);
+                    values.copy_within(src..src + rows * hd, dst);
+                }
+                Store::F16 { keys, values } => {
+                    keys.copy_within(src..src + rows * hd, dst);
+                    values.copy_within(src..src + rows * hd, dst);
+                }
+            }
+        }
+    }
+
     /// Store one position's `keys` and `values` (kv_heads × head_dim each) at
     /// `slot` of `page`.
     pub fn write(&mut self, page: u32, slot: usize, keys: &[f32], values: &[f32]) {

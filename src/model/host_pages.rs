@@ -108,14 +108,26 @@ impl HostSeqPages {
     }
 
     /// A sequence about to prefill `prompt`: it holds the registered pages of
-    /// the longest prefix the pool has of it (`SeqPrefix::hold_longest`);
-    /// returns how many positions they cover.
+    /// the longest prefix the pool has of it, and a copy of the rows that
+    /// agree from the page after (`SeqPrefix::hold_longest`); returns how
+    /// many positions they cover.
     pub fn with_prefix(pool: Arc<HostKvPool>, prompt: &[u32]) -> (HostSeqPages, usize) {
         if !pool.prefix_cache {
             return (HostSeqPages::new(pool), 0);
         }
-        let (prefix, pages) = SeqPrefix::hold_longest(&mut pool.lock().book, prompt);
-        let covered = pages.len() * PAGE_POSITIONS;
+        let mut state = pool.lock();
+        let (prefix, hit) = SeqPrefix::hold_longest(&mut state.book, prompt);
+        let covered = hit.positions();
+        let mut pages = hit.held;
+        if let Some((from, rows)) = hit.copy {
+            let to = state.take(1)[0];
+            for layer in &mut state.layers {
+                layer.copy_rows(from, to, rows);
+            }
+            state.book.release(&[from]);
+            pages.push(to);
+        }
+        drop(state);
         (HostSeqPages { pool, pages, prefix }, covered)
     }
 
@@ -152,7 +164,12 @@ impl HostSeqPages {
 
 impl Drop for HostSeqPages {
     fn drop(&mut self) {
-        self.pool.lock().book.release(&self.pages);
+        let mut state = self.pool.lock();
+        if self.pool.prefix_cache {
+            self.prefix.release(&mut state.book, &self.pages);
+        } else {
+            state.book.release(&self.pages);
+        }
     }
 }
 
@@ -176,7 +193,8 @@ mod tests {
         assert_eq!((covered, second.pages()), (192, &first.pages()[..3]));
         // The last token is always left to compute: a 129-token prompt matches two pages, 128 one.
         assert_eq!(HostSeqPages::with_prefix(pool.clone(), &prompt[..129]).1, 128);
-        assert_eq!(HostSeqPages::with_prefix(pool.clone(), &prompt[..128]).1, 64);
+        // ... and of the page after the whole ones, the rows that agree are copied.
+        assert_eq!(HostSeqPages::with_prefix(pool.clone(), &prompt[..128]).1, 127);
         // Another prompt shares nothing.
         let other: Vec<u32> = (1000..1200).collect();
         assert_eq!(HostSeqPages::with_prefix(pool.clone(), &other).1, 0);
@@ -193,19 +211,24 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_sequence_frees_its_own_pages_and_leaves_shared_ones_cached() {
+    fn a_dropped_sequence_keeps_what_it_wrote_cached_and_frees_the_rest() {
         let pool = HostKvPool::new(1, 1, 8, KvPrecision::F32, true);
         let prompt: Vec<u32> = (0..100).collect();
         let mut first = HostSeqPages::new(pool.clone());
         {
             let mut state = pool.lock();
-            first.reserve(&mut state, 100);
+            // Room for 130 positions, 100 written.
+            first.reserve(&mut state, 130);
             first.filled(&mut state, &prompt);
         }
         let free_before = pool.lock().book.free_count();
         drop(first);
-        // The registered page stays, idle; the partial one is free again.
-        assert_eq!(pool.cache_counts(), (1, 1, 0));
+        // The full page and the partly written one stay, idle; the unwritten third is free again.
+        assert_eq!(pool.cache_counts(), (2, 2, 0));
         assert_eq!(pool.lock().book.free_count(), free_before + 1);
+        // Its 100 tokens and more: 99 positions are reused (the last token is computed).
+        let longer: Vec<u32> = (0..150).collect();
+        assert_eq!(HostSeqPages::with_prefix(pool.clone(), &longer).1, 100);
+        assert_eq!(HostSeqPages::with_prefix(pool.clone(), &prompt).1, 99);
     }
 }

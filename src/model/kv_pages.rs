@@ -136,6 +136,17 @@ impl KvPool {
         pool_values.slice_set(values, 0, first)
     }
 
+    /// Copy the first `rows` positions of page `from` into page `to`, in every layer.
+    fn copy_rows(&self, from: u32, to: u32, rows: usize) -> Result<()> {
+        let (from, to) = (from as usize * PAGE_POSITIONS, to as usize * PAGE_POSITIONS);
+        for (keys, values) in self.state().layers.iter() {
+            for t in [keys, values] {
+                t.slice_set(&t.narrow(0, from, rows)?.copy()?, 0, to)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes one page takes over all layers, keys and values.
     pub fn page_bytes(&self) -> u64 {
         (self.n_layer * 2 * PAGE_POSITIONS * self.width * self.dtype.size_in_bytes()) as u64
@@ -157,14 +168,30 @@ impl SeqPages {
     }
 
     /// A sequence about to prefill `prompt`, holding the pool's cached pages
-    /// of its longest prefix; returns how many positions they cover.
+    /// of its longest prefix and a copy of the rows that agree from the page
+    /// after; returns how many positions they cover.
     pub fn with_prefix(pool: Arc<KvPool>, prompt: &[u32]) -> (SeqPages, usize) {
         if !pool.prefix_cache {
             return (SeqPages::new(pool), 0);
         }
-        let (prefix, pages) = SeqPrefix::hold_longest(&mut pool.state().book, prompt);
-        let covered = pages.len() * PAGE_POSITIONS;
-        (SeqPages { pool, pages, prefix }, covered)
+        let (prefix, hit) = SeqPrefix::hold_longest(&mut pool.state().book, prompt);
+        let mut covered = hit.positions();
+        let mut seq = SeqPages { pool: pool.clone(), pages: hit.held, prefix };
+        if let Some((from, rows)) = hit.copy {
+            // `from` is held until copied, so that taking a page cannot evict it.
+            let copied = pool.take_pages(1).and_then(|to| {
+                seq.pages.push(to[0]);
+                pool.copy_rows(from, to[0], rows)
+            });
+            pool.state().book.release(&[from]);
+            if let Err(e) = copied {
+                // Out of device memory, say: those rows are computed instead.
+                tracing::warn!(error = %e, "copying a cached page failed; its rows are prefilled");
+                seq.prefix.forget_copy();
+                covered -= rows;
+            }
+        }
+        (seq, covered)
     }
 
     pub fn pool(&self) -> &Arc<KvPool> {
@@ -205,7 +232,12 @@ impl SeqPages {
 
 impl Drop for SeqPages {
     fn drop(&mut self) {
-        self.pool.state().book.release(&self.pages);
+        let mut state = self.pool.state();
+        if self.pool.prefix_cache {
+            self.prefix.release(&mut state.book, &self.pages);
+        } else {
+            state.book.release(&self.pages);
+        }
     }
 }
 

@@ -14,6 +14,13 @@
 //! (evicted). The tokens of a registered page are kept beside it and
 //! compared on every match, so a hash collision can cost a miss, never a
 //! wrong answer.
+//!
+//! Past its whole pages, a prompt usually goes on within a page some earlier
+//! sequence wrote: the last, partial page of a finished sequence (kept,
+//! idle, as a "tail"), or a full page where the two diverge mid-way (a chat's
+//! next turn re-renders the last reply). The rows the two agree on are
+//! copied into a page of the new sequence's own, so a chat's next turn
+//! prefills only its new tokens, as a token-granular cache would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -42,10 +49,19 @@ pub fn chain_keys(tokens: &[u32]) -> Vec<u64> {
         .collect()
 }
 
-/// A page registered under a prefix's key.
+/// A page registered under its prefix: a full page under its own key, or a
+/// finished sequence's partial tail page (fewer tokens, not in `by_key`).
 struct Registered {
     key: u64,
+    /// The key of the page before it (0 for a first page).
+    previous: u64,
     tokens: Vec<u32>,
+}
+
+impl Registered {
+    fn is_full(&self) -> bool {
+        self.tokens.len() == PAGE_POSITIONS
+    }
 }
 
 /// Counters and sizes of a prefix cache, for the metrics.
@@ -77,8 +93,10 @@ pub struct PageBook {
     holders: Vec<u32>,
     /// Per page: its prefix, when it is registered.
     registered: Vec<Option<Registered>>,
-    /// Prefix key → its page.
+    /// Prefix key → its full page.
     by_key: HashMap<u64, u32>,
+    /// The key of a prefix → the registered pages (full or tail) that follow it.
+    by_previous: HashMap<u64, Vec<u32>>,
     /// Registered pages nobody holds, by when they were last let go (oldest first).
     idle: BTreeMap<u64, u32>,
     /// Per page: its place in `idle`.
@@ -100,6 +118,7 @@ impl PageBook {
             holders: Vec::new(),
             registered: Vec::new(),
             by_key: HashMap::new(),
+            by_previous: HashMap::new(),
             idle: BTreeMap::new(),
             idle_since: Vec::new(),
             clock: 0,
@@ -136,8 +155,8 @@ impl PageBook {
         PrefixCacheStats {
             queried_tokens: self.queried_tokens,
             hit_tokens: self.hit_tokens,
-            cached_pages: self.by_key.len() as u64,
-            cached_bytes: self.by_key.len() as u64 * page_bytes,
+            cached_pages: self.cached_count() as u64,
+            cached_bytes: self.cached_count() as u64 * page_bytes,
             evictions: self.evictions,
             pool_bytes: self.pages as u64 * page_bytes,
             held_bytes: held as u64 * page_bytes,
@@ -158,9 +177,9 @@ impl PageBook {
         self.idle.len()
     }
 
-    /// Pages registered under a prefix (held or idle).
+    /// Pages registered under a prefix (held or idle, full or tail).
     pub fn cached_count(&self) -> usize {
-        self.by_key.len()
+        self.by_previous.values().map(Vec::len).sum()
     }
 
     /// How many sequences hold `page`.
@@ -208,7 +227,15 @@ impl PageBook {
 
     fn forget(&mut self, page: u32) {
         if let Some(r) = self.registered[page as usize].take() {
-            self.by_key.remove(&r.key);
+            if r.is_full() {
+                self.by_key.remove(&r.key);
+            }
+            if let Some(pages) = self.by_previous.get_mut(&r.previous) {
+                pages.retain(|&p| p != page);
+                if pages.is_empty() {
+                    self.by_previous.remove(&r.previous);
+                }
+            }
         }
     }
 
@@ -240,23 +267,63 @@ impl PageBook {
             if !same {
                 break;
             }
-            if self.holders[page as usize] == 0 {
-                self.idle.remove(&self.idle_since[page as usize]);
-            }
-            self.holders[page as usize] += 1;
+            self.hold(page);
             held.push(page);
         }
         held
     }
 
+    /// One more holder of `page` (out of the idle ones if it was idle).
+    pub fn hold(&mut self, page: u32) {
+        if self.holders[page as usize] == 0 {
+            self.idle.remove(&self.idle_since[page as usize]);
+        }
+        self.holders[page as usize] += 1;
+    }
+
+    /// Of the registered pages that follow the prefix keyed `previous`, the
+    /// one whose tokens agree longest with the start of `next`, and for how
+    /// many tokens (at least one).
+    pub fn best_continuation(&self, previous: u64, next: &[u32]) -> Option<(u32, usize)> {
+        let candidates = self.by_previous.get(&previous)?;
+        candidates
+            .iter()
+            .map(|&page| {
+                let tokens = &self.registered[page as usize].as_ref().expect("listed pages are registered").tokens;
+                (page, tokens.iter().zip(next).take_while(|(a, b)| a == b).count())
+            })
+            .filter(|&(_, agree)| agree > 0)
+            .max_by_key(|&(page, agree)| (agree, std::cmp::Reverse(page)))
+    }
+
     /// `page`, now full of `tokens` after the prefix keyed `previous`, is
     /// registered under its key (unless another page already is).
-    pub fn register(&mut self, page: u32, key: u64, tokens: &[u32]) {
+    pub fn register(&mut self, page: u32, previous: u64, key: u64, tokens: &[u32]) {
         if self.by_key.contains_key(&key) || self.registered[page as usize].is_some() {
             return;
         }
         self.by_key.insert(key, page);
-        self.registered[page as usize] = Some(Registered { key, tokens: tokens.to_vec() });
+        self.enlist(page, Registered { key, previous, tokens: tokens.to_vec() });
+    }
+
+    /// A finished sequence's last page, partly written with `tokens` after
+    /// the prefix keyed `previous`, is kept for a prompt that goes on the
+    /// same way (call before `release`; only for a page the caller alone holds).
+    pub fn keep_tail(&mut self, page: u32, previous: u64, tokens: &[u32]) {
+        if tokens.is_empty() || self.registered[page as usize].is_some() || self.holders[page as usize] != 1 {
+            return;
+        }
+        // A page that already holds these tokens (or more of them) serves as well.
+        if self.best_continuation(previous, tokens).is_some_and(|(_, agree)| agree == tokens.len()) {
+            return;
+        }
+        let key = chain_key(previous, tokens);
+        self.enlist(page, Registered { key, previous, tokens: tokens.to_vec() });
+    }
+
+    fn enlist(&mut self, page: u32, registered: Registered) {
+        self.by_previous.entry(registered.previous).or_default().push(page);
+        self.registered[page as usize] = Some(registered);
     }
 }
 
@@ -272,19 +339,51 @@ pub struct SeqPrefix {
     partial: Vec<u32>,
 }
 
+/// What a new sequence takes from the cache: whole pages it holds, and the
+/// rows of one more page it copies into a page of its own.
+pub struct CacheHit {
+    /// Registered pages of the prompt's prefix, now held by the sequence.
+    pub held: Vec<u32>,
+    /// (page, rows): copy the first `rows` positions of `page` (held until
+    /// the copy is made: release it then) into the sequence's next page.
+    pub copy: Option<(u32, usize)>,
+}
+
+impl CacheHit {
+    /// Positions the hit covers.
+    pub fn positions(&self) -> usize {
+        self.held.len() * PAGE_POSITIONS + self.copy.map_or(0, |(_, rows)| rows)
+    }
+}
+
 impl SeqPrefix {
     /// A sequence about to prefill `prompt` holds the registered pages of
-    /// the longest prefix `book` has of it, leaving at least the prompt's
-    /// last token to compute (for its logits): those pages, in order.
-    pub fn hold_longest(book: &mut PageBook, prompt: &[u32]) -> (SeqPrefix, Vec<u32>) {
+    /// the longest prefix `book` has of it, and copies the rows of the page
+    /// that agrees longest with what follows, leaving at least the prompt's
+    /// last token to compute (for its logits).
+    pub fn hold_longest(book: &mut PageBook, prompt: &[u32]) -> (SeqPrefix, CacheHit) {
         book.queried_tokens += prompt.len() as u64;
-        let matchable = &prompt[..prompt.len().saturating_sub(1) / PAGE_POSITIONS * PAGE_POSITIONS];
+        let usable = prompt.len().saturating_sub(1);
+        let matchable = &prompt[..usable / PAGE_POSITIONS * PAGE_POSITIONS];
         let keys = chain_keys(matchable);
         let pages: Vec<&[u32]> = matchable.chunks_exact(PAGE_POSITIONS).collect();
         let held = book.hold_prefix(&keys, &pages);
-        book.hit_tokens += (held.len() * PAGE_POSITIONS) as u64;
         let chain = held.len().checked_sub(1).map_or(0, |last| keys[last]);
-        (SeqPrefix { registered: held.len(), chain, partial: Vec::new() }, held)
+        let covered = held.len() * PAGE_POSITIONS;
+        let next = &prompt[covered..usable.max(covered)];
+        let copy = book.best_continuation(chain, &next[..next.len().min(PAGE_POSITIONS)]);
+        if let Some((page, _)) = copy {
+            book.hold(page);
+        }
+        let partial = copy.map_or(Vec::new(), |(_, rows)| next[..rows].to_vec());
+        let hit = CacheHit { held, copy };
+        book.hit_tokens += hit.positions() as u64;
+        (SeqPrefix { registered: hit.held.len(), chain, partial }, hit)
+    }
+
+    /// The hit's copied rows could not be copied: they are computed instead.
+    pub fn forget_copy(&mut self) {
+        self.partial.clear();
     }
 
     /// The sequence, whose pages are `pages` in position order, wrote
@@ -295,11 +394,20 @@ impl SeqPrefix {
             self.partial.push(t);
             if self.partial.len() == PAGE_POSITIONS {
                 let key = chain_key(self.chain, &self.partial);
-                book.register(pages[self.registered], key, &self.partial);
+                book.register(pages[self.registered], self.chain, key, &self.partial);
                 (self.chain, self.registered) = (key, self.registered + 1);
                 self.partial.clear();
             }
         }
+    }
+
+    /// The sequence is done with `pages`: its partly written last page is
+    /// kept as a tail (`PageBook::keep_tail`), then every page is let go.
+    pub fn release(&self, book: &mut PageBook, pages: &[u32]) {
+        if let Some(&tail) = pages.get(self.registered) {
+            book.keep_tail(tail, self.chain, &self.partial);
+        }
+        book.release(pages);
     }
 }
 
@@ -317,8 +425,8 @@ mod tests {
         let (a, b) = (page_of(1), page_of(2));
         let keys = chain_keys(&[a.clone(), b.clone()].concat());
         let first = book.take(2);
-        book.register(first[0], keys[0], &a);
-        book.register(first[1], keys[1], &b);
+        book.register(first[0], 0, keys[0], &a);
+        book.register(first[1], keys[0], keys[1], &b);
         // A second sequence with the same two pages holds the very same ones.
         let shared = book.hold_prefix(&keys, &[&a, &b]);
         assert_eq!(shared, first);
@@ -340,10 +448,34 @@ mod tests {
     }
 
     #[test]
+    fn a_tail_is_kept_once_matched_token_by_token_and_evicted_like_any_page() {
+        let mut book = PageBook::new(3);
+        let (full, rest) = (page_of(1), vec![5, 6, 7, 8]);
+        let key = chain_keys(&full)[0];
+        let pages = book.take(2);
+        let mut prefix = SeqPrefix::default();
+        prefix.filled(&mut book, &pages, &[full.clone(), rest.clone()].concat());
+        prefix.release(&mut book, &pages);
+        assert_eq!((book.cached_count(), book.idle_count()), (2, 2), "the full page and the tail");
+        // The tail is found after its full page, for as many tokens as agree.
+        assert_eq!(book.best_continuation(key, &[5, 6, 9]), Some((pages[1], 2)));
+        assert_eq!(book.best_continuation(key, &[4]), None);
+        assert_eq!(book.best_continuation(0, &[1, 1, 2]), Some((pages[0], 2)), "a full page agrees in part too");
+        // A second sequence that wrote no more than the tail holds adds no page.
+        let again = book.take(1);
+        book.keep_tail(again[0], key, &rest[..3]);
+        book.release(&again);
+        assert_eq!(book.cached_count(), 2);
+        // Taking every page evicts the tail like any idle page, and forgets it.
+        book.take(3);
+        assert_eq!((book.cached_count(), book.best_continuation(key, &rest)), (0, None));
+    }
+
+    #[test]
     fn a_colliding_key_with_other_tokens_is_a_miss() {
         let mut book = PageBook::new(2);
         let page = book.take(1)[0];
-        book.register(page, 42, &page_of(1));
+        book.register(page, 0, 42, &page_of(1));
         assert!(book.hold_prefix(&[42], &[&page_of(2)]).is_empty());
         assert_eq!(book.hold_prefix(&[42], &[&page_of(1)]), vec![page]);
     }
@@ -353,7 +485,7 @@ mod tests {
         let mut book = PageBook::new(2);
         assert_eq!(book.shortfall(3), 1);
         let pages = book.take(2);
-        book.register(pages[0], 7, &page_of(0));
+        book.register(pages[0], 0, 7, &page_of(0));
         book.release(&pages);
         assert_eq!((book.free_count(), book.idle_count(), book.shortfall(2)), (1, 1, 0));
         book.add_pages(4);
