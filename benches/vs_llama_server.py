@@ -17,13 +17,19 @@ the medians over the rounds.
 Loads:
 - streams: C concurrent streamed /v1/completions of a raw-text story opening,
   128 greedy tokens each (stop: []); aggregate tok/s = all completion tokens over
-  the wall time from the first request sent to the last finished; TTFT = time
+  the wall time from the first request sent to the last finished (end to end,
+  prompts included); decode alone = each stream's tokens after its first over
+  the time from its first to its last, summed over the streams; TTFT = time
   from sending to the first text event, p50 and p99 over the streams of all
   rounds (terse with the prefix cache only: the prompts share no page).
 - multi-turn: one conversation of 8 turns on a ~1,400-token system prompt
   (different in each round, so turn 1 is never cached), 32 greedy tokens a
   reply, each reply sent back as the assistant's turn; TTFT per turn.
   llama-server gets `cache_prompt: true` (its slot keeps the prompt's KV).
+- a long prompt among decoders: 4 streams decode 384 tokens; once each has its
+  first, a ~1,400-token prompt arrives. The longest gap between two tokens of
+  any decoder while it is prefilled (chunked prefill keeps it short), and its
+  own TTFT.
 
 Memory: terse gets the KV bytes llama-server's cache takes (`--kv-cache-bytes`
 = ctx x slots positions in f16, so half as many positions in terse's f32); a
@@ -228,8 +234,8 @@ def bench_model(model, args):
     try:
         for s in servers:  # warm-up
             stream(s.port, "/v1/completions", s.body(story_body(4, 999_999)))
-        streams = {c: {s.label: {"tok_s": [], "ttft": []} for s in servers if s.label != "terse-no-cache"}
-                   for c in args.concurrency}
+        streams = {c: {s.label: {"tok_s": [], "decode_tok_s": [], "ttft": []} for s in servers
+                       if s.label != "terse-no-cache"} for c in args.concurrency}
         turns = {s.label: [[] for _ in range(args.turns)] for s in servers}
         cached = {s.label: [[] for _ in range(args.turns)] for s in servers}  # prompt tokens the server reused
         stalls = {s.label: [] for s in servers if s.label != "terse-no-cache"}
@@ -243,6 +249,9 @@ def bench_model(model, args):
                                     [s.body(story_body(args.decode_tokens, (rnd * 100 + c) * 100 + i)) for i in range(c)])
                     wall = max(r["done"] for r in rs) - min(r["sent"] for r in rs)
                     streams[c][s.label]["tok_s"].append(sum(r["tokens"] for r in rs) / wall)
+                    # Decode alone: each stream's tokens after its first over their time, summed.
+                    streams[c][s.label]["decode_tok_s"].append(
+                        sum((len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]) for r in rs if len(r["times"]) > 1))
                     streams[c][s.label]["ttft"].extend(r["ttft"] for r in rs)
                 print(f"    round {rnd + 1}, {c} streams: "
                       + ", ".join(f"{lbl} {v['tok_s'][-1]:.1f} tok/s" for lbl, v in streams[c].items()), flush=True)
@@ -268,6 +277,7 @@ def bench_model(model, args):
                       flush=True)
         for c, per in streams.items():
             out["streams"][str(c)] = {lbl: {"tok_s": statistics.median(v["tok_s"]), "tok_s_runs": v["tok_s"],
+                                            "decode_tok_s": statistics.median(v["decode_tok_s"]),
                                             "ttft_p50": percentile(v["ttft"], 0.5), "ttft_p99": percentile(v["ttft"], 0.99)}
                                       for lbl, v in per.items()}
         out["multi_turn"] = {lbl: [statistics.median(t) for t in tt] for lbl, tt in turns.items()}
@@ -287,11 +297,14 @@ def bench_model(model, args):
 
 def report(out):
     print(f"\n## {out['model']}\n")
-    print("| streams | terse tok/s | llama-server tok/s | ratio | terse TTFT p50 / p99 | llama-server TTFT p50 / p99 |")
-    print("|---|---|---|---|---|---|")
+    print("| streams | terse tok/s | llama-server tok/s | ratio | decode alone, ratio | terse TTFT p50 / p99 "
+          "| llama-server TTFT p50 / p99 |")
+    print("|---|---|---|---|---|---|---|")
     for c, per in out["streams"].items():
         t, l = per["terse"], per["llama-server"]
+        td, ld = t.get("decode_tok_s", 0), l.get("decode_tok_s", 0)
         print(f"| {c} | {t['tok_s']:.1f} | {l['tok_s']:.1f} | {t['tok_s'] / l['tok_s']:.2f}x | "
+              f"{td:.1f} / {ld:.1f}, {td / max(ld, 1e-9):.2f}x | "
               f"{t['ttft_p50'] * 1e3:.0f} / {t['ttft_p99'] * 1e3:.0f} ms | {l['ttft_p50'] * 1e3:.0f} / {l['ttft_p99'] * 1e3:.0f} ms |")
     print("\nmulti-turn TTFT per turn (s, medians):\n")
     for lbl, tt in out["multi_turn"].items():
@@ -316,7 +329,7 @@ def main():
     ap.add_argument("--interference-tokens", type=int, default=384, help="tokens each of those decoders generates")
     ap.add_argument("--prefill-chunk", type=int, help="terse's --prefill-chunk (default: terse's own)")
     args = ap.parse_args()
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]  # "" for none
     if not TERSE.exists():
         sys.exit(f"{TERSE} is missing: cargo build --release")
     ensure_llama_server()

@@ -309,6 +309,9 @@ fn main() -> Result<()> {
         if args.kv_f16 {
             model.set_kv_precision(terse::model::KvPrecision::F16);
         }
+        // The forward pass alone: every run computes its whole prompt, and
+        // frees its pages (no capacity bounds a cache here).
+        model.set_prefix_cache(false)?;
         let cache = model.new_cache();
         Box::new(Terse { model, cache })
     } else {

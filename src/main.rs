@@ -109,7 +109,7 @@ struct ServeArgs {
     /// KV-cache budget in bytes (default: a full batch of full-context sequences, at most 4 GiB).
     #[arg(long, env = "TERSE_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<u64>,
-    /// Most prompt tokens one step takes in beside the decoding sequences' tokens (chunked prefill): a long prompt is fed over several steps, so the others keep decoding.
+    /// Most prompt tokens one step takes in (chunked prefill); on the CPU, while other sequences decode, a quarter of it, so that a long prompt does not hold back their next token.
     #[arg(long, default_value_t = engine::DEFAULT_PREFILL_CHUNK, env = "TERSE_PREFILL_CHUNK")]
     prefill_chunk: usize,
     /// What the KV cache keeps keys and values in on the CPU: f16 halves its

@@ -242,7 +242,7 @@ async fn greedy_choice_on_the_device_path_gives_the_host_paths_tokens() {
             assert_eq!(got["choices"][0]["message"][field], want["choices"][0]["message"][field], "{b}");
         }
         assert_eq!(got["terse"], want["terse"], "{b}");
-        assert_eq!(got["usage"], want["usage"], "{b}");
+        assert_eq!(usage_counts(&got["usage"]), usage_counts(&want["usage"]), "{b}");
     }
     let ts_stops = on_device.iter().filter(|r| r["terse"]["think_stop_reason"] == "stop_temperature").count();
     assert!(ts_stops >= 1, "no request ended by TS: the device path's TS went untested: {on_device:?}");

@@ -118,6 +118,37 @@ impl Batch {
 /// One step's rows: (index among the running sequences, tokens it feeds).
 type StepPlan = Vec<(usize, usize)>;
 
+/// A step's rows from what each running sequence has left to feed (1: it
+/// decodes). Prompt chunks are at most `chunk` tokens, and together at most
+/// `chunk` a step (at least one chunk enters). With `while_decoding`, a step
+/// in which some sequence decodes gives each prompt a chunk of at most that
+/// many tokens, and all of them together at most that many per prompt, so a
+/// long prompt does not hold back the others' next token, while a burst of
+/// short prompts still enters in few steps (chunked prefill). A prompt
+/// alone is fed in full-size chunks.
+fn plan_rows(pending: impl Iterator<Item = usize> + Clone, chunk: usize, while_decoding: Option<usize>) -> StepPlan {
+    let decoding = pending.clone().any(|p| p == 1);
+    let prompts = pending.clone().filter(|&p| p > 1).count();
+    let (chunk, step_budget) = match while_decoding {
+        Some(smaller) if decoding => (smaller.min(chunk), (smaller * prompts).min(chunk)),
+        _ => (chunk, chunk),
+    };
+    let mut budget = step_budget;
+    let mut plan = Vec::new();
+    for (i, pending) in pending.enumerate() {
+        if pending == 1 {
+            plan.push((i, 1));
+        } else {
+            let take = pending.min(chunk);
+            if take <= budget || budget == step_budget {
+                budget = budget.saturating_sub(take);
+                plan.push((i, take));
+            }
+        }
+    }
+    plan
+}
+
 pub(crate) struct Scheduler {
     pub model: Transformer,
     pub shared: Arc<Shared>,
@@ -290,24 +321,11 @@ impl Scheduler {
     }
 
     /// Decoding sequences feed their last token; prefilling ones feed a chunk
-    /// whose bounds depend only on the sequence itself, and at most
-    /// `prefill_chunk` prompt tokens enter a step (at least one chunk does).
+    /// of their prompt (`plan_rows`). On the host path, where the bits do not
+    /// depend on where chunks end, chunks shrink while others decode.
     fn plan(&self, running: &[Sequence]) -> StepPlan {
-        let mut prefill_budget = self.prefill_chunk;
-        let mut plan = Vec::new();
-        for (i, seq) in running.iter().enumerate() {
-            let pending = seq.pending();
-            if pending == 1 {
-                plan.push((i, 1));
-            } else {
-                let chunk = pending.min(self.prefill_chunk);
-                if chunk <= prefill_budget || prefill_budget == self.prefill_chunk {
-                    prefill_budget = prefill_budget.saturating_sub(chunk);
-                    plan.push((i, chunk));
-                }
-            }
-        }
-        plan
+        let while_decoding = self.model.runs_on_host().then_some((self.prefill_chunk / 4).max(1));
+        plan_rows(running.iter().map(Sequence::pending), self.prefill_chunk, while_decoding)
     }
 
     /// The step's one forward pass over the planned rows.
@@ -474,5 +492,27 @@ impl Scheduler {
             StopOutcome::Continue(t) => t + &seq.stop.flush(),
             StopOutcome::Stopped(t) => t,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_rows;
+
+    #[test]
+    fn prompts_share_a_step_budget_and_shrink_while_others_decode() {
+        // Alone, a long prompt goes in full chunks.
+        assert_eq!(plan_rows([1400].into_iter(), 512, Some(128)), vec![(0, 512)]);
+        // Beside a decoding sequence, in the smaller chunk.
+        assert_eq!(plan_rows([1, 1400, 1].into_iter(), 512, Some(128)), vec![(0, 1), (1, 128), (2, 1)]);
+        // Without the smaller size (the tensor path), chunk bounds are the sequence's own.
+        assert_eq!(plan_rows([1, 1400].into_iter(), 512, None), vec![(0, 1), (1, 512)]);
+        // With nothing decoding, short prompts share the budget; one that does not fit waits for a later step.
+        assert_eq!(plan_rows([100, 300, 200, 50].into_iter(), 512, Some(128)), vec![(0, 100), (1, 300), (3, 50)]);
+        // While others decode, each prompt gets up to the smaller chunk, and the step as much per prompt.
+        assert_eq!(plan_rows([1, 90, 90, 1400].into_iter(), 512, Some(128)), vec![(0, 1), (1, 90), (2, 90), (3, 128)]);
+        assert_eq!(plan_rows([1, 900, 900, 900, 900, 900].into_iter(), 512, Some(128)), vec![(0, 1), (1, 128), (2, 128), (3, 128), (4, 128)]);
+        // The smaller chunk caps a short prompt too.
+        assert_eq!(plan_rows([1, 90].into_iter(), 512, Some(64)), vec![(0, 1), (1, 64)]);
     }
 }

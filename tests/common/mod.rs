@@ -210,6 +210,16 @@ pub fn assert_openai_error(reply: &Reply, status: u16) -> &Value {
 }
 
 /// The value of one sample in Prometheus text (`name` with its labels, as written).
+/// A reply's usage without `prompt_tokens_details`: how much of a prompt the
+/// prefix cache held depends on what ran before, not on the request.
+pub fn usage_counts(usage: &Value) -> Value {
+    let mut usage = usage.clone();
+    if let Some(fields) = usage.as_object_mut() {
+        fields.remove("prompt_tokens_details");
+    }
+    usage
+}
+
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
