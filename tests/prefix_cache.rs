@@ -143,6 +143,31 @@ fn a_tiny_pool_evicts_the_oldest_idle_pages_and_keeps_every_answer_right() {
     eprintln!("{hits} hits among 12 sequences of four prompts; {stats:?}");
 }
 
+/// The tensor path under a tiny budget: its pool stops doubling at the
+/// capacity, evicts the oldest idle pages, and every greedy answer stays the
+/// one computed without a cache.
+#[test]
+fn the_tensor_paths_pool_evicts_within_its_capacity_and_answers_stay_right() {
+    let plain = model(false, KvPrecision::F32).into_tensor_path().expect("tensor path");
+    let cached = model(true, KvPrecision::F32).into_tensor_path().expect("tensor path");
+    let page_bytes = cached.kv_bytes_per_token() * PAGE as u64;
+    cached.set_kv_capacity(7 * page_bytes, 1);
+    let prompts: Vec<Vec<u32>> = (0..4).map(|seed| prompt(seed + 20, 200)).collect();
+    let tokens = |rows: &[Vec<f32>]| rows.iter().map(|l| argmax(l)).collect::<Vec<_>>();
+    let want: Vec<_> = prompts.iter().map(|p| tokens(&run(&plain, &mut plain.new_cache_for(p), p, 512, 3))).collect();
+    for round in 0..2 {
+        for (i, p) in prompts.iter().enumerate() {
+            let mut cache = cached.new_cache_for(p);
+            assert_eq!(tokens(&run(&cached, &mut cache, p, 128, 3)), want[i], "round {round}, prompt {i}");
+        }
+    }
+    let stats = cached.prefix_cache_stats().unwrap();
+    assert!(stats.evictions > 0, "{stats:?}");
+    // The pool starts at 16 pages and never grows past them: 8 pages are all a sequence needs here.
+    assert!(stats.pool_bytes <= 16 * page_bytes, "{stats:?}");
+    assert_eq!(stats.held_bytes, 0, "every cache was dropped");
+}
+
 /// A chat's next turn: the last, partly written page of a finished sequence
 /// is kept, and a prompt that goes on from its tokens (the prompt, the reply
 /// it decoded, then more) copies the rows they share; the rest computes to
