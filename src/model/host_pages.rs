@@ -14,6 +14,7 @@ use super::host_attention::{KvPrecision, PageStore};
 use super::page_book::{PageBook, PrefixCacheStats, SeqPrefix, PAGE_POSITIONS};
 
 pub struct HostKvPool {
+    n_layer: usize,
     kv_heads: usize,
     head_dim: usize,
     precision: KvPrecision,
@@ -33,12 +34,12 @@ impl HostKvPool {
         // Empty until the first sequence's first step: the pool grows as it is used.
         let layers: Vec<PageStore> = (0..n_layer).map(|_| PageStore::new(precision, kv_heads, head_dim)).collect();
         let state = PoolState { book: PageBook::new(0), layers };
-        Arc::new(HostKvPool { kv_heads, head_dim, precision, prefix_cache, state: Mutex::new(state) })
+        Arc::new(HostKvPool { n_layer, kv_heads, head_dim, precision, prefix_cache, state: Mutex::new(state) })
     }
 
     /// (layers, KV heads, head size).
     pub fn shape(&self) -> (usize, usize, usize) {
-        (self.lock().layers.len(), self.kv_heads, self.head_dim)
+        (self.n_layer, self.kv_heads, self.head_dim)
     }
 
     pub fn precision(&self) -> KvPrecision {
@@ -55,7 +56,7 @@ impl HostKvPool {
 
     /// Bytes one page takes over all layers, keys and values.
     pub fn page_bytes(&self) -> u64 {
-        self.lock().layers.len() as u64 * PageStore::page_bytes(self.precision, self.kv_heads, self.head_dim)
+        self.n_layer as u64 * PageStore::page_bytes(self.precision, self.kv_heads, self.head_dim)
     }
 
     /// Keep the pool within `budget_bytes` of keys and values, plus one page
@@ -63,12 +64,6 @@ impl HostKvPool {
     pub fn set_capacity(&self, budget_bytes: u64, max_batch: usize) {
         let page = self.page_bytes().max(1);
         self.lock().book.set_capacity((budget_bytes / page) as usize + max_batch);
-    }
-
-    /// (pages registered under a prefix, idle cached pages, evictions so far).
-    pub fn cache_counts(&self) -> (usize, usize, u64) {
-        let state = self.lock();
-        (state.book.cached_count(), state.book.idle_count(), state.book.evictions)
     }
 
     /// What the prefix cache holds and has done so far.
@@ -164,18 +159,19 @@ impl HostSeqPages {
 
 impl Drop for HostSeqPages {
     fn drop(&mut self) {
-        let mut state = self.pool.lock();
-        if self.pool.prefix_cache {
-            self.prefix.release(&mut state.book, &self.pages);
-        } else {
-            state.book.release(&self.pages);
-        }
+        self.prefix.release(&mut self.pool.lock().book, &self.pages);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (pages registered under a prefix, idle cached pages, evictions so far).
+    fn cache_counts(pool: &HostKvPool) -> (usize, usize, u64) {
+        let state = pool.lock();
+        (state.book.cached_count(), state.book.idle_count(), state.book.evictions)
+    }
 
     #[test]
     fn a_prompt_matches_the_full_pages_another_sequence_filled() {
@@ -188,7 +184,7 @@ mod tests {
             first.filled(&mut state, &prompt);
         }
         // Three full pages (192 positions) were registered; the fourth is partial.
-        assert_eq!(pool.cache_counts().0, 3);
+        assert_eq!(cache_counts(&pool).0, 3);
         let (second, covered) = HostSeqPages::with_prefix(pool.clone(), &prompt);
         assert_eq!((covered, second.pages()), (192, &first.pages()[..3]));
         // The last token is always left to compute: a 129-token prompt matches two pages, 128 one.
@@ -206,7 +202,7 @@ mod tests {
             seq.reserve(&mut state, 200);
             seq.filled(&mut state, &prompt);
         }
-        assert_eq!(plain.cache_counts().0, 0);
+        assert_eq!(cache_counts(&plain).0, 0);
         assert_eq!(HostSeqPages::with_prefix(plain, &prompt).1, 0);
     }
 
@@ -224,7 +220,7 @@ mod tests {
         let free_before = pool.lock().book.free_count();
         drop(first);
         // The full page and the partly written one stay, idle; the unwritten third is free again.
-        assert_eq!(pool.cache_counts(), (2, 2, 0));
+        assert_eq!(cache_counts(&pool), (2, 2, 0));
         assert_eq!(pool.lock().book.free_count(), free_before + 1);
         // Its 100 tokens and more: 99 positions are reused (the last token is computed).
         let longer: Vec<u32> = (0..150).collect();

@@ -84,10 +84,6 @@ impl SeqKvCache {
         }
     }
 
-    pub fn is_paged(&self) -> bool {
-        matches!(self, SeqKvCache::Paged { .. })
-    }
-
     /// `len` after a step wrote `new` positions in every layer.
     pub fn advance(&mut self, new: usize) {
         match self {

@@ -232,12 +232,7 @@ impl SeqPages {
 
 impl Drop for SeqPages {
     fn drop(&mut self) {
-        let mut state = self.pool.state();
-        if self.pool.prefix_cache {
-            self.prefix.release(&mut state.book, &self.pages);
-        } else {
-            state.book.release(&self.pages);
-        }
+        self.prefix.release(&mut self.pool.state().book, &self.pages);
     }
 }
 

@@ -97,6 +97,8 @@ pub struct PageBook {
     by_key: HashMap<u64, u32>,
     /// The key of a prefix → the registered pages (full or tail) that follow it.
     by_previous: HashMap<u64, Vec<u32>>,
+    /// Pages registered, full or tail (what `by_previous` lists).
+    cached: usize,
     /// Registered pages nobody holds, by when they were last let go (oldest first).
     idle: BTreeMap<u64, u32>,
     /// Per page: its place in `idle`.
@@ -119,6 +121,7 @@ impl PageBook {
             registered: Vec::new(),
             by_key: HashMap::new(),
             by_previous: HashMap::new(),
+            cached: 0,
             idle: BTreeMap::new(),
             idle_since: Vec::new(),
             clock: 0,
@@ -179,7 +182,7 @@ impl PageBook {
 
     /// Pages registered under a prefix (held or idle, full or tail).
     pub fn cached_count(&self) -> usize {
-        self.by_previous.values().map(Vec::len).sum()
+        self.cached
     }
 
     /// How many sequences hold `page`.
@@ -227,6 +230,7 @@ impl PageBook {
 
     fn forget(&mut self, page: u32) {
         if let Some(r) = self.registered[page as usize].take() {
+            self.cached -= 1;
             if r.is_full() {
                 self.by_key.remove(&r.key);
             }
@@ -324,6 +328,7 @@ impl PageBook {
     fn enlist(&mut self, page: u32, registered: Registered) {
         self.by_previous.entry(registered.previous).or_default().push(page);
         self.registered[page as usize] = Some(registered);
+        self.cached += 1;
     }
 }
 
@@ -403,6 +408,7 @@ impl SeqPrefix {
 
     /// The sequence is done with `pages`: its partly written last page is
     /// kept as a tail (`PageBook::keep_tail`), then every page is let go.
+    /// (Without a prefix cache nothing was recorded, so it only lets go.)
     pub fn release(&self, book: &mut PageBook, pages: &[u32]) {
         if let Some(&tail) = pages.get(self.registered) {
             book.keep_tail(tail, self.chain, &self.partial);

@@ -23,9 +23,9 @@ pub(super) struct TensorPath {
 }
 
 impl TensorPath {
-    pub fn new(cfg: &TransformerConfig, ropes: &[RopeTable], dtype: DType, device: &Device) -> Result<TensorPath> {
+    pub fn new(cfg: &TransformerConfig, ropes: &[RopeTable], dtype: DType, device: &Device, prefix_cache: bool) -> Result<TensorPath> {
         let ropes = ropes.iter().map(|r| Ok((r.cos.to_dtype(dtype)?, r.sin.to_dtype(dtype)?))).collect::<Result<_>>()?;
-        let pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device, true)?;
+        let pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device, prefix_cache)?;
         Ok(TensorPath { pool, ropes })
     }
 

@@ -174,7 +174,7 @@ impl Transformer {
         let backend = if on_host {
             Backend::Host(Box::new(HostPath::new(&blocks, &final_norm, &ropes, config.n_kv_head, config.head_dim)?))
         } else {
-            Backend::Tensor(TensorPath::new(&config, &ropes, dtype, &device)?)
+            Backend::Tensor(TensorPath::new(&config, &ropes, dtype, &device, true)?)
         };
         Ok(Transformer { config, embedding, blocks, final_norm, lm_head, device, dtype, backend })
     }
@@ -183,9 +183,7 @@ impl Transformer {
     pub fn into_tensor_path(mut self) -> Result<Self> {
         let ropes = rope_tables(&self.config, &self.device)?;
         let prefix_cache = self.prefix_cache();
-        let mut path = TensorPath::new(&self.config, &ropes, self.dtype, &self.device)?;
-        path.reset_pool(&self.config, self.dtype, &self.device, prefix_cache)?;
-        self.backend = Backend::Tensor(path);
+        self.backend = Backend::Tensor(TensorPath::new(&self.config, &ropes, self.dtype, &self.device, prefix_cache)?);
         Ok(self)
     }
 
@@ -199,9 +197,12 @@ impl Transformer {
     }
 
     /// Whether full pages of prompts are kept and shared between sequences
-    /// (on by default). Makes a new, empty pool: call before making caches,
-    /// and before `set_kv_capacity`.
+    /// (on by default). A change makes a new, empty pool: call before making
+    /// caches, and before `set_kv_capacity`.
     pub fn set_prefix_cache(&mut self, on: bool) -> Result<()> {
+        if on == self.prefix_cache() {
+            return Ok(());
+        }
         match &mut self.backend {
             Backend::Host(path) => {
                 let precision = path.kv_precision();
