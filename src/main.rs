@@ -301,6 +301,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
         stop: vec![],
         received_at: Instant::now(),
         reasoning: Default::default(),
+        choice: Default::default(),
     };
     let started = Instant::now();
     let mut stream = engine.submit(request)?;

@@ -54,6 +54,13 @@ pub struct Metrics {
     pub kv_cache_pool_bytes: IntGauge,
     /// Bytes of the KV pages running sequences hold.
     pub kv_cache_held_bytes: IntGauge,
+    /// Requests whose answer a grammar held, by model and kind
+    /// (`json_object | json_schema | tools`).
+    pub constrained_requests_total: IntCounterVec,
+    /// Time to compute one grammar mask (one constrained token).
+    pub grammar_mask_seconds: Histogram,
+    /// Tool calls returned to clients, by model.
+    pub tool_calls_total: IntCounterVec,
     /// Constant 1, labelled with what the model is.
     pub model_info: IntGaugeVec,
     pub model_weight_bytes: IntGauge,
@@ -168,6 +175,17 @@ impl Metrics {
             IntCounter::new("prefix_cache_evictions_total", "Idle cached KV pages taken back to make room").unwrap();
         let kv_cache_pool_bytes = IntGauge::new("kv_cache_pool_bytes", "Bytes the KV page pool has allocated, in use or not").unwrap();
         let kv_cache_held_bytes = IntGauge::new("kv_cache_held_bytes", "Bytes of the KV pages running sequences hold").unwrap();
+        let constrained_requests_total = IntCounterVec::new(
+            Opts::new("constrained_requests_total", "Generation requests whose answer a grammar held, by kind: json_object, json_schema, tools"),
+            &["model", "kind"],
+        )
+        .unwrap();
+        let grammar_mask_seconds = Histogram::with_opts(
+            HistogramOpts::new("grammar_mask_seconds", "Time to compute the grammar's allowed tokens for one constrained token")
+                .buckets(prometheus::exponential_buckets(0.00001, 2.0, 16).expect("valid buckets")),
+        )
+        .unwrap();
+        let tool_calls_total = IntCounterVec::new(Opts::new("tool_calls_total", "Tool calls returned in replies"), &["model"]).unwrap();
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "The served model (value is always 1)"),
             &["model", "arch", "format", "dtype", "sparse_fraction", "device"],
@@ -201,6 +219,9 @@ impl Metrics {
             Box::new(prefix_cache_evictions_total.clone()),
             Box::new(kv_cache_pool_bytes.clone()),
             Box::new(kv_cache_held_bytes.clone()),
+            Box::new(constrained_requests_total.clone()),
+            Box::new(grammar_mask_seconds.clone()),
+            Box::new(tool_calls_total.clone()),
             Box::new(model_info.clone()),
             Box::new(model_weight_bytes.clone()),
         ];
@@ -239,6 +260,9 @@ impl Metrics {
             prefix_cache_evictions_total,
             kv_cache_pool_bytes,
             kv_cache_held_bytes,
+            constrained_requests_total,
+            grammar_mask_seconds,
+            tool_calls_total,
             model_info,
             model_weight_bytes,
         }

@@ -48,6 +48,11 @@ fn chat(extra: Value) -> Value {
     body
 }
 
+/// A JSON schema of arrays nested `depth` deep.
+fn deep_schema(depth: usize) -> Value {
+    (0..depth).fold(json!({"type": "string"}), |items, _| json!({"type": "array", "items": items}))
+}
+
 fn nested_arrays(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
 }
@@ -116,7 +121,20 @@ fn bad_requests() -> Vec<Case> {
         json_case("stream a string", chat(json!({"stream": "yes"})), 400),
         json_case("seed a string", chat(json!({"seed": "42"})), 400),
         json_case("top_k negative", chat(json!({"top_k": -1})), 400),
-        json_case("logprobs", chat(json!({"logprobs": true})), 400),
+        json_case("top_logprobs past 20", chat(json!({"logprobs": true, "top_logprobs": 21})), 400),
+        json_case("top_logprobs without logprobs", chat(json!({"top_logprobs": 3})), 400),
+        json_case("a 1 MB stop string", chat(json!({"stop": "s".repeat((1 << 20) - 512)})), 400),
+        json_case("min_thinking_tokens above max_tokens", chat(json!({"max_tokens": 2, "reasoning": {"min_thinking_tokens": 3}})), 400),
+        json_case("a user message with null content", chat(json!({"messages": [{"role": "user", "content": null}]})), 400),
+        json_case("logit_bias not a number", chat(json!({"logit_bias": {"1": "big"}})), 400),
+        json_case("logit_bias past 100", chat(json!({"logit_bias": {"1": 101}})), 400),
+        json_case("logit_bias token past the vocabulary", chat(json!({"logit_bias": {"99999999": 1}})), 400),
+        json_case("response_format of an unknown type", chat(json!({"response_format": {"type": "xml"}})), 400),
+        json_case("a schema too deep", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": deep_schema(40)}}})), 400),
+        json_case("a schema too large", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"enum": vec!["x".repeat(100); 700]}}}})), 400),
+        json_case("a schema llguidance refuses", chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"$ref": "#/$defs/missing"}}}})), 400),
+        json_case("an unknown top-level field", chat(json!({"frobnicate": {"a": [[[[[[1]]]]]]}})), 400),
+        json_case("audio output", chat(json!({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}})), 400),
         json_case("reasoning a string", chat(json!({"reasoning": "lots"})), 400),
         json_case("unknown reasoning strategy", chat(json!({"reasoning": {"strategy": "forever"}})), 400),
         json_case("unknown reasoning effort", chat(json!({"reasoning_effort": "extreme"})), 400),
@@ -172,7 +190,7 @@ fn hostile_but_valid() -> Vec<(&'static str, &'static str, Value)> {
         ("bidi overrides and zero-width", CHAT, user("\u{202e}gnirts\u{200b}\u{feff}\u{2066}")),
         ("emoji and combining marks", CHAT, user("👩‍👩‍👧‍👦 e\u{301}\u{301}\u{301}\u{301}")),
         ("surrogate pair escape", CHAT, serde_json::from_str(r#"{"messages":[{"role":"user","content":"\ud83d\ude00"}],"max_tokens":2}"#).unwrap()),
-        ("unknown fields, nested", CHAT, chat(json!({"frobnicate": {"a": [[[[[[1]]]]]]}, "user": "x", "metadata": {"k": "v"}}))),
+        ("OpenAI's ignored fields", CHAT, chat(json!({"user": "x", "metadata": {"k": "v"}, "store": false, "service_tier": "auto"}))),
         ("null fields", CHAT, chat(json!({"temperature": null, "stop": null, "top_p": null}))),
         ("system and developer messages", CHAT, chat(json!({"messages": [{"role": "developer", "content": "{{"}, {"role": "system", "content": "%}"}, {"role": "user", "content": "hi"}]}))),
     ]

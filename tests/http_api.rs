@@ -460,13 +460,11 @@ async fn bad_requests_get_openai_errors_and_the_server_carries_on() {
         ),
         // Features terse lacks are refused by name, never answered as if absent.
         (
-            "a JSON schema to follow",
+            "a response format of an unknown type",
             &chat,
-            with(good.clone(), json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}))
-                .to_string()
-                .into(),
+            with(good.clone(), json!({"response_format": {"type": "json_schema_v2"}})).to_string().into(),
             400,
-            Some("response_format"),
+            Some("response_format.type"),
         ),
         (
             "tools",
@@ -478,11 +476,11 @@ async fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             Some("tools"),
         ),
         (
-            "a logit bias",
+            "a logit bias that is not a number",
             &completions,
-            json!({"prompt": "Hi", "logit_bias": {"1": 5}}).to_string().into(),
+            json!({"prompt": "Hi", "logit_bias": {"1": "big"}}).to_string().into(),
             400,
-            Some("logit_bias"),
+            Some("logit_bias.1"),
         ),
         (
             "unknown model",

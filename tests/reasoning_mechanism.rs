@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use terse::engine::{
-    start_engine, EngineConfig, EngineHandle, GenerationEvent, GenerationRequest, ReasoningUsage, SamplingParams,
+    start_engine, ChoiceOptions, EngineConfig, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage,
+    SamplingParams,
 };
+use terse::server::structured::AnswerFormat;
 use terse::metrics::Metrics;
 use terse::model::{write_random_gguf, SyntheticSpec};
 use terse::reasoning::control::{ReasoningSettings, Strategy, ThinkStopReason};
@@ -52,9 +54,15 @@ struct Token {
     id: u32,
     phase: Phase,
     forced: bool,
+    text: String,
 }
 
 async fn run(reasoning: ReasoningSettings, max_tokens: usize) -> (Vec<Token>, ReasoningUsage) {
+    let (tokens, usage, _) = run_with(reasoning, max_tokens, ChoiceOptions::default()).await;
+    (tokens, usage)
+}
+
+async fn run_with(reasoning: ReasoningSettings, max_tokens: usize, choice: ChoiceOptions) -> (Vec<Token>, ReasoningUsage, FinishReason) {
     let engine = engine();
     let prompt = prompt(engine);
     assert_eq!(PhaseTracker::new(engine.think_tokens(), &prompt).phase(), Phase::Thinking);
@@ -66,13 +74,14 @@ async fn run(reasoning: ReasoningSettings, max_tokens: usize) -> (Vec<Token>, Re
         stop: vec![],
         received_at: std::time::Instant::now(),
         reasoning,
+        choice,
     };
     let mut events = engine.submit(request).unwrap();
     let mut tokens = Vec::new();
     loop {
         match events.next().await.expect("the stream ends with Finished") {
-            GenerationEvent::Token { id, phase, forced, .. } => tokens.push(Token { id, phase, forced }),
-            GenerationEvent::Finished { reasoning, .. } => return (tokens, reasoning),
+            GenerationEvent::Token { id, phase, forced, text, .. } => tokens.push(Token { id, phase, forced, text }),
+            GenerationEvent::Finished { reasoning, reason, .. } => return (tokens, reasoning, reason),
             GenerationEvent::Failed { message } => panic!("generation failed: {message}"),
         }
     }
@@ -154,6 +163,7 @@ async fn a_cancelled_sequence_is_answered_with_what_it_used() {
         stop: vec![],
         received_at: std::time::Instant::now(),
         reasoning: ReasoningSettings::default(),
+        choice: Default::default(),
     };
     let mut events = engine.submit(request).unwrap();
     let mut seen = 0;
@@ -180,4 +190,52 @@ async fn a_cancelled_sequence_is_answered_with_what_it_used() {
     }
     assert!(events.next().await.is_none(), "nothing after Finished");
     assert!(seen < 4_000, "cancelled before the end");
+}
+
+/// A JSON answer the grammar can finish in a few tokens.
+fn short_json_answer() -> ChoiceOptions {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 4}},
+        "required": ["answer"],
+        "additionalProperties": false,
+    });
+    let constraint = AnswerFormat::JsonSchema { schema }.compile(engine()).expect("the schema compiles");
+    ChoiceOptions { constraint: Some(constraint), ..Default::default() }
+}
+
+/// The answer's text, which must be the schema's JSON.
+fn answer_json(tokens: &[Token]) -> serde_json::Value {
+    let text: String = tokens.iter().filter(|t| t.phase == Phase::Answer).map(|t| t.text.as_str()).collect();
+    let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("the answer {text:?} is not JSON: {e}"));
+    let answer = value.get("answer").and_then(|a| a.as_str()).unwrap_or_else(|| panic!("{value}"));
+    assert!(answer.chars().count() <= 4 && value.as_object().unwrap().len() == 1, "{value}");
+    value
+}
+
+#[tokio::test]
+async fn a_grammar_holds_the_answer_and_leaves_the_thinking_alone() {
+    // Budget forcing: the same thinking as without the grammar, then JSON.
+    const N: usize = 5;
+    let budget = ReasoningSettings { strategy: Strategy::Budget, max_thinking_tokens: Some(N), ..Default::default() };
+    let (free, free_usage) = run(budget.clone(), 20).await;
+    let (held, usage, reason) = run_with(budget, 200, short_json_answer()).await;
+    let thought = |tokens: &[Token]| tokens.iter().filter(|t| t.phase == Phase::Thinking).map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(thought(&held), thought(&free), "the same seed thinks the same with or without the grammar");
+    assert_eq!((usage.thinking_tokens, usage.forced_tokens), (free_usage.thinking_tokens, free_usage.forced_tokens));
+    assert_eq!(usage.think_stop_reason, Some(ThinkStopReason::Budget));
+    assert_eq!(reason, FinishReason::Stop, "the end of turn comes once the grammar is complete");
+    answer_json(&held);
+    assert!(held.iter().filter(|t| t.phase == Phase::Thinking).all(|t| !t.text.contains('{')), "no JSON in the thinking");
+
+    // TS ends the thought at once; min-thinking holds it open first; the answer is JSON either way.
+    let ts = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 1e6, ..Default::default() };
+    let (held, usage, reason) = run_with(ts.clone(), 200, short_json_answer()).await;
+    assert_eq!((held[0].id, usage.thinking_tokens), (close_token(), 1));
+    assert_eq!((usage.think_stop_reason, reason), (Some(ThinkStopReason::StopTemperature), FinishReason::Stop));
+    answer_json(&held);
+    let min = ReasoningSettings { min_thinking_tokens: Some(4), ..ts };
+    let (held, usage, reason) = run_with(min, 200, short_json_answer()).await;
+    assert!(usage.forced_continuation >= 4 && reason == FinishReason::Stop, "{usage:?} {reason:?}");
+    answer_json(&held);
 }

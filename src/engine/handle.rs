@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub injections: Injections,
     pub profile: ReasoningProfile,
     pub reasoning_summary: super::ReasoningSummary,
+    /// Compiles answer grammars; `Err` says why this vocabulary cannot have them.
+    pub grammar: Result<Arc<super::GrammarCompiler>, String>,
     pub max_queue: usize,
     pub context_length: usize,
     pub kv_bytes_per_token: u64,
@@ -222,6 +224,19 @@ impl EngineHandle {
 
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.shared.tokenizer
+    }
+
+    /// The bytes of token `id` as the model writes them (special tokens as their text).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match &self.shared.grammar {
+            Ok(compiler) => compiler.token_bytes(id).to_vec(),
+            Err(_) => self.shared.tokenizer.decode(&[id]).into_bytes(),
+        }
+    }
+
+    /// The compiler of answer grammars, or why the model cannot have one.
+    pub fn grammar_compiler(&self) -> Result<&Arc<super::GrammarCompiler>, &str> {
+        self.shared.grammar.as_ref().map_err(String::as_str)
     }
 
     /// The longest prompt + completion a sequence may have, in tokens.

@@ -4,9 +4,10 @@
 //! fixed order, then to the [`Sampler`](super::Sampler):
 //! 1. reasoning control (temperature-scaled stopping), on the model's own
 //!    distribution, before anything else has moved it;
-//! 2. penalties (presence, frequency, repetition), on the request's own terms.
-//!
-//! Logit bias and grammar masks, when they come, follow in that order.
+//! 2. penalties (presence, frequency, repetition), on the request's own terms;
+//! 3. the request's logit bias;
+//! 4. the grammar's mask (`grammar.rs`), in the answer phase only, last, so
+//!    that nothing after it can bring back a token it ruled out.
 //!
 //! Every token the sequence takes in, sampled or injected, reaches every
 //! processor the same way ([`LogitChain::accept`]), so an injected `Wait` is
@@ -18,8 +19,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::grammar::GrammarMask;
 use super::request::SamplingParams;
 use crate::reasoning::control::{ForcedKind, ReasoningControl};
+use crate::reasoning::phase::Phase;
 
 /// What a processor does to the next token's logits, as the device path sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,24 +120,57 @@ impl LogitProcessor for Penalties {
     }
 }
 
+/// OpenAI's `logit_bias`: a number added to a token's logit (−100 bans it,
+/// 100 all but forces it).
+pub struct LogitBias(pub Vec<(u32, f32)>);
+
+impl LogitProcessor for LogitBias {
+    fn apply(&mut self, logits: &mut [f32]) {
+        for &(t, bias) in &self.0 {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+    }
+
+    fn accept(&mut self, _token: u32, _forced: Option<ForcedKind>) {}
+
+    fn device_edit(&self) -> DeviceEdit<'_> {
+        if self.0.is_empty() {
+            DeviceEdit::None
+        } else {
+            DeviceEdit::HostOnly
+        }
+    }
+}
+
 /// A sequence's processors, in the order of the module's documentation.
 pub struct LogitChain {
     /// Also the sequence's phase and token counts, which the engine reads.
     pub reasoning: ReasoningControl,
     penalties: Penalties,
+    bias: LogitBias,
+    grammar: Option<GrammarMask>,
 }
 
 impl LogitChain {
     pub fn new(reasoning: ReasoningControl, penalties: Penalties) -> Self {
-        LogitChain { reasoning, penalties }
+        LogitChain { reasoning, penalties, bias: LogitBias(Vec::new()), grammar: None }
     }
 
-    fn processors(&mut self) -> [&mut dyn LogitProcessor; 2] {
-        [&mut self.reasoning, &mut self.penalties]
+    /// With the request's logit bias and its answer's grammar.
+    pub fn with(mut self, bias: LogitBias, grammar: Option<GrammarMask>) -> Self {
+        self.bias = bias;
+        self.grammar = grammar;
+        self
     }
 
-    fn processors_ref(&self) -> [&dyn LogitProcessor; 2] {
-        [&self.reasoning, &self.penalties]
+    fn processors(&mut self) -> [&mut dyn LogitProcessor; 3] {
+        [&mut self.reasoning, &mut self.penalties, &mut self.bias]
+    }
+
+    fn processors_ref(&self) -> [&dyn LogitProcessor; 3] {
+        [&self.reasoning, &self.penalties, &self.bias]
     }
 
     /// Every processor's edit of the next token's logits, in order.
@@ -142,12 +178,25 @@ impl LogitChain {
         for p in self.processors() {
             p.apply(logits);
         }
+        if self.reasoning.phase() == Phase::Answer {
+            if let Some(grammar) = self.grammar.as_mut() {
+                grammar.apply(logits);
+            }
+        }
     }
 
-    /// A token the sequence now holds, to every processor.
+    /// A token the sequence now holds, to every processor. The grammar takes
+    /// only the tokens sampled in the answer phase.
     pub fn accept(&mut self, token: u32, forced: Option<ForcedKind>) {
+        let phase = self.reasoning.phase();
         for p in self.processors() {
             p.accept(token, forced);
+        }
+        if let Some(grammar) = self.grammar.as_mut() {
+            if forced.is_none() && phase == Phase::Answer {
+                grammar.accept(token);
+            }
+            grammar.note_completion_token();
         }
     }
 
@@ -155,6 +204,9 @@ impl LogitChain {
     /// at most TS's stop scaling (`ts`, if it moves anything), `None` when a
     /// processor needs the row on the host.
     pub fn device_plan(&self) -> Option<Option<(&[u32], f32)>> {
+        if self.grammar.is_some() {
+            return None;
+        }
         let mut ts = None;
         for p in self.processors_ref() {
             match p.device_edit() {
@@ -191,6 +243,16 @@ mod tests {
         let mut logits = [1.0, 0.5];
         p.apply(&mut logits);
         assert!(logits[1] > logits[0], "{logits:?}");
+    }
+
+    #[test]
+    fn logit_bias_moves_the_named_tokens_and_needs_the_host() {
+        let mut b = LogitBias(vec![(1, 100.0), (0, -100.0), (9, 5.0)]);
+        let mut logits = [1.0, 0.5];
+        b.apply(&mut logits);
+        assert_eq!(logits, [-99.0, 100.5]);
+        assert_eq!(b.device_edit(), DeviceEdit::HostOnly);
+        assert_eq!(LogitBias(vec![]).device_edit(), DeviceEdit::None);
     }
 
     #[test]

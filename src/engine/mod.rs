@@ -6,6 +6,7 @@
 //! its KV cache at its next step, and answers a cancelled stream with its usage.
 
 mod device_pick;
+mod grammar;
 mod handle;
 mod logits;
 mod profile;
@@ -22,7 +23,8 @@ use anyhow::{Context, Result};
 
 pub use device_pick::PickOnDevice;
 pub use handle::{EngineConfig, EngineHandle, GenerationStream, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK};
-pub use logits::{DeviceEdit, LogitChain, LogitProcessor, Penalties};
+pub use grammar::{Constraint, ConstraintKind, GrammarCompiler};
+pub use logits::{DeviceEdit, LogitBias, LogitChain, LogitProcessor, Penalties};
 pub use profile::{resolve_reasoning, ProfileSource, ReasoningSummary, ResolvedReasoning};
 pub use request::*;
 pub use crate::reasoning::stopping::argmax;
@@ -91,6 +93,12 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         opens_thought_after_prompt = reasoning.profile.start_thinking && reasoning.think.is_some(),
         "reasoning profile"
     );
+    let started = std::time::Instant::now();
+    let grammar = GrammarCompiler::new(&tokenizer).map(Arc::new).map_err(|e| {
+        tracing::warn!("structured outputs are off for this model: {e:#}");
+        format!("this model's vocabulary cannot be used for grammars ({e:#})")
+    });
+    tracing::info!(secs = started.elapsed().as_secs_f64(), "grammar vocabulary built");
     let shared = Arc::new(handle::Shared {
         info,
         tokenizer: Arc::new(tokenizer),
@@ -98,6 +106,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         injections: reasoning.injections,
         profile: reasoning.profile,
         reasoning_summary: reasoning.summary,
+        grammar,
         max_queue: config.max_queue,
         context_length,
         kv_bytes_per_token,

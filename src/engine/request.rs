@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use super::grammar::Constraint;
 use crate::reasoning::control::{ReasoningSettings, ThinkStopReason};
 use crate::reasoning::phase::Phase;
 
@@ -53,6 +54,31 @@ pub struct GenerationRequest {
     pub received_at: Instant,
     /// How long the model may think, and how it is stopped.
     pub reasoning: ReasoningSettings,
+    /// Logit bias, the answer's grammar, log-probabilities.
+    pub choice: ChoiceOptions,
+}
+
+/// What a request adds to the choice of each token besides sampling.
+#[derive(Debug, Clone, Default)]
+pub struct ChoiceOptions {
+    /// Added to the named tokens' logits (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the answer must follow.
+    pub constraint: Option<Constraint>,
+    /// Report each token's log-probability, and this many of the most likely
+    /// alternatives (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+/// A completion token's log-probability under the distribution it was drawn
+/// from: the model's logits after every edit (TS, penalties, bias, grammar
+/// mask), at temperature 1, before top-k / top-p. An injected token was not
+/// drawn: it has probability 1 (log-probability 0) and no alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +132,7 @@ pub enum GenerationEvent {
     /// character or might start a stop string; held-back text may come with a
     /// later token. Count tokens from `Finished`, not from these events.
     /// `forced` marks tokens injected by reasoning control.
-    Token { id: u32, text: String, phase: Phase, forced: bool },
+    Token { id: u32, text: String, phase: Phase, forced: bool, logprob: Option<TokenLogprob> },
     /// The last event of a successful generation; any held-back text has been sent.
     Finished { reason: FinishReason, usage: Usage, reasoning: ReasoningUsage },
     /// The engine failed on this sequence; nothing more follows.

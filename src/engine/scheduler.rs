@@ -24,8 +24,9 @@ use candle_core::Tensor;
 
 use super::device_pick::{pick_greedy, GreedyRow};
 use super::handle::{InFlight, Shared, Submission};
-use super::logits::{LogitChain, Penalties};
-use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, Usage};
+use super::grammar::GrammarMask;
+use super::logits::{LogitBias, LogitChain, Penalties};
+use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
@@ -44,8 +45,10 @@ struct Sequence {
     completion: usize,
     /// Prompt positions the prefix cache held when the sequence started.
     cached: usize,
-    /// Reasoning control, penalties: the editors of the next token's logits.
+    /// Reasoning control, penalties, bias, grammar: the editors of the next token's logits.
     logits: LogitChain,
+    /// The log-probability of the token just sampled, when the request asked.
+    sampled_logprob: Option<TokenLogprob>,
     sampler: Sampler,
     cache: SeqKvCache,
     decoder: PhasedDecoder,
@@ -302,11 +305,17 @@ impl Scheduler {
         let Submission { request, events, cancelled, in_flight, queued } = submission;
         drop(queued);
         let penalties = Penalties::new(&request.sampling, &request.prompt);
+        let grammar = request.choice.constraint.clone().map(|c| {
+            let think_open = self.shared.think.map(|t| t.open);
+            GrammarMask::new(c, self.shared.tokenizer.end_of_turn_ids().to_vec(), think_open, self.metrics.grammar_mask_seconds.clone())
+        });
+        let chain = LogitChain::new(self.reasoning_control(&request), penalties).with(LogitBias(request.choice.logit_bias.clone()), grammar);
         // Only what the prefix cache does not hold is prefilled.
         let cache = self.model.new_cache_for(&request.prompt);
         Sequence {
             cached: cache.len(),
-            logits: LogitChain::new(self.reasoning_control(&request), penalties),
+            logits: chain,
+            sampled_logprob: None,
             sampler: Sampler::new(request.sampling.clone()),
             stop: StopMatcher::new(request.stop.clone()),
             tokens: request.prompt.clone(),
@@ -365,7 +374,8 @@ impl Scheduler {
                 continue;
             }
             let slot = (row, choices.len());
-            if on_device && seq.sampler.is_greedy() && seq.logits.device_plan().is_some() {
+            let wants_logprobs = seq.request.choice.logprobs.is_some();
+            if on_device && !wants_logprobs && seq.sampler.is_greedy() && seq.logits.device_plan().is_some() {
                 device_rows.push(slot);
             } else {
                 host_rows.push(slot);
@@ -388,7 +398,9 @@ impl Scheduler {
         let mut sample = |slot: usize, row: &mut [f32]| {
             let seq = &mut running[choices[slot].0];
             seq.logits.apply(row);
-            choices[slot].1 = Next::Sampled(seq.sampler.sample(row));
+            let token = seq.sampler.sample(row);
+            seq.sampled_logprob = seq.request.choice.logprobs.map(|top| logprob_of(row, token, top));
+            choices[slot].1 = Next::Sampled(token);
         };
         match logits {
             // The host's logits are edited and sampled where the model wrote them.
@@ -439,14 +451,19 @@ impl Scheduler {
     /// the sequence has ended.
     fn take_token(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
         match seq.logits.reasoning.after_sample(token) {
-            Decision::Replace(continuation) => self.push_tokens(seq, &continuation, Some(ForcedKind::Continuation)),
+            Decision::Replace(continuation) => {
+                seq.sampled_logprob = None;
+                self.push_tokens(seq, &continuation, Some(ForcedKind::Continuation))
+            }
             Decision::Keep if self.shared.tokenizer.end_of_turn_ids().contains(&token) => {
                 seq.completion += 1;
                 seq.logits.accept(token, None);
                 let phase = seq.control().last_token_phase();
                 let rest = self.flush_text(seq);
                 if !rest.is_empty() {
-                    let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase, forced: false });
+                    // The end of turn is not part of the text: no log-probability of its own.
+                    seq.sampled_logprob = None;
+                    let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase, forced: false, logprob: None });
                 }
                 Some(FinishReason::Stop)
             }
@@ -474,7 +491,11 @@ impl Scheduler {
             if out_of_room && !stopped {
                 text += &self.flush_text(seq);
             }
-            let _ = seq.events.send(GenerationEvent::Token { id: token, text, phase, forced: forced.is_some() });
+            let logprob = match forced {
+                None => seq.sampled_logprob.take(),
+                Some(_) => seq.request.choice.logprobs.map(|_| TokenLogprob { logprob: 0.0, top: vec![] }),
+            };
+            let _ = seq.events.send(GenerationEvent::Token { id: token, text, phase, forced: forced.is_some(), logprob });
             if stopped {
                 return Some(FinishReason::Stop);
             }
@@ -495,9 +516,40 @@ impl Scheduler {
     }
 }
 
+/// `token`'s log-probability in `row` (edited logits, at temperature 1),
+/// and the `top` most likely tokens' (those the mask ruled out never among them).
+fn logprob_of(row: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_total = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let logprob = row.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_total);
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (id, &l) in row.iter().enumerate() {
+            if l.is_finite() && (best.len() < top || l > best[best.len() - 1].1) {
+                // Highest first; ties keep the lower id first.
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (id as u32, l));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob { logprob, top: best.into_iter().map(|(id, l)| (id, l - log_total)).collect() }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::plan_rows;
+    use super::{logprob_of, plan_rows};
+
+    #[test]
+    fn logprobs_are_of_a_normalised_distribution_and_skip_masked_tokens() {
+        let row = [1.0f32, 3.0, f32::NEG_INFINITY, 2.0, 3.0];
+        let lp = logprob_of(&row, 3, 4);
+        let total: f32 = row.iter().map(|&l| (l - (2.0 - lp.logprob)).exp()).sum::<f32>();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 3, 0]);
+        assert!((lp.top[2].1 - lp.logprob).abs() < 1e-6);
+        assert!(logprob_of(&row, 1, 0).top.is_empty());
+    }
 
     #[test]
     fn prompts_share_a_step_budget_and_shrink_while_others_decode() {

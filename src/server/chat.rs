@@ -6,10 +6,10 @@ use axum::Json;
 use super::endpoint::{Endpoint, ResponseIds};
 use super::error::ApiError;
 use super::generate::{self, Collected};
-use super::openai::{AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion, Delta, TerseExtension, UsageBody};
+use super::openai::{AssistantMessage, ChatChoice, ChatLogprobs, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion, Delta, TerseExtension, UsageBody};
 use super::sse::ChunkFormat;
 use super::validate::GenerationParams;
-use super::wire::ChatFields;
+use super::wire::{ChatFields, FieldUse, CHAT_FIELDS};
 use crate::engine::EngineHandle;
 use crate::reasoning::modes::Mode;
 use crate::reasoning::phase::Phase;
@@ -21,6 +21,7 @@ impl Endpoint for Chat {
     const NAME: &'static str = "chat_completions";
     const ID_PREFIX: &'static str = "chatcmpl-";
     type Fields = ChatFields;
+    const FIELDS: &'static [(&'static str, FieldUse)] = CHAT_FIELDS;
     type Chunks = ChatChunks;
 
     fn check(fields: &ChatFields) -> Result<(), ApiError> {
@@ -29,6 +30,10 @@ impl Endpoint for Chat {
 
     fn refuse_unsupported(fields: &ChatFields) -> Result<(), ApiError> {
         fields.refuse_unsupported()
+    }
+
+    fn logprobs(fields: &ChatFields) -> Result<Option<usize>, ApiError> {
+        fields.logprobs()
     }
 
     async fn prompt(engine: &EngineHandle, fields: ChatFields, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
@@ -58,12 +63,12 @@ impl Endpoint for Chat {
     }
 
     fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response {
-        let Collected { text, reasoning, finished } = done;
+        let Collected { text, reasoning, finished, logprobs } = done;
         let choice = ChatChoice {
             index: 0,
             message: AssistantMessage { role: "assistant", content: text, reasoning_content: reasoning },
             finish_reason: finished.reason.as_openai(),
-            logprobs: None,
+            logprobs,
         };
         let reply: ChatCompletion = Completion {
             usage: Some(UsageBody::new(finished.usage, &finished.reasoning)),
@@ -87,27 +92,27 @@ impl ChatChunks {
         serde_json::to_string(&chunk).unwrap_or_default()
     }
 
-    fn choice(delta: Delta, finish_reason: Option<&'static str>) -> Vec<ChatChunkChoice> {
-        vec![ChatChunkChoice { index: 0, delta, finish_reason, logprobs: None }]
+    fn choice(delta: Delta, finish_reason: Option<&'static str>, logprobs: Option<ChatLogprobs>) -> Vec<ChatChunkChoice> {
+        vec![ChatChunkChoice { index: 0, delta, finish_reason, logprobs }]
     }
 }
 
 impl ChunkFormat for ChatChunks {
     fn opening(&self) -> Option<String> {
         let delta = Delta { role: Some("assistant"), content: Some(String::new()), reasoning_content: None };
-        Some(self.chunk(Self::choice(delta, None), None, None))
+        Some(self.chunk(Self::choice(delta, None, None), None, None))
     }
 
-    fn text(&self, text: String, phase: Phase) -> String {
+    fn text(&self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> String {
         let delta = match phase {
             Phase::Thinking => Delta { reasoning_content: Some(text), ..Default::default() },
             Phase::Answer => Delta { content: Some(text), ..Default::default() },
         };
-        self.chunk(Self::choice(delta, None), None, None)
+        self.chunk(Self::choice(delta, None, logprobs), None, None)
     }
 
     fn finish(&self, reason: &'static str, terse: TerseExtension) -> String {
-        self.chunk(Self::choice(Delta::default(), Some(reason)), None, Some(terse))
+        self.chunk(Self::choice(Delta::default(), Some(reason), None), None, Some(terse))
     }
 
     fn usage(&self, usage: UsageBody) -> String {

@@ -6,10 +6,10 @@ use axum::Json;
 use super::endpoint::{Endpoint, ResponseIds};
 use super::error::ApiError;
 use super::generate::{self, Collected};
-use super::openai::{TerseExtension, TextChoice, TextCompletion, UsageBody};
+use super::openai::{ChatLogprobs, CompletionLogprobs, TerseExtension, TextChoice, TextCompletion, UsageBody};
 use super::sse::ChunkFormat;
 use super::validate::{GenerationParams, Prompt};
-use super::wire::CompletionFields;
+use super::wire::{CompletionFields, FieldUse, COMPLETION_FIELDS};
 use crate::engine::EngineHandle;
 use crate::reasoning::modes::Mode;
 use crate::reasoning::phase::Phase;
@@ -20,6 +20,7 @@ impl Endpoint for Completions {
     const NAME: &'static str = "completions";
     const ID_PREFIX: &'static str = "cmpl-";
     type Fields = CompletionFields;
+    const FIELDS: &'static [(&'static str, FieldUse)] = COMPLETION_FIELDS;
     type Chunks = TextChunks;
 
     fn check(fields: &CompletionFields) -> Result<(), ApiError> {
@@ -29,6 +30,10 @@ impl Endpoint for Completions {
 
     fn refuse_unsupported(fields: &CompletionFields) -> Result<(), ApiError> {
         fields.refuse_unsupported()
+    }
+
+    fn logprobs(fields: &CompletionFields) -> Result<Option<usize>, ApiError> {
+        fields.logprobs()
     }
 
     async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
@@ -49,9 +54,11 @@ impl Endpoint for Completions {
     }
 
     fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response {
-        let Collected { text, reasoning, finished } = done;
+        let Collected { text, reasoning, finished, logprobs } = done;
         let chunks = TextChunks(ids);
-        let mut body = chunks.completion(text, reasoning, Some(finished.reason.as_openai()));
+        // The legacy shape has one text: the answer's tokens.
+        let logprobs = logprobs.map(|l| CompletionLogprobs::new(&l.content, 0));
+        let mut body = chunks.completion(text, reasoning, Some(finished.reason.as_openai()), logprobs);
         body.usage = Some(UsageBody::new(finished.usage, &finished.reasoning));
         body.terse = Some(TerseExtension::new(mode, &finished.reasoning));
         Json(body).into_response()
@@ -66,8 +73,14 @@ impl Endpoint for Completions {
 pub struct TextChunks(ResponseIds);
 
 impl TextChunks {
-    fn completion(&self, text: String, reasoning_content: Option<String>, finish_reason: Option<&'static str>) -> TextCompletion {
-        self.object(vec![TextChoice { index: 0, text, reasoning_content, finish_reason, logprobs: None }])
+    fn completion(
+        &self,
+        text: String,
+        reasoning_content: Option<String>,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<CompletionLogprobs>,
+    ) -> TextCompletion {
+        self.object(vec![TextChoice { index: 0, text, reasoning_content, finish_reason, logprobs }])
     }
 
     fn object(&self, choices: Vec<TextChoice>) -> TextCompletion {
@@ -80,16 +93,17 @@ impl ChunkFormat for TextChunks {
         None
     }
 
-    fn text(&self, text: String, phase: Phase) -> String {
+    fn text(&self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> String {
+        let logprobs = logprobs.map(|l| CompletionLogprobs::new(&l.content, 0));
         let body = match phase {
-            Phase::Thinking => self.completion(String::new(), Some(text), None),
-            Phase::Answer => self.completion(text, None, None),
+            Phase::Thinking => self.completion(String::new(), Some(text), None, logprobs),
+            Phase::Answer => self.completion(text, None, None, logprobs),
         };
         serde_json::to_string(&body).unwrap_or_default()
     }
 
     fn finish(&self, reason: &'static str, terse: TerseExtension) -> String {
-        let mut body = self.completion(String::new(), None, Some(reason));
+        let mut body = self.completion(String::new(), None, Some(reason), None);
         body.terse = Some(terse);
         serde_json::to_string(&body).unwrap_or_default()
     }

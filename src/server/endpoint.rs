@@ -19,9 +19,9 @@ use super::openai::{unix_now, Completion};
 use super::record::RequestRecord;
 use super::sse::{self, ChunkFormat};
 use super::validate::{mode_of, GenerationParams};
-use super::wire::{self, GenerationFields};
+use super::wire::{self, FieldUse, GenerationFields};
 use super::{request_id, AppState};
-use crate::engine::EngineHandle;
+use crate::engine::{Constraint, EngineHandle};
 
 /// What every chunk and reply of one response repeats.
 #[derive(Debug, Clone)]
@@ -46,12 +46,16 @@ pub trait Endpoint: 'static {
     const ID_PREFIX: &'static str;
     /// The endpoint's own fields of the body.
     type Fields: DeserializeOwned + Send + 'static;
+    /// Their names, and what terse does with each.
+    const FIELDS: &'static [(&'static str, FieldUse)];
     type Chunks: ChunkFormat;
 
     /// Check the endpoint's own fields (before the engine is asked for anything).
     fn check(fields: &Self::Fields) -> Result<(), ApiError>;
     /// Refuse what the endpoint's own fields ask for and terse lacks.
     fn refuse_unsupported(fields: &Self::Fields) -> Result<(), ApiError>;
+    /// Whether (and with how many alternatives) log-probabilities are asked for.
+    fn logprobs(fields: &Self::Fields) -> Result<Option<usize>, ApiError>;
     /// The prompt's token ids.
     fn prompt(engine: &EngineHandle, fields: Self::Fields, params: &GenerationParams) -> impl Future<Output = Result<Vec<u32>, ApiError>> + Send;
     /// The whole reply of a request that did not ask for a stream.
@@ -70,15 +74,19 @@ pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: He
         }
         Err(e) => Err(e),
     };
-    let (engine, prompt, params) = match prepared {
+    let Prepared { engine, prompt, params, constraint } = match prepared {
         Ok(p) => p,
         Err(e) => return record.reject(e),
     };
-    let stream = match generate::submit(&engine, prompt, &params, &state.limits, &mut record) {
+    let kind = constraint.as_ref().map(|c| c.kind);
+    let stream = match generate::submit(&engine, prompt, &params, constraint, &state.limits, &mut record) {
         Ok(stream) => stream,
         Err(e) => return record.reject(e),
     };
-    let mut generation = Generation::new(stream, record, &state.limits);
+    if let Some(kind) = kind {
+        state.metrics.constrained_requests_total.with_label_values(&[&state.served_name, kind.as_str()]).inc();
+    }
+    let mut generation = Generation::new(&engine, stream, record, &state.limits).with_logprobs(params.logprobs.is_some());
     let ids = ResponseIds {
         id: format!("{}{}", E::ID_PREFIX, uuid::Uuid::new_v4().simple()),
         created: unix_now(),
@@ -93,18 +101,36 @@ pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: He
     }
 }
 
+/// A checked request, ready to submit.
+struct Prepared {
+    engine: EngineHandle,
+    prompt: Vec<u32>,
+    params: GenerationParams,
+    /// The compiled grammar of its answer, if it asked for one.
+    constraint: Option<Constraint>,
+}
+
 /// The checked request and its prompt, in the order a client hears of
 /// problems: the body's types, the model, the endpoint's own fields, the
 /// shared ones, what terse lacks, then whether the engine can take it.
-async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<(EngineHandle, Vec<u32>, GenerationParams), ApiError> {
+async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<Prepared, ApiError> {
     let shared: GenerationFields = wire::parse(body)?;
     let own: E::Fields = wire::parse(body)?;
+    wire::refuse_unknown_fields(body, &[wire::SHARED_FIELDS, E::FIELDS])?;
     shared.check_model(&state.served_name)?;
     E::check(&own)?;
-    let params = shared.params()?;
+    let mut params = shared.params()?;
+    params.logprobs = E::logprobs(&own)?;
     shared.refuse_unsupported()?;
     E::refuse_unsupported(&own)?;
     let engine = generate::engine(state)?;
     let prompt = E::prompt(&engine, own, &params).await?;
-    Ok((engine, prompt, params))
+    let constraint = match params.format.clone() {
+        Some(format) => {
+            let engine = engine.clone();
+            Some(generate::blocking(move || format.compile(&engine)).await?)
+        }
+        None => None,
+    };
+    Ok(Prepared { engine, prompt, params, constraint })
 }

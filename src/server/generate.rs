@@ -8,8 +8,12 @@ use super::error::ApiError;
 use super::record::RequestRecord;
 use super::validate::GenerationParams;
 use super::{AppState, RequestLimits};
-use crate::engine::{EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, ReasoningUsage, Usage};
-use crate::reasoning::control::ReasoningSettings;
+use super::openai::{ChatLogprobs, LogprobToken, TopLogprob};
+use crate::engine::{
+    ChoiceOptions, Constraint, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, ReasoningUsage, TokenLogprob,
+    Usage,
+};
+use crate::reasoning::control::{ReasoningSettings, Strategy};
 use crate::reasoning::modes::merge;
 use crate::reasoning::phase::{Phase, PhaseTracker};
 
@@ -42,11 +46,13 @@ pub fn close_open_thought(engine: &EngineHandle, prompt: &mut Vec<u32>) {
     }
 }
 
-/// Check the prompt against the context and the server's limits, and queue it.
+/// Check the prompt against the context and the server's limits, and queue
+/// it, its answer held to `constraint` if any.
 pub fn submit(
     engine: &EngineHandle,
     prompt: Vec<u32>,
     params: &GenerationParams,
+    constraint: Option<Constraint>,
     limits: &RequestLimits,
     record: &mut RequestRecord,
 ) -> Result<GenerationStream, ApiError> {
@@ -69,6 +75,20 @@ pub fn submit(
         (None, Some(limit)) => limit.min(room),
         (None, None) => room,
     };
+    let reasoning = reasoning_settings(engine, params)?;
+    if let Some(min) = reasoning.min_thinking_tokens.filter(|&m| m > max_tokens) {
+        return Err(ApiError::field(
+            "reasoning.min_thinking_tokens",
+            format!("`reasoning.min_thinking_tokens` ({min}) is more than `max_tokens` ({max_tokens})"),
+        ));
+    }
+    if constraint.is_some() && engine.think_tokens().is_none() {
+        refuse_injections_into_constrained(&reasoning)?;
+    }
+    let vocab = engine.tokenizer().vocab_size();
+    if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        return Err(ApiError::field(format!("logit_bias.{id}"), format!("token id {id} is outside the vocabulary (size {vocab})")));
+    }
     let request = GenerationRequest {
         id: record.request_id().to_string(),
         prompt,
@@ -76,12 +96,27 @@ pub fn submit(
         sampling: params.sampling.clone(),
         stop: params.stop.clone(),
         received_at: record.received(),
-        reasoning: reasoning_settings(engine, params)?,
+        reasoning,
+        choice: ChoiceOptions { logit_bias: params.logit_bias.clone(), constraint, logprobs: params.logprobs },
     };
     let prompt_tokens = request.prompt.len();
     let stream = engine.submit(request)?;
     record.on_submitted(prompt_tokens);
     Ok(stream)
+}
+
+/// On a model without think tokens the whole reply is the constrained answer:
+/// text injected into it (budget forcing's wrap-up, min-thinking's `Wait`)
+/// would break the grammar, so a request cannot have both.
+fn refuse_injections_into_constrained(reasoning: &ReasoningSettings) -> Result<(), ApiError> {
+    let why = "on a model without think tokens, the text it injects would break the answer's grammar";
+    if reasoning.strategy == Strategy::Budget {
+        return Err(ApiError::unsupported("reasoning.strategy", format!("budget forcing cannot go with a constrained answer: {why}")));
+    }
+    if reasoning.min_thinking_tokens.is_some_and(|m| m > 0) {
+        return Err(ApiError::unsupported("reasoning.min_thinking_tokens", format!("`min_thinking_tokens` cannot go with a constrained answer: {why}")));
+    }
+    Ok(())
 }
 
 /// One submitted generation as a handler reads it: the engine's events under
@@ -96,6 +131,11 @@ pub struct Generation {
     record: Option<RequestRecord>,
     deadline: Option<Instant>,
     finished: bool,
+    /// For the text of tokens in log-probabilities.
+    engine: EngineHandle,
+    /// Log-probabilities of tokens read but not yet taken (`take_logprobs`).
+    logprobs: ChatLogprobs,
+    wants_logprobs: bool,
 }
 
 /// A generation's last event.
@@ -115,9 +155,39 @@ pub enum Output {
 
 impl Generation {
     /// A submitted sequence's events, read for `record` under the server's deadline.
-    pub fn new(stream: GenerationStream, record: RequestRecord, limits: &RequestLimits) -> Self {
+    pub fn new(engine: &EngineHandle, stream: GenerationStream, record: RequestRecord, limits: &RequestLimits) -> Self {
         let deadline = limits.timeout.map(|t| record.received() + t);
-        Generation { stream: Some(stream), record: Some(record), deadline, finished: false }
+        Generation { stream: Some(stream), record: Some(record), deadline, finished: false, engine: engine.clone(), logprobs: ChatLogprobs::default(), wants_logprobs: false }
+    }
+
+    /// The request asked for log-probabilities (they come with its tokens).
+    pub fn with_logprobs(mut self, wanted: bool) -> Self {
+        self.wants_logprobs = wanted;
+        self
+    }
+
+    pub fn wants_logprobs(&self) -> bool {
+        self.wants_logprobs
+    }
+
+    /// The log-probabilities of the tokens read since the last call, by phase.
+    pub fn take_logprobs(&mut self) -> ChatLogprobs {
+        std::mem::take(&mut self.logprobs)
+    }
+
+    fn token_entry(&self, id: u32, logprob: f32) -> TopLogprob {
+        let bytes = self.engine.token_bytes(id);
+        TopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), logprob, bytes }
+    }
+
+    fn note_logprob(&mut self, id: u32, phase: Phase, lp: TokenLogprob) {
+        let own = self.token_entry(id, lp.logprob);
+        let top_logprobs = lp.top.iter().map(|&(t, l)| self.token_entry(t, l)).collect();
+        let entry = LogprobToken { token: own.token, logprob: own.logprob, bytes: own.bytes, top_logprobs };
+        match phase {
+            Phase::Thinking => self.logprobs.reasoning_content.push(entry),
+            Phase::Answer => self.logprobs.content.push(entry),
+        }
     }
 
     pub fn record(&mut self) -> &mut RequestRecord {
@@ -138,8 +208,11 @@ impl Generation {
                 }
             };
             match event.map_err(ApiError::Internal)? {
-                GenerationEvent::Token { text, phase, .. } => {
+                GenerationEvent::Token { id, text, phase, logprob, .. } => {
                     self.record().on_token();
+                    if let Some(lp) = logprob {
+                        self.note_logprob(id, phase, lp);
+                    }
                     if !text.is_empty() {
                         return Ok(Output::Text(text, phase));
                     }
@@ -187,6 +260,8 @@ pub struct Collected {
     /// The thinking, if the model thought.
     pub reasoning: Option<String>,
     pub finished: Finished,
+    /// When the request asked for them.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 pub async fn collect(generation: &mut Generation) -> Result<Collected, ApiError> {
@@ -196,7 +271,10 @@ pub async fn collect(generation: &mut Generation) -> Result<Collected, ApiError>
         match generation.next().await? {
             Output::Text(piece, Phase::Thinking) => thinking.get_or_insert_with(String::new).push_str(&piece),
             Output::Text(piece, Phase::Answer) => text.push_str(&piece),
-            Output::Finished(finished) => return Ok(Collected { text, reasoning: thinking, finished }),
+            Output::Finished(finished) => {
+                let logprobs = generation.wants_logprobs().then(|| generation.take_logprobs());
+                return Ok(Collected { text, reasoning: thinking, finished, logprobs });
+            }
         }
     }
 }

@@ -18,15 +18,13 @@
 //!   a form type). A body over `max_body_bytes` is read and discarded (up to
 //!   4x the limit) before the 413, so the client gets the answer, not a reset.
 //! - `developer` messages are given to the chat template as `system`.
-//! - Fields that would change the reply and that terse does not have yet are
-//!   refused (400 `unsupported_parameter`, naming the field) rather than
-//!   silently ignored: `n` and `best_of` > 1, `logprobs` / `top_logprobs`,
-//!   `echo`, `suffix`, `tools` / `functions`, a `tool_choice` other than
-//!   `none`, a `response_format` other than `text`, a non-empty `logit_bias`,
-//!   and `tool_calls` in the history. OpenAI's fields that change nothing
-//!   terse generates (`wire::IGNORED_FIELDS`: `user`, `metadata`, ...) are
-//!   accepted and ignored, as are fields OpenAI does not define; terse's own
-//!   `reasoning` object is strict, so a misspelt key is a 400.
+//! - Every top-level field is in `wire::SHARED_FIELDS` or the endpoint's own
+//!   list, with what terse does with it: honoured; accepted and ignored where
+//!   it changes nothing terse generates (`user`, `metadata`, `store`, ...);
+//!   or refused (400 `unsupported_parameter`, naming it) where terse lacks
+//!   the feature (`n` and `best_of` > 1, `echo`, `suffix`, audio, ...),
+//!   rather than a reply that silently ignores it. A field no list names is
+//!   a 400, as with OpenAI; terse's own `reasoning` object is strict too.
 //! - A request whose client hung up is counted with status `499`.
 //! - 429 (queue full) and 503 while loading carry `Retry-After: 1`.
 //! - With API keys configured (`auth.rs`), all but `/health`, `/ready` and
@@ -53,6 +51,7 @@ mod models;
 pub mod openai;
 mod record;
 mod sse;
+pub mod structured;
 pub mod validate;
 pub mod wire;
 

@@ -88,7 +88,59 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     pub finish_reason: &'static str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
+}
+
+/// A chat choice's log-probabilities: the answer's tokens in `content`, the
+/// thinking's in `reasoning_content` (terse's addition, absent without thinking).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<LogprobToken>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasoning_content: Vec<LogprobToken>,
+    pub refusal: Option<()>,
+}
+
+/// One completion token: its text and bytes, its log-probability, and the
+/// most likely alternatives the request asked for.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LogprobToken {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// The legacy completions' shape of the same figures.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Where each token starts in the choice's text, in bytes.
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// From tokens in order, the first at `offset` bytes into the text.
+    pub fn new(tokens: &[LogprobToken], mut offset: usize) -> Self {
+        let mut out = CompletionLogprobs::default();
+        for t in tokens {
+            out.tokens.push(t.token.clone());
+            out.token_logprobs.push(t.logprob);
+            out.top_logprobs.push(t.top_logprobs.iter().map(|a| (a.token.clone(), a.logprob)).collect());
+            out.text_offset.push(offset);
+            offset += t.bytes.len();
+        }
+        out
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -105,7 +157,7 @@ pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -131,7 +183,7 @@ pub struct TextChoice {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 // ---- /v1/models ----

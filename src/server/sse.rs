@@ -14,7 +14,7 @@ use futures::stream::{self, Stream, StreamExt};
 
 use super::error::ApiError;
 use super::generate::{Generation, Output};
-use super::openai::{TerseExtension, UsageBody};
+use super::openai::{ChatLogprobs, TerseExtension, UsageBody};
 use crate::reasoning::phase::Phase;
 
 /// Comment lines sent while no token arrives (e.g. a long queue wait), so that
@@ -25,8 +25,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 pub trait ChunkFormat: Send + 'static {
     /// Sent before any token (the chat role chunk), if any.
     fn opening(&self) -> Option<String>;
-    /// A piece of the thinking or of the answer, never both.
-    fn text(&self, text: String, phase: Phase) -> String;
+    /// A piece of the thinking or of the answer, never both, with the
+    /// log-probabilities of its tokens when the request asked for them.
+    fn text(&self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> String;
     fn finish(&self, reason: &'static str, terse: TerseExtension) -> String;
     /// The usage-only chunk of `stream_options.include_usage`.
     fn usage(&self, usage: UsageBody) -> String;
@@ -66,7 +67,10 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
             // Past the deadline, or a failure: the stream ends with the error,
             // and the sequence is cancelled when the body is dropped.
             Stage::Streaming => match st.generation.next().await {
-                Ok(Output::Text(text, phase)) => vec![data(st.format.text(text, phase))],
+                Ok(Output::Text(text, phase)) => {
+                    let logprobs = st.generation.wants_logprobs().then(|| st.generation.take_logprobs());
+                    vec![data(st.format.text(text, phase, logprobs))]
+                }
                 Ok(Output::Finished(end)) => {
                     st.stage = Stage::Done;
                     let terse = TerseExtension::new(st.generation.record().mode_label(), &end.reasoning);

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::structured::{response_format, AnswerFormat};
 use super::wire::{ChatFields, CompletionFields, ContentPart, GenerationFields, MessageContent};
 use crate::engine::SamplingParams;
 pub use crate::reasoning::modes::Mode;
@@ -12,6 +13,10 @@ use crate::tokenize::ChatMessage;
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes: the stream holds back up to this much text.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 pub fn json_type_name(v: &Value) -> &'static str {
     match v {
@@ -40,6 +45,12 @@ pub struct GenerationParams {
     pub mode: Mode,
     /// The request's own `reasoning` fields, merged with the mode's preset at submission.
     pub reasoning: ReasoningFields,
+    /// `response_format`: what the answer must be (`None`: free text).
+    pub format: Option<AnswerFormat>,
+    /// `logit_bias`, token ids not yet checked against the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Log-probabilities and how many alternatives (the endpoint's own fields).
+    pub logprobs: Option<usize>,
 }
 
 /// The reasoning mode alone, read leniently from the raw body (for metrics
@@ -111,6 +122,9 @@ impl GenerationFields {
         if stop.iter().any(String::is_empty) {
             return Err(ApiError::field("stop", "stop strings must not be empty"));
         }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::field("stop", format!("stop strings may be at most {MAX_STOP_BYTES} bytes long, got one of {}", long.len())));
+        }
 
         if let Some(n) = self.n {
             if n < 1 {
@@ -119,9 +133,6 @@ impl GenerationFields {
             if n > 1 {
                 return Err(ApiError::unsupported("n", "only n = 1 is supported; send several requests instead"));
             }
-        }
-        if self.best_of.is_some_and(|b| b != 1) {
-            return Err(ApiError::unsupported("best_of", "only best_of = 1 is supported"));
         }
 
         let (mode, reasoning) = self.reasoning_params()?;
@@ -141,7 +152,27 @@ impl GenerationFields {
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
             mode,
             reasoning,
+            format: response_format(self.response_format.as_ref())?,
+            logit_bias: self.logit_bias()?,
+            logprobs: None,
         })
+    }
+
+    /// `logit_bias`: token ids (as strings, OpenAI's shape) to numbers in [-100, 100].
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(value) = self.logit_bias.as_ref().filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+        let Some(map) = value.as_object() else { return Err(wrong_type("logit_bias", "an object of token ids to numbers", value)) };
+        let mut bias = Vec::with_capacity(map.len());
+        for (key, v) in map {
+            let param = format!("logit_bias.{key}");
+            let id: u32 = key.trim().parse().map_err(|_| ApiError::field(&param, format!("`logit_bias` keys must be token ids, got \"{key}\"")))?;
+            let Some(b) = v.as_f64() else { return Err(wrong_type(&param, "a number", v)) };
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(ApiError::field(param, format!("`logit_bias` values must be in [-100, 100], got {b}")));
+            }
+            bias.push((id, b as f32));
+        }
+        Ok(bias)
     }
 
     /// `reasoning_effort` and the `reasoning` object, each field checked on its
@@ -178,19 +209,6 @@ impl GenerationFields {
                 return Err(ApiError::unsupported(param, format!("`{param}` needs tool calling, which is not supported yet")));
             }
         }
-        if let Some(format) = self.response_format.as_ref().filter(|v| !v.is_null()) {
-            let kind = format.get("type").and_then(Value::as_str);
-            if kind != Some("text") {
-                let kind = kind.map_or_else(|| json_type_name(format).to_string(), |k| format!("\"{k}\""));
-                return Err(ApiError::unsupported(
-                    "response_format",
-                    format!("`response_format` of type {kind} is not supported yet; only \"text\""),
-                ));
-            }
-        }
-        if used(&self.logit_bias) {
-            return Err(ApiError::unsupported("logit_bias", "`logit_bias` is not supported yet"));
-        }
         Ok(())
     }
 }
@@ -224,7 +242,8 @@ impl ChatFields {
                 }
                 let content = match &msg.content {
                     // Assistant turns that only called tools carry no content.
-                    None => String::new(),
+                    None if role == "assistant" => String::new(),
+                    None => return Err(ApiError::field(param("content"), format!("`{}` is required for a {role} message", param("content")))),
                     Some(MessageContent::Text(s)) => s.clone(),
                     Some(MessageContent::Parts(parts)) => part_texts(parts, &param("content"))?,
                 };
@@ -234,12 +253,33 @@ impl ChatFields {
             .collect()
     }
 
+    /// OpenAI's features terse does not have: audio in or out, predicted
+    /// outputs, web search, GPT-5's verbosity.
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        if self.logprobs.unwrap_or(false) || self.top_logprobs.is_some_and(|n| n > 0) {
-            let param = if self.logprobs.unwrap_or(false) { "logprobs" } else { "top_logprobs" };
-            return Err(ApiError::unsupported(param, "logprobs are not supported yet"));
+        let text_only = self.modalities.as_ref().is_none_or(|m| m.is_null() || *m == serde_json::json!(["text"]));
+        if !text_only {
+            return Err(ApiError::unsupported("modalities", "only the \"text\" modality is supported"));
+        }
+        for (param, value) in [("audio", &self.audio), ("prediction", &self.prediction), ("web_search_options", &self.web_search_options), ("verbosity", &self.verbosity)] {
+            if value.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::unsupported(param, format!("`{param}` is not supported")));
+            }
         }
         Ok(())
+    }
+
+    /// `logprobs` and `top_logprobs` (0 to 20, only with `logprobs`).
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let top = match self.top_logprobs {
+            None => None,
+            Some(n) if (0..=MAX_TOP_LOGPROBS).contains(&n) => Some(n as usize),
+            Some(n) => return Err(ApiError::field("top_logprobs", format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}], got {n}"))),
+        };
+        match (self.logprobs.unwrap_or(false), top) {
+            (true, top) => Ok(Some(top.unwrap_or(0))),
+            (false, Some(n)) if n > 0 => Err(ApiError::field("top_logprobs", "`top_logprobs` needs `logprobs: true`")),
+            (false, _) => Ok(None),
+        }
     }
 }
 
@@ -301,16 +341,27 @@ impl CompletionFields {
     }
 
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && v.as_i64() != Some(0)) {
-            return Err(ApiError::unsupported("logprobs", "logprobs are not supported yet"));
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::unsupported("best_of", "only best_of = 1 is supported"));
         }
         if self.echo.unwrap_or(false) {
-            return Err(ApiError::unsupported("echo", "echo is not supported"));
+            return Err(ApiError::unsupported("echo", "`echo` is not supported"));
         }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::unsupported("suffix", "suffix is not supported"));
         }
         Ok(())
+    }
+
+    /// `logprobs`: how many alternatives (0 to 20) beside each token's own.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match self.logprobs.as_ref() {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) if (0..=MAX_TOP_LOGPROBS).contains(&n) => Ok(Some(n as usize)),
+                _ => Err(ApiError::field("logprobs", format!("`logprobs` must be an integer in [0, {MAX_TOP_LOGPROBS}], got {v}"))),
+            },
+        }
     }
 }
 
@@ -356,6 +407,12 @@ mod tests {
             (json!({"max_completion_tokens": 1.5}), "max_completion_tokens"),
             (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
             (json!({"stop": [1]}), "stop[0]"),
+            (json!({"stop": "x".repeat(257)}), "stop"),
+            (json!({"logit_bias": {"1": "big"}}), "logit_bias.1"),
+            (json!({"logit_bias": {"one": 5}}), "logit_bias.one"),
+            (json!({"logit_bias": {"1": 101}}), "logit_bias.1"),
+            (json!({"logit_bias": [1]}), "logit_bias"),
+            (json!({"response_format": {"type": "xml"}}), "response_format.type"),
             (json!({"n": 2}), "n"),
             (json!({"presence_penalty": 3}), "presence_penalty"),
             (json!({"repetition_penalty": 0}), "repetition_penalty"),
@@ -400,9 +457,6 @@ mod tests {
         for (body, param) in [
             (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
-            (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}), "response_format"),
-            (json!({"logit_bias": {"1": 5}}), "logit_bias"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
         ] {
             match parse::<GenerationFields>(&body).unwrap().refuse_unsupported() {
@@ -411,13 +465,16 @@ mod tests {
             }
         }
         // What asks for nothing terse lacks passes.
-        for body in [json!({"tools": [], "tool_choice": "none"}), json!({"response_format": {"type": "text"}}), json!({"logit_bias": {}})] {
+        for body in [json!({"tools": [], "tool_choice": "none"}), json!({"response_format": {"type": "json_object"}}), json!({"logit_bias": {"1": 5}})] {
             parse::<GenerationFields>(&body).unwrap().refuse_unsupported().unwrap();
         }
-        let chat = |body: Value| parse::<ChatFields>(&body).unwrap();
-        assert!(chat(json!({"logprobs": true})).refuse_unsupported().is_err());
-        assert!(chat(json!({"top_logprobs": 2})).refuse_unsupported().is_err());
-        chat(json!({"logprobs": false})).refuse_unsupported().unwrap();
+        let chat = |body: Value| parse::<ChatFields>(&body).unwrap().logprobs();
+        assert_eq!(chat(json!({"logprobs": true})).unwrap(), Some(0));
+        assert_eq!(chat(json!({"logprobs": true, "top_logprobs": 20})).unwrap(), Some(20));
+        assert_eq!(chat(json!({"logprobs": false})).unwrap(), None);
+        assert!(chat(json!({"top_logprobs": 2})).is_err());
+        assert!(chat(json!({"logprobs": true, "top_logprobs": 21})).is_err());
+        assert!(chat(json!({"logprobs": true, "top_logprobs": -1})).is_err());
     }
 
     #[test]
@@ -439,6 +496,8 @@ mod tests {
             json!({"messages": [{"content": "x"}]}),
             json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
             json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}),
+            json!({"messages": [{"role": "user", "content": null}]}),
+            json!({"messages": [{"role": "user"}]}),
             json!({}),
         ] {
             assert!(parse::<ChatFields>(&body).and_then(|c| c.messages()).is_err(), "{body}");

@@ -3,9 +3,9 @@
 //!
 //! A body is read twice from the same parsed JSON: once as the fields every
 //! generation endpoint shares ([`GenerationFields`]), once as the endpoint's
-//! own ([`ChatFields`], [`CompletionFields`]); a field neither names is
-//! ignored (OpenAI clients send extras; [`IGNORED_FIELDS`] lists the ones
-//! OpenAI defines). Range checks, refusals and defaults are methods in
+//! own ([`ChatFields`], [`CompletionFields`]); what terse does with each
+//! field is listed in [`SHARED_FIELDS`], [`CHAT_FIELDS`] and
+//! [`COMPLETION_FIELDS`], and a field none of them names is refused. Range checks, refusals and defaults are methods in
 //! `validate.rs`. A deserialization error names its field by its dotted path
 //! (`messages[0].role`, `reasoning.strategy`), as [`ApiError::field`] expects.
 
@@ -16,10 +16,82 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::reasoning::modes::{Mode, ReasoningFields};
 
-/// Fields OpenAI defines that do not change what terse generates, accepted
-/// and ignored: the end user's id, request metadata, storage and tier hints,
-/// and `parallel_tool_calls` (there are no tools to call in parallel).
-pub const IGNORED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
+/// What terse does with a top-level request field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldUse {
+    /// It changes the reply as OpenAI says (some values may still be refused,
+    /// e.g. `n` > 1, each with a 400 naming the field).
+    Honoured,
+    /// OpenAI defines it, and it changes nothing terse generates: accepted
+    /// and ignored (the end user's id, metadata, storage and tier hints).
+    Ignored,
+    /// OpenAI defines it and terse does not have it: any value that asks for
+    /// something is a 400 naming the field.
+    Refused,
+}
+
+use FieldUse::{Honoured, Ignored, Refused};
+
+/// Every top-level field both generation endpoints read. A field in neither
+/// this list nor the endpoint's own is a 400 naming it, as with OpenAI.
+pub const SHARED_FIELDS: &[(&str, FieldUse)] = &[
+    ("model", Honoured),
+    ("max_tokens", Honoured),
+    ("max_completion_tokens", Honoured),
+    ("temperature", Honoured),
+    ("top_p", Honoured),
+    ("top_k", Honoured),
+    ("seed", Honoured),
+    ("stop", Honoured),
+    ("n", Honoured),
+    ("stream", Honoured),
+    ("stream_options", Honoured),
+    ("presence_penalty", Honoured),
+    ("frequency_penalty", Honoured),
+    ("repetition_penalty", Honoured),
+    ("reasoning_effort", Honoured),
+    ("reasoning", Honoured),
+    ("response_format", Honoured),
+    ("logit_bias", Honoured),
+    ("tools", Refused),
+    ("tool_choice", Refused),
+    ("parallel_tool_calls", Ignored),
+    ("functions", Refused),
+    ("function_call", Refused),
+    ("user", Ignored),
+    ("metadata", Ignored),
+    ("store", Ignored),
+    ("service_tier", Ignored),
+    ("prompt_cache_key", Ignored),
+    ("safety_identifier", Ignored),
+];
+
+/// `POST /v1/chat/completions`' own top-level fields.
+pub const CHAT_FIELDS: &[(&str, FieldUse)] = &[
+    ("messages", Honoured),
+    ("logprobs", Honoured),
+    ("top_logprobs", Honoured),
+    ("modalities", Refused),
+    ("audio", Refused),
+    ("prediction", Refused),
+    ("web_search_options", Refused),
+    ("verbosity", Refused),
+];
+
+/// `POST /v1/completions`' own top-level fields.
+pub const COMPLETION_FIELDS: &[(&str, FieldUse)] =
+    &[("prompt", Honoured), ("logprobs", Honoured), ("best_of", Honoured), ("echo", Refused), ("suffix", Refused)];
+
+/// A body's fields that neither list names: the first is a 400.
+pub fn refuse_unknown_fields(body: &Value, lists: &[&[(&str, FieldUse)]]) -> Result<(), ApiError> {
+    let Some(map) = body.as_object() else { return Ok(()) };
+    for key in map.keys() {
+        if !lists.iter().any(|list| list.iter().any(|(name, _)| name == key)) {
+            return Err(ApiError::field(key.clone(), format!("unknown field `{key}`")));
+        }
+    }
+    Ok(())
+}
 
 /// What every generation endpoint reads besides its prompt. `null` is the same
 /// as absent.
@@ -35,7 +107,6 @@ pub struct GenerationFields {
     pub seed: Option<i128>,
     pub stop: Option<StopStrings>,
     pub n: Option<i64>,
-    pub best_of: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub presence_penalty: Option<f64>,
@@ -107,6 +178,12 @@ pub struct ChatFields {
     pub messages: Option<Vec<WireMessage>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Refused when they ask for anything (`validate.rs`).
+    pub modalities: Option<Value>,
+    pub audio: Option<Value>,
+    pub prediction: Option<Value>,
+    pub web_search_options: Option<Value>,
+    pub verbosity: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,6 +225,7 @@ pub struct CompletionFields {
     /// A string, one string in an array, or token ids (checked in `validate.rs`).
     pub prompt: Option<Value>,
     pub logprobs: Option<Value>,
+    pub best_of: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
 }

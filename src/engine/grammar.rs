@@ -1,0 +1,183 @@
+//! Constrained decoding: a grammar (JSON schema, tool-call syntax) masks the
+//! tokens of the ANSWER, with `llguidance` computing each step's allowed set.
+//!
+//! The grammar never sees the thinking: it starts with the first token the
+//! model samples in the answer phase (after `</think>`, sampled or forced),
+//! and tokens injected by reasoning control are outside it. End of turn is
+//! allowed only where the grammar accepts, and is the only choice once it is
+//! complete. A model with think tokens whose prompt leaves the thought to it
+//! (Qwen3) may open one with its first token.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+
+use crate::tokenize::TextTokenizer;
+
+/// The model's vocabulary as llguidance needs it: each token's bytes, and
+/// our own tokenizer for the text a grammar forces.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        let text = String::from_utf8_lossy(s);
+        self.tokenizer.encode(text.as_ref(), false).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+    }
+}
+
+/// Compiles grammars for one model (built once, at load).
+pub struct GrammarCompiler {
+    factory: ParserFactory,
+}
+
+impl GrammarCompiler {
+    /// From the model's tokenizer: the token bytes of its `tokenizer.json`
+    /// form (byte-level BPE or SentencePiece with byte fallback), the first
+    /// end-of-turn token as the grammar's end.
+    pub fn new(tokenizer: &TextTokenizer) -> Result<Self> {
+        let json: serde_json::Value = serde_json::from_str(&tokenizer.inner().to_string(false).map_err(|e| anyhow!("{e}"))?)?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json)?;
+        let vocab = tokenizer.vocab_size().max(words.len());
+        words.resize(vocab, Vec::new());
+        let eos = *tokenizer.end_of_turn_ids().first().ok_or_else(|| anyhow!("the model has no end-of-turn token"))?;
+        let trie = TokTrie::from(&TokRxInfo::new(vocab as u32, eos), &words);
+        let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.inner().clone() });
+        let mut factory = ParserFactory::new_simple(&env)?;
+        factory.quiet();
+        Ok(GrammarCompiler { factory })
+    }
+
+    /// A matcher for `grammar`, or why it cannot be one (the message names the problem).
+    pub fn compile(&self, grammar: TopLevelGrammar) -> Result<Matcher, String> {
+        let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        match matcher.get_error() {
+            Some(e) => Err(e),
+            None => Ok(matcher),
+        }
+    }
+
+    /// The bytes of token `id` (a special token's text without llguidance's marker).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let trie = self.factory.tok_env().tok_trie();
+        if (id as usize) >= trie.vocab_size() {
+            return &[];
+        }
+        let bytes = trie.token(id);
+        bytes.strip_prefix(&[TokTrie::SPECIAL_TOKEN_MARKER]).unwrap_or(bytes)
+    }
+}
+
+/// What a request's answer is held to, for the metrics' `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConstraintKind {
+    JsonObject,
+    JsonSchema,
+    Tools,
+}
+
+impl ConstraintKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ConstraintKind::JsonObject => "json_object",
+            ConstraintKind::JsonSchema => "json_schema",
+            ConstraintKind::Tools => "tools",
+        }
+    }
+}
+
+/// A compiled grammar for one request, before it starts.
+#[derive(Clone)]
+pub struct Constraint {
+    pub kind: ConstraintKind,
+    pub matcher: Matcher,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("kind", &self.kind).finish_non_exhaustive()
+    }
+}
+
+/// One sequence's grammar while it generates.
+pub struct GrammarMask {
+    matcher: Matcher,
+    end_of_turn: Vec<u32>,
+    /// The grammar's own end token (the first end-of-turn token).
+    eos: u32,
+    /// The think-open token a first token may be (see the module's documentation).
+    think_open: Option<u32>,
+    /// No completion token yet (sampled or injected, in either phase).
+    fresh: bool,
+    /// Seconds each mask took (the `terse_grammar_mask_seconds` histogram).
+    mask_seconds: prometheus::Histogram,
+}
+
+impl GrammarMask {
+    pub fn new(constraint: Constraint, end_of_turn: Vec<u32>, think_open: Option<u32>, mask_seconds: prometheus::Histogram) -> Self {
+        let eos = end_of_turn.first().copied().unwrap_or(u32::MAX);
+        GrammarMask { matcher: constraint.matcher, end_of_turn, eos, think_open, fresh: true, mask_seconds }
+    }
+
+    /// Mask the next answer token's logits: what the grammar does not allow
+    /// goes to −∞. A grammar in error (it cannot happen for a token the mask
+    /// allowed) leaves only the end of turn.
+    pub fn apply(&mut self, logits: &mut [f32]) {
+        let started = Instant::now();
+        let mask = self.matcher.compute_mask_or_eos();
+        self.mask_seconds.observe(started.elapsed().as_secs_f64());
+        // The end-of-turn tokens (and a first token's think-open) are decided
+        // here, not by the grammar's mask: keep their logits aside.
+        let open = self.think_open.filter(|_| self.fresh);
+        let own: Vec<(usize, f32)> =
+            self.end_of_turn.iter().chain(open.iter()).filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l))).collect();
+        let end_allowed = match &mask {
+            Ok(mask) => {
+                let known = mask.len().min(logits.len());
+                for (id, l) in logits.iter_mut().enumerate() {
+                    if id >= known || !mask.is_allowed(id as u32) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                mask.is_allowed(self.eos)
+            }
+            Err(e) => {
+                tracing::warn!("grammar failed: {e}");
+                logits.fill(f32::NEG_INFINITY);
+                true
+            }
+        };
+        for (id, l) in own {
+            let is_open = Some(id as u32) == open;
+            logits[id] = if is_open || end_allowed { l } else { f32::NEG_INFINITY };
+        }
+    }
+
+    /// Any completion token, in either phase, sampled or injected.
+    pub fn note_completion_token(&mut self) {
+        self.fresh = false;
+    }
+
+    /// A token sampled in the answer phase: the grammar takes it in. End-of-turn
+    /// tokens end the sequence and the think-open token starts a thought;
+    /// neither is the grammar's.
+    pub fn accept(&mut self, token: u32) {
+        if self.end_of_turn.contains(&token) || Some(token) == self.think_open {
+            return;
+        }
+        if let Err(e) = self.matcher.consume_token(token) {
+            tracing::warn!("grammar refused token {token}: {e}");
+        }
+    }
+}
