@@ -289,7 +289,7 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     let text = if args.raw {
         args.prompt.clone()
     } else {
-        tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }], true)?
+        tokenizer.apply_chat_template(&[ChatMessage::new("user", args.prompt.clone())], true)?
     };
     let prompt = tokenizer.encode_prompt(&text)?;
     let max_tokens = args.max_tokens.min(engine.context_length().saturating_sub(prompt.len()));

@@ -467,13 +467,13 @@ async fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             Some("response_format.type"),
         ),
         (
-            "tools",
+            "a tool_choice naming no tool",
             &chat,
-            with(good.clone(), json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"}))
+            with(good.clone(), json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}))
                 .to_string()
                 .into(),
             400,
-            Some("tools"),
+            Some("tool_choice"),
         ),
         (
             "a logit bias that is not a number",

@@ -45,7 +45,7 @@ fn engine() -> &'static EngineHandle {
 /// The chat prompt, with the thought opened as the manifest says.
 fn prompt(engine: &EngineHandle) -> Vec<u32> {
     let t = engine.tokenizer();
-    let chat = [ChatMessage { role: "user".into(), content: "What is 7 times 6?".into() }];
+    let chat = [ChatMessage::new("user", "What is 7 times 6?")];
     let text = engine.reasoning_profile().open_thought(t.apply_chat_template(&chat, true).unwrap());
     t.encode(&text).unwrap()
 }

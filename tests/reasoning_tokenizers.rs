@@ -34,7 +34,7 @@ fn think_tokens(t: &TextTokenizer) -> ThinkTokens {
 }
 
 fn user(content: &str) -> ChatMessage {
-    ChatMessage { role: "user".into(), content: content.into() }
+    ChatMessage::new("user", content)
 }
 
 /// Stream `completion` token by token as the engine does; returns the
@@ -130,7 +130,7 @@ fn qwen3_model_opens_the_thought_itself_and_the_template_can_switch_it_off() {
     // An earlier turn's thought is dropped by the template; the new prompt is not inside one.
     let history = [
         user("Hi"),
-        ChatMessage { role: "assistant".into(), content: "<think>\nGreet back.\n</think>\n\nHello!".into() },
+        ChatMessage::new("assistant", "<think>\nGreet back.\n</think>\n\nHello!"),
         user("What is 2+2?"),
     ];
     let text = t.apply_chat_template(&history, true).unwrap();

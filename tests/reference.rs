@@ -105,7 +105,7 @@ impl Reference {
 fn prompt_tokens(model: &LoadedModel, text: &str) -> Vec<u32> {
     let rendered = model
         .tokenizer
-        .apply_chat_template(&[ChatMessage { role: "user".into(), content: text.into() }], true)
+        .apply_chat_template(&[ChatMessage::new("user", text)], true)
         .unwrap();
     model.tokenizer.encode(&rendered).unwrap()
 }

@@ -69,7 +69,7 @@ fn bf16_sparse_dir() -> &'static PathBuf {
 }
 
 fn prompt(model: &LoadedModel, text: &str) -> Vec<u32> {
-    let chat = [ChatMessage { role: "user".into(), content: text.into() }];
+    let chat = [ChatMessage::new("user", text)];
     model.tokenizer.encode(&model.tokenizer.apply_chat_template(&chat, true).unwrap()).unwrap()
 }
 

@@ -108,8 +108,12 @@ async fn every_field_is_honoured_ignored_or_refused_by_name() {
             let mut body = base.clone();
             // Completions' logprobs is a count, not a switch.
             body[field] = if path != CHAT && field == "logprobs" { json!(2) } else { sample(field) };
+            // As OpenAI, these need their partner.
             if field == "top_logprobs" {
-                body["logprobs"] = json!(true); // as OpenAI, it needs them on
+                body["logprobs"] = json!(true);
+            }
+            if field == "tool_choice" || field == "parallel_tool_calls" {
+                body["tools"] = sample("tools");
             }
             let reply = post_json(&s.url(path), &body).await;
             match how {
@@ -125,5 +129,53 @@ async fn every_field_is_honoured_ignored_or_refused_by_name() {
         body["frobnicate"] = json!(1);
         let reply = post_json(&s.url(path), &body).await;
         assert_eq!((reply.status.as_u16(), reply.json["error"]["param"].as_str()), (400, Some("frobnicate")), "{}", reply.json);
+    }
+}
+
+/// The synthetic R1-vocabulary model behind a real server: random weights
+/// that think until stopped, with the real DeepSeek-R1-Distill template.
+fn thinking_server() -> TestServer {
+    let header = terse::manifest::models_dir().join("cache/r1-distill-tokenizer/DeepSeek-R1-Distill-Qwen-7B.header.gguf");
+    assert!(header.is_file(), "run ./models/fetch r1-distill-tokenizer");
+    let dir = std::env::temp_dir().join(format!("terse-structured-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny-r1.gguf");
+    terse::model::write_random_gguf(&model, &terse::model::SyntheticSpec::tiny_qwen2(152_064), &header).unwrap();
+    let profile = terse::manifest::load_manifest("deepseek-r1-distill-qwen-1.5b").unwrap().reasoning_profile().unwrap();
+    let server = TestServer::start_model_with(model.to_str().unwrap(), |c| c.engine.reasoning = profile);
+    let _ = std::fs::remove_dir_all(&dir);
+    server
+}
+
+#[tokio::test]
+async fn a_thinking_model_thinks_freely_then_answers_in_json_streamed_or_not() {
+    let s = thinking_server();
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"], "additionalProperties": false});
+    for reasoning in [json!({"strategy": "budget", "max_thinking_tokens": 6}), json!({"strategy": "ts", "stop_temperature": 1e6, "min_thinking_tokens": 3})] {
+        let body = json!({
+            "messages": [{"role": "user", "content": "What is 7 times 6?"}],
+            "max_tokens": 200, "temperature": 1.0, "seed": 11,
+            "reasoning": reasoning,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": true}},
+        });
+        let whole = post_json(&s.url(CHAT), &body).await;
+        assert_eq!(whole.status, 200, "{}", whole.json);
+        let message = &whole.json["choices"][0]["message"];
+        let answer: Value = serde_json::from_str(message["content"].as_str().unwrap().trim()).unwrap_or_else(|e| panic!("{e}: {message}"));
+        assert!(answer["n"].as_u64().is_some_and(|n| n <= 99) && answer.as_object().unwrap().len() == 1, "{answer}");
+        assert_eq!(whole.json["choices"][0]["finish_reason"], "stop");
+        let thinking = message["reasoning_content"].as_str().unwrap_or_default();
+        assert!(whole.json["terse"]["thinking_tokens"].as_u64().unwrap() >= 3, "{}", whole.json);
+        assert!(serde_json::from_str::<Value>(thinking.trim()).is_err(), "the thought is not the answer: {thinking:?}");
+
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (status, events) = post_sse(&s.url(CHAT), &streamed).await;
+        assert_eq!(status, 200);
+        let joined = |field: &str| -> String {
+            events.iter().filter_map(|e| e["choices"][0]["delta"][field].as_str()).collect()
+        };
+        assert_eq!(joined("reasoning_content"), thinking, "the same thought, streamed");
+        assert_eq!(joined("content"), message["content"].as_str().unwrap(), "the same JSON, streamed; none of it in reasoning_content");
     }
 }

@@ -12,7 +12,7 @@ fn tokenizer(name: &str) -> TextTokenizer {
 }
 
 fn user(text: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage { role: "user".into(), content: text.into() }]
+    vec![ChatMessage::new("user", text)]
 }
 
 #[test]

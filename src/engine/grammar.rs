@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::tokenize::TextTokenizer;
@@ -102,6 +102,9 @@ impl ConstraintKind {
 pub struct Constraint {
     pub kind: ConstraintKind,
     pub matcher: Matcher,
+    /// A thinking model may open a thought with its first token (off when
+    /// the request turned thinking off).
+    pub may_open_thought: bool,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -120,23 +123,35 @@ pub struct GrammarMask {
     think_open: Option<u32>,
     /// No completion token yet (sampled or injected, in either phase).
     fresh: bool,
-    /// Seconds each mask took (the `terse_grammar_mask_seconds` histogram).
+    /// The next token's mask, once computed (`prepare`); cleared by each token the grammar takes in.
+    ready: Option<Result<SimpleVob, String>>,
+    /// Seconds each mask took to compute (the `terse_grammar_mask_seconds` histogram).
     mask_seconds: prometheus::Histogram,
 }
 
 impl GrammarMask {
     pub fn new(constraint: Constraint, end_of_turn: Vec<u32>, think_open: Option<u32>, mask_seconds: prometheus::Histogram) -> Self {
         let eos = end_of_turn.first().copied().unwrap_or(u32::MAX);
-        GrammarMask { matcher: constraint.matcher, end_of_turn, eos, think_open, fresh: true, mask_seconds }
+        let think_open = think_open.filter(|_| constraint.may_open_thought);
+        GrammarMask { matcher: constraint.matcher, end_of_turn, eos, think_open, fresh: true, ready: None, mask_seconds }
+    }
+
+    /// Compute the next token's mask now (on a helper thread while the
+    /// forward pass runs), for [`Self::apply`] to use.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() {
+            let started = Instant::now();
+            self.ready = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string()));
+            self.mask_seconds.observe(started.elapsed().as_secs_f64());
+        }
     }
 
     /// Mask the next answer token's logits: what the grammar does not allow
     /// goes to −∞. A grammar in error (it cannot happen for a token the mask
     /// allowed) leaves only the end of turn.
     pub fn apply(&mut self, logits: &mut [f32]) {
-        let started = Instant::now();
-        let mask = self.matcher.compute_mask_or_eos();
-        self.mask_seconds.observe(started.elapsed().as_secs_f64());
+        self.prepare();
+        let mask = self.ready.take().expect("prepared above");
         // The end-of-turn tokens (and a first token's think-open) are decided
         // here, not by the grammar's mask: keep their logits aside.
         let open = self.think_open.filter(|_| self.fresh);
@@ -144,12 +159,7 @@ impl GrammarMask {
             self.end_of_turn.iter().chain(open.iter()).filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l))).collect();
         let end_allowed = match &mask {
             Ok(mask) => {
-                let known = mask.len().min(logits.len());
-                for (id, l) in logits.iter_mut().enumerate() {
-                    if id >= known || !mask.is_allowed(id as u32) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
+                mask_out(logits, mask);
                 mask.is_allowed(self.eos)
             }
             Err(e) => {
@@ -162,6 +172,8 @@ impl GrammarMask {
             let is_open = Some(id as u32) == open;
             logits[id] = if is_open || end_allowed { l } else { f32::NEG_INFINITY };
         }
+        // Kept for the next call if nothing was taken in (it still holds).
+        self.ready = Some(mask);
     }
 
     /// Any completion token, in either phase, sampled or injected.
@@ -176,8 +188,49 @@ impl GrammarMask {
         if self.end_of_turn.contains(&token) || Some(token) == self.think_open {
             return;
         }
+        self.ready = None;
         if let Err(e) = self.matcher.consume_token(token) {
             tracing::warn!("grammar refused token {token}: {e}");
+        }
+    }
+}
+
+/// −∞ for every token `mask` does not allow, a 32-token word at a time
+/// (most words of a JSON mask are all-allowed or all-refused).
+fn mask_out(logits: &mut [f32], mask: &SimpleVob) {
+    let known = mask.len().min(logits.len());
+    let (covered, beyond) = logits.split_at_mut(known);
+    beyond.fill(f32::NEG_INFINITY);
+    for (chunk, &word) in covered.chunks_mut(32).zip(mask.as_slice()) {
+        match word {
+            u32::MAX => {}
+            0 => chunk.fill(f32::NEG_INFINITY),
+            _ => {
+                for (bit, l) in chunk.iter_mut().enumerate() {
+                    if word & (1 << bit) == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_word_by_word_matches_token_by_token() {
+        let mut mask = SimpleVob::alloc(100);
+        for id in [0u32, 5, 31, 32, 33, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 99] {
+            mask.allow_token(id);
+        }
+        let mut fast: Vec<f32> = (0..110).map(|i| i as f32).collect();
+        mask_out(&mut fast, &mask);
+        for (id, l) in fast.iter().enumerate() {
+            let allowed = id < 100 && mask.is_allowed(id as u32);
+            assert_eq!(l.is_finite(), allowed, "token {id}");
         }
     }
 }

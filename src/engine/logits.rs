@@ -178,9 +178,24 @@ impl LogitChain {
         for p in self.processors() {
             p.apply(logits);
         }
-        if self.reasoning.phase() == Phase::Answer {
+        if self.needs_mask() {
             if let Some(grammar) = self.grammar.as_mut() {
                 grammar.apply(logits);
+            }
+        }
+    }
+
+    /// Whether the next token's logits go through a grammar's mask.
+    pub fn needs_mask(&self) -> bool {
+        self.grammar.is_some() && self.reasoning.phase() == Phase::Answer
+    }
+
+    /// Compute the grammar's next mask ahead of [`Self::apply`] (which would
+    /// otherwise compute it then), so it can overlap the forward pass.
+    pub fn prepare_mask(&mut self) {
+        if self.needs_mask() {
+            if let Some(grammar) = self.grammar.as_mut() {
+                grammar.prepare();
             }
         }
     }

@@ -62,7 +62,7 @@ fn think_tokens(tokenizer: &TextTokenizer, profile: &ReasoningProfile) -> Option
 
 /// Whether the template's generation prompt for one user turn ends inside a thought.
 fn template_opens_thought(tokenizer: &TextTokenizer, think: ThinkTokens) -> bool {
-    let probe = [ChatMessage { role: "user".into(), content: "Hello".into() }];
+    let probe = [ChatMessage::new("user", "Hello")];
     let Ok(text) = tokenizer.apply_chat_template(&probe, true) else { return false };
     let Ok(ids) = tokenizer.encode(&text) else { return false };
     PhaseTracker::new(Some(think), &ids).phase() == Phase::Thinking

@@ -337,20 +337,36 @@ impl Scheduler {
         plan_rows(running.iter().map(Sequence::pending), self.prefill_chunk, while_decoding)
     }
 
-    /// The step's one forward pass over the planned rows.
+    /// The step's one forward pass over the planned rows. The grammar masks
+    /// of the sequences that choose a token after it are computed meanwhile,
+    /// on a helper thread, off the step's critical path.
     fn forward<'l>(&self, running: &mut [Sequence], plan: &StepPlan, host_logits: &'l mut Vec<f32>) -> candle_core::Result<StepLogits<'l>> {
         let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(plan.len());
+        let mut masks: Vec<&mut LogitChain> = Vec::new();
         let mut rest: &mut [Sequence] = running;
         let mut base = 0;
         for &(i, len) in plan {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
             let (seq, after) = tail.split_first_mut().expect("index in range");
-            let start = seq.cache.len();
-            chunks.push(SeqChunk { tokens: &seq.tokens[start..start + len], cache: &mut seq.cache });
+            let Sequence { tokens, cache, logits, .. } = seq;
+            let start = cache.len();
+            if start + len == tokens.len() && logits.needs_mask() {
+                masks.push(logits);
+            }
+            chunks.push(SeqChunk { tokens: &tokens[start..start + len], cache });
             rest = after;
             base = i + 1;
         }
-        self.model.step(&mut chunks, host_logits)
+        if masks.is_empty() {
+            return self.model.step(&mut chunks, host_logits);
+        }
+        std::thread::scope(|scope| {
+            let helper = scope.spawn(move || masks.into_iter().for_each(LogitChain::prepare_mask));
+            let logits = self.model.step(&mut chunks, host_logits);
+            // A mask that failed to come is computed in `choose` instead.
+            let _ = helper.join();
+            logits
+        })
     }
 
     /// What each planned sequence whose prompt is fully fed takes in next:

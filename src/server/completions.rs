@@ -3,7 +3,7 @@
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::endpoint::{Endpoint, ResponseIds};
+use super::endpoint::{Endpoint, Prompted, ReplyContext, ResponseIds};
 use super::error::ApiError;
 use super::generate::{self, Collected};
 use super::openai::{ChatLogprobs, CompletionLogprobs, TerseExtension, TextChoice, TextCompletion, UsageBody};
@@ -22,6 +22,7 @@ impl Endpoint for Completions {
     type Fields = CompletionFields;
     const FIELDS: &'static [(&'static str, FieldUse)] = COMPLETION_FIELDS;
     type Chunks = TextChunks;
+    type Shape = ();
 
     fn check(fields: &CompletionFields) -> Result<(), ApiError> {
         // The vocabulary bound of token-id prompts needs the engine; the rest is checked now.
@@ -36,7 +37,7 @@ impl Endpoint for Completions {
         fields.logprobs()
     }
 
-    async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Vec<u32>, ApiError> {
+    async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Prompted<()>, ApiError> {
         let mut prompt = match fields.prompt(engine.tokenizer().vocab_size())? {
             Prompt::Tokens(ids) => ids,
             Prompt::Text(text) => {
@@ -50,12 +51,12 @@ impl Endpoint for Completions {
         if params.mode == Mode::None {
             generate::close_open_thought(engine, &mut prompt);
         }
-        Ok(prompt)
+        Ok(Prompted { tokens: prompt, grammar: None, shape: () })
     }
 
-    fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response {
+    fn reply(reply: ReplyContext, done: Collected, mode: &'static str, _shape: ()) -> Response {
         let Collected { text, reasoning, finished, logprobs } = done;
-        let chunks = TextChunks(ids);
+        let chunks = TextChunks(reply.ids);
         // The legacy shape has one text: the answer's tokens.
         let logprobs = logprobs.map(|l| CompletionLogprobs::new(&l.content, 0));
         let mut body = chunks.completion(text, reasoning, Some(finished.reason.as_openai()), logprobs);
@@ -64,8 +65,8 @@ impl Endpoint for Completions {
         Json(body).into_response()
     }
 
-    fn chunks(ids: ResponseIds) -> TextChunks {
-        TextChunks(ids)
+    fn chunks(reply: ReplyContext, _shape: ()) -> TextChunks {
+        TextChunks(reply.ids)
     }
 }
 
@@ -93,16 +94,16 @@ impl ChunkFormat for TextChunks {
         None
     }
 
-    fn text(&self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> String {
+    fn text(&mut self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> Option<String> {
         let logprobs = logprobs.map(|l| CompletionLogprobs::new(&l.content, 0));
         let body = match phase {
             Phase::Thinking => self.completion(String::new(), Some(text), None, logprobs),
             Phase::Answer => self.completion(text, None, None, logprobs),
         };
-        serde_json::to_string(&body).unwrap_or_default()
+        Some(serde_json::to_string(&body).unwrap_or_default())
     }
 
-    fn finish(&self, reason: &'static str, terse: TerseExtension) -> String {
+    fn finish(&mut self, reason: &'static str, terse: TerseExtension) -> String {
         let mut body = self.completion(String::new(), None, Some(reason), None);
         body.terse = Some(terse);
         serde_json::to_string(&body).unwrap_or_default()

@@ -22,6 +22,7 @@ use super::validate::{mode_of, GenerationParams};
 use super::wire::{self, FieldUse, GenerationFields};
 use super::{request_id, AppState};
 use crate::engine::{Constraint, EngineHandle};
+use crate::reasoning::modes::Mode;
 
 /// What every chunk and reply of one response repeats.
 #[derive(Debug, Clone)]
@@ -49,6 +50,8 @@ pub trait Endpoint: 'static {
     /// Their names, and what terse does with each.
     const FIELDS: &'static [(&'static str, FieldUse)];
     type Chunks: ChunkFormat;
+    /// What the reply needs to know of the request (chat: how to find tool calls).
+    type Shape: Send + 'static;
 
     /// Check the endpoint's own fields (before the engine is asked for anything).
     fn check(fields: &Self::Fields) -> Result<(), ApiError>;
@@ -56,11 +59,30 @@ pub trait Endpoint: 'static {
     fn refuse_unsupported(fields: &Self::Fields) -> Result<(), ApiError>;
     /// Whether (and with how many alternatives) log-probabilities are asked for.
     fn logprobs(fields: &Self::Fields) -> Result<Option<usize>, ApiError>;
-    /// The prompt's token ids.
-    fn prompt(engine: &EngineHandle, fields: Self::Fields, params: &GenerationParams) -> impl Future<Output = Result<Vec<u32>, ApiError>> + Send;
+    /// The prompt's token ids, and what else the request makes of the reply.
+    fn prompt(
+        engine: &EngineHandle,
+        fields: Self::Fields,
+        params: &GenerationParams,
+    ) -> impl Future<Output = Result<Prompted<Self::Shape>, ApiError>> + Send;
     /// The whole reply of a request that did not ask for a stream.
-    fn reply(ids: ResponseIds, done: Collected, mode: &'static str) -> Response;
-    fn chunks(ids: ResponseIds) -> Self::Chunks;
+    fn reply(reply: ReplyContext, done: Collected, mode: &'static str, shape: Self::Shape) -> Response;
+    fn chunks(reply: ReplyContext, shape: Self::Shape) -> Self::Chunks;
+}
+
+/// An endpoint's prompt.
+pub struct Prompted<S> {
+    pub tokens: Vec<u32>,
+    /// The grammar the endpoint's own fields ask for (a forced tool call).
+    pub grammar: Option<Constraint>,
+    pub shape: S,
+}
+
+/// What a reply is written with.
+pub struct ReplyContext {
+    pub ids: ResponseIds,
+    /// `terse_tool_calls_total` of the served model.
+    pub tool_calls: prometheus::IntCounter,
 }
 
 /// The axum handler of endpoint `E`.
@@ -74,7 +96,7 @@ pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: He
         }
         Err(e) => Err(e),
     };
-    let Prepared { engine, prompt, params, constraint } = match prepared {
+    let Prepared { engine, prompt, params, constraint, shape } = match prepared {
         Ok(p) => p,
         Err(e) => return record.reject(e),
     };
@@ -92,28 +114,30 @@ pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: He
         created: unix_now(),
         model: state.served_name.clone(),
     };
+    let reply = ReplyContext { ids, tool_calls: state.metrics.tool_calls_total.with_label_values(&[&state.served_name]) };
     if params.stream {
-        return sse::response(generation, E::chunks(ids), params.include_usage);
+        return sse::response(generation, E::chunks(reply, shape), params.include_usage);
     }
     match generate::collect(&mut generation).await {
-        Ok(done) => E::reply(ids, done, generation.record().mode_label()),
+        Ok(done) => E::reply(reply, done, generation.record().mode_label(), shape),
         Err(e) => generation.record().reject(e),
     }
 }
 
 /// A checked request, ready to submit.
-struct Prepared {
+struct Prepared<S> {
     engine: EngineHandle,
     prompt: Vec<u32>,
     params: GenerationParams,
     /// The compiled grammar of its answer, if it asked for one.
     constraint: Option<Constraint>,
+    shape: S,
 }
 
 /// The checked request and its prompt, in the order a client hears of
 /// problems: the body's types, the model, the endpoint's own fields, the
 /// shared ones, what terse lacks, then whether the engine can take it.
-async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<Prepared, ApiError> {
+async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<Prepared<E::Shape>, ApiError> {
     let shared: GenerationFields = wire::parse(body)?;
     let own: E::Fields = wire::parse(body)?;
     wire::refuse_unknown_fields(body, &[wire::SHARED_FIELDS, E::FIELDS])?;
@@ -121,16 +145,19 @@ async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<Prepared
     E::check(&own)?;
     let mut params = shared.params()?;
     params.logprobs = E::logprobs(&own)?;
-    shared.refuse_unsupported()?;
     E::refuse_unsupported(&own)?;
     let engine = generate::engine(state)?;
-    let prompt = E::prompt(&engine, own, &params).await?;
-    let constraint = match params.format.clone() {
-        Some(format) => {
+    let Prompted { tokens, grammar, shape } = E::prompt(&engine, own, &params).await?;
+    let constraint = match (params.format.clone(), grammar) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::unsupported("response_format", "a `response_format` cannot go with a forced tool call; choose one"))
+        }
+        (Some(format), None) => {
             let engine = engine.clone();
             Some(generate::blocking(move || format.compile(&engine)).await?)
         }
-        None => None,
+        (None, grammar) => grammar,
     };
-    Ok(Prepared { engine, prompt, params, constraint })
+    let constraint = constraint.map(|c| Constraint { may_open_thought: params.mode != Mode::None, ..c });
+    Ok(Prepared { engine, prompt: tokens, params, constraint, shape })
 }

@@ -52,6 +52,7 @@ pub mod openai;
 mod record;
 mod sse;
 pub mod structured;
+mod tool_calls;
 pub mod validate;
 pub mod wire;
 

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
+use super::tool_calls::ToolFamily;
 use super::openai::{ModelCard, ModelDetails, ModelList};
 use super::AppState;
 
@@ -27,6 +28,7 @@ fn card(state: &AppState) -> ModelCard {
                 sparse_fraction: info.sparse_fraction,
                 device: info.device.clone(),
                 reasoning: e.reasoning_summary().clone(),
+                tool_calls: ToolFamily::of_template(e.tokenizer().chat_template_source()).map_or("none", |f| f.name()),
             }
         }),
     }

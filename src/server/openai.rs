@@ -146,7 +146,10 @@ impl CompletionLogprobs {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallBody>,
     /// The thinking, apart from the answer; absent when the model did not think.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
@@ -168,6 +171,44 @@ pub struct Delta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
+}
+
+/// A call the reply makes.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallBody {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallBody,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionCallBody {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+/// A fragment of a streamed call: the first of a call carries its `id`,
+/// `type` and name, the next ones pieces of its arguments; clients join
+/// the fragments of one `index`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 // ---- /v1/completions ----
@@ -222,6 +263,9 @@ pub struct ModelDetails {
     pub device: String,
     /// How it thinks, and where terse learned it.
     pub reasoning: crate::engine::ReasoningSummary,
+    /// How it writes tool calls: `hermes | llama3_json | generic` (`docs/api.md`),
+    /// or `none` when its template uses a syntax terse does not know.
+    pub tool_calls: &'static str,
 }
 
 /// Seconds since the Unix epoch.

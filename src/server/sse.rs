@@ -27,8 +27,9 @@ pub trait ChunkFormat: Send + 'static {
     fn opening(&self) -> Option<String>;
     /// A piece of the thinking or of the answer, never both, with the
     /// log-probabilities of its tokens when the request asked for them.
-    fn text(&self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> String;
-    fn finish(&self, reason: &'static str, terse: TerseExtension) -> String;
+    /// `None` when there is nothing to send yet (text held back).
+    fn text(&mut self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> Option<String>;
+    fn finish(&mut self, reason: &'static str, terse: TerseExtension) -> String;
     /// The usage-only chunk of `stream_options.include_usage`.
     fn usage(&self, usage: UsageBody) -> String;
 }
@@ -69,7 +70,7 @@ fn events<F: ChunkFormat>(state: State<F>) -> impl Stream<Item = Result<Event, I
             Stage::Streaming => match st.generation.next().await {
                 Ok(Output::Text(text, phase)) => {
                     let logprobs = st.generation.wants_logprobs().then(|| st.generation.take_logprobs());
-                    vec![data(st.format.text(text, phase, logprobs))]
+                    st.format.text(text, phase, logprobs).map(data).into_iter().collect()
                 }
                 Ok(Output::Finished(end)) => {
                     st.stage = Stage::Done;

@@ -131,7 +131,7 @@ impl AnswerFormat {
 pub fn compile(engine: &EngineHandle, kind: ConstraintKind, grammar: TopLevelGrammar, param: &str) -> Result<Constraint, ApiError> {
     let compiler = engine.grammar_compiler().map_err(|e| ApiError::unsupported(param, e.to_string()))?;
     let matcher = compiler.compile(grammar).map_err(|e| ApiError::field(param, format!("`{param}` cannot be used: {e}")))?;
-    Ok(Constraint { kind, matcher })
+    Ok(Constraint { kind, matcher, may_open_thought: true })
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::structured::{response_format, AnswerFormat};
-use super::wire::{ChatFields, CompletionFields, ContentPart, GenerationFields, MessageContent};
+use super::wire::{ChatFields, CompletionFields, ContentPart, GenerationFields, MessageContent, WireToolCall};
 use crate::engine::SamplingParams;
 pub use crate::reasoning::modes::Mode;
 use crate::reasoning::modes::ReasoningFields;
-use crate::tokenize::ChatMessage;
+use crate::tokenize::{ChatMessage, TemplateFunctionCall, TemplateToolCall};
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -191,26 +191,6 @@ impl GenerationFields {
         Ok((fields.mode.or(self.reasoning_effort).unwrap_or(Mode::Default), fields))
     }
 
-    /// Features that would change the reply's shape or content and that terse
-    /// does not have yet: a 400 naming the field, never a reply that ignores it.
-    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        let used = |v: &Option<Value>| match v {
-            None | Some(Value::Null) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Object(o)) => !o.is_empty(),
-            Some(_) => true,
-        };
-        if used(&self.tools) || used(&self.functions) {
-            let param = if used(&self.tools) { "tools" } else { "functions" };
-            return Err(ApiError::unsupported(param, "tool calling is not supported yet"));
-        }
-        for (param, value) in [("tool_choice", &self.tool_choice), ("function_call", &self.function_call)] {
-            if used(value) && value.as_ref().and_then(Value::as_str) != Some("none") {
-                return Err(ApiError::unsupported(param, format!("`{param}` needs tool calling, which is not supported yet")));
-            }
-        }
-        Ok(())
-    }
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -237,9 +217,13 @@ impl ChatFields {
                         return Err(ApiError::field(param("role"), format!("unknown role \"{r}\"; expected one of {}", ROLES.join(", "))))
                     }
                 };
-                if msg.tool_calls.as_ref().is_some_and(|c| !c.is_null() && c.as_array().is_none_or(|a| !a.is_empty())) {
-                    return Err(ApiError::unsupported(param("tool_calls"), "tool calling is not supported yet"));
-                }
+                let tool_calls = match &msg.tool_calls {
+                    Some(calls) if role == "assistant" => calls.iter().enumerate().map(|(j, c)| history_call(c, &param(&format!("tool_calls[{j}]")))).collect::<Result<Vec<_>, _>>()?,
+                    Some(calls) if !calls.is_empty() => {
+                        return Err(ApiError::field(param("tool_calls"), format!("only assistant messages carry `tool_calls`, not {role} ones")))
+                    }
+                    _ => Vec::new(),
+                };
                 let content = match &msg.content {
                     // Assistant turns that only called tools carry no content.
                     None if role == "assistant" => String::new(),
@@ -248,7 +232,7 @@ impl ChatFields {
                     Some(MessageContent::Parts(parts)) => part_texts(parts, &param("content"))?,
                 };
                 let role = if role == "developer" { "system" } else { role };
-                Ok(ChatMessage { role: role.to_string(), content })
+                Ok(ChatMessage { role: role.to_string(), content, tool_calls, tool_call_id: msg.tool_call_id.clone(), name: msg.name.clone() })
             })
             .collect()
     }
@@ -256,6 +240,11 @@ impl ChatFields {
     /// OpenAI's features terse does not have: audio in or out, predicted
     /// outputs, web search, GPT-5's verbosity.
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        for (param, value) in [("functions", &self.functions), ("function_call", &self.function_call)] {
+            if value.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::unsupported(param, format!("`{param}` is the deprecated form of tools; use `tools` and `tool_choice`")));
+            }
+        }
         let text_only = self.modalities.as_ref().is_none_or(|m| m.is_null() || *m == serde_json::json!(["text"]));
         if !text_only {
             return Err(ApiError::unsupported("modalities", "only the \"text\" modality is supported"));
@@ -281,6 +270,19 @@ impl ChatFields {
             (false, _) => Ok(None),
         }
     }
+}
+
+/// A call in the history, in the template's shape (arguments as an object).
+fn history_call(call: &WireToolCall, param: &str) -> Result<TemplateToolCall, ApiError> {
+    if call.kind.as_deref().is_some_and(|k| k != "function") {
+        return Err(ApiError::unsupported(format!("{param}.type"), "only calls of type \"function\" are supported"));
+    }
+    let function = call.function.as_ref().ok_or_else(|| ApiError::field(format!("{param}.function"), format!("`{param}.function` is required")))?;
+    let name = function.name.clone().ok_or_else(|| ApiError::field(format!("{param}.function.name"), format!("`{param}.function.name` is required")))?;
+    let text = function.arguments.as_deref().unwrap_or("{}");
+    let arguments = serde_json::from_str(text)
+        .map_err(|e| ApiError::field(format!("{param}.function.arguments"), format!("`{param}.function.arguments` is not JSON: {e}")))?;
+    Ok(TemplateToolCall { id: call.id.clone().unwrap_or_default(), kind: "function".into(), function: TemplateFunctionCall { name, arguments } })
 }
 
 /// The text parts of a message, joined; other part types are refused.
@@ -455,19 +457,17 @@ mod tests {
     #[test]
     fn features_terse_lacks_are_refused_by_name() {
         for (body, param) in [
-            (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
-            (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": "auto"}), "function_call"),
+            (json!({"modalities": ["audio"]}), "modalities"),
+            (json!({"prediction": {"type": "content", "content": "x"}}), "prediction"),
         ] {
-            match parse::<GenerationFields>(&body).unwrap().refuse_unsupported() {
+            match parse::<ChatFields>(&body).unwrap().refuse_unsupported() {
                 Err(ApiError::Unsupported { param: p, .. }) => assert_eq!(p, param, "{body}"),
                 other => panic!("{body}: {other:?}"),
             }
         }
-        // What asks for nothing terse lacks passes.
-        for body in [json!({"tools": [], "tool_choice": "none"}), json!({"response_format": {"type": "json_object"}}), json!({"logit_bias": {"1": 5}})] {
-            parse::<GenerationFields>(&body).unwrap().refuse_unsupported().unwrap();
-        }
+        parse::<ChatFields>(&json!({"modalities": ["text"]})).unwrap().refuse_unsupported().unwrap();
         let chat = |body: Value| parse::<ChatFields>(&body).unwrap().logprobs();
         assert_eq!(chat(json!({"logprobs": true})).unwrap(), Some(0));
         assert_eq!(chat(json!({"logprobs": true, "top_logprobs": 20})).unwrap(), Some(20));
@@ -489,6 +489,14 @@ mod tests {
         assert_eq!(msgs[0].role, "system");
         assert_eq!(msgs[1].content, "ab");
         assert_eq!(msgs[2].content, "");
+        let chat: ChatFields = parse(&json!({"messages": [
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        ]}))
+        .unwrap();
+        let msgs = chat.messages().unwrap();
+        assert_eq!(msgs[0].tool_calls[0].function.arguments, json!({"x": 1}));
+        assert_eq!((msgs[1].role.as_str(), msgs[1].tool_call_id.as_deref()), ("tool", Some("c1")));
         for body in [
             json!({"messages": []}),
             json!({"messages": "hi"}),
@@ -496,6 +504,8 @@ mod tests {
             json!({"messages": [{"content": "x"}]}),
             json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
             json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}),
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}),
+            json!({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}),
             json!({"messages": [{"role": "user", "content": null}]}),
             json!({"messages": [{"role": "user"}]}),
             json!({}),

@@ -53,11 +53,6 @@ pub const SHARED_FIELDS: &[(&str, FieldUse)] = &[
     ("reasoning", Honoured),
     ("response_format", Honoured),
     ("logit_bias", Honoured),
-    ("tools", Refused),
-    ("tool_choice", Refused),
-    ("parallel_tool_calls", Ignored),
-    ("functions", Refused),
-    ("function_call", Refused),
     ("user", Ignored),
     ("metadata", Ignored),
     ("store", Ignored),
@@ -71,6 +66,11 @@ pub const CHAT_FIELDS: &[(&str, FieldUse)] = &[
     ("messages", Honoured),
     ("logprobs", Honoured),
     ("top_logprobs", Honoured),
+    ("tools", Honoured),
+    ("tool_choice", Honoured),
+    ("parallel_tool_calls", Honoured),
+    ("functions", Refused),
+    ("function_call", Refused),
     ("modalities", Refused),
     ("audio", Refused),
     ("prediction", Refused),
@@ -114,12 +114,6 @@ pub struct GenerationFields {
     pub repetition_penalty: Option<f64>,
     pub reasoning_effort: Option<Mode>,
     pub reasoning: Option<ReasoningFields>,
-    /// Features that change the reply's shape or content, which terse does not
-    /// have yet: refused when used (`validate.rs`), never silently ignored.
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
-    pub functions: Option<Value>,
-    pub function_call: Option<Value>,
     pub response_format: Option<Value>,
     pub logit_bias: Option<Value>,
 }
@@ -178,6 +172,13 @@ pub struct ChatFields {
     pub messages: Option<Vec<WireMessage>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Read by `tool_calls.rs`.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
+    /// The deprecated form of tools: refused, naming `tools` instead.
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
     /// Refused when they ask for anything (`validate.rs`).
     pub modalities: Option<Value>,
     pub audio: Option<Value>,
@@ -191,8 +192,28 @@ pub struct ChatFields {
 pub struct WireMessage {
     pub role: Option<String>,
     pub content: Option<MessageContent>,
-    /// Calls an assistant turn made (refused: terse has no tools yet).
-    pub tool_calls: Option<Value>,
+    /// Calls an assistant turn made.
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// Which call a `tool` turn answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A call in the history, as OpenAI sends it: the arguments as JSON text.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(expecting = "a tool call object")]
+pub struct WireToolCall {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: Option<WireFunctionCall>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(expecting = "an object")]
+pub struct WireFunctionCall {
+    pub name: Option<String>,
+    pub arguments: Option<String>,
 }
 
 /// A message's `content`: text, or a list of content parts.

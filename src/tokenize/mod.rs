@@ -15,7 +15,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
-pub use chat::{apply_level_prompt, ChatMessage, ChatTemplate, TemplateError};
+pub use chat::{apply_level_prompt, ChatMessage, ChatTemplate, TemplateError, TemplateFunctionCall, TemplateToolCall};
 pub use stream::{IncrementalDecoder, PhasedDecoder};
 
 pub struct TextTokenizer {
@@ -53,6 +53,31 @@ fn end_of_turn_ids(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
     ids
 }
 
+/// GGUF's token type of tokens a vocabulary added as text (`special: false`
+/// in `tokenizer.json`), such as Qwen's `<tool_call>`.
+const USER_DEFINED_TOKEN: u32 = 4;
+
+/// candle marks every added token of a GGUF special, so decoding drops them;
+/// Hugging Face keeps the user-defined ones (`<tool_call>`) as text. Rebuild
+/// the added vocabulary with those as text, as `tokenizer.json` had them.
+fn keep_user_defined_tokens_as_text(inner: &mut Tokenizer, content: &gguf_file::Content) -> Result<()> {
+    let Some(gguf_file::Value::Array(types)) = content.metadata.get("tokenizer.ggml.token_type") else { return Ok(()) };
+    let is_text = |id: u32| types.get(id as usize).and_then(|v| v.to_i32().ok()) == Some(USER_DEFINED_TOKEN as i32);
+    let mut added: Vec<(u32, tokenizers::AddedToken)> = inner.get_added_tokens_decoder().into_iter().collect();
+    if !added.iter().any(|(id, t)| t.special && is_text(*id)) {
+        return Ok(());
+    }
+    added.sort_by_key(|(id, _)| *id);
+    let mut vocabulary = tokenizers::AddedVocabulary::new();
+    let tokens = added.into_iter().map(|(id, mut t)| {
+        t.special = t.special && !is_text(id);
+        t
+    });
+    vocabulary.add_tokens(tokens, inner.get_model(), inner.get_normalizer()).map_err(|e| anyhow!("re-adding tokens: {e}"))?;
+    inner.with_added_vocabulary(vocabulary);
+    Ok(())
+}
+
 impl TextTokenizer {
     /// Build the tokenizer, template and end-of-turn set from GGUF metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
@@ -77,6 +102,7 @@ impl TextTokenizer {
         }
         .context("building the tokenizer from GGUF metadata")?;
         let meta = |key: &str| content.metadata.get(key);
+        keep_user_defined_tokens_as_text(&mut inner, content)?;
         if pre.as_deref() == Some("smollm") {
             // SmolLM's own tokenizer splits digits one by one before the GPT-2 byte-level
             // step; candle's GGUF builder treats "smollm" as plain GPT-2.
@@ -203,8 +229,19 @@ impl TextTokenizer {
         add_generation_prompt: bool,
         enable_thinking: Option<bool>,
     ) -> Result<String, TemplateError> {
+        self.apply_chat_template_full(messages, add_generation_prompt, enable_thinking, None)
+    }
+
+    /// Like [`Self::apply_chat_template_with`], with the request's `tools`.
+    pub fn apply_chat_template_full(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, TemplateError> {
         match &self.template {
-            Some(t) => t.render_with(messages, add_generation_prompt, enable_thinking),
+            Some(t) => t.render_full(messages, add_generation_prompt, enable_thinking, tools),
             None => Err(TemplateError("the model has no chat template; use /v1/completions".into())),
         }
     }

@@ -46,8 +46,13 @@ impl TestServer {
 
     /// A server on the default model, with `configure` applied to its settings.
     pub fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
-        let model = terse::manifest::resolve_model(MODEL)
-            .unwrap_or_else(|e| panic!("{e:#} (run `./models/fetch {MODEL}` first)"));
+        Self::start_model_with(MODEL, configure)
+    }
+
+    /// A server on the fetched model `name`.
+    pub fn start_model_with(name: &str, configure: impl FnOnce(&mut ServeConfig)) -> TestServer {
+        let model = terse::manifest::resolve_model(name)
+            .unwrap_or_else(|e| panic!("{e:#} (run `./models/fetch {name}` first)"));
         let mut config = ServeConfig::new(model.path, model.served_name);
         config.port = 0;
         // The model's own reasoning profile and mode presets, as `terse serve` gives it.
