@@ -179,3 +179,24 @@ async fn a_thinking_model_thinks_freely_then_answers_in_json_streamed_or_not() {
         assert_eq!(joined("content"), message["content"].as_str().unwrap(), "the same JSON, streamed; none of it in reasoning_content");
     }
 }
+
+#[tokio::test]
+async fn echo_puts_the_prompt_before_the_completion_streamed_or_not() {
+    let s = shared();
+    let url = s.url("/v1/completions");
+    let body = json!({"model": MODEL, "prompt": "The sky is", "max_tokens": 6, "temperature": 0});
+    let plain = post_json(&url, &body).await.json["choices"][0]["text"].as_str().unwrap().to_string();
+    let mut echoed = body.clone();
+    echoed["echo"] = json!(true);
+    let whole = post_json(&url, &echoed).await.json["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(whole, format!("The sky is{plain}"));
+    echoed["stream"] = json!(true);
+    let (status, events) = post_sse(&url, &echoed).await;
+    assert_eq!(status, 200);
+    let streamed: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed, whole);
+    echoed["stream"] = json!(false);
+    echoed["logprobs"] = json!(1);
+    let refused = post_json(&url, &echoed).await;
+    assert_eq!((refused.status.as_u16(), refused.json["error"]["param"].as_str()), (400, Some("echo")), "{}", refused.json);
+}

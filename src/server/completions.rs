@@ -22,7 +22,8 @@ impl Endpoint for Completions {
     type Fields = CompletionFields;
     const FIELDS: &'static [(&'static str, FieldUse)] = COMPLETION_FIELDS;
     type Chunks = TextChunks;
-    type Shape = ();
+    /// The prompt's text, when `echo` asks for it in front of the completion.
+    type Shape = Option<String>;
 
     fn check(fields: &CompletionFields) -> Result<(), ApiError> {
         // The vocabulary bound of token-id prompts needs the engine; the rest is checked now.
@@ -37,26 +38,33 @@ impl Endpoint for Completions {
         fields.logprobs()
     }
 
-    async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Prompted<()>, ApiError> {
-        let mut prompt = match fields.prompt(engine.tokenizer().vocab_size())? {
-            Prompt::Tokens(ids) => ids,
+    async fn prompt(engine: &EngineHandle, fields: CompletionFields, params: &GenerationParams) -> Result<Prompted<Option<String>>, ApiError> {
+        let echo = fields.echo.unwrap_or(false);
+        let (mut prompt, echoed) = match fields.prompt(engine.tokenizer().vocab_size())? {
+            Prompt::Tokens(ids) => {
+                let text = echo.then(|| engine.tokenizer().decode(&ids));
+                (ids, text)
+            }
             Prompt::Text(text) => {
                 let engine = engine.clone();
-                generate::blocking(move || {
+                let echoed = echo.then(|| text.clone());
+                let ids = generate::blocking(move || {
                     engine.tokenizer().encode_prompt(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))
                 })
-                .await?
+                .await?;
+                (ids, echoed)
             }
         };
         if params.mode == Mode::None {
             generate::close_open_thought(engine, &mut prompt);
         }
-        Ok(Prompted { tokens: prompt, grammar: None, shape: () })
+        Ok(Prompted { tokens: prompt, grammar: None, shape: echoed })
     }
 
-    fn reply(reply: ReplyContext, done: Collected, mode: &'static str, _shape: ()) -> Response {
+    fn reply(reply: ReplyContext, done: Collected, mode: &'static str, echo: Option<String>) -> Response {
         let Collected { text, reasoning, finished, logprobs } = done;
-        let chunks = TextChunks(reply.ids);
+        let text = echo.unwrap_or_default() + &text;
+        let chunks = TextChunks(reply.ids, None);
         // The legacy shape has one text: the answer's tokens.
         let logprobs = logprobs.map(|l| CompletionLogprobs::new(&l.content, 0));
         let mut body = chunks.completion(text, reasoning, Some(finished.reason.as_openai()), logprobs);
@@ -65,13 +73,13 @@ impl Endpoint for Completions {
         Json(body).into_response()
     }
 
-    fn chunks(reply: ReplyContext, _shape: ()) -> TextChunks {
-        TextChunks(reply.ids)
+    fn chunks(reply: ReplyContext, echo: Option<String>) -> TextChunks {
+        TextChunks(reply.ids, echo)
     }
 }
 
-/// A text completion's body, whole or as stream chunks.
-pub struct TextChunks(ResponseIds);
+/// A text completion's body, whole or as stream chunks (the echoed prompt first).
+pub struct TextChunks(ResponseIds, Option<String>);
 
 impl TextChunks {
     fn completion(
@@ -91,7 +99,8 @@ impl TextChunks {
 
 impl ChunkFormat for TextChunks {
     fn opening(&self) -> Option<String> {
-        None
+        let echo = self.1.clone().filter(|e| !e.is_empty())?;
+        Some(serde_json::to_string(&self.completion(echo, None, None, None)).unwrap_or_default())
     }
 
     fn text(&mut self, text: String, phase: Phase, logprobs: Option<ChatLogprobs>) -> Option<String> {

@@ -85,36 +85,62 @@ pub struct ReplyContext {
     pub tool_calls: prometheus::IntCounter,
 }
 
-/// The axum handler of endpoint `E`.
-pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<JsonObject, ApiError>) -> Response {
-    let mut record = RequestRecord::new(&state, E::NAME, request_id(&headers));
+/// A generation under way, and what its reply needs.
+pub struct Started<S> {
+    pub generation: Generation,
+    pub params: GenerationParams,
+    pub shape: S,
+    /// `terse_tool_calls_total` of the served model.
+    pub tool_calls: prometheus::IntCounter,
+}
+
+/// Check `body` as endpoint `E` reads it and submit it; an error is answered
+/// (and recorded) at once, its `param` renamed by `rename` first (the
+/// Responses API speaks of `input` where chat says `messages`).
+pub async fn start<E: Endpoint>(
+    state: &AppState,
+    body: Result<Value, ApiError>,
+    mut record: RequestRecord,
+    rename: impl Fn(ApiError) -> ApiError,
+) -> Result<Started<E::Shape>, Response> {
     let prepared = match body {
-        Ok(JsonObject(map)) => {
-            let body = Value::Object(map);
+        Ok(body) => {
             record.set_mode(mode_of(&body));
-            prepare::<E>(&state, &body).await
+            prepare::<E>(state, &body).await
         }
         Err(e) => Err(e),
     };
     let Prepared { engine, prompt, params, constraint, shape } = match prepared {
         Ok(p) => p,
-        Err(e) => return record.reject(e),
+        Err(e) => return Err(record.reject(rename(e))),
     };
     let kind = constraint.as_ref().map(|c| c.kind);
     let stream = match generate::submit(&engine, prompt, &params, constraint, &state.limits, &mut record) {
         Ok(stream) => stream,
-        Err(e) => return record.reject(e),
+        Err(e) => return Err(record.reject(rename(e))),
     };
     if let Some(kind) = kind {
         state.metrics.constrained_requests_total.with_label_values(&[&state.served_name, kind.as_str()]).inc();
     }
-    let mut generation = Generation::new(&engine, stream, record, &state.limits).with_logprobs(params.logprobs.is_some());
+    let generation = Generation::new(&engine, stream, record, &state.limits).with_logprobs(params.logprobs.is_some());
+    let tool_calls = state.metrics.tool_calls_total.with_label_values(&[&state.served_name]);
+    Ok(Started { generation, params, shape, tool_calls })
+}
+
+/// The axum handler of endpoint `E`.
+pub async fn handle<E: Endpoint>(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<JsonObject, ApiError>) -> Response {
+    let record = RequestRecord::new(&state, E::NAME, request_id(&headers));
+    let body = body.map(|JsonObject(map)| Value::Object(map));
+    let Started { mut generation, params, shape, tool_calls } = match start::<E>(&state, body, record, |e| e).await {
+        Ok(started) => started,
+        Err(response) => return response,
+    };
     let ids = ResponseIds {
         id: format!("{}{}", E::ID_PREFIX, uuid::Uuid::new_v4().simple()),
         created: unix_now(),
         model: state.served_name.clone(),
     };
-    let reply = ReplyContext { ids, tool_calls: state.metrics.tool_calls_total.with_label_values(&[&state.served_name]) };
+    let reply = ReplyContext { ids, tool_calls };
     if params.stream {
         return sse::response(generation, E::chunks(reply, shape), params.include_usage);
     }

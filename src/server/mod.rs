@@ -22,7 +22,7 @@
 //!   list, with what terse does with it: honoured; accepted and ignored where
 //!   it changes nothing terse generates (`user`, `metadata`, `store`, ...);
 //!   or refused (400 `unsupported_parameter`, naming it) where terse lacks
-//!   the feature (`n` and `best_of` > 1, `echo`, `suffix`, audio, ...),
+//!   the feature (`n` and `best_of` > 1, `suffix`, `echo` with `logprobs`, audio, ...),
 //!   rather than a reply that silently ignores it. A field no list names is
 //!   a 400, as with OpenAI; terse's own `reasoning` object is strict too.
 //! - A request whose client hung up is counted with status `499`.
@@ -50,6 +50,7 @@ mod health;
 mod models;
 pub mod openai;
 mod record;
+pub mod responses;
 mod sse;
 pub mod structured;
 mod tool_calls;
@@ -79,6 +80,7 @@ use crate::metrics::Metrics;
 
 pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
 pub const COMPLETIONS: &str = "/v1/completions";
+pub const RESPONSES: &str = "/v1/responses";
 pub const MODELS: &str = "/v1/models";
 pub const MODEL: &str = "/v1/models/{model}";
 pub const HEALTH: &str = "/health";
@@ -214,6 +216,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let app = Router::new()
         .route(CHAT_COMPLETIONS, post(endpoint::handle::<chat::Chat>))
         .route(COMPLETIONS, post(endpoint::handle::<completions::Completions>))
+        .route(RESPONSES, post(responses::handle))
         .route(MODELS, get(models::list))
         .route(MODEL, get(models::retrieve))
         .route(HEALTH, get(health::health))

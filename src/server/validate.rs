@@ -346,8 +346,8 @@ impl CompletionFields {
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(ApiError::unsupported("best_of", "only best_of = 1 is supported"));
         }
-        if self.echo.unwrap_or(false) {
-            return Err(ApiError::unsupported("echo", "`echo` is not supported"));
+        if self.echo.unwrap_or(false) && self.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::unsupported("echo", "`echo` with `logprobs` is not supported: the prompt's log-probabilities are not computed"));
         }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::unsupported("suffix", "suffix is not supported"));

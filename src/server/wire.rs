@@ -80,7 +80,7 @@ pub const CHAT_FIELDS: &[(&str, FieldUse)] = &[
 
 /// `POST /v1/completions`' own top-level fields.
 pub const COMPLETION_FIELDS: &[(&str, FieldUse)] =
-    &[("prompt", Honoured), ("logprobs", Honoured), ("best_of", Honoured), ("echo", Refused), ("suffix", Refused)];
+    &[("prompt", Honoured), ("logprobs", Honoured), ("best_of", Honoured), ("echo", Honoured), ("suffix", Refused)];
 
 /// A body's fields that neither list names: the first is a 400.
 pub fn refuse_unknown_fields(body: &Value, lists: &[&[(&str, FieldUse)]]) -> Result<(), ApiError> {
