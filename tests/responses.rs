@@ -68,20 +68,9 @@ async fn the_official_client_creates_and_streams_responses() {
 
 #[tokio::test]
 async fn a_thinking_model_gives_a_reasoning_item_before_its_message() {
-    let header = terse::manifest::models_dir().join("cache/r1-distill-tokenizer/DeepSeek-R1-Distill-Qwen-7B.header.gguf");
-    assert!(header.is_file(), "run ./models/fetch r1-distill-tokenizer");
-    let dir = std::env::temp_dir().join(format!("terse-responses-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = dir.join("tiny-r1.gguf");
-    terse::model::write_random_gguf(&model, &terse::model::SyntheticSpec::tiny_qwen2(152_064), &header).unwrap();
-    let profile = terse::manifest::load_manifest("deepseek-r1-distill-qwen-1.5b").unwrap().reasoning_profile().unwrap();
-    let s = TestServer::start_model_with(model.to_str().unwrap(), |c| c.engine.reasoning = profile.clone());
+    let s = thinking_server(|_| {});
     // One whose deadline a long stream runs past.
-    let hasty = TestServer::start_model_with(model.to_str().unwrap(), |c| {
-        c.engine.reasoning = profile;
-        c.limits = RequestLimits { max_tokens: None, timeout: Some(Duration::from_millis(300)) };
-    });
-    let _ = std::fs::remove_dir_all(&dir);
+    let hasty = thinking_server(|c| c.limits = RequestLimits { max_tokens: None, timeout: Some(Duration::from_millis(300)) });
 
     let url = s.url("/v1");
     let name = "tiny-r1".to_string();

@@ -132,24 +132,9 @@ async fn every_field_is_honoured_ignored_or_refused_by_name() {
     }
 }
 
-/// The synthetic R1-vocabulary model behind a real server: random weights
-/// that think until stopped, with the real DeepSeek-R1-Distill template.
-fn thinking_server() -> TestServer {
-    let header = terse::manifest::models_dir().join("cache/r1-distill-tokenizer/DeepSeek-R1-Distill-Qwen-7B.header.gguf");
-    assert!(header.is_file(), "run ./models/fetch r1-distill-tokenizer");
-    let dir = std::env::temp_dir().join(format!("terse-structured-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = dir.join("tiny-r1.gguf");
-    terse::model::write_random_gguf(&model, &terse::model::SyntheticSpec::tiny_qwen2(152_064), &header).unwrap();
-    let profile = terse::manifest::load_manifest("deepseek-r1-distill-qwen-1.5b").unwrap().reasoning_profile().unwrap();
-    let server = TestServer::start_model_with(model.to_str().unwrap(), |c| c.engine.reasoning = profile);
-    let _ = std::fs::remove_dir_all(&dir);
-    server
-}
-
 #[tokio::test]
 async fn a_thinking_model_thinks_freely_then_answers_in_json_streamed_or_not() {
-    let s = thinking_server();
+    let s = thinking_server(|_| {});
     let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"], "additionalProperties": false});
     for reasoning in [json!({"strategy": "budget", "max_thinking_tokens": 6}), json!({"strategy": "ts", "stop_temperature": 1e6, "min_thinking_tokens": 3})] {
         let body = json!({

@@ -12,7 +12,7 @@ use super::openai::{
 };
 use super::sse::ChunkFormat;
 use super::structured;
-use super::tool_calls::{CallParser, ParsedCall, Piece, ToolFamily, ToolRequest};
+use super::tool_calls::{split_pieces, CallParser, ParsedCall, Piece, ToolFamily, ToolRequest};
 use super::validate::GenerationParams;
 use super::wire::{ChatFields, FieldUse, CHAT_FIELDS};
 use crate::engine::{ConstraintKind, EngineHandle};
@@ -140,18 +140,6 @@ fn show_tools_in_the_conversation(messages: &mut Vec<ChatMessage>, tools: &ToolR
             m.content = format!("<tool_response>\n{}\n</tool_response>", m.content);
         }
     }
-}
-
-fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ParsedCall>) {
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    for piece in pieces {
-        match piece {
-            Piece::Text(t) => content.push_str(&t),
-            Piece::Call(c) => calls.push(c),
-        }
-    }
-    (content, calls)
 }
 
 fn call_id() -> String {

@@ -32,7 +32,7 @@ use super::extract::JsonObject;
 use super::generate::{self, Finished, Generation, Output};
 use super::openai::{unix_now, TerseExtension};
 use super::record::RequestRecord;
-use super::tool_calls::{CallParser, ParsedCall, Piece};
+use super::tool_calls::{split_pieces, CallParser, ParsedCall, Piece};
 use super::validate::json_type_name;
 use super::wire::FieldUse::{self, Honoured, Ignored, Refused};
 use super::{request_id, AppState};
@@ -436,7 +436,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body
         Some(mut parser) => {
             let mut pieces = parser.push(&done.text);
             pieces.extend(parser.finish());
-            split(pieces)
+            split_pieces(pieces)
         }
         None => (done.text.clone(), Vec::new()),
     };
@@ -450,18 +450,6 @@ pub async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body
     let (status, incomplete) = status(&done.finished);
     let terse = serde_json::to_value(TerseExtension::new(generation.record().mode_label(), &done.finished.reasoning)).unwrap_or(Value::Null);
     Json(skeleton.response(status, output, usage(&done.finished), incomplete, terse)).into_response()
-}
-
-fn split(pieces: Vec<Piece>) -> (String, Vec<ParsedCall>) {
-    let mut text = String::new();
-    let mut calls = Vec::new();
-    for p in pieces {
-        match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Call(c) => calls.push(c),
-        }
-    }
-    (text, calls)
 }
 
 /// An output item being streamed.

@@ -399,6 +399,19 @@ impl CallParser {
     }
 }
 
+/// The pieces' text, joined, and their calls, in order.
+pub fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ParsedCall>) {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => content.push_str(&t),
+            Piece::Call(c) => calls.push(c),
+        }
+    }
+    (content, calls)
+}
+
 fn text_piece(text: String) -> Vec<Piece> {
     if text.is_empty() {
         Vec::new()

@@ -274,3 +274,25 @@ pub fn run_python(script: &str, args: &[&str]) {
     );
     eprintln!("{stdout}");
 }
+
+/// A server on a tiny qwen2 checkpoint with random weights and the real
+/// DeepSeek-R1-Distill vocabulary and template (written here), with the R1
+/// manifest's reasoning profile: it thinks until a control stops it.
+/// `configure` as for [`TestServer::start_with`].
+pub fn thinking_server(configure: impl Fn(&mut ServeConfig)) -> TestServer {
+    let header = terse::manifest::models_dir().join("cache/r1-distill-tokenizer/DeepSeek-R1-Distill-Qwen-7B.header.gguf");
+    assert!(header.is_file(), "{} is missing: run ./models/fetch r1-distill-tokenizer", header.display());
+    static WRITTEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("terse-thinking-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny-r1.gguf");
+    terse::model::write_random_gguf(&model, &terse::model::SyntheticSpec::tiny_qwen2(152_064), &header).unwrap();
+    let profile = terse::manifest::load_manifest("deepseek-r1-distill-qwen-1.5b").unwrap().reasoning_profile().unwrap();
+    let server = TestServer::start_model_with(model.to_str().unwrap(), |c| {
+        c.engine.reasoning = profile;
+        configure(c);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    server
+}
