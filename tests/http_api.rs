@@ -718,3 +718,27 @@ async fn the_official_openai_python_client_works() {
     let s = shared();
     run_python("openai_client.py", &[&s.url("/v1"), MODEL]);
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_valid_and_lists_exactly_the_routes() {
+    let s = shared();
+    let url = s.url(terse::server::OPENAPI);
+    let listed = tokio::task::spawn_blocking(move || run_python_output("check_openapi.py", &[&url])).await.unwrap();
+    let mut listed: Vec<&str> = listed.lines().collect();
+    listed.sort();
+    let mut routes: Vec<String> = terse::server::ROUTES.iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    routes.sort();
+    assert_eq!(listed, routes, "the document's paths are the router's routes");
+    // Each route is served (a POST of `{}` is a 400 of its own, not a 404) ...
+    for r in terse::server::ROUTES {
+        let path = r.path.replace("{model}", MODEL);
+        let status = match r.method {
+            "GET" => get(&s.url(&path)).await.status,
+            _ => post_json(&s.url(&path), &serde_json::json!({})).await.status,
+        };
+        assert_ne!(status.as_u16(), 404, "{} {path}", r.method);
+        assert_ne!(status.as_u16(), 405, "{} {path}", r.method);
+    }
+    // ... and nothing else is.
+    assert_eq!(get(&s.url("/v1/responses/resp_1")).await.status, 404);
+}

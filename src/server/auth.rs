@@ -21,10 +21,13 @@ use axum::response::{IntoResponse, Response};
 use subtle::{Choice, ConstantTimeEq};
 
 use super::error::ApiError;
-use super::{HEALTH, METRICS, READY};
+use super::ROUTES;
 
-/// Routes open without a key.
-pub const OPEN_ROUTES: &[&str] = &[HEALTH, READY, METRICS];
+/// Whether `path` is open without a key (`Route::open`: the probes, the
+/// metrics, the API description).
+fn is_open(path: &str) -> bool {
+    ROUTES.iter().any(|r| r.open && r.path == path)
+}
 
 /// The accepted keys; empty means no authentication.
 #[derive(Clone, Default)]
@@ -91,7 +94,7 @@ fn bearer_token(value: &HeaderValue) -> Option<&[u8]> {
 
 /// The middleware: pass open routes and requests with a valid key, answer 401 otherwise.
 pub async fn require_api_key(State(keys): State<ApiKeys>, request: Request, next: Next) -> Response {
-    if OPEN_ROUTES.contains(&request.uri().path()) {
+    if is_open(request.uri().path()) {
         return next.run(request).await;
     }
     let error = match request.headers().get(header::AUTHORIZATION) {

@@ -27,8 +27,9 @@
 //!   a 400, as with OpenAI; terse's own `reasoning` object is strict too.
 //! - A request whose client hung up is counted with status `499`.
 //! - 429 (queue full) and 503 while loading carry `Retry-After: 1`.
-//! - With API keys configured (`auth.rs`), all but `/health`, `/ready` and
-//!   `/metrics` need `Authorization: Bearer KEY`, else 401 `invalid_api_key`.
+//! - With API keys configured (`auth.rs`), all but the open routes of
+//!   [`ROUTES`] (`/health`, `/ready`, `/metrics`, `/openapi.json`) need
+//!   `Authorization: Bearer KEY`, else 401 `invalid_api_key`.
 //! - [`RequestLimits::timeout`] is a deadline for the whole request, queueing
 //!   included: past it the generation is cancelled and the client gets 504
 //!   `request_timeout` (or, once a stream has begun, that error as its last
@@ -48,6 +49,7 @@ mod extract;
 mod generate;
 mod health;
 mod models;
+mod openapi;
 pub mod openai;
 mod record;
 pub mod responses;
@@ -86,6 +88,50 @@ pub const MODEL: &str = "/v1/models/{model}";
 pub const HEALTH: &str = "/health";
 pub const READY: &str = "/ready";
 pub const METRICS: &str = "/metrics";
+pub const OPENAPI: &str = "/openapi.json";
+
+/// One route of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// Served without an API key.
+    pub open: bool,
+}
+
+const fn route(method: &'static str, path: &'static str, open: bool) -> Route {
+    Route { method, path, open }
+}
+
+/// Every route: the router is built from this table, and `/openapi.json`
+/// describes it, so neither can list a route the other lacks.
+pub const ROUTES: &[Route] = &[
+    route("POST", CHAT_COMPLETIONS, false),
+    route("POST", COMPLETIONS, false),
+    route("POST", RESPONSES, false),
+    route("GET", MODELS, false),
+    route("GET", MODEL, false),
+    route("GET", HEALTH, true),
+    route("GET", READY, true),
+    route("GET", METRICS, true),
+    route("GET", OPENAPI, true),
+];
+
+/// The handler of a route of [`ROUTES`].
+fn handler(route: &Route) -> axum::routing::MethodRouter<Arc<AppState>> {
+    match route.path {
+        CHAT_COMPLETIONS => post(endpoint::handle::<chat::Chat>),
+        COMPLETIONS => post(endpoint::handle::<completions::Completions>),
+        RESPONSES => post(responses::handle),
+        MODELS => get(models::list),
+        MODEL => get(models::retrieve),
+        HEALTH => get(health::health),
+        READY => get(health::ready),
+        METRICS => get(health::metrics),
+        OPENAPI => get(|| async { axum::Json(openapi::document()) }),
+        other => unreachable!("{other} is in ROUTES without a handler"),
+    }
+}
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -213,15 +259,9 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         .layer(PropagateRequestIdLayer::new(request_id));
-    let app = Router::new()
-        .route(CHAT_COMPLETIONS, post(endpoint::handle::<chat::Chat>))
-        .route(COMPLETIONS, post(endpoint::handle::<completions::Completions>))
-        .route(RESPONSES, post(responses::handle))
-        .route(MODELS, get(models::list))
-        .route(MODEL, get(models::retrieve))
-        .route(HEALTH, get(health::health))
-        .route(READY, get(health::ready))
-        .route(METRICS, get(health::metrics))
+    let app = ROUTES
+        .iter()
+        .fold(Router::new(), |app, r| app.route(r.path, handler(r)))
         .fallback(health::not_found)
         .method_not_allowed_fallback(health::method_not_allowed)
         .layer(axum::middleware::from_fn(access_log::log_request));

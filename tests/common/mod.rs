@@ -255,6 +255,11 @@ pub async fn metrics_text(server: &TestServer) -> String {
 /// Run a Python script of tests/python; panics (fails the test) when python3,
 /// the packages of tests/requirements.txt or the script's checks are missing.
 pub fn run_python(script: &str, args: &[&str]) {
+    eprintln!("{}", run_python_output(script, args));
+}
+
+/// Like [`run_python`], returning what the script printed.
+pub fn run_python_output(script: &str, args: &[&str]) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);
@@ -272,7 +277,7 @@ pub fn run_python(script: &str, args: &[&str]) {
         "{script} failed ({}):\n{stdout}\n{stderr}\n(packages: `pip install -r tests/requirements.txt`)",
         out.status
     );
-    eprintln!("{stdout}");
+    stdout.into_owned()
 }
 
 /// A server on a tiny qwen2 checkpoint with random weights and the real
