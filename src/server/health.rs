@@ -45,3 +45,18 @@ pub async fn not_found(method: Method, uri: Uri) -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
+
+/// The playground page, built into the binary. Its policy lets it load
+/// nothing from elsewhere: its script and style are inline, its requests
+/// same-origin.
+pub async fn playground() -> Response {
+    let policy = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:";
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CONTENT_SECURITY_POLICY, policy),
+        ],
+        include_str!("playground.html"),
+    )
+        .into_response()
+}

@@ -89,6 +89,7 @@ pub const HEALTH: &str = "/health";
 pub const READY: &str = "/ready";
 pub const METRICS: &str = "/metrics";
 pub const OPENAPI: &str = "/openapi.json";
+pub const PLAYGROUND: &str = "/";
 
 /// One route of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +116,8 @@ pub const ROUTES: &[Route] = &[
     route("GET", READY, true),
     route("GET", METRICS, true),
     route("GET", OPENAPI, true),
+    // The page holds no secret; its requests carry the key the user types.
+    route("GET", PLAYGROUND, true),
 ];
 
 /// The handler of a route of [`ROUTES`].
@@ -129,6 +132,7 @@ fn handler(route: &Route) -> axum::routing::MethodRouter<Arc<AppState>> {
         READY => get(health::ready),
         METRICS => get(health::metrics),
         OPENAPI => get(|| async { axum::Json(openapi::document()) }),
+        PLAYGROUND => get(health::playground),
         other => unreachable!("{other} is in ROUTES without a handler"),
     }
 }

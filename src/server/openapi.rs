@@ -142,6 +142,7 @@ fn operation(route: &Route) -> Value {
         }
         super::METRICS => plain("Prometheus text format", json!({"text/plain": {"schema": {"type": "string"}}})),
         super::OPENAPI => plain("This document", json!({"application/json": {"schema": {"type": "object"}}})),
+        super::PLAYGROUND => plain("The playground: a chat that shows the thinking apart, with the reasoning controls", json!({"text/html": {"schema": {"type": "string"}}})),
         other => plain(other, json!({})),
     }
 }
