@@ -191,7 +191,7 @@ fn smollm2_matches_candle_transformers() {
 /// q/k norms, a tied head) with the real Qwen3 tokenizer and chat template,
 /// in Q8_0, Q4_0 and in a Q4_K_M-like mix (Q4_K, with Q6_K for every other
 /// layer's `attn_v` and `ffn_down`), against candle-transformers'
-/// `quantized_qwen3`; and in f16, where nothing but float rounding separates
+/// `quantized_qwen3`; and in f16 and bf16, where nothing but float rounding separates
 /// the two, so a wrong step shows far above the tolerance. Eight of its 28
 /// layers (four in f16), to keep the test's files and time small; every layer
 /// is the same computation.
@@ -203,7 +203,9 @@ fn qwen3_matches_candle_transformers() {
     let tokenizer = terse::manifest::models_dir().join("cache/qwen3-tokenizer/tokenizer.json");
     assert!(tokenizer.is_file(), "run ./models/fetch qwen3-tokenizer");
     let cases = [
+        // F16 and BF16 run on our own dense kernel (half_matrix.rs).
         (GgmlDType::F16, None, "f16", 4, QWEN3_F16_TOLERANCE),
+        (GgmlDType::BF16, None, "bf16", 4, QWEN3_F16_TOLERANCE),
         (GgmlDType::Q8_0, None, "q8_0", 8, QWEN3_TOLERANCE),
         // Run on Q4_1's kernels (quant.rs).
         (GgmlDType::Q4_0, None, "q4_0", 4, QWEN3_TOLERANCE),

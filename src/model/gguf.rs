@@ -12,6 +12,7 @@ use candle_nn::{Embedding, RmsNorm};
 
 use super::config::TransformerConfig;
 use super::linear::Linear;
+use super::half_matrix::{HalfFormat, HalfMatrix};
 use super::quant::{BlockFormat, QuantMatrix};
 use super::layer::{Attention, Block, Mlp};
 use super::transformer::{TokenEmbedding, Transformer};
@@ -77,6 +78,9 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
             if let Some(matrix) = w.matrix(&name)? {
                 return Ok(Linear::quant(Arc::new(matrix), bias));
             }
+            if let Some(matrix) = w.half(&name)? {
+                return Ok(Linear::half(Arc::new(matrix), bias));
+            }
             w.note_candle_matrix(&name);
         }
         let weight = w.tensor(&name)?;
@@ -98,9 +102,11 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     // The table stays quantized where our kernels read its format, and a tied
     // head multiplies with the very same matrix.
     let shared = if ours { weights.matrix("token_embd.weight")?.map(Arc::new) } else { None };
-    let embedding = match &shared {
-        Some(m) => TokenEmbedding::Quantized(m.clone()),
-        None => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(device)?, config.hidden)),
+    let shared_half = if ours && shared.is_none() { weights.half("token_embd.weight")?.map(Arc::new) } else { None };
+    let embedding = match (&shared, &shared_half) {
+        (Some(m), _) => TokenEmbedding::Quantized(m.clone()),
+        (None, Some(h)) => TokenEmbedding::Half(h.clone()),
+        (None, None) => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(device)?, config.hidden)),
     };
     let qk_norms = config.arch.norms_q_and_k();
     let outputs_normed = config.arch.norms_outputs();
@@ -135,6 +141,8 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         linear(&mut weights, "output")?
     } else if let Some(m) = shared {
         Linear::shared_quant(m)
+    } else if let Some(h) = shared_half {
+        Linear::half(h, None)
     } else if dequantize {
         Linear::dense(weights.tensor("token_embd.weight")?.dequantize(device)?, None)?
     } else {
@@ -142,7 +150,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     };
     let Weights { bytes: weight_bytes, type_counts, on_candle, .. } = weights;
     for (format, (count, first)) in on_candle {
-        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k)");
+        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k, f16, bf16)");
     }
 
     let dtype = type_counts
@@ -198,6 +206,19 @@ impl Weights<'_> {
         if shape.rank() == 2 {
             *self.type_counts.entry(format!("{dtype:?}").to_lowercase()).or_default() += shape.elem_count() as u64;
         }
+    }
+
+    /// An F16 or BF16 matrix, kept in its own precision. None for other formats.
+    fn half(&mut self, name: &str) -> Result<Option<HalfMatrix>> {
+        let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let (Some(format), Ok((rows, cols))) = (HalfFormat::from_ggml(info.ggml_dtype), info.shape.dims2()) else {
+            return Ok(None);
+        };
+        let (dtype, shape) = (info.ggml_dtype, info.shape.clone());
+        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        let matrix = HalfMatrix::read(format, rows, cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
+        self.count(dtype, &shape, rows * cols * 2);
+        Ok(Some(matrix))
     }
 
     /// A tensor through candle (read whole, on the model's device).

@@ -1,12 +1,14 @@
 //! One linear layer behind one interface, whatever its weights' format:
-//! quantized (GGUF: our kernels for Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K on the
-//! CPU, candle's for the rest and on a GPU), dense, or 2:4 sparse.
+//! quantized (GGUF: our kernels for Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K, and
+//! F16 / BF16 in their own precision, on the CPU; candle's for the rest and
+//! on a GPU), dense, or 2:4 sparse.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
+use super::half_matrix::HalfMatrix;
 use super::quant::{QuantMatrix, QuantizedRows};
 use super::sparse::Sparse24;
 
@@ -17,6 +19,8 @@ enum Weight {
     Quant(Arc<QuantMatrix>),
     /// Our 2:4 sparse kernel.
     Sparse(Sparse24),
+    /// Our dense f16 / bf16 kernel (GGUF's F16 and BF16 tensors, CPU only).
+    Half(Arc<HalfMatrix>),
 }
 
 pub struct Linear {
@@ -69,6 +73,11 @@ impl Linear {
     /// A quantized matrix that something else (a tied embedding) shares.
     pub fn shared_quant(matrix: Arc<QuantMatrix>) -> Self {
         Self::with(Weight::Quant(matrix), None, false)
+    }
+
+    /// An f16 or bf16 matrix, multiplied in its own precision.
+    pub fn half(matrix: Arc<HalfMatrix>, bias: Option<Tensor>) -> Self {
+        Self::with(Weight::Half(matrix), bias, false)
     }
 
     pub fn sparse(weight: Sparse24, bias: Option<Tensor>) -> Self {
@@ -142,6 +151,10 @@ impl Linear {
                     *out = q.matmul_t(xs, n);
                     layer.add_host_bias(out)?;
                 }
+                Weight::Half(h) => {
+                    *out = h.matmul_t(xs, n);
+                    layer.add_host_bias(out)?;
+                }
             }
         }
         Ok(())
@@ -169,6 +182,7 @@ impl Linear {
             },
             Weight::Quant(q) => q.rows(),
             Weight::Sparse(s) => s.rows(),
+            Weight::Half(h) => h.rows(),
         }
     }
 
@@ -197,6 +211,11 @@ impl Linear {
                 let n = xs.dim(0)?;
                 let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(s.matmul_t(&input, n), (n, s.rows()), xs.device())?
+            }
+            Weight::Half(h) => {
+                let n = xs.dim(0)?;
+                let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(h.matmul_t(&input, n), (n, h.rows()), xs.device())?
             }
         };
         self.add_bias(ys)

@@ -4,6 +4,7 @@ mod config;
 mod convert;
 mod device;
 mod gguf;
+mod half_matrix;
 mod hf;
 mod host_attention;
 mod host_pages;

@@ -34,13 +34,15 @@ use super::tensor_path::TensorPath;
 pub enum TokenEmbedding {
     Dense(Embedding),
     Quantized(Arc<QuantMatrix>),
+    /// F16 / BF16 rows, widened as they are looked up.
+    Half(Arc<super::half_matrix::HalfMatrix>),
 }
 
 impl TokenEmbedding {
     fn dtype(&self) -> DType {
         match self {
             TokenEmbedding::Dense(e) => e.embeddings().dtype(),
-            TokenEmbedding::Quantized(_) => DType::F32,
+            TokenEmbedding::Quantized(_) | TokenEmbedding::Half(_) => DType::F32,
         }
     }
 
@@ -57,6 +59,14 @@ impl TokenEmbedding {
                     m.dequantize_row_into(id as usize, out);
                 }
             }
+            TokenEmbedding::Half(m) => {
+                for &id in ids {
+                    if id as usize >= m.rows() {
+                        candle_core::bail!("token id {id} is outside the vocabulary of {}", m.rows());
+                    }
+                    out.extend(m.row_f32(id as usize));
+                }
+            }
         }
         Ok(())
     }
@@ -65,6 +75,11 @@ impl TokenEmbedding {
         match self {
             TokenEmbedding::Dense(e) => e.forward(&Tensor::new(ids, device)?),
             TokenEmbedding::Quantized(m) => {
+                let mut rows = Vec::new();
+                self.rows_into(ids, &mut rows)?;
+                Tensor::from_vec(rows, (ids.len(), m.cols()), device)
+            }
+            TokenEmbedding::Half(m) => {
                 let mut rows = Vec::new();
                 self.rows_into(ids, &mut rows)?;
                 Tensor::from_vec(rows, (ids.len(), m.cols()), device)
