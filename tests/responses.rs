@@ -70,7 +70,7 @@ async fn the_official_client_creates_and_streams_responses() {
 async fn a_thinking_model_gives_a_reasoning_item_before_its_message() {
     let s = thinking_server(|_| {});
     // One whose deadline a long stream runs past.
-    let hasty = thinking_server(|c| c.limits = RequestLimits { max_tokens: None, timeout: Some(Duration::from_millis(300)) });
+    let hasty = thinking_server(|c| c.limits = RequestLimits { max_tokens: None, timeout: Some(Duration::from_millis(100)) });
 
     let url = s.url("/v1");
     let name = "tiny-r1".to_string();

@@ -118,7 +118,6 @@ impl HalfMatrix {
             // is untouched until every thread is done.
             unsafe { columns.put_rows(first_row, part) };
         });
-        drop(columns);
         out
     }
 }
