@@ -61,6 +61,9 @@ pub struct Metrics {
     pub grammar_mask_seconds: Histogram,
     /// Tool calls returned to clients, by model.
     pub tool_calls_total: IntCounterVec,
+    /// Answer tokens a grammar forced and the engine fed several at a time
+    /// (jump-forward), instead of decoding each.
+    pub grammar_jump_tokens_total: IntCounter,
     /// Constant 1, labelled with what the model is.
     pub model_info: IntGaugeVec,
     pub model_weight_bytes: IntGauge,
@@ -186,6 +189,11 @@ impl Metrics {
         )
         .unwrap();
         let tool_calls_total = IntCounterVec::new(Opts::new("tool_calls_total", "Tool calls returned in replies"), &["model"]).unwrap();
+        let grammar_jump_tokens_total = IntCounter::new(
+            "grammar_jump_tokens_total",
+            "Answer tokens a grammar forced, fed several in one step instead of decoded one by one",
+        )
+        .unwrap();
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "The served model (value is always 1)"),
             &["model", "arch", "format", "dtype", "sparse_fraction", "device"],
@@ -222,6 +230,7 @@ impl Metrics {
             Box::new(constrained_requests_total.clone()),
             Box::new(grammar_mask_seconds.clone()),
             Box::new(tool_calls_total.clone()),
+            Box::new(grammar_jump_tokens_total.clone()),
             Box::new(model_info.clone()),
             Box::new(model_weight_bytes.clone()),
         ];
@@ -263,6 +272,7 @@ impl Metrics {
             constrained_requests_total,
             grammar_mask_seconds,
             tool_calls_total,
+            grammar_jump_tokens_total,
             model_info,
             model_weight_bytes,
         }

@@ -18,10 +18,15 @@ fn tokenizer() -> TextTokenizer {
     TextTokenizer::from_gguf(&content).unwrap()
 }
 
-#[test]
-fn the_official_client_gets_valid_json_and_consistent_logprobs() {
+#[tokio::test]
+async fn the_official_client_gets_valid_json_and_consistent_logprobs() {
     let s = shared();
-    run_python("structured_outputs.py", &[&s.url("/v1"), MODEL]);
+    let url = s.url("/v1");
+    tokio::task::spawn_blocking(move || run_python("structured_outputs.py", &[&url, MODEL])).await.unwrap();
+    // Fixed keys were fed several tokens a step (jump-forward), not decoded one by one.
+    let metrics = metrics_text(s).await;
+    let jumped: f64 = metrics.lines().find(|l| l.starts_with("terse_grammar_jump_tokens_total ")).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0);
+    assert!(jumped > 0.0, "no jump-forward tokens: {metrics}");
 }
 
 /// The ids of a greedy reply's tokens, read back through the tokenizer.

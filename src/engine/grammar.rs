@@ -6,7 +6,8 @@
 //! and tokens injected by reasoning control are outside it. End of turn is
 //! allowed only where the grammar accepts, and is the only choice once it is
 //! complete. A model with think tokens whose prompt leaves the thought to it
-//! (Qwen3) may open one with its first token.
+//! (Qwen3) may open one with its first token. Text the grammar forces (a
+//! JSON key) is fed in one step rather than decoded token by token.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -174,6 +175,21 @@ impl GrammarMask {
         }
         // Kept for the next call if nothing was taken in (it still holds).
         self.ready = Some(mask);
+    }
+
+    /// The tokens the grammar forces from here on, when there are two or more
+    /// (a JSON key, a tool call's fixed text): the engine feeds them at once,
+    /// one forward step for all, instead of one decode step each. None while
+    /// the first token may still open a thought.
+    pub fn fast_forward(&mut self) -> Vec<u32> {
+        if self.fresh && self.think_open.is_some() {
+            return Vec::new();
+        }
+        let forced = self.matcher.compute_ff_tokens();
+        if forced.len() < 2 || forced.iter().any(|t| self.end_of_turn.contains(t)) {
+            return Vec::new();
+        }
+        forced
     }
 
     /// Any completion token, in either phase, sampled or injected.

@@ -190,6 +190,15 @@ impl LogitChain {
         self.grammar.is_some() && self.reasoning.phase() == Phase::Answer
     }
 
+    /// Two or more tokens the grammar forces next, to feed at once (see
+    /// `GrammarMask::fast_forward`); empty when it forces fewer.
+    pub fn grammar_fast_forward(&mut self) -> Vec<u32> {
+        match self.grammar.as_mut() {
+            Some(grammar) if self.reasoning.phase() == Phase::Answer => grammar.fast_forward(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Compute the grammar's next mask ahead of [`Self::apply`] (which would
     /// otherwise compute it then), so it can overlap the forward pass.
     pub fn prepare_mask(&mut self) {

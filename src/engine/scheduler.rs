@@ -99,6 +99,8 @@ fn reasoning_usage(control: &ReasoningControl, reason: FinishReason) -> Reasonin
 enum Next {
     /// Injected text (budget forcing's end of thinking).
     Forced(Vec<u32>),
+    /// Answer tokens the grammar leaves no choice about, fed together.
+    Grammar(Vec<u32>),
     /// A token chosen from the logits.
     Sampled(u32),
 }
@@ -389,6 +391,11 @@ impl Scheduler {
                 choices.push((i, Next::Forced(forced)));
                 continue;
             }
+            let jump = seq.logits.grammar_fast_forward();
+            if !jump.is_empty() {
+                choices.push((i, Next::Grammar(jump)));
+                continue;
+            }
             let slot = (row, choices.len());
             let wants_logprobs = seq.request.choice.logprobs.is_some();
             if on_device && !wants_logprobs && seq.sampler.is_greedy() && seq.logits.device_plan().is_some() {
@@ -451,6 +458,10 @@ impl Scheduler {
             let seq = &mut running[i];
             let ended = match next {
                 Next::Forced(tokens) => self.push_tokens(seq, &tokens, Some(ForcedKind::EndOfThinking)),
+                Next::Grammar(tokens) => {
+                    self.metrics.grammar_jump_tokens_total.inc_by(tokens.len() as u64);
+                    self.push_grammar_tokens(seq, &tokens)
+                }
                 Next::Sampled(token) => self.take_token(seq, token),
             };
             if let Some(reason) = ended {
@@ -517,6 +528,18 @@ impl Scheduler {
             }
             if out_of_room {
                 return Some(FinishReason::Length);
+            }
+        }
+        None
+    }
+
+    /// Tokens the grammar forced: the answer's own (not injections), each
+    /// with probability 1 under the mask.
+    fn push_grammar_tokens(&self, seq: &mut Sequence, tokens: &[u32]) -> Option<FinishReason> {
+        for &token in tokens {
+            seq.sampled_logprob = seq.request.choice.logprobs.map(|_| TokenLogprob { logprob: 0.0, top: vec![(token, 0.0)] });
+            if let Some(end) = self.push_tokens(seq, &[token], None) {
+                return Some(end);
             }
         }
         None
