@@ -135,8 +135,10 @@ pub(crate) struct Shared {
     pub injections: Injections,
     pub profile: ReasoningProfile,
     pub reasoning_summary: super::ReasoningSummary,
-    /// Compiles answer grammars; `Err` says why this vocabulary cannot have them.
-    pub grammar: Result<Arc<super::GrammarCompiler>, String>,
+    /// Compiles answer grammars, built on first use (a second or so for a
+    /// 150k vocabulary, which a server that never constrains need not wait
+    /// for); `Err` says why this vocabulary cannot have them.
+    pub grammar: std::sync::OnceLock<Result<Arc<super::GrammarCompiler>, String>>,
     pub max_queue: usize,
     pub context_length: usize,
     pub kv_bytes_per_token: u64,
@@ -228,15 +230,28 @@ impl EngineHandle {
 
     /// The bytes of token `id` as the model writes them (special tokens as their text).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        match &self.shared.grammar {
+        match self.grammar_compiler() {
             Ok(compiler) => compiler.token_bytes(id).to_vec(),
             Err(_) => self.shared.tokenizer.decode(&[id]).into_bytes(),
         }
     }
 
-    /// The compiler of answer grammars, or why the model cannot have one.
+    /// The compiler of answer grammars (built on the first call: call it off
+    /// the async workers), or why the model cannot have one.
     pub fn grammar_compiler(&self) -> Result<&Arc<super::GrammarCompiler>, &str> {
-        self.shared.grammar.as_ref().map_err(String::as_str)
+        self.shared
+            .grammar
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                let built = super::GrammarCompiler::new(&self.shared.tokenizer).map(Arc::new).map_err(|e| {
+                    tracing::warn!("structured outputs are off for this model: {e:#}");
+                    format!("this model's vocabulary cannot be used for grammars ({e:#})")
+                });
+                tracing::info!(secs = started.elapsed().as_secs_f64(), "grammar vocabulary built");
+                built
+            })
+            .as_ref()
+            .map_err(String::as_str)
     }
 
     /// The longest prompt + completion a sequence may have, in tokens.

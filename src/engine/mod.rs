@@ -93,12 +93,6 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         opens_thought_after_prompt = reasoning.profile.start_thinking && reasoning.think.is_some(),
         "reasoning profile"
     );
-    let started = std::time::Instant::now();
-    let grammar = GrammarCompiler::new(&tokenizer).map(Arc::new).map_err(|e| {
-        tracing::warn!("structured outputs are off for this model: {e:#}");
-        format!("this model's vocabulary cannot be used for grammars ({e:#})")
-    });
-    tracing::info!(secs = started.elapsed().as_secs_f64(), "grammar vocabulary built");
     let shared = Arc::new(handle::Shared {
         info,
         tokenizer: Arc::new(tokenizer),
@@ -106,7 +100,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         injections: reasoning.injections,
         profile: reasoning.profile,
         reasoning_summary: reasoning.summary,
-        grammar,
+        grammar: std::sync::OnceLock::new(),
         max_queue: config.max_queue,
         context_length,
         kv_bytes_per_token,

@@ -174,6 +174,15 @@ async fn prepare<E: Endpoint>(state: &AppState, body: &Value) -> Result<Prepared
     E::refuse_unsupported(&own)?;
     let engine = generate::engine(state)?;
     let Prompted { tokens, grammar, shape } = E::prompt(&engine, own, &params).await?;
+    if params.logprobs.is_some() {
+        // Token texts come from the grammar's vocabulary, built on first use: not on an async worker.
+        let engine = engine.clone();
+        generate::blocking(move || {
+            let _ = engine.grammar_compiler();
+            Ok(())
+        })
+        .await?;
+    }
     let constraint = match (params.format.clone(), grammar) {
         (Some(_), Some(_)) => {
             return Err(ApiError::unsupported("response_format", "a `response_format` cannot go with a forced tool call; choose one"))
