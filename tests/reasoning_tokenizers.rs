@@ -121,7 +121,7 @@ fn qwen3_model_opens_the_thought_itself_and_the_template_can_switch_it_off() {
     let prompt = t.encode(&thinking_on).unwrap();
     assert_eq!(PhaseTracker::new(Some(think), &prompt).phase(), Phase::Answer, "the model opens the thought");
 
-    let thinking_off = t.apply_chat_template_with(&chat, true, Some(false)).unwrap();
+    let thinking_off = t.apply_chat_template_with(&chat, true, Some(false), None).unwrap();
     assert!(thinking_off.ends_with("<think>\n\n</think>\n\n"), "{thinking_off:?}");
     let off = t.encode(&thinking_off).unwrap();
     assert_eq!(PhaseTracker::new(Some(think), &off).phase(), Phase::Answer);

@@ -50,7 +50,7 @@ fn qwen_template_renders_tools_calls_and_results() {
         ChatMessage { tool_calls: vec![call], ..ChatMessage::new("assistant", "") },
         ChatMessage { tool_call_id: Some("call_1".into()), ..ChatMessage::new("tool", "18 C") },
     ];
-    let prompt = qwen.apply_chat_template_full(&chat, true, None, Some(&tools)).unwrap();
+    let prompt = qwen.apply_chat_template_with(&chat, true, None, Some(&tools)).unwrap();
     assert!(prompt.contains("<tools>\n{\"type\": \"function\"") || prompt.contains("<tools>\n{\"type\":\"function\""), "{prompt}");
     assert!(prompt.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"), "{prompt}");
     assert!(prompt.contains("<|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>"), "{prompt}");

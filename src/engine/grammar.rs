@@ -126,6 +126,9 @@ pub struct GrammarMask {
     fresh: bool,
     /// The next token's mask, once computed (`prepare`); cleared by each token the grammar takes in.
     ready: Option<Result<SimpleVob, String>>,
+    /// The run of tokens the grammar forces next (empty: fewer than two),
+    /// once worked out (`prepare`); cleared likewise.
+    jump: Option<Vec<u32>>,
     /// Seconds each mask took to compute (the `terse_grammar_mask_seconds` histogram).
     mask_seconds: prometheus::Histogram,
 }
@@ -134,12 +137,19 @@ impl GrammarMask {
     pub fn new(constraint: Constraint, end_of_turn: Vec<u32>, think_open: Option<u32>, mask_seconds: prometheus::Histogram) -> Self {
         let eos = end_of_turn.first().copied().unwrap_or(u32::MAX);
         let think_open = think_open.filter(|_| constraint.may_open_thought);
-        GrammarMask { matcher: constraint.matcher, end_of_turn, eos, think_open, fresh: true, ready: None, mask_seconds }
+        GrammarMask { matcher: constraint.matcher, end_of_turn, eos, think_open, fresh: true, ready: None, jump: None, mask_seconds }
     }
 
-    /// Compute the next token's mask now (on a helper thread while the
-    /// forward pass runs), for [`Self::apply`] to use.
+    /// Work out the next step now (on a helper thread while the forward pass
+    /// runs): the run of forced tokens, and the mask unless that run will be
+    /// fed instead, for [`Self::fast_forward`] and [`Self::apply`] to use.
     pub fn prepare(&mut self) {
+        if self.forced_run().is_empty() {
+            self.prepare_mask();
+        }
+    }
+
+    fn prepare_mask(&mut self) {
         if self.ready.is_none() {
             let started = Instant::now();
             self.ready = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string()));
@@ -151,7 +161,7 @@ impl GrammarMask {
     /// goes to −∞. A grammar in error (it cannot happen for a token the mask
     /// allowed) leaves only the end of turn.
     pub fn apply(&mut self, logits: &mut [f32]) {
-        self.prepare();
+        self.prepare_mask();
         let mask = self.ready.take().expect("prepared above");
         // The end-of-turn tokens (and a first token's think-open) are decided
         // here, not by the grammar's mask: keep their logits aside.
@@ -182,19 +192,25 @@ impl GrammarMask {
     /// one forward step for all, instead of one decode step each. None while
     /// the first token may still open a thought.
     pub fn fast_forward(&mut self) -> Vec<u32> {
-        if self.fresh && self.think_open.is_some() {
-            return Vec::new();
+        self.forced_run().to_vec()
+    }
+
+    /// The run [`Self::fast_forward`] gives, worked out once per grammar state.
+    fn forced_run(&mut self) -> &[u32] {
+        if self.jump.is_none() {
+            let forced = if self.fresh && self.think_open.is_some() { Vec::new() } else { self.matcher.compute_ff_tokens() };
+            let usable = forced.len() >= 2 && !forced.iter().any(|t| self.end_of_turn.contains(t));
+            self.jump = Some(if usable { forced } else { Vec::new() });
         }
-        let forced = self.matcher.compute_ff_tokens();
-        if forced.len() < 2 || forced.iter().any(|t| self.end_of_turn.contains(t)) {
-            return Vec::new();
-        }
-        forced
+        self.jump.as_deref().unwrap_or_default()
     }
 
     /// Any completion token, in either phase, sampled or injected.
     pub fn note_completion_token(&mut self) {
-        self.fresh = false;
+        if self.fresh {
+            self.fresh = false;
+            self.jump = None; // worked out while a thought could still open
+        }
     }
 
     /// A token sampled in the answer phase: the grammar takes it in. End-of-turn
@@ -205,6 +221,7 @@ impl GrammarMask {
             return;
         }
         self.ready = None;
+        self.jump = None;
         if let Err(e) = self.matcher.consume_token(token) {
             tracing::warn!("grammar refused token {token}: {e}");
         }

@@ -178,11 +178,17 @@ impl LogitChain {
         for p in self.processors() {
             p.apply(logits);
         }
-        if self.needs_mask() {
-            if let Some(grammar) = self.grammar.as_mut() {
-                grammar.apply(logits);
-            }
+        if let Some(grammar) = self.answer_grammar() {
+            grammar.apply(logits);
         }
+    }
+
+    /// The grammar, when the next token is an answer token it holds.
+    fn answer_grammar(&mut self) -> Option<&mut GrammarMask> {
+        if self.reasoning.phase() != Phase::Answer {
+            return None;
+        }
+        self.grammar.as_mut()
     }
 
     /// Whether the next token's logits go through a grammar's mask.
@@ -193,19 +199,15 @@ impl LogitChain {
     /// Two or more tokens the grammar forces next, to feed at once (see
     /// `GrammarMask::fast_forward`); empty when it forces fewer.
     pub fn grammar_fast_forward(&mut self) -> Vec<u32> {
-        match self.grammar.as_mut() {
-            Some(grammar) if self.reasoning.phase() == Phase::Answer => grammar.fast_forward(),
-            _ => Vec::new(),
-        }
+        self.answer_grammar().map_or_else(Vec::new, GrammarMask::fast_forward)
     }
 
-    /// Compute the grammar's next mask ahead of [`Self::apply`] (which would
-    /// otherwise compute it then), so it can overlap the forward pass.
-    pub fn prepare_mask(&mut self) {
-        if self.needs_mask() {
-            if let Some(grammar) = self.grammar.as_mut() {
-                grammar.prepare();
-            }
+    /// Work out the grammar's next step (its forced run, else its mask) ahead
+    /// of [`Self::grammar_fast_forward`] and [`Self::apply`], which would
+    /// otherwise do it then, so it can overlap the forward pass.
+    pub fn prepare_grammar(&mut self) {
+        if let Some(grammar) = self.answer_grammar() {
+            grammar.prepare();
         }
     }
 

@@ -339,9 +339,10 @@ impl Scheduler {
         plan_rows(running.iter().map(Sequence::pending), self.prefill_chunk, while_decoding)
     }
 
-    /// The step's one forward pass over the planned rows. The grammar masks
-    /// of the sequences that choose a token after it are computed meanwhile,
-    /// on a helper thread, off the step's critical path.
+    /// The step's one forward pass over the planned rows. The grammars of the
+    /// sequences that choose a token after it work out their next step
+    /// (forced run or mask) meanwhile, on a helper thread, off the step's
+    /// critical path.
     fn forward<'l>(&self, running: &mut [Sequence], plan: &StepPlan, host_logits: &'l mut Vec<f32>) -> candle_core::Result<StepLogits<'l>> {
         let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(plan.len());
         let mut masks: Vec<&mut LogitChain> = Vec::new();
@@ -363,7 +364,7 @@ impl Scheduler {
             return self.model.step(&mut chunks, host_logits);
         }
         std::thread::scope(|scope| {
-            let helper = scope.spawn(move || masks.into_iter().for_each(LogitChain::prepare_mask));
+            let helper = scope.spawn(move || masks.into_iter().for_each(LogitChain::prepare_grammar));
             let logits = self.model.step(&mut chunks, host_logits);
             // A mask that failed to come is computed in `choose` instead.
             let _ = helper.join();
@@ -487,9 +488,9 @@ impl Scheduler {
                 seq.logits.accept(token, None);
                 let phase = seq.control().last_token_phase();
                 let rest = self.flush_text(seq);
+                // The end of turn is not part of the text: no log-probability of its own.
+                seq.sampled_logprob = None;
                 if !rest.is_empty() {
-                    // The end of turn is not part of the text: no log-probability of its own.
-                    seq.sampled_logprob = None;
                     let _ = seq.events.send(GenerationEvent::Token { id: token, text: rest, phase, forced: false, logprob: None });
                 }
                 Some(FinishReason::Stop)

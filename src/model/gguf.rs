@@ -208,19 +208,6 @@ impl Weights<'_> {
         }
     }
 
-    /// An F16 or BF16 matrix, kept in its own precision. None for other formats.
-    fn half(&mut self, name: &str) -> Result<Option<HalfMatrix>> {
-        let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
-        let (Some(format), Ok((rows, cols))) = (HalfFormat::from_ggml(info.ggml_dtype), info.shape.dims2()) else {
-            return Ok(None);
-        };
-        let (dtype, shape) = (info.ggml_dtype, info.shape.clone());
-        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
-        let matrix = HalfMatrix::read(format, rows, cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
-        self.count(dtype, &shape, rows * cols * 2);
-        Ok(Some(matrix))
-    }
-
     /// A tensor through candle (read whole, on the model's device).
     fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
         let t = self.content.tensor(&mut self.file, name, &self.device).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
@@ -233,14 +220,32 @@ impl Weights<'_> {
     /// file's bytes and the repacked ones at once; for Qwen2.5-0.5B's
     /// 145 MB head that was the load's peak). None for other formats.
     fn matrix(&mut self, name: &str) -> Result<Option<QuantMatrix>> {
+        self.read_matrix(name, BlockFormat::from_ggml, |format, rows, cols, file| {
+            Ok((QuantMatrix::read(format, rows, cols, file)?, QuantMatrix::gguf_bytes(format, rows, cols)?))
+        })
+    }
+
+    /// An F16 or BF16 matrix, kept in its own precision. None for other formats.
+    fn half(&mut self, name: &str) -> Result<Option<HalfMatrix>> {
+        self.read_matrix(name, HalfFormat::from_ggml, |format, rows, cols, file| Ok((HalfMatrix::read(format, rows, cols, file)?, rows * cols * 2)))
+    }
+
+    /// A 2-D tensor whose type `format_of` knows, read by `read` (the matrix
+    /// and the bytes it took in the file) straight from its place in the file.
+    fn read_matrix<F, M>(
+        &mut self,
+        name: &str,
+        format_of: impl Fn(GgmlDType) -> Option<F>,
+        read: impl FnOnce(F, usize, usize, &mut BufReader<File>) -> Result<(M, usize)>,
+    ) -> Result<Option<M>> {
         let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
-        let (Some(format), Ok((rows, cols))) = (BlockFormat::from_ggml(info.ggml_dtype), info.shape.dims2()) else {
+        let (Some(format), Ok((rows, cols))) = (format_of(info.ggml_dtype), info.shape.dims2()) else {
             return Ok(None);
         };
         let (dtype, shape) = (info.ggml_dtype, info.shape.clone());
         self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
-        let matrix = QuantMatrix::read(format, rows, cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
-        self.count(dtype, &shape, QuantMatrix::gguf_bytes(format, rows, cols)?);
+        let (matrix, bytes) = read(format, rows, cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
+        self.count(dtype, &shape, bytes);
         Ok(Some(matrix))
     }
 }

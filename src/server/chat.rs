@@ -12,7 +12,7 @@ use super::openai::{
 };
 use super::sse::ChunkFormat;
 use super::structured;
-use super::tool_calls::{split_pieces, CallParser, ParsedCall, Piece, ToolFamily, ToolRequest};
+use super::tool_calls::{call_id, split_pieces, CallParser, ParsedCall, Piece, ToolFamily, ToolRequest};
 use super::validate::GenerationParams;
 use super::wire::{ChatFields, FieldUse, CHAT_FIELDS};
 use crate::engine::{ConstraintKind, EngineHandle};
@@ -71,7 +71,7 @@ impl Endpoint for Chat {
             // Thinking templates (Qwen3) close the thought themselves when told to.
             let enable_thinking = if thinking_off { Some(false) } else { None };
             let text = tokenizer
-                .apply_chat_template_full(&messages, true, enable_thinking, template_tools.as_deref())
+                .apply_chat_template_with(&messages, true, enable_thinking, template_tools.as_deref())
                 .map_err(|e| ApiError::Template(e.to_string()))?;
             let text = engine.reasoning_profile().open_thought(text);
             let mut prompt = tokenizer.encode_prompt(&text).map_err(|e| ApiError::Internal(format!("tokenizing the prompt: {e}")))?;
@@ -142,9 +142,6 @@ fn show_tools_in_the_conversation(messages: &mut Vec<ChatMessage>, tools: &ToolR
     }
 }
 
-fn call_id() -> String {
-    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
-}
 
 fn call_body(call: ParsedCall) -> ToolCallBody {
     ToolCallBody { id: call_id(), kind: "function", function: FunctionCallBody { name: call.name, arguments: call.arguments } }

@@ -32,7 +32,7 @@ use super::extract::JsonObject;
 use super::generate::{self, Finished, Generation, Output};
 use super::openai::{unix_now, TerseExtension};
 use super::record::RequestRecord;
-use super::tool_calls::{split_pieces, CallParser, ParsedCall, Piece};
+use super::tool_calls::{call_id, split_pieces, CallParser, ParsedCall, Piece};
 use super::validate::json_type_name;
 use super::wire::FieldUse::{self, Honoured, Ignored, Refused};
 use super::{request_id, AppState};
@@ -445,7 +445,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body
     }
     tool_calls.inc_by(calls.len() as u64);
     for call in &calls {
-        output.push(call_item(&new_id("fc"), &new_id("call"), call, &call.arguments, "completed"));
+        output.push(call_item(&new_id("fc"), &call_id(), call, &call.arguments, "completed"));
     }
     let (status, incomplete) = status(&done.finished);
     let terse = serde_json::to_value(TerseExtension::new(generation.record().mode_label(), &done.finished.reasoning)).unwrap_or(Value::Null);
@@ -544,7 +544,7 @@ impl ResponseStream {
     fn call(&mut self, call: ParsedCall, out: &mut Vec<Event>) {
         self.close(out);
         self.tool_calls.inc();
-        let (index, id, call_id) = (self.next_index(), new_id("fc"), new_id("call"));
+        let (index, id, call_id) = (self.next_index(), new_id("fc"), call_id());
         out.push(self.event("response.output_item.added", json!({"output_index": index, "item": call_item(&id, &call_id, &call, "", "in_progress")})));
         out.push(self.event("response.function_call_arguments.delta", json!({"item_id": id, "output_index": index, "delta": call.arguments})));
         out.push(self.event("response.function_call_arguments.done", json!({"item_id": id, "output_index": index, "arguments": call.arguments, "name": call.name})));

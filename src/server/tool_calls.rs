@@ -399,6 +399,11 @@ impl CallParser {
     }
 }
 
+/// A new call's id, as OpenAI's look (`call_` and 24 hex digits).
+pub fn call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+}
+
 /// The pieces' text, joined, and their calls, in order.
 pub fn split_pieces(pieces: Vec<Piece>) -> (String, Vec<ParsedCall>) {
     let mut content = String::new();

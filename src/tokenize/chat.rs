@@ -143,23 +143,13 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
-        self.render_with(messages, add_generation_prompt, None)
+        self.render_with(messages, add_generation_prompt, None, None)
     }
 
     /// `enable_thinking`: the switch thinking templates (Qwen3) read; `None`
-    /// leaves it undefined, so the template's own default applies.
+    /// leaves it undefined, so the template's own default applies. `tools`:
+    /// the request's (OpenAI's array, as templates expect it), undefined when `None`.
     pub fn render_with(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-        enable_thinking: Option<bool>,
-    ) -> Result<String, TemplateError> {
-        self.render_full(messages, add_generation_prompt, enable_thinking, None)
-    }
-
-    /// With the request's `tools` (OpenAI's array, as templates expect it),
-    /// undefined when `None`.
-    pub fn render_full(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,

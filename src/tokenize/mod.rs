@@ -219,21 +219,12 @@ impl TextTokenizer {
 
     /// Render a conversation with the model's own chat template.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
-        self.apply_chat_template_with(messages, add_generation_prompt, None)
+        self.apply_chat_template_with(messages, add_generation_prompt, None, None)
     }
 
-    /// Like [`Self::apply_chat_template`], with the template's `enable_thinking` switch.
+    /// Like [`Self::apply_chat_template`], with the template's
+    /// `enable_thinking` switch and the request's `tools`.
     pub fn apply_chat_template_with(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-        enable_thinking: Option<bool>,
-    ) -> Result<String, TemplateError> {
-        self.apply_chat_template_full(messages, add_generation_prompt, enable_thinking, None)
-    }
-
-    /// Like [`Self::apply_chat_template_with`], with the request's `tools`.
-    pub fn apply_chat_template_full(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
@@ -241,7 +232,7 @@ impl TextTokenizer {
         tools: Option<&[serde_json::Value]>,
     ) -> Result<String, TemplateError> {
         match &self.template {
-            Some(t) => t.render_full(messages, add_generation_prompt, enable_thinking, tools),
+            Some(t) => t.render_with(messages, add_generation_prompt, enable_thinking, tools),
             None => Err(TemplateError("the model has no chat template; use /v1/completions".into())),
         }
     }
