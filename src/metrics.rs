@@ -64,6 +64,10 @@ pub struct Metrics {
     /// Answer tokens a grammar forced and the engine fed several at a time
     /// (jump-forward), instead of decoding each.
     pub grammar_jump_tokens_total: IntCounter,
+    /// Tokens answer probes fed through the model, never returned.
+    pub probe_tokens_total: IntCounterVec,
+    /// Answer probes, by outcome.
+    pub probes_total: IntCounterVec,
     /// Constant 1, labelled with what the model is.
     pub model_info: IntGaugeVec,
     pub model_weight_bytes: IntGauge,
@@ -194,6 +198,16 @@ impl Metrics {
             "Answer tokens a grammar forced, fed several in one step instead of decoded one by one",
         )
         .unwrap();
+        let probe_tokens_total = IntCounterVec::new(
+            Opts::new("probe_tokens_total", "Tokens answer probes fed through the model (probe text and trial answer), rolled back, never returned"),
+            by_mode,
+        )
+        .unwrap();
+        let probes_total = IntCounterVec::new(
+            Opts::new("probes_total", "Answer probes, by outcome: settled (thinking stopped), unsettled, no_answer"),
+            &["model", "mode", "outcome"],
+        )
+        .unwrap();
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "The served model (value is always 1)"),
             &["model", "arch", "format", "dtype", "sparse_fraction", "device"],
@@ -231,6 +245,8 @@ impl Metrics {
             Box::new(grammar_mask_seconds.clone()),
             Box::new(tool_calls_total.clone()),
             Box::new(grammar_jump_tokens_total.clone()),
+            Box::new(probe_tokens_total.clone()),
+            Box::new(probes_total.clone()),
             Box::new(model_info.clone()),
             Box::new(model_weight_bytes.clone()),
         ];
@@ -273,6 +289,8 @@ impl Metrics {
             grammar_mask_seconds,
             tool_calls_total,
             grammar_jump_tokens_total,
+            probe_tokens_total,
+            probes_total,
             model_info,
             model_weight_bytes,
         }

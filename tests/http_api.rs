@@ -458,6 +458,20 @@ async fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             400,
             Some("reasoning.max_thinking_token"),
         ),
+        (
+            "probe settings under another strategy",
+            &chat,
+            with(good.clone(), json!({"reasoning": {"strategy": "ts", "stop_temperature": 2, "probe_interval": 8}})).to_string().into(),
+            400,
+            Some("reasoning.probe_interval"),
+        ),
+        (
+            "answer probing into a JSON answer on a model without think tokens",
+            &chat,
+            with(good.clone(), json!({"reasoning": {"strategy": "probe"}, "response_format": {"type": "json_object"}})).to_string().into(),
+            400,
+            Some("reasoning.strategy"),
+        ),
         // Features terse lacks are refused by name, never answered as if absent.
         (
             "a response format of an unknown type",

@@ -247,3 +247,89 @@ async fn greedy_choice_on_the_device_path_gives_the_host_paths_tokens() {
     let ts_stops = on_device.iter().filter(|r| r["terse"]["think_stop_reason"] == "stop_temperature").count();
     assert!(ts_stops >= 1, "no request ended by TS: the device path's TS went untested: {on_device:?}");
 }
+
+fn content(reply: &Value) -> &str {
+    reply["choices"][0]["message"]["content"].as_str().unwrap()
+}
+
+fn terse_count(reply: &Value, field: &str) -> u64 {
+    reply["terse"][field].as_u64().unwrap_or_else(|| panic!("terse.{field} in {reply}"))
+}
+
+/// Every probe request of this file is here, so the probe metrics' deltas are its own.
+#[tokio::test]
+async fn answer_probes_are_rolled_back_unseen_and_counted_exactly() {
+    let server = server();
+    let before = metrics_text(server).await;
+    let mut probe_replies = Vec::new();
+    // Probes that never come (the interval is past max_tokens) change nothing.
+    let plain = ask(server, &body(PROMPTS[3], Some(json!({"strategy": "none"})))).await;
+    let never = ask(server, &body(PROMPTS[3], Some(json!({"strategy": "probe", "probe_interval": 1000})))).await;
+    assert_eq!(content(&never), content(&plain));
+    assert_eq!((terse_count(&never, "probe_tokens"), terse_count(&never, "probes")), (0, 0));
+    // Probes that come but never settle leave the same text, token for token.
+    let unsettled = json!({"strategy": "probe", "probe_interval": 8, "probe_tokens": 4, "probe_agreement": 16});
+    let probed = ask(server, &body(PROMPTS[3], Some(unsettled))).await;
+    assert_eq!(content(&probed), content(&plain), "a rolled-back probe leaves no trace");
+    assert_eq!(completion_tokens(&probed), completion_tokens(&plain), "nor in the usage");
+    let made = completion_tokens(&plain).saturating_sub(1) / 8;
+    assert!(made >= 2, "enough tokens for probes: {plain}");
+    assert_eq!(terse_count(&probed, "probes"), made, "one probe every 8 tokens: {probed}");
+    assert!(terse_count(&probed, "probe_tokens") > made * 4, "{probed}");
+    assert_eq!(probed["terse"]["think_stop_reason"], plain["terse"]["think_stop_reason"]);
+    probe_replies.extend([never, probed]);
+    // A probe whose first answer counts ends the reply with the wrap-up, streamed or not alike.
+    let mut settles = json!({
+        "model": MODEL, "max_tokens": 128, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is 7 times 6?"}],
+        "reasoning": {"strategy": "probe", "probe_interval": 8, "probe_agreement": 1},
+    });
+    let whole = ask(server, &settles).await;
+    assert_eq!(whole["terse"]["think_stop_reason"], "probe", "{whole}");
+    assert!(content(&whole).contains("\nFinal answer:"), "the wrap-up is forced at exit: {whole}");
+    assert!(terse_count(&whole, "forced_tokens") > 0);
+    settles["stream"] = json!(true);
+    let (status, chunks) = post_sse(&server.url(CHAT), &settles).await;
+    assert_eq!(status, 200);
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string)).collect();
+    assert_eq!(text, content(&whole));
+    let streamed = chunks.iter().rev().find(|c| c.get("terse").is_some()).expect("a chunk carries `terse`").clone();
+    assert_eq!(streamed["terse"], whole["terse"]);
+    probe_replies.extend([whole, streamed]);
+
+    let after = metrics_text(server).await;
+    let delta = |name: &str, labels: &[(&str, &str)]| metric_sum(&after, name, labels) - metric_sum(&before, name, labels);
+    let sum = |field: &str| probe_replies.iter().map(|r| terse_count(r, field)).sum::<u64>() as f64;
+    assert_eq!(delta("terse_probe_tokens_total", &[("model", MODEL)]), sum("probe_tokens"));
+    assert_eq!(delta("terse_probes_total", &[("model", MODEL)]), sum("probes"));
+    assert_eq!(delta("terse_probes_total", &[("model", MODEL), ("outcome", "settled")]), 2.0);
+    assert_eq!(delta("terse_think_stops_total", &[("model", MODEL), ("reason", "probe")]), 2.0);
+}
+
+#[tokio::test]
+async fn wrap_up_turns_a_stop_ts_made_into_a_short_answer() {
+    let server = server();
+    let ts = json!({"strategy": "ts", "stop_temperature": 4.0});
+    let wrap = json!({"strategy": "ts", "stop_temperature": 4.0, "wrap_up": true});
+    let mut wrapped_some = false;
+    for prompt in PROMPTS {
+        let cut = ask(server, &body(prompt, Some(ts.clone()))).await;
+        let wrapped = ask(server, &body(prompt, Some(wrap.clone()))).await;
+        if cut["terse"]["think_stop_reason"] != "stop_temperature" {
+            // The model stopped on its own, or ran out of tokens: wrap_up has nothing to do.
+            assert_eq!(content(&wrapped), content(&cut), "{prompt}");
+            continue;
+        }
+        wrapped_some = true;
+        assert_eq!(wrapped["terse"]["think_stop_reason"], "stop_temperature");
+        let text = content(&wrapped);
+        assert!(text.starts_with(content(&cut)), "the same reply up to TS's stop: {text:?}");
+        assert!(text[content(&cut).len()..].starts_with("\nFinal answer:"), "then the wrap-up: {text:?}");
+        assert!(terse_count(&wrapped, "forced_tokens") > 0);
+        assert!(completion_tokens(&wrapped) <= completion_tokens(&cut) + terse_count(&wrapped, "forced_tokens") + 64);
+    }
+    assert!(wrapped_some, "TS at τ = 4 made at least one stop on these prompts");
+    // A client naming `wrap_up` without TS is told so.
+    let r = post_json(&server.url(CHAT), &body(PROMPTS[0], Some(json!({"strategy": "budget", "max_thinking_tokens": 8, "wrap_up": true})))).await;
+    assert_eq!(assert_openai_error(&r, 400)["param"], "reasoning.wrap_up");
+}

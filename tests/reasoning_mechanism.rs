@@ -8,14 +8,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use terse::engine::{
-    start_engine, ChoiceOptions, EngineConfig, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage,
-    SamplingParams,
+    start_engine, ChoiceOptions, EngineConfig, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream,
+    ReasoningUsage, SamplingParams, TokenLogprob,
 };
 use terse::server::structured::AnswerFormat;
 use terse::metrics::Metrics;
+use candle_core::quantized::GgmlDType;
 use terse::model::{write_random_gguf, SyntheticSpec};
 use terse::reasoning::control::{ReasoningSettings, Strategy, ThinkStopReason};
 use terse::reasoning::phase::{Phase, PhaseTracker};
+use terse::reasoning::probing::ProbeSettings;
 use terse::tokenize::ChatMessage;
 
 fn r1_header() -> PathBuf {
@@ -33,7 +35,9 @@ fn engine() -> &'static EngineHandle {
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("tiny-r1-vocab.gguf");
         // 152064 rows: the R1-Distill vocabulary with Qwen's padding.
-        write_random_gguf(&model, &SyntheticSpec::tiny_qwen2(152_064), &r1_header()).unwrap();
+        // Q8_0, so that the matrices run on terse's own batch-invariant kernels.
+        let spec = SyntheticSpec { dtype: GgmlDType::Q8_0, ..SyntheticSpec::tiny_qwen2(152_064) };
+        write_random_gguf(&model, &spec, &r1_header()).unwrap();
         let manifest = terse::manifest::load_manifest("deepseek-r1-distill-qwen-1.5b").unwrap();
         let config = EngineConfig { reasoning: manifest.reasoning_profile().unwrap(), ..Default::default() };
         let engine = start_engine(&model, "tiny-r1", config, Arc::new(Metrics::new())).unwrap();
@@ -55,6 +59,7 @@ struct Token {
     phase: Phase,
     forced: bool,
     text: String,
+    logprob: Option<TokenLogprob>,
 }
 
 async fn run(reasoning: ReasoningSettings, max_tokens: usize) -> (Vec<Token>, ReasoningUsage) {
@@ -63,6 +68,10 @@ async fn run(reasoning: ReasoningSettings, max_tokens: usize) -> (Vec<Token>, Re
 }
 
 async fn run_with(reasoning: ReasoningSettings, max_tokens: usize, choice: ChoiceOptions) -> (Vec<Token>, ReasoningUsage, FinishReason) {
+    collect(submit(reasoning, max_tokens, choice)).await
+}
+
+fn submit(reasoning: ReasoningSettings, max_tokens: usize, choice: ChoiceOptions) -> GenerationStream {
     let engine = engine();
     let prompt = prompt(engine);
     assert_eq!(PhaseTracker::new(engine.think_tokens(), &prompt).phase(), Phase::Thinking);
@@ -76,11 +85,14 @@ async fn run_with(reasoning: ReasoningSettings, max_tokens: usize, choice: Choic
         reasoning,
         choice,
     };
-    let mut events = engine.submit(request).unwrap();
+    engine.submit(request).unwrap()
+}
+
+async fn collect(mut events: GenerationStream) -> (Vec<Token>, ReasoningUsage, FinishReason) {
     let mut tokens = Vec::new();
     loop {
         match events.next().await.expect("the stream ends with Finished") {
-            GenerationEvent::Token { id, phase, forced, text, .. } => tokens.push(Token { id, phase, forced, text }),
+            GenerationEvent::Token { id, phase, forced, text, logprob } => tokens.push(Token { id, phase, forced, text, logprob }),
             GenerationEvent::Finished { reasoning, reason, .. } => return (tokens, reasoning, reason),
             GenerationEvent::Failed { message } => panic!("generation failed: {message}"),
         }
@@ -239,3 +251,66 @@ async fn a_grammar_holds_the_answer_and_leaves_the_thinking_alone() {
     assert!(usage.forced_continuation >= 4 && reason == FinishReason::Stop, "{usage:?} {reason:?}");
     answer_json(&held);
 }
+
+/// Probes every `interval` thinking tokens that never settle (the random
+/// model's answers do not agree sixteen times in a row).
+fn unsettled_probes(interval: usize) -> ReasoningSettings {
+    let probe = ProbeSettings { interval, tokens: 4, agreement: Some(16), confidence: None };
+    ReasoningSettings { strategy: Strategy::Probe, probe, ..Default::default() }
+}
+
+fn with_logprobs() -> ChoiceOptions {
+    ChoiceOptions { logprobs: Some(3), ..Default::default() }
+}
+
+/// Each token's id and the bits of its log-probability and top alternatives.
+fn fingerprint(tokens: &[Token]) -> Vec<(u32, u32, Vec<(u32, u32)>)> {
+    tokens
+        .iter()
+        .map(|t| {
+            let lp = t.logprob.as_ref().expect("log-probabilities were asked for");
+            (t.id, lp.logprob.to_bits(), lp.top.iter().map(|&(id, l)| (id, l.to_bits())).collect())
+        })
+        .collect()
+}
+
+fn without_probe_counts(mut usage: ReasoningUsage) -> ReasoningUsage {
+    usage.probe_tokens = 0;
+    usage.probes = [0; 3];
+    usage
+}
+
+#[tokio::test]
+async fn a_rolled_back_probe_leaves_no_trace_and_the_same_logits_bit_for_bit() {
+    // 96 tokens after a short prompt: the sequence crosses a KV page (64
+    // positions), so some probe fills a page the prefix cache registers and
+    // the rollback must copy it rather than write into it.
+    let (plain, plain_usage, plain_end) = run_with(ReasoningSettings::default(), 96, with_logprobs()).await;
+    let (probed, probed_usage, probed_end) = run_with(unsettled_probes(5), 96, with_logprobs()).await;
+    assert_eq!(fingerprint(&probed), fingerprint(&plain), "every next-token distribution is the unprobed run's, to the bit");
+    let text = |t: &[Token]| t.iter().map(|t| t.text.as_str()).collect::<String>();
+    assert_eq!(text(&probed), text(&plain));
+    assert!(probed.iter().all(|t| t.phase == Phase::Thinking && !t.forced), "nothing of a probe is streamed");
+    assert_eq!(probed_end, plain_end);
+    assert_eq!(without_probe_counts(probed_usage), plain_usage, "the usage counts no probe token");
+    let probes: usize = probed_usage.probes.iter().sum();
+    assert_eq!(probes, 96 / 5, "one probe every 5 thinking tokens, none after the last");
+    let text_len = engine().tokenizer().encode(&engine().reasoning_profile().probe_text(true)).unwrap().len();
+    assert!(probed_usage.probe_tokens > probes * text_len, "each probe's text and its answer are counted: {probed_usage:?}");
+    assert_eq!(probed_usage.probes[0], 0, "the random model never settles");
+}
+
+#[tokio::test]
+async fn a_probe_in_a_batch_leaves_the_other_sequences_alone() {
+    let (alone, ..) = run_with(ReasoningSettings::default(), 48, with_logprobs()).await;
+    let (probed_alone, ..) = run_with(unsettled_probes(3), 48, with_logprobs()).await;
+    // Submitted together, they share every step's forward pass.
+    let plain = submit(ReasoningSettings::default(), 48, with_logprobs());
+    let probed = submit(unsettled_probes(3), 48, with_logprobs());
+    let ((batched, ..), (probed_batched, probed_usage, _)) = tokio::join!(collect(plain), collect(probed));
+    assert!(probed_usage.probe_tokens > 0);
+    assert_eq!(fingerprint(&batched), fingerprint(&alone), "the plain sequence's logits do not see the probe");
+    assert_eq!(fingerprint(&probed_batched), fingerprint(&probed_alone));
+    assert_eq!(fingerprint(&probed_batched), fingerprint(&alone));
+}
+

@@ -89,10 +89,13 @@ pub fn resolve_reasoning(tokenizer: &TextTokenizer, configured: &ReasoningProfil
     }
     let thinking_by_default = think.is_some() && (opens || switchable || profile.start_thinking);
     let end_of_thinking = if think.is_some() { &profile.end_of_thinking } else { &profile.wrap_up };
+    let probe = profile.probe_text(think.is_some());
     let injections = Injections {
         end_of_thinking: tokenizer.encode(end_of_thinking)?,
         continuation: tokenizer.encode(&profile.continuation)?,
         answer_tokens_after_wrap_up: Some(profile.answer_tokens_after_wrap_up),
+        probe: tokenizer.encode(&probe)?,
+        probe_braced: probe.ends_with('{'),
     };
     let summary = ReasoningSummary {
         source,

@@ -122,6 +122,10 @@ pub struct ReasoningUsage {
     pub forced_continuation: usize,
     /// Why thinking ended; `None` when the completion had no controlled thinking phase.
     pub think_stop_reason: Option<ThinkStopReason>,
+    /// Tokens answer probes fed through the model (none of them in the completion).
+    pub probe_tokens: usize,
+    /// Answer probes, by `ProbeOutcome`: settled, unsettled, no answer.
+    pub probes: [usize; 3],
 }
 
 /// Streamed from the engine to the handler of one request.

@@ -32,6 +32,8 @@ use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{SeqChunk, SeqKvCache, StepLogits, Transformer};
 use crate::reasoning::control::{Decision, ForcedKind, ReasoningControl, ThinkStopReason};
+use crate::reasoning::probing::ProbeStep;
+use crate::reasoning::stopping::argmax;
 use crate::reasoning::phase::PhaseTracker;
 use crate::tokenize::PhasedDecoder;
 
@@ -53,6 +55,8 @@ struct Sequence {
     cache: SeqKvCache,
     decoder: PhasedDecoder,
     stop: StopMatcher,
+    /// While an answer probe runs: (tokens, cached positions) to roll back to.
+    probe_from: Option<(usize, usize)>,
     _in_flight: InFlight,
 }
 
@@ -92,6 +96,8 @@ fn reasoning_usage(control: &ReasoningControl, reason: FinishReason) -> Reasonin
         forced_end_of_thinking: control.forced_tokens_of(ForcedKind::EndOfThinking),
         forced_continuation: control.forced_tokens_of(ForcedKind::Continuation),
         think_stop_reason: control.stop_reason(ended_by),
+        probe_tokens: control.probe_tokens(),
+        probes: control.probe_outcomes(),
     }
 }
 
@@ -103,6 +109,8 @@ enum Next {
     Grammar(Vec<u32>),
     /// A token chosen from the logits.
     Sampled(u32),
+    /// A running probe's greedy token and its probability.
+    Probe(u32, f32),
 }
 
 /// What the engine holds between steps.
@@ -321,6 +329,7 @@ impl Scheduler {
             sampler: Sampler::new(request.sampling.clone()),
             stop: StopMatcher::new(request.stop.clone()),
             tokens: request.prompt.clone(),
+            probe_from: None,
             completion: 0,
             cache,
             decoder: PhasedDecoder::new(self.shared.think),
@@ -387,6 +396,11 @@ impl Scheduler {
             if seq.pending() > 0 {
                 continue; // still prefilling
             }
+            if seq.control().probing() {
+                host_rows.push((row, choices.len()));
+                choices.push((i, Next::Probe(0, 0.0)));
+                continue;
+            }
             // An empty injection text (a misconfigured model) would leave nothing to feed.
             if let Some(forced) = seq.logits.reasoning.forced_now().filter(|f| !f.is_empty()) {
                 choices.push((i, Next::Forced(forced)));
@@ -421,6 +435,12 @@ impl Scheduler {
         }
         let mut sample = |slot: usize, row: &mut [f32]| {
             let seq = &mut running[choices[slot].0];
+            // A probe reads the model's own answer: greedy, on logits nothing edited.
+            if let Next::Probe(..) = choices[slot].1 {
+                let token = argmax(row);
+                choices[slot].1 = Next::Probe(token, top_probability(row, token));
+                return;
+            }
             seq.logits.apply(row);
             let token = seq.sampler.sample(row);
             seq.sampled_logprob = seq.request.choice.logprobs.map(|top| logprob_of(row, token, top));
@@ -463,7 +483,22 @@ impl Scheduler {
                     self.metrics.grammar_jump_tokens_total.inc_by(tokens.len() as u64);
                     self.push_grammar_tokens(seq, &tokens)
                 }
-                Next::Sampled(token) => self.take_token(seq, token),
+                Next::Sampled(token) => {
+                    let ended = self.take_token(seq, token);
+                    if ended.is_none() {
+                        self.maybe_probe(seq);
+                    }
+                    ended
+                }
+                Next::Probe(token, prob) => match self.probe_token(seq, token, prob) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::error!(id = %seq.request.id, "rolling back a probe failed: {e}");
+                        let _ = seq.events.send(GenerationEvent::Failed { message: format!("model error: {e}") });
+                        finished.push(i);
+                        continue;
+                    }
+                },
             };
             if let Some(reason) = ended {
                 seq.finish(reason);
@@ -475,13 +510,40 @@ impl Scheduler {
         }
     }
 
+    /// After a kept token: append the probe text if a probe is due (fed at
+    /// the next step, streamed never), noting where to roll back to.
+    fn maybe_probe(&self, seq: &mut Sequence) {
+        let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+        if let Some(text) = seq.logits.reasoning.start_probe(room) {
+            seq.probe_from = Some((seq.tokens.len(), seq.cache.len()));
+            seq.tokens.extend(text);
+        }
+    }
+
+    /// A running probe's next token: fed at the next step while the probe
+    /// goes on; once it is over, the sequence is rolled back to before it,
+    /// tokens and KV cache (whose positions from there are written again).
+    fn probe_token(&self, seq: &mut Sequence, token: u32, prob: f32) -> candle_core::Result<()> {
+        let tokenizer = &self.shared.tokenizer;
+        let step = seq.logits.reasoning.probe_token(token, prob, |ids| tokenizer.decode(ids));
+        let ProbeStep::Done(outcome) = step else {
+            seq.tokens.push(token);
+            return Ok(());
+        };
+        let answer = seq.control().last_probe_answer().and_then(|a| a.answer.clone());
+        tracing::debug!(id = %seq.request.id, outcome = outcome.as_str(), answer = ?answer, "probe");
+        let (tokens, cached) = seq.probe_from.take().expect("a running probe has a rollback point");
+        seq.tokens.truncate(tokens);
+        seq.cache.truncate(&seq.tokens[..cached])
+    }
+
     /// Judge a chosen token and take it in (or its replacement). `Some` when
     /// the sequence has ended.
     fn take_token(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
         match seq.logits.reasoning.after_sample(token) {
-            Decision::Replace(continuation) => {
+            Decision::Replace(injected, kind) => {
                 seq.sampled_logprob = None;
-                self.push_tokens(seq, &continuation, Some(ForcedKind::Continuation))
+                self.push_tokens(seq, &injected, Some(kind))
             }
             Decision::Keep if self.shared.tokenizer.end_of_turn_ids().contains(&token) => {
                 seq.completion += 1;
@@ -554,6 +616,13 @@ impl Scheduler {
             StopOutcome::Stopped(t) => t,
         }
     }
+}
+
+/// `token`'s probability in `row` (at temperature 1).
+fn top_probability(row: &[f32], token: u32) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f32 = row.iter().map(|&l| (l - max).exp()).sum();
+    row.get(token as usize).map_or(0.0, |&l| (l - max).exp() / total)
 }
 
 /// `token`'s log-probability in `row` (edited logits, at temperature 1),

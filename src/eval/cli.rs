@@ -28,7 +28,12 @@ Settings (--setting SPEC, repeatable; or --grid FILE):
     budget=N              budget forcing: end the thinking after N tokens
     max-thinking=N        the thinking budget alone (e.g. the ramp's horizon)
     min-thinking=N        a stop before N thinking tokens becomes the continuation
-    strategy=none|ts|budget
+    probe[=N]             answer probing every N controlled tokens (default 64)
+    probe-tokens=N        with probe: most answer tokens a probe decodes
+    agree=N               with probe: stop when N probes in a row agree
+    confidence=C          with probe: stop when a probe's mean top-1 probability reaches C
+    wrap-up               with ts: a stop TS made becomes the wrap-up text and a short answer
+    strategy=none|ts|budget|probe
     name=LABEL            the label in the table and plot (default: the spec)
   e.g.  -s baseline -s ts=2 -s ts=4 -s ts=8,ramp,max-thinking=512 -s budget=256 -s medium
   A grid file is TOML:  settings = [\"baseline\", \"ts=4\", \"budget=256\", \"medium\"]

@@ -1,6 +1,7 @@
 //! The summary of an evaluation, one line per setting: accuracy with its 95%
-//! Wilson interval, completion tokens (mean, median, per correct answer) and
-//! why the controlled phase stopped.
+//! Wilson interval, completion tokens (mean, median), the tokens answer
+//! probes spent beside them, all tokens spent per correct answer, latency,
+//! and why the controlled phase stopped.
 
 use std::collections::BTreeMap;
 
@@ -20,10 +21,15 @@ pub struct SettingSummary {
     pub accuracy_high: f64,
     pub mean_tokens: f64,
     pub median_tokens: f64,
-    /// All completion tokens spent over the correct answers; `None` with no correct answer.
+    /// All tokens spent (completion and probe) over the correct answers; `None` with no correct answer.
     pub tokens_per_correct: Option<f64>,
     pub mean_thinking_tokens: f64,
     pub mean_forced_tokens: f64,
+    /// Tokens answer probes fed through the model, not returned.
+    pub mean_probe_tokens: f64,
+    /// End-to-end seconds per request, under the run's concurrency (the
+    /// settings share the batch, so this is where a setting's extra compute shows).
+    pub mean_latency_s: f64,
     /// Share of rows by stop reason (`natural`, `stop_temperature`, `budget`, `length`, ...).
     pub stops: BTreeMap<String, f64>,
 }
@@ -62,7 +68,7 @@ fn median(values: &mut [usize]) -> f64 {
 pub fn summarize(setting: &str, rows: &[&Row]) -> SettingSummary {
     let n = rows.len();
     let correct = rows.iter().filter(|r| r.correct).count();
-    let total: usize = rows.iter().map(|r| r.completion_tokens).sum();
+    let total: usize = rows.iter().map(|r| r.completion_tokens + r.probe_tokens).sum();
     let mean = |f: fn(&Row) -> usize| if n == 0 { 0.0 } else { rows.iter().map(|r| f(r)).sum::<usize>() as f64 / n as f64 };
     let mut tokens: Vec<usize> = rows.iter().map(|r| r.completion_tokens).collect();
     let mut stops = BTreeMap::new();
@@ -82,6 +88,8 @@ pub fn summarize(setting: &str, rows: &[&Row]) -> SettingSummary {
         tokens_per_correct: (correct > 0).then(|| total as f64 / correct as f64),
         mean_thinking_tokens: mean(|r| r.thinking_tokens),
         mean_forced_tokens: mean(|r| r.forced_tokens),
+        mean_probe_tokens: mean(|r| r.probe_tokens),
+        mean_latency_s: if n == 0 { 0.0 } else { rows.iter().map(|r| r.latency_s).sum::<f64>() / n as f64 },
         stops,
     }
 }
@@ -89,14 +97,14 @@ pub fn summarize(setting: &str, rows: &[&Row]) -> SettingSummary {
 /// A Markdown table of the summaries, in the order given.
 pub fn markdown_table(summaries: &[SettingSummary]) -> String {
     let mut out = String::from(
-        "| setting | n | accuracy (95% CI) | mean tokens | median tokens | tokens / correct | mean thinking | mean forced | stops |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---|\n",
+        "| setting | n | accuracy (95% CI) | mean tokens | median tokens | mean probe | tokens / correct | mean thinking | mean forced | latency s | stops |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for s in summaries {
         let per_correct = s.tokens_per_correct.map_or("–".to_string(), |t| format!("{t:.0}"));
         let stops: Vec<String> = s.stops.iter().map(|(k, v)| format!("{k} {:.0}%", v * 100.0)).collect();
         out.push_str(&format!(
-            "| {} | {} | {:.1}% ({:.1}–{:.1}) | {:.1} | {:.0} | {} | {:.1} | {:.1} | {} |\n",
+            "| {} | {} | {:.1}% ({:.1}–{:.1}) | {:.1} | {:.0} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} |\n",
             s.setting.replace('|', "\\|"),
             s.n,
             100.0 * s.accuracy,
@@ -104,9 +112,11 @@ pub fn markdown_table(summaries: &[SettingSummary]) -> String {
             100.0 * s.accuracy_high,
             s.mean_tokens,
             s.median_tokens,
+            s.mean_probe_tokens,
             per_correct,
             s.mean_thinking_tokens,
             s.mean_forced_tokens,
+            s.mean_latency_s,
             stops.join(", "),
         ));
     }
@@ -142,6 +152,7 @@ mod tests {
             r.correct = correct;
             r.stop_reason = stop.into();
             r.forced_tokens = if stop == "budget" { 4 } else { 0 };
+            r.probe_tokens = if stop == "budget" { 8 } else { 0 };
             rows.push(r);
         }
         let refs: Vec<&Row> = rows.iter().collect();
@@ -150,12 +161,13 @@ mod tests {
         assert_eq!(s.accuracy, 0.5);
         assert_eq!(s.mean_tokens, 40.0);
         assert_eq!(s.median_tokens, 25.0);
-        assert_eq!(s.tokens_per_correct, Some(80.0));
+        assert_eq!(s.tokens_per_correct, Some(84.0), "probe tokens count as spent");
+        assert_eq!(s.mean_probe_tokens, 2.0);
         assert_eq!(s.mean_forced_tokens, 1.0);
         assert_eq!(s.stops["natural"], 0.5);
         assert_eq!(s.stops["budget"], 0.25);
         let table = markdown_table(&[s]);
-        assert!(table.contains("| ts=2 | 4 | 50.0% (15.0–85.0) | 40.0 | 25 | 80 | 0.0 | 1.0 | budget 25%, length 25%, natural 50% |"), "{table}");
+        assert!(table.contains("| ts=2 | 4 | 50.0% (15.0–85.0) | 40.0 | 25 | 2.0 | 84 | 0.0 | 1.0 | 0.5 | budget 25%, length 25%, natural 50% |"), "{table}");
 
         let none = summarize("x", &[]);
         assert_eq!((none.n, none.tokens_per_correct), (0, None));

@@ -32,6 +32,10 @@ pub struct Row {
     pub thinking_tokens: usize,
     pub answer_tokens: usize,
     pub forced_tokens: usize,
+    /// `terse.probe_tokens`: spent by answer probes, not in `completion_tokens`
+    /// (0 in rows written before probing existed).
+    #[serde(default)]
+    pub probe_tokens: usize,
     /// `terse.think_stop_reason` as sent (null for a completion without a thinking phase).
     pub think_stop_reason: Option<String>,
     /// `choices[0].finish_reason`.
@@ -155,6 +159,7 @@ pub(crate) mod tests {
             thinking_tokens: 0,
             answer_tokens: 10,
             forced_tokens: 0,
+            probe_tokens: 0,
             think_stop_reason: None,
             finish_reason: "stop".into(),
             stop_reason: "natural".into(),

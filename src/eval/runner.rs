@@ -206,6 +206,7 @@ fn to_row(
         thinking_tokens: count(&terse["thinking_tokens"]).unwrap_or(reasoning_tokens),
         answer_tokens: count(&terse["answer_tokens"]).unwrap_or(completion_tokens - reasoning_tokens.min(completion_tokens)),
         forced_tokens: count(&terse["forced_tokens"]).unwrap_or(0),
+        probe_tokens: count(&terse["probe_tokens"]).unwrap_or(0),
         think_stop_reason,
         finish_reason,
         stop_reason,

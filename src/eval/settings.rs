@@ -11,7 +11,12 @@
 //! | `budget=N` | budget forcing: end the thinking after N tokens |
 //! | `max-thinking=N` | the thinking budget without choosing budget forcing (e.g. the ramp's horizon) |
 //! | `min-thinking=N` | replace a stop before N thinking tokens by the continuation text |
-//! | `strategy=none\|ts\|budget` | the strategy, explicitly |
+//! | `probe` or `probe=N` | answer probing, every N controlled tokens |
+//! | `probe-tokens=N` | most answer tokens one probe decodes |
+//! | `agree=N` | `probe`: stop when N probes in a row agree |
+//! | `confidence=C` | `probe`: stop when a probe's mean top-1 probability reaches C |
+//! | `wrap-up` | with `ts`: a stop TS made becomes the wrap-up text and a short answer |
+//! | `strategy=none\|ts\|budget\|probe` | the strategy, explicitly |
 //! | `name=LABEL` | the setting's label (default: the spec itself) |
 //!
 //! e.g. `baseline`, `ts=4`, `ts=4,ramp,max-thinking=256`, `budget=128`,
@@ -87,15 +92,25 @@ impl Setting {
                     set_once(&mut r.strategy, Strategy::Budget, "strategy")?;
                     r.max_thinking_tokens = Some(parse_count(key, need("N")?)?);
                 }
+                "probe" => {
+                    set_once(&mut r.strategy, Strategy::Probe, "strategy")?;
+                    if let Some(v) = value {
+                        r.probe_interval = Some(parse_count(key, v)?);
+                    }
+                }
+                "probe-tokens" => r.probe_tokens = Some(parse_count(key, need("N")?)?),
+                "agree" => r.probe_agreement = Some(parse_count(key, need("N")?)?),
+                "confidence" => r.probe_confidence = Some(parse_number(key, need("C")?)?),
+                "wrap-up" => r.wrap_up = Some(true),
                 "max-thinking" => r.max_thinking_tokens = Some(parse_count(key, need("N")?)?),
                 "min-thinking" => r.min_thinking_tokens = Some(parse_count(key, need("N")?)?),
                 "strategy" => {
-                    let name = need("none|ts|budget")?;
-                    let Some(st) = Strategy::parse(name) else { bail!("unknown strategy `{name}` (none, ts or budget)") };
+                    let name = need("none|ts|budget|probe")?;
+                    let Some(st) = Strategy::parse(name) else { bail!("unknown strategy `{name}` (none, ts, budget or probe)") };
                     set_once(&mut r.strategy, st, "strategy")?;
                 }
                 other => bail!(
-                    "unknown item `{other}` in setting `{spec}` (known: baseline, short, medium, long, mode=, ts=, ramp, budget=, max-thinking=, min-thinking=, strategy=, name=)"
+                    "unknown item `{other}` in setting `{spec}` (known: baseline, short, medium, long, mode=, ts=, ramp, budget=, probe, probe=, probe-tokens=, agree=, confidence=, wrap-up, max-thinking=, min-thinking=, strategy=, name=)"
                 ),
             }
             label_items.push(item);
@@ -209,6 +224,12 @@ mod tests {
             fields("budget=128,min-thinking=16"),
             json!({"reasoning": {"strategy": "budget", "max_thinking_tokens": 128, "min_thinking_tokens": 16}})
         );
+        assert_eq!(
+            fields("probe=32,agree=2,confidence=0.8,probe-tokens=10"),
+            json!({"reasoning": {"strategy": "probe", "probe_interval": 32, "probe_tokens": 10, "probe_agreement": 2, "probe_confidence": 0.8}})
+        );
+        assert_eq!(fields("probe"), json!({"reasoning": {"strategy": "probe"}}));
+        assert_eq!(fields("ts=10,wrap-up"), json!({"reasoning": {"strategy": "ts", "stop_temperature": 10.0, "wrap_up": true}}));
         assert_eq!(
             fields("long,strategy=none"),
             json!({"reasoning_effort": "long", "reasoning": {"strategy": "none"}})

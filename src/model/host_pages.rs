@@ -155,6 +155,22 @@ impl HostSeqPages {
             self.prefix.filled(&mut state.book, &self.pages, tokens);
         }
     }
+
+    /// Keep only the first `kept.len()` positions (their tokens): later
+    /// pages go back to the pool, and a page the next positions would write
+    /// that the cache registered or another sequence holds is replaced by a
+    /// copy of its kept rows (`SeqPrefix::truncate`).
+    pub fn truncate(&mut self, kept: &[u32]) {
+        let pool = self.pool.clone();
+        let mut state = pool.lock();
+        let Some(at) = self.prefix.truncate(&mut state.book, &mut self.pages, kept, pool.prefix_cache) else { return };
+        let (from, to) = (self.pages[at], state.take(1)[0]);
+        for layer in &mut state.layers {
+            layer.copy_rows(from, to, kept.len() % PAGE_POSITIONS);
+        }
+        state.book.release(&[from]);
+        self.pages[at] = to;
+    }
 }
 
 impl Drop for HostSeqPages {
@@ -204,6 +220,59 @@ mod tests {
         }
         assert_eq!(cache_counts(&plain).0, 0);
         assert_eq!(HostSeqPages::with_prefix(plain, &prompt).1, 0);
+    }
+
+    #[test]
+    fn a_cut_back_sequence_never_writes_a_registered_or_shared_page_again() {
+        let pool = HostKvPool::new(1, 1, 8, KvPrecision::F32, true);
+        let written: Vec<u32> = (0..150).collect();
+        let mut seq = HostSeqPages::new(pool.clone());
+        {
+            let mut state = pool.lock();
+            seq.reserve(&mut state, written.len());
+            seq.filled(&mut state, &written);
+        }
+        let before = seq.pages().to_vec();
+        assert_eq!(cache_counts(&pool).0, 2, "two full pages registered");
+        // Cut inside the second page, which the cache registered: it is copied, the third let go.
+        seq.truncate(&written[..100]);
+        assert_eq!(seq.pages().len(), 2);
+        assert_eq!(seq.pages()[0], before[0], "the first page is kept as it is");
+        assert_ne!(seq.pages()[1], before[1], "copy on write");
+        let state = pool.lock();
+        assert_eq!((state.book.holders(before[1]), state.book.cached_count()), (0, 2), "the registered page stays cached, idle");
+        drop(state);
+        // Filling the page again registers it under the new tokens; the old one still matches its own.
+        let other: Vec<u32> = (1000..1028).collect();
+        {
+            let mut state = pool.lock();
+            seq.reserve(&mut state, 128);
+            seq.filled(&mut state, &other);
+        }
+        assert_eq!(cache_counts(&pool).0, 3);
+        let prompt_a: Vec<u32> = written[..129].to_vec();
+        assert_eq!(HostSeqPages::with_prefix(pool.clone(), &prompt_a).1, 128);
+        let prompt_b: Vec<u32> = [&written[..100], &other[..], &[7]].concat();
+        assert_eq!(HostSeqPages::with_prefix(pool.clone(), &prompt_b).1, 128);
+        // A cut inside a page the sequence alone holds, unregistered, keeps it; at a page's edge nothing is copied.
+        let mut own = HostSeqPages::new(pool.clone());
+        {
+            let mut state = pool.lock();
+            own.reserve(&mut state, 40);
+            own.filled(&mut state, &(5000..5040).collect::<Vec<u32>>());
+        }
+        let page = own.pages()[0];
+        own.truncate(&(5000..5010).collect::<Vec<u32>>());
+        assert_eq!(own.pages(), &[page]);
+        own.truncate(&[]);
+        assert!(own.pages().is_empty());
+        // A sequence cut back into a prefix page it shares copies it too.
+        let (mut shared, covered) = HostSeqPages::with_prefix(pool.clone(), &prompt_a);
+        assert_eq!(covered, 128);
+        let shared_page = shared.pages()[1];
+        shared.truncate(&prompt_a[..70]);
+        assert_ne!(shared.pages()[1], shared_page);
+        assert_eq!(shared.pages()[0], before[0]);
     }
 
     #[test]

@@ -84,6 +84,25 @@ impl SeqKvCache {
         }
     }
 
+    /// Forget every position from `kept.len()` on (`kept` are the tokens
+    /// of the positions that stay): a rolled-back probe. The next step
+    /// writes from there, never into a page the prefix cache or another
+    /// sequence holds.
+    pub fn truncate(&mut self, kept: &[u32]) -> candle_core::Result<()> {
+        assert!(kept.len() <= self.len(), "a cache is cut back, never grown, by truncate");
+        match self {
+            SeqKvCache::Host { pages, len } => {
+                pages.truncate(kept);
+                *len = kept.len();
+            }
+            SeqKvCache::Paged { pages, len } => {
+                *len = kept.len();
+                pages.truncate(kept)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `len` after a step wrote `new` positions in every layer.
     pub fn advance(&mut self, new: usize) {
         match self {

@@ -216,6 +216,22 @@ impl SeqPages {
         }
     }
 
+    /// Keep only the first `kept.len()` positions (their tokens), as
+    /// `HostSeqPages::truncate` does: a registered or shared page the next
+    /// positions would write is replaced by a copy of its kept rows.
+    pub fn truncate(&mut self, kept: &[u32]) -> Result<()> {
+        let pool = self.pool.clone();
+        let at = self.prefix.truncate(&mut pool.state().book, &mut self.pages, kept, pool.prefix_cache);
+        let Some(at) = at else { return Ok(()) };
+        let from = self.pages[at];
+        let to = pool.take_pages(1)?[0];
+        let copied = pool.copy_rows(from, to, kept.len() % PAGE_POSITIONS);
+        // On failure the page is still swapped, so that the shared one is never written.
+        self.pages[at] = to;
+        pool.state().book.release(&[from]);
+        copied
+    }
+
     /// The pool row that holds `position` (reserved before).
     pub fn row(&self, position: usize) -> u32 {
         self.pages[position / PAGE_POSITIONS] * PAGE_POSITIONS as u32 + (position % PAGE_POSITIONS) as u32
@@ -272,6 +288,33 @@ mod tests {
         let free_before = pool.state().book.free_count();
         drop(second);
         assert_eq!(pool.state().book.free_count(), free_before + 40, "a dropped sequence's pages are free again");
+    }
+
+    #[test]
+    fn a_cut_into_a_registered_page_copies_its_kept_rows_to_a_page_of_its_own() {
+        let width = 4;
+        let pool = KvPool::new(1, 1, width, DType::F32, &Device::Cpu, true).unwrap();
+        let tokens: Vec<u32> = (0..100).collect();
+        let mut seq = SeqPages::new(pool.clone());
+        seq.reserve(tokens.len()).unwrap();
+        let start = seq.row(0) as usize;
+        let written = rows_of(start, 2 * PAGE_POSITIONS, width);
+        pool.write_run(0, start, &written, &written).unwrap();
+        seq.filled(&tokens);
+        let registered = seq.pages()[0];
+        // Inside the unregistered second page: kept as it is.
+        let second = seq.pages()[1];
+        seq.truncate(&tokens[..70]).unwrap();
+        assert_eq!(seq.pages(), &[registered, second]);
+        // Inside the registered first page: the second goes back, the first is copied.
+        seq.truncate(&tokens[..30]).unwrap();
+        assert_eq!(seq.page_count(), 1);
+        assert_ne!(seq.pages()[0], registered);
+        let (keys, _) = pool.layer(0);
+        let copy = keys.narrow(0, seq.row(0) as usize, 30).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(copy, rows_of(start, 30, width).to_vec2::<f32>().unwrap(), "the kept rows, copied");
+        let book = &pool.state().book;
+        assert_eq!((book.holders(registered), book.cached_count()), (0, 1), "the registered page stays cached");
     }
 
     #[test]

@@ -337,9 +337,9 @@ impl PageBook {
 /// tokens of the page it is filling.
 #[derive(Default)]
 pub struct SeqPrefix {
-    /// Full pages already registered or matched (the sequence's first ones).
-    registered: usize,
-    chain: u64,
+    /// The keys of the sequence's first pages, full and registered or
+    /// matched, in order (the last one is the chain the next page extends).
+    keys: Vec<u64>,
     /// The tokens of the positions after the registered pages.
     partial: Vec<u32>,
 }
@@ -383,7 +383,12 @@ impl SeqPrefix {
         let partial = copy.map_or(Vec::new(), |(_, rows)| next[..rows].to_vec());
         let hit = CacheHit { held, copy };
         book.hit_tokens += hit.positions() as u64;
-        (SeqPrefix { registered: hit.held.len(), chain, partial }, hit)
+        (SeqPrefix { keys: keys[..hit.held.len()].to_vec(), partial }, hit)
+    }
+
+    /// The key of the last registered page (0 before the first).
+    fn chain(&self) -> u64 {
+        self.keys.last().copied().unwrap_or(0)
     }
 
     /// The hit's copied rows could not be copied: they are computed instead.
@@ -398,20 +403,48 @@ impl SeqPrefix {
         for &t in tokens {
             self.partial.push(t);
             if self.partial.len() == PAGE_POSITIONS {
-                let key = chain_key(self.chain, &self.partial);
-                book.register(pages[self.registered], self.chain, key, &self.partial);
-                (self.chain, self.registered) = (key, self.registered + 1);
+                let (previous, key) = (self.chain(), chain_key(self.chain(), &self.partial));
+                book.register(pages[self.keys.len()], previous, key, &self.partial);
+                self.keys.push(key);
                 self.partial.clear();
             }
         }
+    }
+
+    /// The sequence is cut back to its first `kept.len()` positions, whose
+    /// tokens `kept` are (a probe rolled back): the pages past them are let
+    /// go, and the page the next position falls in, if it is registered or
+    /// shared, must not be written again. Returns that page's index in
+    /// `pages`: the caller copies its first `kept.len() % PAGE_POSITIONS`
+    /// rows into a page of its own (copy on write) before the next step.
+    /// With `track` (the pool's prefix cache is on), the registered pages
+    /// past the cut are forgotten by this sequence, not by the cache: their
+    /// keys and values are right for the tokens they were registered under.
+    pub fn truncate(&mut self, book: &mut PageBook, pages: &mut Vec<u32>, kept: &[u32], track: bool) -> Option<usize> {
+        let len = kept.len();
+        let whole = len / PAGE_POSITIONS;
+        if pages.len() > len.div_ceil(PAGE_POSITIONS) {
+            book.release(&pages[len.div_ceil(PAGE_POSITIONS)..]);
+            pages.truncate(len.div_ceil(PAGE_POSITIONS));
+        }
+        if track {
+            if self.keys.len() > whole {
+                self.keys.truncate(whole);
+                self.partial = kept[whole * PAGE_POSITIONS..].to_vec();
+            } else {
+                self.partial.truncate(len - self.keys.len() * PAGE_POSITIONS);
+            }
+        }
+        let open = pages.get(whole).filter(|_| !len.is_multiple_of(PAGE_POSITIONS))?;
+        (book.registered[*open as usize].is_some() || book.holders(*open) > 1).then_some(whole)
     }
 
     /// The sequence is done with `pages`: its partly written last page is
     /// kept as a tail (`PageBook::keep_tail`), then every page is let go.
     /// (Without a prefix cache nothing was recorded, so it only lets go.)
     pub fn release(&self, book: &mut PageBook, pages: &[u32]) {
-        if let Some(&tail) = pages.get(self.registered) {
-            book.keep_tail(tail, self.chain, &self.partial);
+        if let Some(&tail) = pages.get(self.keys.len()) {
+            book.keep_tail(tail, self.chain(), &self.partial);
         }
         book.release(pages);
     }

@@ -10,8 +10,16 @@
 //!
 //! Injected tokens are fed through the model like prompt tokens, counted as
 //! forced, and returned as part of the text.
+//!
+//! Answer probing (`probe`, see `probing`) adds a third question after each
+//! kept token, [`ReasoningControl::start_probe`]: whether to append the probe
+//! text now. While a probe runs the engine decodes greedily into
+//! [`ReasoningControl::probe_token`] and then rolls the sequence back; a
+//! probe's tokens are never observed, so no count or phase moves. Once the
+//! answer has settled, `forced_now` closes the thought as at a budget.
 
 use super::phase::{Phase, PhaseTracker};
+use super::probing::{ProbeAnswer, ProbeSettings, ProbeStep, Prober};
 use super::stopping::{argmax, scale_stop_mass};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +30,8 @@ pub enum Strategy {
     Ts,
     /// s1-style budget forcing.
     Budget,
+    /// Answer probing: stop once the probed answer has settled.
+    Probe,
 }
 
 impl Strategy {
@@ -29,6 +39,7 @@ impl Strategy {
         Some(match name {
             "ts" => Strategy::Ts,
             "budget" => Strategy::Budget,
+            "probe" => Strategy::Probe,
             "none" => Strategy::None,
             _ => return None,
         })
@@ -39,6 +50,7 @@ impl Strategy {
             Strategy::None => "none",
             Strategy::Ts => "ts",
             Strategy::Budget => "budget",
+            Strategy::Probe => "probe",
         }
     }
 }
@@ -46,7 +58,7 @@ impl Strategy {
 impl<'de> serde::Deserialize<'de> for Strategy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        Strategy::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("must be one of ts, budget or none, got \"{name}\"")))
+        Strategy::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("must be one of ts, budget, probe or none, got \"{name}\"")))
     }
 }
 
@@ -86,6 +98,11 @@ pub struct ReasoningSettings {
     pub max_thinking_tokens: Option<usize>,
     /// Below this many thinking tokens a sampled stop becomes the continuation text.
     pub min_thinking_tokens: Option<usize>,
+    /// The `probe` strategy's settings.
+    pub probe: ProbeSettings,
+    /// TS on a model without think tokens: a stop TS made becomes the
+    /// wrap-up text and a short answer, instead of ending the reply.
+    pub wrap_up: bool,
 }
 
 impl Default for ReasoningSettings {
@@ -96,6 +113,8 @@ impl Default for ReasoningSettings {
             ramp: false,
             max_thinking_tokens: None,
             min_thinking_tokens: None,
+            probe: ProbeSettings::default(),
+            wrap_up: false,
         }
     }
 }
@@ -110,6 +129,10 @@ pub struct Injections {
     pub continuation: Vec<u32>,
     /// Models without think tokens: answer tokens allowed after the wrap-up text.
     pub answer_tokens_after_wrap_up: Option<usize>,
+    /// Appended to probe the answer (`… Final answer: \boxed{`), then rolled back.
+    pub probe: Vec<u32>,
+    /// The probe text ends in `{`: its answer ends at the closing brace.
+    pub probe_braced: bool,
 }
 
 /// Why the thinking phase ended.
@@ -122,6 +145,8 @@ pub enum ThinkStopReason {
     StopTemperature,
     /// The budget cap forced the end-of-thinking text.
     Budget,
+    /// The probed answer settled and the end-of-thinking text was forced.
+    Probe,
     /// max_tokens or the context ran out first.
     Length,
     /// The client went away first.
@@ -134,6 +159,7 @@ impl ThinkStopReason {
             ThinkStopReason::Natural => "natural",
             ThinkStopReason::StopTemperature => "stop_temperature",
             ThinkStopReason::Budget => "budget",
+            ThinkStopReason::Probe => "probe",
             ThinkStopReason::Length => "length",
             ThinkStopReason::Cancelled => "cancelled",
         }
@@ -145,8 +171,8 @@ impl ThinkStopReason {
 pub enum Decision {
     /// Keep the sampled token.
     Keep,
-    /// Drop the sampled token and inject these instead.
-    Replace(Vec<u32>),
+    /// Drop the sampled token and inject these instead, of this kind.
+    Replace(Vec<u32>, ForcedKind),
 }
 
 #[derive(Debug, Clone)]
@@ -172,13 +198,13 @@ pub struct ReasoningControl {
     top_was_stop: bool,
     /// The phase the latest observed token belongs to.
     last_token_phase: Phase,
+    /// Under `probe`: the probes' schedule, answers and cost.
+    prober: Option<Prober>,
 }
 
 impl ReasoningControl {
     pub fn new(settings: ReasoningSettings, injections: Injections, tracker: PhaseTracker, end_of_turn: Vec<u32>) -> Self {
         ReasoningControl {
-            settings,
-            injections,
             end_of_turn,
             controlled: 0,
             thinking_tokens: 0,
@@ -189,6 +215,9 @@ impl ReasoningControl {
             budget_spent: false,
             top_was_stop: false,
             last_token_phase: tracker.phase(),
+            prober: (settings.strategy == Strategy::Probe).then(|| Prober::new(settings.probe, injections.probe_braced)),
+            settings,
+            injections,
             tracker,
         }
     }
@@ -229,19 +258,68 @@ impl ReasoningControl {
     /// caller adds them to the sequence and reports each to [`Self::observe`].
     pub fn forced_now(&mut self) -> Option<Vec<u32>> {
         let s = &self.settings;
-        if s.strategy != Strategy::Budget || self.budget_spent || !self.controlling() {
+        if !matches!(s.strategy, Strategy::Budget | Strategy::Probe) || self.budget_spent || !self.controlling() {
             return None;
         }
-        if self.controlled < s.max_thinking_tokens? {
+        // Under `probe` the budget stays a hard cap, and a settled answer ends thinking first.
+        let settled = self.prober.as_ref().is_some_and(Prober::settled);
+        let at_cap = s.max_thinking_tokens.is_some_and(|cap| self.controlled >= cap);
+        if !settled && !at_cap {
             return None;
         }
+        Some(self.wrap_up(if settled { ThinkStopReason::Probe } else { ThinkStopReason::Budget }))
+    }
+
+    /// End the controlled phase with the end-of-thinking (or wrap-up) text,
+    /// for `reason`; a model without think tokens then gets its short answer.
+    fn wrap_up(&mut self, reason: ThinkStopReason) -> Vec<u32> {
         // Once only, even if the configured text lacks the close token.
         self.budget_spent = true;
-        self.stop_reason = Some(ThinkStopReason::Budget);
+        self.stop_reason = Some(reason);
         if !self.has_think_tokens() {
             self.after_wrap_up = Some(self.injections.answer_tokens_after_wrap_up.unwrap_or(usize::MAX));
         }
-        Some(self.injections.end_of_thinking.clone())
+        self.injections.end_of_thinking.clone()
+    }
+
+    /// Whether to probe the answer now, with room for `room` more positions
+    /// in the sequence: the probe text to append, fed but never observed.
+    /// Asked after each kept token; the engine rolls back when the probe ends.
+    pub fn start_probe(&mut self, room: usize) -> Option<Vec<u32>> {
+        if self.budget_spent || !self.controlling() || self.injections.probe.is_empty() {
+            return None;
+        }
+        let (controlled, text) = (self.controlled, &self.injections.probe);
+        let prober = self.prober.as_mut()?;
+        prober.start(controlled, room, text.len()).then(|| text.clone())
+    }
+
+    /// Whether a probe is running (its tokens are decoded greedily, on the
+    /// unedited logits, into [`Self::probe_token`]).
+    pub fn probing(&self) -> bool {
+        self.prober.as_ref().is_some_and(Prober::running)
+    }
+
+    /// The running probe's next greedy token, its probability, whether it
+    /// ends the turn; `decode` turns the probe's tokens into text.
+    pub fn probe_token(&mut self, token: u32, prob: f32, decode: impl Fn(&[u32]) -> String) -> ProbeStep {
+        let end_of_turn = self.end_of_turn.contains(&token);
+        self.prober.as_mut().expect("a probe is running").push(token, prob, end_of_turn, decode)
+    }
+
+    /// What the latest probe answered.
+    pub fn last_probe_answer(&self) -> Option<&ProbeAnswer> {
+        self.prober.as_ref().and_then(|p| p.answers().last())
+    }
+
+    /// Tokens the probes fed through the model (not part of the completion).
+    pub fn probe_tokens(&self) -> usize {
+        self.prober.as_ref().map_or(0, Prober::spent)
+    }
+
+    /// Probes so far, by `ProbeOutcome` (settled, unsettled, no answer).
+    pub fn probe_outcomes(&self) -> [usize; 3] {
+        self.prober.as_ref().map_or([0; 3], Prober::outcomes)
     }
 
     /// The stop set and τ of TS for the next token, when TS moves anything (τ > 1).
@@ -277,14 +355,15 @@ impl ReasoningControl {
         }
         let min = self.settings.min_thinking_tokens.unwrap_or(0);
         if self.controlled < min && !self.injections.continuation.is_empty() {
-            return Decision::Replace(self.injections.continuation.clone());
+            return Decision::Replace(self.injections.continuation.clone(), ForcedKind::Continuation);
+        }
+        let made_by_ts = self.current_stop_temperature() > 1.0 && !self.top_was_stop;
+        // A reply without think tokens that TS cut short gets its answer said.
+        if made_by_ts && self.settings.wrap_up && !self.has_think_tokens() && !self.injections.end_of_thinking.is_empty() {
+            return Decision::Replace(self.wrap_up(ThinkStopReason::StopTemperature), ForcedKind::EndOfThinking);
         }
         if self.stop_reason.is_none() {
-            self.stop_reason = Some(if self.current_stop_temperature() > 1.0 && !self.top_was_stop {
-                ThinkStopReason::StopTemperature
-            } else {
-                ThinkStopReason::Natural
-            });
+            self.stop_reason = Some(if made_by_ts { ThinkStopReason::StopTemperature } else { ThinkStopReason::Natural });
         }
         Decision::Keep
     }
@@ -361,13 +440,14 @@ impl ReasoningControl {
 #[cfg(test)]
 mod tests {
     use super::super::phase::ThinkTokens;
+    use super::super::probing::ProbeOutcome;
     use super::*;
 
     const THINK: ThinkTokens = ThinkTokens { open: 10, close: 11 };
     const EOT: u32 = 0;
 
     fn injections() -> Injections {
-        Injections { end_of_thinking: vec![12, 11, 13], continuation: vec![20], answer_tokens_after_wrap_up: Some(3) }
+        Injections { end_of_thinking: vec![12, 11, 13], continuation: vec![20], answer_tokens_after_wrap_up: Some(3), probe: vec![30, 31], probe_braced: true }
     }
 
     fn thinking(settings: ReasoningSettings) -> ReasoningControl {
@@ -391,9 +471,9 @@ mod tests {
                 c.observe(sampled, None);
                 vec![]
             }
-            Decision::Replace(cont) => {
+            Decision::Replace(cont, kind) => {
                 for &t in &cont {
-                    c.observe(t, Some(ForcedKind::Continuation));
+                    c.observe(t, Some(kind));
                 }
                 cont
             }
@@ -489,6 +569,99 @@ mod tests {
         }
         assert!(c.answer_allowance_spent());
         assert_eq!((c.thinking_tokens(), c.answer_tokens(), c.forced_tokens()), (0, 8, 3));
+    }
+
+    fn probing(interval: usize, agreement: usize, cap: Option<usize>) -> ReasoningSettings {
+        let probe = ProbeSettings { interval, tokens: 3, agreement: Some(agreement), confidence: None };
+        ReasoningSettings { strategy: Strategy::Probe, probe, max_thinking_tokens: cap, ..Default::default() }
+    }
+
+    /// Decode a probe answer of ids as ASCII (`b'}'` closes it).
+    fn run_probe(c: &mut ReasoningControl, answer: &[u8]) -> ProbeStep {
+        let decode = |ids: &[u32]| ids.iter().map(|&i| char::from(i as u8)).collect::<String>();
+        assert!(c.probing());
+        for (k, &b) in answer.iter().enumerate() {
+            let step = c.probe_token(b as u32, 0.9, decode);
+            if k + 1 < answer.len() {
+                assert_eq!(step, ProbeStep::More);
+            } else {
+                return step;
+            }
+        }
+        unreachable!("an answer has tokens")
+    }
+
+    #[test]
+    fn probes_come_every_interval_leave_the_counts_alone_and_stop_once_answers_agree() {
+        let mut c = thinking(probing(2, 2, None));
+        step(&mut c, 5);
+        assert_eq!(c.start_probe(100), None, "not yet");
+        step(&mut c, 6);
+        let counts = (c.thinking_tokens(), c.answer_tokens(), c.forced_tokens(), c.phase());
+        assert_eq!(c.start_probe(100), Some(vec![30, 31]));
+        assert_eq!(run_probe(&mut c, b"7}"), ProbeStep::Done(ProbeOutcome::Unsettled));
+        assert_eq!((c.thinking_tokens(), c.answer_tokens(), c.forced_tokens(), c.phase()), counts, "a probe moves no count and no phase");
+        assert!(!c.probing());
+        assert_eq!(c.forced_now(), None, "one answer is not agreement");
+        step(&mut c, 7);
+        assert_eq!(c.start_probe(100), None);
+        step(&mut c, 8);
+        assert!(c.start_probe(100).is_some());
+        assert_eq!(run_probe(&mut c, b"7}"), ProbeStep::Done(ProbeOutcome::Settled));
+        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]), "settled: the thought is closed");
+        assert_eq!(c.phase(), Phase::Thinking, "until the forced tokens are observed");
+        for t in [12, 11, 13] {
+            c.observe(t, Some(ForcedKind::EndOfThinking));
+        }
+        assert_eq!(c.phase(), Phase::Answer);
+        assert_eq!(c.stop_reason(ThinkStopReason::Natural), Some(ThinkStopReason::Probe));
+        assert_eq!(c.probe_outcomes(), [1, 1, 0]);
+        // Two probes: two probe texts and two two-token answers.
+        assert_eq!(c.probe_tokens(), 8);
+        assert_eq!(c.start_probe(100), None, "no probe in the answer");
+    }
+
+    #[test]
+    fn a_probe_without_room_or_an_answer_leaves_thinking_on_and_the_cap_still_holds() {
+        let mut c = thinking(probing(1, 1, Some(3)));
+        step(&mut c, 5);
+        // The probe text (2) and its answer (3) need 5 positions.
+        assert_eq!(c.start_probe(4), None);
+        step(&mut c, 6);
+        assert!(c.start_probe(5).is_some());
+        assert_eq!(run_probe(&mut c, b"123"), ProbeStep::Done(ProbeOutcome::NoAnswer), "unclosed within 3 tokens");
+        step(&mut c, 7);
+        assert!(c.start_probe(5).is_some());
+        assert_eq!(run_probe(&mut c, b"wait}"[..3].as_ref()), ProbeStep::Done(ProbeOutcome::NoAnswer));
+        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]), "the budget caps thinking at 3");
+        assert_eq!(c.stop_reason(ThinkStopReason::Natural), Some(ThinkStopReason::Budget));
+    }
+
+    #[test]
+    fn wrap_up_turns_a_stop_ts_made_into_the_wrap_up_and_a_short_answer() {
+        let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 50.0, wrap_up: true, ..Default::default() };
+        let mut c = ReasoningControl::new(s, injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
+        step(&mut c, 5);
+        let mut logits = vec![0.0f32; 14];
+        logits[EOT as usize] = -8.0;
+        c.edit_logits(&mut logits);
+        assert_eq!(c.after_sample(EOT), Decision::Replace(vec![12, 11, 13], ForcedKind::EndOfThinking));
+        for t in [12, 11, 13] {
+            c.observe(t, Some(ForcedKind::EndOfThinking));
+        }
+        assert_eq!(c.current_stop_temperature(), 1.0, "TS is over");
+        assert_eq!(c.stop_reason(ThinkStopReason::Natural), Some(ThinkStopReason::StopTemperature));
+        for t in [7, 8, 9] {
+            assert_eq!(step(&mut c, t), Vec::<u32>::new());
+        }
+        assert!(c.answer_allowance_spent());
+        // A stop that was the model's own top token ends the reply as before.
+        let s = ReasoningSettings { strategy: Strategy::Ts, stop_temperature: 50.0, wrap_up: true, ..Default::default() };
+        let mut own = ReasoningControl::new(s, injections(), PhaseTracker::new(None, &[1]), vec![EOT]);
+        let mut logits = vec![0.0f32; 14];
+        logits[EOT as usize] = 5.0;
+        own.edit_logits(&mut logits);
+        assert_eq!(own.after_sample(EOT), Decision::Keep);
     }
 
     #[test]

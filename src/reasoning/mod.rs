@@ -4,5 +4,6 @@
 pub mod control;
 pub mod modes;
 pub mod phase;
+pub mod probing;
 pub mod profile;
 pub mod stopping;

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::control::{ReasoningSettings, Strategy};
+use super::probing::ProbeSettings;
 
 /// The length level a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,11 +95,39 @@ pub struct ReasoningFields {
     pub max_thinking_tokens: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_thinking_tokens: Option<usize>,
+    /// `probe`: controlled tokens between probes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_interval: Option<usize>,
+    /// `probe`: most answer tokens a probe decodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_tokens: Option<usize>,
+    /// `probe`: stop when this many probes in a row agree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_agreement: Option<usize>,
+    /// `probe`: stop when a probe's mean top-1 probability reaches this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_confidence: Option<f32>,
+    /// `ts` on a model without think tokens: a stop TS made becomes the wrap-up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wrap_up: Option<bool>,
 }
 
 impl ReasoningFields {
     /// The checks of a field on its own (ranges serde's types do not carry).
     pub fn check(&self) -> Result<(), MergeError> {
+        let out_of_range = |field: &'static str, what: &str, got: String| MergeError { field, message: format!("`reasoning.{field}` must be {what}, got {got}") };
+        if self.probe_interval == Some(0) {
+            return Err(out_of_range("probe_interval", "at least 1", "0".into()));
+        }
+        if let Some(n) = self.probe_tokens.filter(|n| !(1..=ProbeSettings::MAX_TOKENS).contains(n)) {
+            return Err(out_of_range("probe_tokens", &format!("between 1 and {}", ProbeSettings::MAX_TOKENS), n.to_string()));
+        }
+        if let Some(n) = self.probe_agreement.filter(|n| !(1..=ProbeSettings::MAX_AGREEMENT).contains(n)) {
+            return Err(out_of_range("probe_agreement", &format!("between 1 and {}", ProbeSettings::MAX_AGREEMENT), n.to_string()));
+        }
+        if let Some(c) = self.probe_confidence.filter(|c| !(*c > 0.0 && *c <= 1.0)) {
+            return Err(out_of_range("probe_confidence", "a probability in (0, 1]", c.to_string()));
+        }
         if let Some(t) = self.stop_temperature {
             if !(t >= 1.0 && t.is_finite()) {
                 return Err(MergeError {
@@ -205,6 +234,19 @@ impl Default for ModePresets {
     }
 }
 
+/// The probe settings: the request's fields over the preset's over the
+/// defaults. Agreement is the default rule only when neither rule is set.
+fn merge_probe(base: &ReasoningFields, req: &ReasoningFields) -> ProbeSettings {
+    let confidence = req.probe_confidence.or(base.probe_confidence);
+    let agreement = req.probe_agreement.or(base.probe_agreement);
+    ProbeSettings {
+        interval: req.probe_interval.or(base.probe_interval).unwrap_or(ProbeSettings::DEFAULT_INTERVAL),
+        tokens: req.probe_tokens.or(base.probe_tokens).unwrap_or(ProbeSettings::DEFAULT_TOKENS),
+        agreement: agreement.or(confidence.is_none().then_some(ProbeSettings::DEFAULT_AGREEMENT)),
+        confidence,
+    }
+}
+
 /// A merge whose result is inconsistent; `field` names the request field at fault.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeError {
@@ -231,7 +273,21 @@ pub fn merge(preset: Option<&ModePreset>, req: &ReasoningFields) -> Result<Reaso
         ramp: req.ramp.or(base.ramp).unwrap_or(false),
         max_thinking_tokens: req.max_thinking_tokens.or(base.max_thinking_tokens),
         min_thinking_tokens: req.min_thinking_tokens.or(base.min_thinking_tokens),
+        probe: merge_probe(&base, req),
+        wrap_up: req.wrap_up.or(base.wrap_up).unwrap_or(false),
     };
+    let probe_fields = [
+        ("probe_interval", req.probe_interval.is_some()),
+        ("probe_tokens", req.probe_tokens.is_some()),
+        ("probe_agreement", req.probe_agreement.is_some()),
+        ("probe_confidence", req.probe_confidence.is_some()),
+    ];
+    if let Some((field, _)) = probe_fields.iter().find(|(_, given)| *given).filter(|_| strategy != Strategy::Probe) {
+        return Err(MergeError { field, message: format!("`reasoning.{field}` applies to strategy probe only, not {}", strategy.name()) });
+    }
+    if req.wrap_up.is_some() && strategy != Strategy::Ts {
+        return Err(MergeError { field: "wrap_up", message: format!("`reasoning.wrap_up` applies to strategy ts only, not {}", strategy.name()) });
+    }
     if let (Some(min), Some(max)) = (settings.min_thinking_tokens, settings.max_thinking_tokens) {
         if min > max {
             let field = if req.min_thinking_tokens.is_some() { "min_thinking_tokens" } else { "max_thinking_tokens" };
@@ -311,6 +367,31 @@ mod tests {
     }
 
     #[test]
+    fn probe_fields_merge_over_defaults_and_belong_to_their_strategy() {
+        let probe = |fields: ReasoningFields| merge(None, &ReasoningFields { strategy: Some(Strategy::Probe), ..fields });
+        let s = probe(ReasoningFields::default()).unwrap();
+        assert_eq!(s.probe, ProbeSettings::default());
+        // A confidence alone replaces the default agreement rule; both given, both stand.
+        let s = probe(ReasoningFields { probe_confidence: Some(0.9), probe_interval: Some(16), ..Default::default() }).unwrap();
+        assert_eq!((s.probe.interval, s.probe.agreement, s.probe.confidence), (16, None, Some(0.9)));
+        let s = probe(ReasoningFields { probe_confidence: Some(0.9), probe_agreement: Some(2), ..Default::default() }).unwrap();
+        assert_eq!((s.probe.agreement, s.probe.confidence), (Some(2), Some(0.9)));
+        // A preset's probe settings hold unless the request overrides them.
+        let p = ModePreset::of(ReasoningFields { strategy: Some(Strategy::Probe), probe_interval: Some(48), probe_tokens: Some(8), ..Default::default() });
+        let s = merge(Some(&p), &ReasoningFields { probe_tokens: Some(6), ..Default::default() }).unwrap();
+        assert_eq!((s.strategy, s.probe.interval, s.probe.tokens), (Strategy::Probe, 48, 6));
+        let field = |fields: ReasoningFields| merge(None, &fields).unwrap_err().field;
+        assert_eq!(field(ReasoningFields { stop_temperature: Some(2.0), probe_interval: Some(8), ..Default::default() }), "probe_interval");
+        assert_eq!(field(ReasoningFields { max_thinking_tokens: Some(8), wrap_up: Some(true), ..Default::default() }), "wrap_up");
+        assert_eq!(field(ReasoningFields { strategy: Some(Strategy::Probe), probe_interval: Some(0), ..Default::default() }), "probe_interval");
+        assert_eq!(field(ReasoningFields { strategy: Some(Strategy::Probe), probe_tokens: Some(65), ..Default::default() }), "probe_tokens");
+        assert_eq!(field(ReasoningFields { strategy: Some(Strategy::Probe), probe_confidence: Some(1.5), ..Default::default() }), "probe_confidence");
+        assert_eq!(field(ReasoningFields { strategy: Some(Strategy::Probe), probe_agreement: Some(0), ..Default::default() }), "probe_agreement");
+        let wrap = merge(None, &ReasoningFields { stop_temperature: Some(4.0), wrap_up: Some(true), ..Default::default() }).unwrap();
+        assert!(wrap.wrap_up && wrap.strategy == Strategy::Ts);
+    }
+
+    #[test]
     fn presets_parse_from_a_manifest_table_and_are_checked() {
         let text = r#"
             [short]
@@ -349,6 +430,6 @@ mod tests {
         let written = serde_json::to_value(&fields).unwrap();
         assert_eq!(written, serde_json::json!({"mode": "long", "strategy": "ts", "stop_temperature": 4.0, "max_thinking_tokens": 64}));
         let err = serde_json::from_value::<ReasoningFields>(serde_json::json!({"strategy": "magic"})).unwrap_err().to_string();
-        assert!(err.contains("must be one of ts, budget or none"), "{err}");
+        assert!(err.contains("must be one of ts, budget, probe or none"), "{err}");
     }
 }

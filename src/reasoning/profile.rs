@@ -21,6 +21,11 @@ pub struct ReasoningProfile {
     pub answer_tokens_after_wrap_up: usize,
     /// Replaces a stop sampled before `min_thinking_tokens`.
     pub continuation: String,
+    /// Appended to probe the answer under the `probe` strategy, then rolled
+    /// back. Unset: the end-of-thinking text and `Final answer: \boxed{`
+    /// for a model with think tokens (the trial answer is read outside the
+    /// thought), `\n\nFinal answer: \boxed{` for one without.
+    pub probe: Option<String>,
     /// Open the thought in the prompt (`think_open` and a newline after the
     /// generation prompt) where the chat template does not: DeepSeek-R1-Distill
     /// GGUFs carry a template whose prompt ends at `<｜Assistant｜>`, and the
@@ -43,6 +48,7 @@ impl Default for ReasoningProfile {
             wrap_up: "\nFinal answer:".into(),
             answer_tokens_after_wrap_up: 64,
             continuation: "Wait".into(),
+            probe: None,
             start_thinking: false,
             modes: ModePresets::default(),
             from_manifest: false,
@@ -51,6 +57,16 @@ impl Default for ReasoningProfile {
 }
 
 impl ReasoningProfile {
+    /// The probe text: the manifest's, or the default for a model with or
+    /// without think tokens.
+    pub fn probe_text(&self, thinks: bool) -> String {
+        match (&self.probe, thinks) {
+            (Some(text), _) => text.clone(),
+            (None, true) => format!("{}Final answer: \\boxed{{", self.end_of_thinking),
+            (None, false) => "\n\nFinal answer: \\boxed{".into(),
+        }
+    }
+
     /// The rendered chat prompt, with the thought opened if the model needs it.
     pub fn open_thought(&self, mut prompt: String) -> String {
         if self.start_thinking && !prompt.trim_end().ends_with(&self.think_open) {

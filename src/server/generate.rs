@@ -110,8 +110,12 @@ pub fn submit(
 /// would break the grammar, so a request cannot have both.
 fn refuse_injections_into_constrained(reasoning: &ReasoningSettings) -> Result<(), ApiError> {
     let why = "on a model without think tokens, the text it injects would break the answer's grammar";
-    if reasoning.strategy == Strategy::Budget {
-        return Err(ApiError::unsupported("reasoning.strategy", format!("budget forcing cannot go with a constrained answer: {why}")));
+    if matches!(reasoning.strategy, Strategy::Budget | Strategy::Probe) {
+        let name = reasoning.strategy.name();
+        return Err(ApiError::unsupported("reasoning.strategy", format!("strategy {name} cannot go with a constrained answer: {why}")));
+    }
+    if reasoning.wrap_up && reasoning.strategy == Strategy::Ts {
+        return Err(ApiError::unsupported("reasoning.wrap_up", format!("`wrap_up` cannot go with a constrained answer: {why}")));
     }
     if reasoning.min_thinking_tokens.is_some_and(|m| m > 0) {
         return Err(ApiError::unsupported("reasoning.min_thinking_tokens", format!("`min_thinking_tokens` cannot go with a constrained answer: {why}")));

@@ -44,7 +44,11 @@ pub struct TerseExtension {
     pub thinking_tokens: usize,
     pub answer_tokens: usize,
     pub forced_tokens: usize,
-    /// `natural | stop_temperature | budget | length | cancelled`; null without a thinking phase.
+    /// Tokens answer probes fed through the model: spent, not returned, not in `completion_tokens`.
+    pub probe_tokens: usize,
+    /// Answer probes made.
+    pub probes: usize,
+    /// `natural | stop_temperature | budget | probe | length | cancelled`; null without a thinking phase.
     pub think_stop_reason: Option<&'static str>,
 }
 
@@ -55,6 +59,8 @@ impl TerseExtension {
             thinking_tokens: r.thinking_tokens,
             answer_tokens: r.answer_tokens,
             forced_tokens: r.forced_tokens,
+            probe_tokens: r.probe_tokens,
+            probes: r.probes.iter().sum(),
             think_stop_reason: r.think_stop_reason.map(|s| s.as_str()),
         }
     }

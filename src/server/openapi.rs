@@ -42,7 +42,7 @@ fn field_schema(name: &str) -> Option<Value> {
         "presence_penalty" | "frequency_penalty" => json!({"type": "number", "minimum": -2, "maximum": 2}),
         "repetition_penalty" => json!({"type": "number", "exclusiveMinimum": 0, "description": "1 disables it"}),
         "reasoning_effort" => json!({"type": "string", "enum": ["short", "medium", "long", "low", "high", "none"]}),
-        "reasoning" => object("terse's thinking control: mode, strategy (ts | budget | none), stop_temperature, ramp, max_thinking_tokens, min_thinking_tokens; on /v1/responses also effort and summary"),
+        "reasoning" => object("terse's thinking control: mode, strategy (ts | budget | probe | none), stop_temperature, ramp, max_thinking_tokens, min_thinking_tokens, probe_interval, probe_tokens, probe_agreement, probe_confidence, wrap_up; on /v1/responses also effort and summary"),
         "response_format" => object("{\"type\": \"text\" | \"json_object\" | \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}"),
         "text" => object("{\"format\": {\"type\": \"text\" | \"json_object\" | \"json_schema\", \"name\", \"schema\", \"strict\"}}"),
         "logit_bias" => json!({"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}, "description": "Token id to bias"}),
@@ -193,7 +193,8 @@ pub fn document() -> Value {
                     "terse": {"$ref": "#/components/schemas/TerseExtension"}}},
                 "TerseExtension": {"type": "object", "properties": {
                     "mode": {"type": "string"}, "thinking_tokens": {"type": "integer"}, "answer_tokens": {"type": "integer"}, "forced_tokens": {"type": "integer"},
-                    "think_stop_reason": {"type": ["string", "null"], "enum": ["natural", "stop_temperature", "budget", "length", "cancelled", null]}}},
+                    "probe_tokens": {"type": "integer"}, "probes": {"type": "integer"},
+                    "think_stop_reason": {"type": ["string", "null"], "enum": ["natural", "stop_temperature", "budget", "probe", "length", "cancelled", null]}}},
                 "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},
                 "Model": {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "context_length": {"type": "integer"}, "terse": {"type": "object"}}},
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "properties": {

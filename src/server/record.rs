@@ -11,6 +11,7 @@ use super::AppState;
 use crate::engine::{ReasoningUsage, Usage};
 use crate::metrics::Metrics;
 use crate::reasoning::control::ForcedKind;
+use crate::reasoning::probing::ProbeOutcome;
 
 /// The `status` label of a request whose client went away before the end
 /// (nginx's convention: no HTTP status was ever sent for it).
@@ -156,6 +157,10 @@ impl Drop for RequestRecord {
         m.answer_tokens_per_request.with_label_values(&by_mode).observe(r.answer_tokens as f64);
         for (kind, n) in [(ForcedKind::EndOfThinking, r.forced_end_of_thinking), (ForcedKind::Continuation, r.forced_continuation)] {
             m.forced_tokens_total.with_label_values(&[self.model.as_str(), mode, kind.as_str()]).inc_by(n as u64);
+        }
+        m.probe_tokens_total.with_label_values(&by_mode).inc_by(r.probe_tokens as u64);
+        for (outcome, n) in ProbeOutcome::ALL.iter().zip(r.probes) {
+            m.probes_total.with_label_values(&[self.model.as_str(), mode, outcome.as_str()]).inc_by(n as u64);
         }
         if let Some(reason) = r.think_stop_reason {
             m.think_stops_total.with_label_values(&[self.model.as_str(), mode, reason.as_str()]).inc();

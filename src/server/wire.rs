@@ -364,7 +364,7 @@ mod tests {
             (json!({"stop": {}}), "stop", "`stop` must be a string or an array of strings, not an object"),
             (json!({"stream_options": {"include_usage": 1}}), "stream_options.include_usage", "`stream_options.include_usage` must be a boolean, not a number"),
             (json!({"reasoning": "lots"}), "reasoning", "`reasoning` must be an object, not a string"),
-            (json!({"reasoning": {"strategy": "magic"}}), "reasoning.strategy", "`reasoning.strategy` must be one of ts, budget or none, got \"magic\""),
+            (json!({"reasoning": {"strategy": "magic"}}), "reasoning.strategy", "`reasoning.strategy` must be one of ts, budget, probe or none, got \"magic\""),
             (json!({"reasoning": {"max_thinking_tokens": -5}}), "reasoning.max_thinking_tokens", "`reasoning.max_thinking_tokens` must be a non-negative integer, got -5"),
             (json!({"reasoning_effort": "extreme"}), "reasoning_effort", "`reasoning_effort` must be one of short, medium, long, low, high or none, got \"extreme\""),
         ];
