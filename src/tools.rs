@@ -143,6 +143,9 @@ pub enum SynthType {
     /// Q6_K, as llama.cpp's Q4_K_M mixes them.
     #[value(name = "q4_k_m")]
     Q4kM,
+    /// Q5_K, with the same tensors in Q6_K, as llama.cpp's Q5_K_M mixes them.
+    #[value(name = "q5_k_m")]
+    Q5kM,
 }
 
 /// A GGUF with random weights, real shapes and a real tokenizer: for
@@ -199,6 +202,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         SynthType::Q8_0 => (GgmlDType::Q8_0, None),
         SynthType::Q4k => (GgmlDType::Q4K, None),
         SynthType::Q4kM => (GgmlDType::Q4K, Some(GgmlDType::Q6K)),
+        SynthType::Q5kM => (GgmlDType::Q5K, Some(GgmlDType::Q6K)),
     };
     spec.seed = args.seed;
     if let Some(layers) = args.layers {

@@ -210,6 +210,7 @@ fn qwen3_matches_candle_transformers() {
         // Run on Q4_1's kernels (quant.rs).
         (GgmlDType::Q4_0, None, "q4_0", 4, QWEN3_TOLERANCE),
         (GgmlDType::Q4K, Some(GgmlDType::Q6K), "q4_k_m", 8, QWEN3_TOLERANCE),
+        (GgmlDType::Q5K, Some(GgmlDType::Q6K), "q5_k_m", 4, QWEN3_TOLERANCE),
     ];
     for (dtype, sensitive, label, layers, tolerance) in cases {
         let path = dir.join(format!("qwen3-0.6b-shapes.{label}.gguf"));

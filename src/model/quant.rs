@@ -52,6 +52,7 @@ pub enum BlockFormat {
     Q5_0,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -64,6 +65,7 @@ impl BlockFormat {
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4K => Some(BlockFormat::Q4K),
+            GgmlDType::Q5K => Some(BlockFormat::Q5K),
             GgmlDType::Q6K => Some(BlockFormat::Q6K),
             _ => None,
         }
@@ -76,6 +78,7 @@ impl BlockFormat {
             BlockFormat::Q5_0 => 22,
             BlockFormat::Q8_0 => 34,
             BlockFormat::Q4K => 144,
+            BlockFormat::Q5K => 176,
             BlockFormat::Q6K => 210,
         }
     }
@@ -85,9 +88,9 @@ impl BlockFormat {
         if self.has_super_blocks() { QK_K } else { QK }
     }
 
-    /// Q4_K and Q6_K: 256-value blocks, whose inputs are quantized per 256 values.
+    /// Q4_K, Q5_K and Q6_K: 256-value blocks, whose inputs are quantized per 256 values.
     fn has_super_blocks(self) -> bool {
-        matches!(self, BlockFormat::Q4K | BlockFormat::Q6K)
+        matches!(self, BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K)
     }
 }
 
@@ -347,7 +350,7 @@ struct Activations<'a> {
     k_qs: &'a [i8],
 }
 
-/// A (rows × cols) matrix of Q4_1, Q5_0, Q8_0, Q4_K or Q6_K blocks, repacked.
+/// A (rows × cols) matrix of Q4_1, Q5_0, Q8_0, Q4_K, Q5_K or Q6_K blocks, repacked.
 pub struct QuantMatrix {
     format: BlockFormat,
     rows: usize,
@@ -359,7 +362,7 @@ pub struct QuantMatrix {
 enum Layout {
     /// The 32-value formats, sixteen rows side by side.
     Panels(Panels),
-    /// Q4_K, sixteen rows side by side.
+    /// Q4_K and Q5_K, sixteen rows side by side.
     Q4K(Q4KPanels),
     /// Q6_K, sixteen rows side by side.
     Q6K(Q6KPanels),
@@ -422,8 +425,8 @@ impl QuantMatrix {
                 put_rows(&mut |r, row| panels.put_row(r, row))?;
                 Layout::Q6K(panels)
             }
-            BlockFormat::Q4K => {
-                let mut panels = Q4KPanels::zeros(rows, cols / QK_K);
+            BlockFormat::Q4K | BlockFormat::Q5K => {
+                let mut panels = Q4KPanels::zeros(rows, cols / QK_K, format == BlockFormat::Q5K);
                 put_rows(&mut |r, row| panels.put_row(r, row))?;
                 Layout::Q4K(panels)
             }
@@ -651,10 +654,10 @@ mod tests {
     }
 
     #[test]
-    fn q4_k_and_q6_k_are_candles_result() {
+    fn q4_k_q5_k_and_q6_k_are_candles_result() {
         // Odd super-block counts (3, 19) included.
         let shapes = [(1, 256, 1), (7, 512, 1), (33, 768, 3), (64, 1536, 1), (17, 4864, 2), (40, 256, 9)];
-        for (seed, dtype) in [(300, GgmlDType::Q4K), (400, GgmlDType::Q6K)] {
+        for (seed, dtype) in [(300, GgmlDType::Q4K), (400, GgmlDType::Q6K), (600, GgmlDType::Q5K)] {
             for (i, &(rows, cols, n)) in shapes.iter().enumerate() {
                 check(dtype, rows, cols, n, seed + i as u64);
             }
@@ -687,7 +690,7 @@ mod tests {
     fn a_row_gets_the_same_bits_alone_or_batched() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (rows, cols) = (48, 256);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             // Thirteen inputs: a tile of eight, one of four and one alone.
             let xs = random(&mut rng, 13 * cols);
@@ -708,7 +711,7 @@ mod tests {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-        for (dtype, rows, cols) in [(GgmlDType::Q4_0, 23, 288), (GgmlDType::Q4_1, 40, 320), (GgmlDType::Q5_0, 17, 896), (GgmlDType::Q8_0, 33, 576), (GgmlDType::Q4K, 21, 768), (GgmlDType::Q6K, 19, 512)] {
+        for (dtype, rows, cols) in [(GgmlDType::Q4_0, 23, 288), (GgmlDType::Q4_1, 40, 320), (GgmlDType::Q5_0, 17, 896), (GgmlDType::Q8_0, 33, 576), (GgmlDType::Q4K, 21, 768), (GgmlDType::Q5K, 11, 1024), (GgmlDType::Q6K, 19, 512)] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             let xs = random(&mut rng, 13 * cols);
             let with_vnni = m.matmul_t(&xs, 13);
@@ -724,7 +727,7 @@ mod tests {
         // Both input forms at once (32- and 256-value blocks): cols = 512.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         let cols = 512;
-        let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q4K, 13), (GgmlDType::Q5_0, 9), (GgmlDType::Q6K, 6)]
+        let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q4K, 13), (GgmlDType::Q5_0, 9), (GgmlDType::Q6K, 6), (GgmlDType::Q5K, 18)]
             .into_iter()
             .map(|(dtype, rows)| random_quantized(&mut rng, dtype, rows, cols).1)
             .collect();
@@ -743,7 +746,7 @@ mod tests {
         // allow what 8-bit activations can move: half a step (amax/127) per
         // value, times |w|. Odd block counts (cols = 96) included.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (cols, dtype) in [(96, GgmlDType::Q4_0), (512, GgmlDType::Q4_0), (96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0), (768, GgmlDType::Q4K), (768, GgmlDType::Q6K)] {
+        for (cols, dtype) in [(96, GgmlDType::Q4_0), (512, GgmlDType::Q4_0), (96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0), (768, GgmlDType::Q4K), (768, GgmlDType::Q5K), (768, GgmlDType::Q6K)] {
             // Inputs are quantized per block of the weights' format.
             let per_block = BlockFormat::from_ggml(dtype).unwrap().block_values();
             let rows = 21;
@@ -773,7 +776,7 @@ mod tests {
     fn rows_dequantize_as_candle_dequantizes_them() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let (rows, cols) = (5, 512);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (q, m) = random_quantized(&mut rng, dtype, rows, cols);
             let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();

@@ -116,7 +116,7 @@ impl Panels {
                     (&block[6..22], 0)
                 }
                 BlockFormat::Q8_0 => (&block[2..34], Q8_0_BIAS),
-                BlockFormat::Q4K | BlockFormat::Q6K => unreachable!("super-blocks are not panelled"),
+                BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => unreachable!("super-blocks are not panelled"),
                 BlockFormat::Q4_0 => unreachable!("Q4_0 is read as Q4_1"),
             };
             // Nibble bytes and Q8_0 values alike: byte j goes where value j does.

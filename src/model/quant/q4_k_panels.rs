@@ -1,12 +1,16 @@
-//! Q4_K repacked sixteen weight rows at a time, as `panels` does for the
-//! 32-value formats: one 512-bit vector's lanes are sixteen rows' sums (a
-//! 256-bit vector's, eight rows': half a panel).
+//! Q4_K and Q5_K repacked sixteen weight rows at a time, as `panels` does
+//! for the 32-value formats: one 512-bit vector's lanes are sixteen rows'
+//! sums (a 256-bit vector's, eight rows': half a panel).
 //!
 //! A Q4_K super-block (144 bytes, 256 values): f16 d and dmin; 12 bytes
 //! packing eight 6-bit scales and eight 6-bit minimums, one of each per 32
 //! values (a sub-block); 128 bytes of nibbles, bytes 32p..32p+32 holding
 //! values 64p..64p+32 in their low nibbles and 64p+32..64p+64 in their high
 //! ones. Value = d·sc·q − dmin·m.
+//!
+//! A Q5_K super-block (176 bytes) is a Q4_K one with 32 bytes of fifth bits
+//! (`qh`) between the scales and the nibbles: bit j of byte l is the fifth
+//! bit of value 32j + l, so q = nibble | bit << 4 (0..32).
 //!
 //! A panel holds one super-block of sixteen rows:
 //! - nibbles: for each pair p and chunk c (0..8), one 64-byte vector whose
@@ -15,11 +19,14 @@
 //! - scales: byte 16j+r is row r's scale of sub-block j;
 //! - minimums: bytes 32q+2r and 32q+2r+1 are row r's minimums of sub-blocks
 //!   2q and 2q+1 (one i16 pair per row once widened, for `madd`);
-//! - d and dmin: the sixteen rows' f16 values.
+//! - d and dmin: the sixteen rows' f16 values;
+//! - Q5_K's fifth bits: for each chunk c (0..8), one 64-byte vector whose
+//!   bytes 4r..4r+4 are row r's `qh` bytes 4c..4c+4, beside chunk c's nibbles.
 //!
 //! Half h of a panel (rows 8h..8h+8, an AVX2 pass) is bytes 32h..32h+32 of each
 //! vector, 8h..8h+8 of each sub-block's scales, 16h..16h+16 of each pair's
-//! minimums. 2,368 bytes for sixteen rows' 2,304 in the file.
+//! minimums. 2,368 bytes for sixteen rows' 2,304 in the file (Q5_K: 2,880
+//! for 2,816).
 //!
 //! Per super-block and row, two exact integer sums: Σ_j sc_j·Σ q·x and
 //! Σ_j m_j·(sum of sub-block j's inputs); each scaled into its own float
@@ -35,6 +42,10 @@ use super::lines::LineBytes;
 use super::Activations;
 
 const NIBBLE_BYTES: usize = 128 * ROWS;
+/// Q5_K's fifth bits of a panel.
+const HIGH_BYTES: usize = 32 * ROWS;
+const Q4_K_BYTES: usize = 144;
+const Q5_K_BYTES: usize = 176;
 /// Bytes of one nibble vector: four of each row.
 const VECTOR: usize = 4 * ROWS;
 /// Per panel: the scales (or the minimums) of eight sub-blocks.
@@ -48,6 +59,8 @@ pub struct Q4KPanels {
     minimums: Vec<u8>,
     d: Vec<f16>,
     dmin: Vec<f16>,
+    /// Q5_K: the fifth bits (`None` for Q4_K).
+    highs: Option<LineBytes>,
 }
 
 /// The file's eight 6-bit scales and eight 6-bit minimums, a byte each.
@@ -70,8 +83,9 @@ fn nibble_at(r: usize, i: usize) -> usize {
 }
 
 impl Q4KPanels {
-    /// Zeros for `rows` rows of `nb` super-blocks, to be filled by `put_row`.
-    pub fn zeros(rows: usize, nb: usize) -> Q4KPanels {
+    /// Zeros for `rows` rows of `nb` super-blocks (Q5_K's with `fifth_bits`),
+    /// to be filled by `put_row`.
+    pub fn zeros(rows: usize, nb: usize, fifth_bits: bool) -> Q4KPanels {
         let panels = rows.div_ceil(ROWS) * nb;
         Q4KPanels {
             nb,
@@ -80,13 +94,15 @@ impl Q4KPanels {
             minimums: vec![0; panels * SCALE_BYTES],
             d: vec![f16::ZERO; panels * ROWS],
             dmin: vec![f16::ZERO; panels * ROWS],
+            highs: fifth_bits.then(|| LineBytes::filled(0, panels * HIGH_BYTES)),
         }
     }
 
     /// Row `row` from its `nb` GGUF super-blocks.
     pub fn put_row(&mut self, row: usize, blocks: &[u8]) {
         let (g, r) = (row / ROWS, row % ROWS);
-        for (b, block) in blocks.chunks_exact(144).enumerate() {
+        let block_bytes = if self.highs.is_some() { Q5_K_BYTES } else { Q4_K_BYTES };
+        for (b, block) in blocks.chunks_exact(block_bytes).enumerate() {
             let panel = g * self.nb + b;
             self.d[panel * ROWS + r] = f16::from_le_bytes([block[0], block[1]]);
             self.dmin[panel * ROWS + r] = f16::from_le_bytes([block[2], block[3]]);
@@ -95,8 +111,14 @@ impl Q4KPanels {
                 self.scales[panel * SCALE_BYTES + ROWS * j + r] = scales[j];
                 self.minimums[panel * SCALE_BYTES + 2 * ROWS * (j / 2) + 2 * r + j % 2] = minimums[j];
             }
+            if let Some(highs) = self.highs.as_mut() {
+                let highs = &mut highs[panel * HIGH_BYTES..(panel + 1) * HIGH_BYTES];
+                for (l, &byte) in block[16..48].iter().enumerate() {
+                    highs[nibble_at(r, l)] = byte;
+                }
+            }
             let nibbles = &mut self.nibbles[panel * NIBBLE_BYTES..(panel + 1) * NIBBLE_BYTES];
-            for (i, &byte) in block[16..144].iter().enumerate() {
+            for (i, &byte) in block[block_bytes - 128..].iter().enumerate() {
                 nibbles[nibble_at(r, i)] = byte;
             }
         }
@@ -104,7 +126,7 @@ impl Q4KPanels {
 
     #[cfg(test)]
     fn bytes(&self) -> usize {
-        self.nibbles.len() + self.scales.len() + self.minimums.len() + 2 * (self.d.len() + self.dmin.len())
+        self.nibbles.len() + self.highs.as_ref().map_or(0, |h| h.len()) + self.scales.len() + self.minimums.len() + 2 * (self.d.len() + self.dmin.len())
     }
 
     /// Row `row`'s super-block `b`: value v's nibble, v's scale and minimum.
@@ -112,8 +134,11 @@ impl Q4KPanels {
         let (panel, r) = ((row / ROWS) * self.nb + b, row % ROWS);
         let (p, within) = (v / 64, v % 64);
         let byte = self.nibbles[panel * NIBBLE_BYTES + nibble_at(r, 32 * p + within % 32)];
-        let q = if within < 32 { byte & 0x0F } else { byte >> 4 };
+        let mut q = if within < 32 { byte & 0x0F } else { byte >> 4 };
         let j = v / 32;
+        if let Some(highs) = &self.highs {
+            q |= ((highs[panel * HIGH_BYTES + nibble_at(r, v % 32)] >> j) & 1) << 4;
+        }
         (q as i32, self.scales[panel * SCALE_BYTES + ROWS * j + r] as i32, self.minimums[panel * SCALE_BYTES + 2 * ROWS * (j / 2) + 2 * r + j % 2] as i32)
     }
 
@@ -140,9 +165,15 @@ impl Q4KPanels {
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
             // AVX-512 F, BW and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
+            super::Kernel::Avx2 { vnni: true } => match self.highs {
+                None => unsafe { vnni::group_times::<false, X>(self, g, xs) },
+                Some(_) => unsafe { vnni::group_times::<true, X>(self, g, xs) },
+            },
             #[cfg(target_arch = "x86_64")]
-            super::Kernel::Avx2 { vnni: false } => unsafe { join_halves(avx2::half_times(self, g, 0, xs), avx2::half_times(self, g, 1, xs)) },
+            super::Kernel::Avx2 { vnni: false } => match self.highs {
+                None => unsafe { join_halves(avx2::half_times::<false, X>(self, g, 0, xs), avx2::half_times::<false, X>(self, g, 1, xs)) },
+                Some(_) => unsafe { join_halves(avx2::half_times::<true, X>(self, g, 0, xs), avx2::half_times::<true, X>(self, g, 1, xs)) },
+            },
         }
     }
 
@@ -176,35 +207,51 @@ mod avx2 {
     use crate::model::kernel::avx2::{broadcast4, load};
     use crate::model::kernel::Value;
 
-    /// Half `h` of group `g` (eight rows) dotted with each input.
+    /// Bit j of each byte of `highs` moved to bit 4 (j < 8), the rest cleared.
+    #[inline(always)]
+    unsafe fn fifth_bits(highs: __m256i, j: usize) -> __m256i {
+        // Shifting 16-bit lanes is safe here: bit 4 of each byte comes from its own byte.
+        let moved = if j <= 4 { _mm256_sll_epi16(highs, _mm_cvtsi32_si128(4 - j as i32)) } else { _mm256_srl_epi16(highs, _mm_cvtsi32_si128(j as i32 - 4)) };
+        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
+    }
+
+    /// Half `h` of group `g` (eight rows) dotted with each input; `FIVE`:
+    /// Q5_K, the nibbles with their fifth bits.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn half_times<const X: usize>(p: &Q4KPanels, g: usize, h: usize, xs: [&Activations<'_>; X]) -> [[f32; HALF]; X] {
+    pub unsafe fn half_times<const FIVE: bool, const X: usize>(p: &Q4KPanels, g: usize, h: usize, xs: [&Activations<'_>; X]) -> [[f32; HALF]; X] {
         let low = _mm256_set1_epi8(0x0F);
+        // Values < 16 and inputs ≥ −128: eight chunks' pairs sum in i16
+        // (8 · 2 · 15 · 128 < 2^15); Q5_K's values < 32, four chunks.
+        let run = if FIVE { 4 } else { 8 };
         let (mut acc, mut acc_m) = ([_mm256_setzero_ps(); X], [_mm256_setzero_ps(); X]);
         for b in 0..p.nb {
             let panel = g * p.nb + b;
             let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES + 32 * h);
+            let highs = p.highs.as_ref().map_or(std::ptr::null(), |hi| hi.as_ptr().add(panel * HIGH_BYTES + 32 * h));
             let (scales, minimums) = (p.scales.as_ptr().add(panel * SCALE_BYTES + HALF * h), p.minimums.as_ptr().add(panel * SCALE_BYTES + 2 * HALF * h));
             let mut sumi = [_mm256_setzero_si256(); X];
             for j in 0..8 {
                 let pair = nibbles.add((j / 2) * 8 * VECTOR);
-                // Values < 16 and inputs ≥ −128: eight chunks' pairs sum in
-                // i16 (8 · 2 · 15 · 128 < 2^15). Chunk by chunk, each
-                // unpacked vector meets every input before the next.
                 let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
-                let mut s = [_mm256_setzero_si256(); X];
-                for c in 0..8 {
-                    let bytes = load(pair.add(VECTOR * c));
-                    let v = if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) };
-                    for i in 0..X {
-                        s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(v, broadcast4(x[i].add(4 * c))));
-                    }
-                }
                 // Each row's scale in both i16 halves of its lane.
                 let sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(scales.add(ROWS * j) as *const __m128i));
                 let sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
-                for i in 0..X {
-                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s[i], sc));
+                // Chunk by chunk, each unpacked vector meets every input before the next.
+                for first in (0..8).step_by(run) {
+                    let mut s = [_mm256_setzero_si256(); X];
+                    for c in first..first + run {
+                        let bytes = load(pair.add(VECTOR * c));
+                        let mut v = if j % 2 == 0 { _mm256_and_si256(bytes, low) } else { _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low) };
+                        if FIVE {
+                            v = _mm256_or_si256(v, fifth_bits(load(highs.add(VECTOR * c)), j));
+                        }
+                        for i in 0..X {
+                            s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(v, broadcast4(x[i].add(4 * c))));
+                        }
+                    }
+                    for i in 0..X {
+                        sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(s[i], sc));
+                    }
                 }
             }
             let minimums: [__m256i; 4] = std::array::from_fn(|q| _mm256_cvtepu8_epi16(_mm_loadu_si128(minimums.add(2 * ROWS * q) as *const __m128i)));
@@ -239,13 +286,21 @@ mod vnni {
     use super::*;
     use crate::model::kernel::avx512::{broadcast4, load, load16};
 
+    /// AVX2's `fifth_bits` on sixteen rows.
+    #[inline(always)]
+    unsafe fn fifth_bits(highs: __m512i, j: usize) -> __m512i {
+        let moved = if j <= 4 { _mm512_sll_epi16(highs, _mm_cvtsi32_si128(4 - j as i32)) } else { _mm512_srl_epi16(highs, _mm_cvtsi32_si128(j as i32 - 4)) };
+        _mm512_and_si512(moved, _mm512_set1_epi8(0x10))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn group_times<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+    pub unsafe fn group_times<const FIVE: bool, const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let low = _mm512_set1_epi8(0x0F);
         let (mut acc, mut acc_m) = ([_mm512_setzero_ps(); X], [_mm512_setzero_ps(); X]);
         for b in 0..p.nb {
             let panel = g * p.nb + b;
             let nibbles = p.nibbles.as_ptr().add(panel * NIBBLE_BYTES);
+            let highs = p.highs.as_ref().map_or(std::ptr::null(), |hi| hi.as_ptr().add(panel * HIGH_BYTES));
             let (scales, minimums) = (p.scales.as_ptr().add(panel * SCALE_BYTES), p.minimums.as_ptr().add(panel * SCALE_BYTES));
             let mut sumi = [_mm512_setzero_si512(); X];
             for j in 0..8 {
@@ -254,7 +309,10 @@ mod vnni {
                 let mut s = [_mm512_setzero_si512(); X];
                 for c in 0..8 {
                     let bytes = load(pair.add(VECTOR * c));
-                    let v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
+                    let mut v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
+                    if FIVE {
+                        v = _mm512_or_si512(v, fifth_bits(load(highs.add(VECTOR * c)), j));
+                    }
                     for i in 0..X {
                         s[i] = _mm512_dpbusd_epi32(s[i], v, broadcast4(x[i].add(4 * c)));
                     }
@@ -292,7 +350,9 @@ mod tests {
     #[test]
     fn panels_take_about_the_files_bytes() {
         // Sixteen rows of two super-blocks: 2,368 bytes a panel for the file's 2,304.
-        assert_eq!(Q4KPanels::zeros(16, 2).bytes(), 2 * 2368);
+        assert_eq!(Q4KPanels::zeros(16, 2, false).bytes(), 2 * 2368);
+        // Q5_K: 2,880 for the file's 2,816.
+        assert_eq!(Q4KPanels::zeros(16, 2, true).bytes(), 2 * 2880);
     }
 
     #[test]
