@@ -120,6 +120,14 @@ struct ServeArgs {
     /// start with the same tokens (a chat's history, a shared system prompt).
     #[arg(long, value_enum, default_value_t = Switch::On, env = "TERSE_PREFIX_CACHE")]
     prefix_cache: Switch,
+    /// Speculative decoding: `ngram` proposes the tokens that followed the
+    /// latest earlier occurrence of the last few (prompt lookup) and verifies
+    /// them in one step; output is token for token the plain engine's.
+    #[arg(long, default_value = "off", env = "TERSE_SPECULATE")]
+    speculate: engine::Speculation,
+    /// Speculate only while at most this many sequences run.
+    #[arg(long, default_value_t = engine::DEFAULT_SPECULATE_MAX_BATCH, env = "TERSE_SPECULATE_MAX_BATCH")]
+    speculate_max_batch: usize,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES, env = "TERSE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -262,6 +270,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             sparse: args.model.sparse,
             device: args.model.device,
             pick_on_device: args.model.greedy_on_device,
+            speculation: args.speculate,
+            speculate_max_batch: args.speculate_max_batch,
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),

@@ -68,6 +68,10 @@ pub struct Metrics {
     pub probe_tokens_total: IntCounterVec,
     /// Answer probes, by outcome.
     pub probes_total: IntCounterVec,
+    /// Speculative decoding: drafted tokens fed, those kept, and the steps that verified them.
+    pub speculative_proposed_tokens_total: IntCounter,
+    pub speculative_accepted_tokens_total: IntCounter,
+    pub speculative_steps_total: IntCounter,
     /// Constant 1, labelled with what the model is.
     pub model_info: IntGaugeVec,
     pub model_weight_bytes: IntGauge,
@@ -208,6 +212,15 @@ impl Metrics {
             &["model", "mode", "outcome"],
         )
         .unwrap();
+        let speculative_proposed_tokens_total =
+            IntCounter::new("speculative_proposed_tokens_total", "Drafted tokens fed for verification (speculative decoding)").unwrap();
+        let speculative_accepted_tokens_total =
+            IntCounter::new("speculative_accepted_tokens_total", "Drafted tokens the model's own choice agreed with, kept").unwrap();
+        let speculative_steps_total = IntCounter::new(
+            "speculative_steps_total",
+            "Sequence steps that verified a draft; (accepted + steps) / steps is the tokens each such step gave",
+        )
+        .unwrap();
         let model_info = IntGaugeVec::new(
             Opts::new("model_info", "The served model (value is always 1)"),
             &["model", "arch", "format", "dtype", "sparse_fraction", "device"],
@@ -247,6 +260,9 @@ impl Metrics {
             Box::new(grammar_jump_tokens_total.clone()),
             Box::new(probe_tokens_total.clone()),
             Box::new(probes_total.clone()),
+            Box::new(speculative_proposed_tokens_total.clone()),
+            Box::new(speculative_accepted_tokens_total.clone()),
+            Box::new(speculative_steps_total.clone()),
             Box::new(model_info.clone()),
             Box::new(model_weight_bytes.clone()),
         ];
@@ -291,6 +307,9 @@ impl Metrics {
             grammar_jump_tokens_total,
             probe_tokens_total,
             probes_total,
+            speculative_proposed_tokens_total,
+            speculative_accepted_tokens_total,
+            speculative_steps_total,
             model_info,
             model_weight_bytes,
         }

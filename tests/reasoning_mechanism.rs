@@ -263,8 +263,11 @@ fn with_logprobs() -> ChoiceOptions {
     ChoiceOptions { logprobs: Some(3), ..Default::default() }
 }
 
+/// A token's id and the bits of its log-probability and top alternatives.
+type TokenBits = (u32, u32, Vec<(u32, u32)>);
+
 /// Each token's id and the bits of its log-probability and top alternatives.
-fn fingerprint(tokens: &[Token]) -> Vec<(u32, u32, Vec<(u32, u32)>)> {
+fn fingerprint(tokens: &[Token]) -> Vec<TokenBits> {
     tokens
         .iter()
         .map(|t| {

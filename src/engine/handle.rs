@@ -17,6 +17,9 @@ use crate::tokenize::TextTokenizer;
 pub const DEFAULT_MAX_BATCH: usize = 8;
 pub const DEFAULT_MAX_QUEUE: usize = 64;
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+/// Above this many running sequences a step's rows are already many, and
+/// drafts would add more than they save (docs/perf.md, "Speculation").
+pub const DEFAULT_SPECULATE_MAX_BATCH: usize = 2;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
@@ -42,6 +45,10 @@ pub struct EngineConfig {
     pub device: DeviceSpec,
     /// Whether greedy tokens are chosen on the model's device.
     pub pick_on_device: super::PickOnDevice,
+    /// Speculative decoding (`--speculate`).
+    pub speculation: super::Speculation,
+    /// Speculate only while at most this many sequences run.
+    pub speculate_max_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +64,8 @@ impl Default for EngineConfig {
             sparse: SparseMode::Auto,
             device: DeviceSpec::Cpu,
             pick_on_device: super::PickOnDevice::Auto,
+            speculation: super::Speculation::Off,
+            speculate_max_batch: DEFAULT_SPECULATE_MAX_BATCH,
         }
     }
 }

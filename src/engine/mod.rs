@@ -13,6 +13,7 @@ mod profile;
 mod request;
 mod sampling;
 mod scheduler;
+mod speculate;
 mod stop;
 
 use std::path::Path;
@@ -22,13 +23,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use device_pick::PickOnDevice;
-pub use handle::{EngineConfig, EngineHandle, GenerationStream, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK};
+pub use handle::{EngineConfig, EngineHandle, GenerationStream, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPECULATE_MAX_BATCH};
 pub use grammar::{Constraint, ConstraintKind, GrammarCompiler};
 pub use logits::{DeviceEdit, LogitBias, LogitChain, LogitProcessor, Penalties};
 pub use profile::{resolve_reasoning, ProfileSource, ReasoningSummary, ResolvedReasoning};
 pub use request::*;
 pub use crate::reasoning::stopping::argmax;
 pub use sampling::Sampler;
+pub use speculate::Speculation;
 
 use crate::metrics::Metrics;
 use candle_core::Device;
@@ -111,6 +113,10 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
     });
     let (submit_tx, submissions) = std::sync::mpsc::channel();
     let pick_on_device = config.pick_on_device.enabled(transformer.device());
+    let transformer_runs_on_host = transformer.runs_on_host();
+    if config.speculation != Speculation::Off && !transformer_runs_on_host {
+        tracing::warn!("speculative decoding runs on the CPU's host path only; this model decodes without it");
+    }
     let scheduler = scheduler::Scheduler {
         model: transformer,
         shared: shared.clone(),
@@ -119,6 +125,9 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         max_batch: config.max_batch.max(1),
         prefill_chunk: config.prefill_chunk.max(1),
         pick_on_device,
+        // Drafts are verified on the host path, whose rows are batch-invariant.
+        speculation: if transformer_runs_on_host { config.speculation } else { Speculation::Off },
+        speculate_max_batch: config.speculate_max_batch,
     };
     std::thread::Builder::new()
         .name("terse-engine".into())

@@ -28,9 +28,10 @@ use super::grammar::GrammarMask;
 use super::logits::{LogitBias, LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
+use super::speculate::{propose, DraftLength, Speculation};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
-use crate::model::{SeqChunk, SeqKvCache, StepLogits, Transformer};
+use crate::model::{Rows, SeqChunk, SeqKvCache, StepLogits, Transformer};
 use crate::reasoning::control::{Decision, ForcedKind, ReasoningControl, ThinkStopReason};
 use crate::reasoning::probing::ProbeStep;
 use crate::reasoning::stopping::argmax;
@@ -57,6 +58,9 @@ struct Sequence {
     stop: StopMatcher,
     /// While an answer probe runs: (tokens, cached positions) to roll back to.
     probe_from: Option<(usize, usize)>,
+    /// Tokens proposed this step after the last one, fed with it to be verified.
+    draft: Vec<u32>,
+    draft_length: DraftLength,
     _in_flight: InFlight,
 }
 
@@ -111,6 +115,8 @@ enum Next {
     Sampled(u32),
     /// A running probe's greedy token and its probability.
     Probe(u32, f32),
+    /// A draft verified, its tokens taken in already; `Some` when the sequence ended.
+    Verified(Option<FinishReason>),
 }
 
 /// What the engine holds between steps.
@@ -171,6 +177,9 @@ pub(crate) struct Scheduler {
     pub prefill_chunk: usize,
     /// Choose greedy tokens where the logits are (see `device_pick`).
     pub pick_on_device: bool,
+    /// Speculative decoding (host path only).
+    pub speculation: Speculation,
+    pub speculate_max_batch: usize,
 }
 
 impl Scheduler {
@@ -188,13 +197,16 @@ impl Scheduler {
             if batch.running.is_empty() {
                 continue;
             }
+            self.propose_drafts(&mut batch.running);
             let plan = self.plan(&batch.running);
             self.metrics.batch_size.observe(plan.len() as f64);
+            // Logit rows per planned sequence: a drafted one's last token and its draft.
+            let tails: Vec<usize> = plan.iter().map(|&(i, _)| 1 + batch.running[i].draft.len()).collect();
             let started = Instant::now();
-            let logits = self.forward(&mut batch.running, &plan, &mut host_logits);
+            let logits = self.forward(&mut batch.running, &plan, &tails, &mut host_logits);
             took(&forward_seconds, started);
             let started = Instant::now();
-            match logits.and_then(|logits| self.choose(&mut batch.running, &plan, logits)) {
+            match logits.and_then(|logits| self.choose(&mut batch.running, &plan, &tails, logits)) {
                 Ok(choices) => {
                     took(&pick_seconds, started);
                     let started = Instant::now();
@@ -330,6 +342,8 @@ impl Scheduler {
             stop: StopMatcher::new(request.stop.clone()),
             tokens: request.prompt.clone(),
             probe_from: None,
+            draft: Vec::new(),
+            draft_length: DraftLength::default(),
             completion: 0,
             cache,
             decoder: PhasedDecoder::new(self.shared.think),
@@ -345,14 +359,43 @@ impl Scheduler {
     /// depend on where chunks end, chunks shrink while others decode.
     fn plan(&self, running: &[Sequence]) -> StepPlan {
         let while_decoding = self.model.runs_on_host().then_some((self.prefill_chunk / 4).max(1));
-        plan_rows(running.iter().map(Sequence::pending), self.prefill_chunk, while_decoding)
+        // A drafted sequence decodes: it is planned as one row, then fed whole.
+        let pending = running.iter().map(|s| if s.draft.is_empty() { s.pending() } else { 1 });
+        let mut plan = plan_rows(pending, self.prefill_chunk, while_decoding);
+        for (i, len) in plan.iter_mut() {
+            if !running[*i].draft.is_empty() {
+                *len = running[*i].pending();
+            }
+        }
+        plan
+    }
+
+    /// Prompt lookup for each decoding sequence that may speculate: its
+    /// draft is appended to its tokens (fed this step) and kept in `draft`.
+    /// Not while a grammar holds the answer (its mask is per position), a
+    /// probe runs, or more sequences run than `speculate_max_batch`.
+    fn propose_drafts(&self, running: &mut [Sequence]) {
+        if self.speculation == Speculation::Off || running.len() > self.speculate_max_batch {
+            return;
+        }
+        for seq in running.iter_mut() {
+            if seq.pending() != 1 || seq.request.choice.constraint.is_some() || seq.probe_from.is_some() {
+                continue;
+            }
+            // Room for every drafted token and the one after them.
+            let room = (self.shared.context_length.saturating_sub(seq.tokens.len() + 1))
+                .min(seq.request.max_tokens.saturating_sub(seq.completion + 1));
+            let draft = propose(&seq.tokens, seq.draft_length.get().min(room));
+            seq.tokens.extend_from_slice(&draft);
+            seq.draft = draft;
+        }
     }
 
     /// The step's one forward pass over the planned rows. The grammars of the
     /// sequences that choose a token after it work out their next step
     /// (forced run or mask) meanwhile, on a helper thread, off the step's
     /// critical path.
-    fn forward<'l>(&self, running: &mut [Sequence], plan: &StepPlan, host_logits: &'l mut Vec<f32>) -> candle_core::Result<StepLogits<'l>> {
+    fn forward<'l>(&self, running: &mut [Sequence], plan: &StepPlan, tails: &[usize], host_logits: &'l mut Vec<f32>) -> candle_core::Result<StepLogits<'l>> {
         let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(plan.len());
         let mut masks: Vec<&mut LogitChain> = Vec::new();
         let mut rest: &mut [Sequence] = running;
@@ -369,12 +412,13 @@ impl Scheduler {
             rest = after;
             base = i + 1;
         }
+        let rows = if tails.iter().any(|&t| t > 1) { Rows::Tails(tails) } else { Rows::Last };
         if masks.is_empty() {
-            return self.model.step(&mut chunks, host_logits);
+            return self.model.step_rows(&mut chunks, rows, host_logits);
         }
         std::thread::scope(|scope| {
             let helper = scope.spawn(move || masks.into_iter().for_each(LogitChain::prepare_grammar));
-            let logits = self.model.step(&mut chunks, host_logits);
+            let logits = self.model.step_rows(&mut chunks, rows, host_logits);
             // A mask that failed to come is computed in `choose` instead.
             let _ = helper.join();
             logits
@@ -386,15 +430,20 @@ impl Scheduler {
     /// path's rows are edited and sampled in place. Of a device's, greedy rows
     /// whose processors allow it are chosen there when `pick_on_device`; only
     /// the other rows are copied to the host, edited and sampled.
-    fn choose(&self, running: &mut [Sequence], plan: &StepPlan, logits: StepLogits<'_>) -> candle_core::Result<Vec<(usize, Next)>> {
+    fn choose(&self, running: &mut [Sequence], plan: &StepPlan, tails: &[usize], logits: StepLogits<'_>) -> candle_core::Result<Vec<(usize, Next)>> {
         let mut choices = Vec::with_capacity(plan.len());
         let mut host_rows: Vec<(usize, usize)> = Vec::new(); // (row, index in choices)
         let mut device_rows: Vec<(usize, usize)> = Vec::new();
+        let mut drafted: Vec<(usize, usize)> = Vec::new(); // (row, sequence)
         let on_device = self.pick_on_device && matches!(logits, StepLogits::Device(_));
         for (row, &(i, _)) in plan.iter().enumerate() {
             let seq = &mut running[i];
             if seq.pending() > 0 {
                 continue; // still prefilling
+            }
+            if !seq.draft.is_empty() {
+                drafted.push((row, i));
+                continue;
             }
             if seq.control().probing() {
                 host_rows.push((row, choices.len()));
@@ -449,9 +498,16 @@ impl Scheduler {
         match logits {
             // The host's logits are edited and sampled where the model wrote them.
             StepLogits::Host(values) => {
-                let vocab = values.len() / plan.len();
+                // Row r's logits start at offsets[r] rows in (a drafted sequence has several).
+                let offsets: Vec<usize> = tails.iter().scan(0, |at, &t| Some(std::mem::replace(at, *at + t))).collect();
+                let vocab = values.len() / tails.iter().sum::<usize>();
                 for &(row, slot) in &host_rows {
-                    sample(slot, &mut values[row * vocab..(row + 1) * vocab]);
+                    sample(slot, &mut values[offsets[row] * vocab..(offsets[row] + 1) * vocab]);
+                }
+                for &(row, i) in &drafted {
+                    let rows = &mut values[offsets[row] * vocab..(offsets[row] + tails[row]) * vocab];
+                    let ended = self.verify(&mut running[i], rows, vocab)?;
+                    choices.push((i, Next::Verified(ended)));
                 }
             }
             // Copy only the rows the host needs.
@@ -490,6 +546,7 @@ impl Scheduler {
                     }
                     ended
                 }
+                Next::Verified(ended) => ended,
                 Next::Probe(token, prob) => match self.probe_token(seq, token, prob) {
                     Ok(()) => None,
                     Err(e) => {
@@ -508,6 +565,64 @@ impl Scheduler {
         for &i in finished.iter().rev() {
             running.swap_remove(i);
         }
+    }
+
+    /// Verify a sequence's draft against `rows`, the logits of its last
+    /// token and of each drafted one. Position by position, the token is
+    /// chosen exactly as plain decoding would choose it (every processor,
+    /// the same sampler draw) and taken in; while it is the drafted token,
+    /// the next row's logits are the ones plain decoding would compute next,
+    /// so verification goes on. It stops at the first other token, an
+    /// injection, a probe due, or the end; the KV positions of drafted tokens
+    /// not kept are then cut back. `Some` when the sequence ended.
+    fn verify(&self, seq: &mut Sequence, rows: &mut [f32], vocab: usize) -> candle_core::Result<Option<FinishReason>> {
+        let draft = std::mem::take(&mut seq.draft);
+        let base = seq.tokens.len() - draft.len();
+        seq.tokens.truncate(base);
+        let mut kept = 0;
+        for j in 0..=draft.len() {
+            if let Some(forced) = seq.logits.reasoning.forced_now().filter(|f| !f.is_empty()) {
+                if let Some(end) = self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking)) {
+                    return Ok(Some(end));
+                }
+                break;
+            }
+            let row = &mut rows[j * vocab..(j + 1) * vocab];
+            seq.logits.apply(row);
+            let token = seq.sampler.sample(row);
+            seq.sampled_logprob = seq.request.choice.logprobs.map(|top| logprob_of(row, token, top));
+            let before = seq.tokens.len();
+            if let Some(end) = self.take_token(seq, token) {
+                self.count_draft(&mut seq.draft_length, draft.len(), kept);
+                return Ok(Some(end));
+            }
+            let took_draft = j < draft.len() && seq.tokens.len() == before + 1 && seq.tokens[before] == draft[j];
+            if !took_draft {
+                break;
+            }
+            kept += 1;
+            let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+            if seq.control().probe_due(room) {
+                break;
+            }
+        }
+        self.count_draft(&mut seq.draft_length, draft.len(), kept);
+        // The cache keeps the last token and the drafted ones kept, less one
+        // if nothing else came after them: a step needs a token to feed.
+        let keep = (base + kept).min(seq.tokens.len() - 1);
+        if seq.cache.len() > keep {
+            seq.cache.truncate(&seq.tokens[..keep])?;
+        }
+        self.maybe_probe(seq);
+        Ok(None)
+    }
+
+    fn count_draft(&self, length: &mut DraftLength, proposed: usize, kept: usize) {
+        length.update(proposed, kept);
+        let m = &self.metrics;
+        m.speculative_proposed_tokens_total.inc_by(proposed as u64);
+        m.speculative_accepted_tokens_total.inc_by(kept as u64);
+        m.speculative_steps_total.inc();
     }
 
     /// After a kept token: append the probe text if a probe is due (fed at

@@ -225,8 +225,8 @@ mod tests {
             json!({"reasoning": {"strategy": "budget", "max_thinking_tokens": 128, "min_thinking_tokens": 16}})
         );
         assert_eq!(
-            fields("probe=32,agree=2,confidence=0.8,probe-tokens=10"),
-            json!({"reasoning": {"strategy": "probe", "probe_interval": 32, "probe_tokens": 10, "probe_agreement": 2, "probe_confidence": 0.8}})
+            fields("probe=32,agree=2,confidence=0.75,probe-tokens=10"),
+            json!({"reasoning": {"strategy": "probe", "probe_interval": 32, "probe_tokens": 10, "probe_agreement": 2, "probe_confidence": 0.75}})
         );
         assert_eq!(fields("probe"), json!({"reasoning": {"strategy": "probe"}}));
         assert_eq!(fields("ts=10,wrap-up"), json!({"reasoning": {"strategy": "ts", "stop_temperature": 10.0, "wrap_up": true}}));

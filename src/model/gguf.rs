@@ -150,7 +150,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     };
     let Weights { bytes: weight_bytes, type_counts, on_candle, .. } = weights;
     for (format, (count, first)) in on_candle {
-        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_0, q4_1, q5_0, q8_0, q4_k, q5_k, q6_k, f16, bf16)");
+        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16)");
     }
 
     let dtype = type_counts

@@ -156,7 +156,7 @@ impl HostPath {
     }
 
     /// One step of `model` over `chunks`; the logits of `rows` go to `logits`.
-    pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows, logits: &mut Vec<f32>) -> Result<()> {
+    pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows<'_>, logits: &mut Vec<f32>) -> Result<()> {
         let mut guard = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let b = &mut *guard;
         b.ids.clear();
@@ -207,14 +207,17 @@ impl HostPath {
                 self.final_norm.apply(&b.x, &mut b.last_normed);
                 n
             }
-            Rows::Last => {
+            Rows::Last | Rows::Tails(_) => {
                 let width = b.x.len() / n;
                 b.last.clear();
-                for &end in &b.row_starts[1..] {
-                    b.last.extend_from_slice(&b.x[(end - 1) * width..end * width]);
+                let mut kept = 0;
+                for (i, span) in b.row_starts.windows(2).enumerate() {
+                    let tail = rows.tail(i, span[1] - span[0]);
+                    b.last.extend_from_slice(&b.x[(span[1] - tail) * width..span[1] * width]);
+                    kept += tail;
                 }
                 self.final_norm.apply(&b.last, &mut b.last_normed);
-                chunks.len()
+                kept
             }
         };
         model.lm_head.forward_rows_into(&b.last_normed, head_rows, &mut b.acts, logits)

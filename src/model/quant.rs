@@ -9,6 +9,8 @@
 //!   value = d·q + m. Value j is the low nibble of byte j, value 16 + j its high one.
 //! - Q5_0 (22 bytes): scale d (f16), 32 fifth bits (u32), 16 bytes of nibbles;
 //!   value = d·(q − 16), q = nibble | fifth bit << 4.
+//! - Q5_1 (24 bytes): scale d and minimum m (f16), 32 fifth bits (u32), 16
+//!   bytes of nibbles; value = d·q + m, q = nibble | fifth bit << 4.
 //! - Q8_0 (34 bytes): scale d (f16), 32 signed bytes; value = d·q.
 //!
 //! At load the blocks are repacked once, sixteen rows side by side, in as many
@@ -50,6 +52,7 @@ pub enum BlockFormat {
     Q4_0,
     Q4_1,
     Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -63,6 +66,7 @@ impl BlockFormat {
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
+            GgmlDType::Q5_1 => Some(BlockFormat::Q5_1),
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4K => Some(BlockFormat::Q4K),
             GgmlDType::Q5K => Some(BlockFormat::Q5K),
@@ -76,6 +80,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 18,
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q5_0 => 22,
+            BlockFormat::Q5_1 => 24,
             BlockFormat::Q8_0 => 34,
             BlockFormat::Q4K => 144,
             BlockFormat::Q5K => 176,
@@ -86,6 +91,16 @@ impl BlockFormat {
     /// Values per block.
     fn block_values(self) -> usize {
         if self.has_super_blocks() { QK_K } else { QK }
+    }
+
+    /// Q4_1 and Q5_1: a minimum per block beside the scale.
+    fn has_minimum(self) -> bool {
+        matches!(self, BlockFormat::Q4_1 | BlockFormat::Q5_1)
+    }
+
+    /// Q5_0 and Q5_1: a fifth bit per value beside the nibbles.
+    fn has_fifth_bits(self) -> bool {
+        matches!(self, BlockFormat::Q5_0 | BlockFormat::Q5_1)
     }
 
     /// Q4_K, Q5_K and Q6_K: 256-value blocks, whose inputs are quantized per 256 values.
@@ -612,7 +627,7 @@ mod tests {
         // of |terms| (the dequantized weights times the inputs).
         let dense: Vec<f32> = ours_dense(&ours);
         let got = ours.matmul_t(&xs, n);
-        let candles_bits = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0);
+        let candles_bits = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             let (row, out) = (i / rows, i % rows);
             let magnitude: f32 = dense[out * cols..(out + 1) * cols].iter().zip(&xs[row * cols..(row + 1) * cols]).map(|(w, x)| (w * x).abs()).sum();
@@ -643,6 +658,13 @@ mod tests {
     fn q8_0_is_candles_result() {
         for (i, &(rows, cols, n)) in [(1, 64, 1), (7, 128, 1), (33, 192, 3), (64, 576, 1), (17, 896, 5), (40, 320, 9)].iter().enumerate() {
             check(GgmlDType::Q8_0, rows, cols, n, 200 + i as u64);
+        }
+    }
+
+    #[test]
+    fn q5_1_is_candles_result() {
+        for (i, &(rows, cols, n)) in [(1, 64, 1), (7, 128, 1), (33, 192, 3), (64, 896, 1), (17, 1536, 2), (40, 320, 9)].iter().enumerate() {
+            check(GgmlDType::Q5_1, rows, cols, n, 700 + i as u64);
         }
     }
 
@@ -690,7 +712,7 @@ mod tests {
     fn a_row_gets_the_same_bits_alone_or_batched() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (rows, cols) = (48, 256);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             // Thirteen inputs: a tile of eight, one of four and one alone.
             let xs = random(&mut rng, 13 * cols);
@@ -711,7 +733,7 @@ mod tests {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-        for (dtype, rows, cols) in [(GgmlDType::Q4_0, 23, 288), (GgmlDType::Q4_1, 40, 320), (GgmlDType::Q5_0, 17, 896), (GgmlDType::Q8_0, 33, 576), (GgmlDType::Q4K, 21, 768), (GgmlDType::Q5K, 11, 1024), (GgmlDType::Q6K, 19, 512)] {
+        for (dtype, rows, cols) in [(GgmlDType::Q4_0, 23, 288), (GgmlDType::Q4_1, 40, 320), (GgmlDType::Q5_0, 17, 896), (GgmlDType::Q5_1, 19, 320), (GgmlDType::Q8_0, 33, 576), (GgmlDType::Q4K, 21, 768), (GgmlDType::Q5K, 11, 1024), (GgmlDType::Q6K, 19, 512)] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
             let xs = random(&mut rng, 13 * cols);
             let with_vnni = m.matmul_t(&xs, 13);
@@ -727,7 +749,7 @@ mod tests {
         // Both input forms at once (32- and 256-value blocks): cols = 512.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         let cols = 512;
-        let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q4K, 13), (GgmlDType::Q5_0, 9), (GgmlDType::Q6K, 6), (GgmlDType::Q5K, 18)]
+        let matrices: Vec<QuantMatrix> = [(GgmlDType::Q4_1, 30), (GgmlDType::Q8_0, 17), (GgmlDType::Q4K, 13), (GgmlDType::Q5_0, 9), (GgmlDType::Q6K, 6), (GgmlDType::Q5K, 18), (GgmlDType::Q5_1, 7)]
             .into_iter()
             .map(|(dtype, rows)| random_quantized(&mut rng, dtype, rows, cols).1)
             .collect();
@@ -746,7 +768,7 @@ mod tests {
         // allow what 8-bit activations can move: half a step (amax/127) per
         // value, times |w|. Odd block counts (cols = 96) included.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (cols, dtype) in [(96, GgmlDType::Q4_0), (512, GgmlDType::Q4_0), (96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q8_0), (768, GgmlDType::Q4K), (768, GgmlDType::Q5K), (768, GgmlDType::Q6K)] {
+        for (cols, dtype) in [(96, GgmlDType::Q4_0), (512, GgmlDType::Q4_0), (96, GgmlDType::Q4_1), (512, GgmlDType::Q4_1), (96, GgmlDType::Q5_0), (512, GgmlDType::Q5_0), (96, GgmlDType::Q5_1), (512, GgmlDType::Q5_1), (96, GgmlDType::Q8_0), (768, GgmlDType::Q4K), (768, GgmlDType::Q5K), (768, GgmlDType::Q6K)] {
             // Inputs are quantized per block of the weights' format.
             let per_block = BlockFormat::from_ggml(dtype).unwrap().block_values();
             let rows = 21;
@@ -776,7 +798,7 @@ mod tests {
     fn rows_dequantize_as_candle_dequantizes_them() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let (rows, cols) = (5, 512);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (q, m) = random_quantized(&mut rng, dtype, rows, cols);
             let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();

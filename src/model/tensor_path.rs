@@ -37,7 +37,7 @@ impl TensorPath {
     }
 
     /// One step of `model` over `chunks`: the f32 logits of `rows`.
-    pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows) -> Result<Tensor> {
+    pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows<'_>) -> Result<Tensor> {
         let (device, cfg) = (model.device(), &model.config);
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         // One plan per kind of layer (its window and rope table), shared by
@@ -67,15 +67,16 @@ impl TensorPath {
         }
         let x = match rows {
             Rows::All => x,
-            // Only the last row of each chunk is needed for sampling.
-            Rows::Last => {
-                let mut last = Vec::with_capacity(chunks.len());
+            // Only the last row of each chunk (or its tail) is needed for sampling.
+            Rows::Last | Rows::Tails(_) => {
+                let mut kept = Vec::with_capacity(chunks.len());
                 let mut offset = 0u32;
-                for c in chunks.iter() {
+                for (i, c) in chunks.iter().enumerate() {
                     offset += c.tokens.len() as u32;
-                    last.push(offset - 1);
+                    let tail = rows.tail(i, c.tokens.len()) as u32;
+                    kept.extend(offset - tail..offset);
                 }
-                x.index_select(&Tensor::new(last.as_slice(), device)?, 0)?
+                x.index_select(&Tensor::new(kept.as_slice(), device)?, 0)?
             }
         };
         let x = model.final_norm.forward(&x)?;

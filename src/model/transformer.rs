@@ -141,12 +141,25 @@ enum Backend {
 
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rows {
+pub enum Rows<'a> {
     /// The last position of each chunk (what sampling needs).
     Last,
-    /// Every position of every chunk, in order (for verifying drafted or
-    /// probed tokens).
+    /// Every position of every chunk, in order.
     All,
+    /// The last `tails[i]` positions (at least one) of chunk i, chunk after
+    /// chunk: a drafted sequence's rows to verify beside the others' last.
+    Tails(&'a [usize]),
+}
+
+impl Rows<'_> {
+    /// How many of chunk `i`'s last positions are kept, of its `len`.
+    pub fn tail(&self, i: usize, len: usize) -> usize {
+        match self {
+            Rows::Last => 1,
+            Rows::All => len,
+            Rows::Tails(tails) => tails[i].clamp(1, len),
+        }
+    }
 }
 
 /// A step's logits (one row per chunk): in the host path's own buffer, or a
@@ -319,13 +332,18 @@ impl Transformer {
     /// path's buffer `host` (reused from step to step) or as a tensor on the
     /// model's device.
     pub fn step<'a>(&self, chunks: &mut [SeqChunk<'_>], host: &'a mut Vec<f32>) -> Result<StepLogits<'a>> {
+        self.step_rows(chunks, Rows::Last, host)
+    }
+
+    /// `step`, with the logits of the positions `rows` names.
+    pub fn step_rows<'a>(&self, chunks: &mut [SeqChunk<'_>], rows: Rows<'_>, host: &'a mut Vec<f32>) -> Result<StepLogits<'a>> {
         self.check_chunks(chunks)?;
         match &self.backend {
             Backend::Host(path) => {
-                path.forward(self, chunks, Rows::Last, host)?;
+                path.forward(self, chunks, rows, host)?;
                 Ok(StepLogits::Host(host.as_mut_slice()))
             }
-            Backend::Tensor(path) => Ok(StepLogits::Device(path.forward(self, chunks, Rows::Last)?)),
+            Backend::Tensor(path) => Ok(StepLogits::Device(path.forward(self, chunks, rows)?)),
         }
     }
 
@@ -349,16 +367,13 @@ impl Transformer {
 
     /// Run one step; the f32 logits of the positions `rows` names: (chunks,
     /// vocab) for the last of each chunk, (tokens, vocab) for all.
-    pub fn forward_rows(&self, chunks: &mut [SeqChunk<'_>], rows: Rows) -> Result<Tensor> {
+    pub fn forward_rows(&self, chunks: &mut [SeqChunk<'_>], rows: Rows<'_>) -> Result<Tensor> {
         self.check_chunks(chunks)?;
         match &self.backend {
             Backend::Host(path) => {
                 let mut logits = Vec::new();
                 path.forward(self, chunks, rows, &mut logits)?;
-                let n = match rows {
-                    Rows::Last => chunks.len(),
-                    Rows::All => chunks.iter().map(|c| c.tokens.len()).sum(),
-                };
+                let n: usize = chunks.iter().enumerate().map(|(i, c)| rows.tail(i, c.tokens.len())).sum();
                 let vocab = logits.len() / n;
                 Tensor::from_vec(logits, (n, vocab), &self.device)
             }

@@ -294,6 +294,15 @@ impl ReasoningControl {
         prober.start(controlled, room, text.len()).then(|| text.clone())
     }
 
+    /// Whether `start_probe(room)` would start a probe now; asking changes
+    /// nothing (speculative decoding stops verifying a draft there).
+    pub fn probe_due(&self, room: usize) -> bool {
+        if self.budget_spent || !self.controlling() || self.injections.probe.is_empty() {
+            return false;
+        }
+        self.prober.as_ref().is_some_and(|p| p.due(self.controlled, room, self.injections.probe.len()))
+    }
+
     /// Whether a probe is running (its tokens are decoded greedily, on the
     /// unedited logits, into [`Self::probe_token`]).
     pub fn probing(&self) -> bool {

@@ -228,6 +228,11 @@ impl Prober {
         self.running.is_some()
     }
 
+    /// Whether `start` would start a probe now (asking changes nothing).
+    pub fn due(&self, controlled: usize, room: usize, text_len: usize) -> bool {
+        !self.settled && self.running.is_none() && controlled >= self.next_at && room >= text_len + self.settings.tokens
+    }
+
     /// The running probe's next greedy token (see [`ProbeRun::push`]).
     pub fn push(&mut self, token: u32, prob: f32, end_of_turn: bool, decode: impl Fn(&[u32]) -> String) -> ProbeStep {
         let run = self.running.as_mut().expect("a probe is running");

@@ -1,4 +1,4 @@
-//! The 32-value formats (Q4_1, Q5_0, Q8_0) repacked sixteen weight rows at a
+//! The 32-value formats (Q4_1, Q5_0, Q5_1, Q8_0) repacked sixteen weight rows at a
 //! time, so that one vector's lanes are the rows' sums and no lane ever needs
 //! a horizontal sum.
 //!
@@ -14,7 +14,7 @@
 //! because `vpdpbusd` takes one side unsigned: the 128 · Σx this adds comes
 //! off as the sums' starting value, as Q5_0's −16 does (AVX2 flips the top
 //! bit back, one `xor` per weight vector). Beside the values, per panel: the
-//! rows' sixteen scales (f16), Q4_1's sixteen minimums, and Q5_0's fifth bits
+//! rows' sixteen scales (f16), Q4_1's and Q5_1's sixteen minimums, and Q5_0's and Q5_1's fifth bits
 //! as one 64-byte plane whose byte 4r+k holds, in bit c, the fifth bit of row
 //! r's value 4c+k (one shift and one mask put chunk c's bits in place). The
 //! bytes are GGUF's, moved: sixteen rows take what sixteen GGUF blocks take.
@@ -23,7 +23,7 @@
 //!
 //! Each (row, block) integer dot product is exact, and its float expression is
 //! candle's, in candle's order, block after block: `((sumi·d)·d_x) + m·s` for
-//! Q4_1, `(sumi·d)·d_x` for Q5_0 (sumi counts the −16) and Q8_0. The AVX2
+//! Q4_1 and Q5_1, `(sumi·d)·d_x` for Q5_0 (sumi counts the −16) and Q8_0. The AVX2
 //! kernels do it in eight lanes at once (one half of a panel per pass), the
 //! AVX-512 VNNI kernels in sixteen, the scalar kernel one lane at a time: all
 //! give candle's scalar bits, for one input or many.
@@ -51,9 +51,9 @@ pub struct Panels {
     values: LineBytes,
     /// Per panel: the sixteen rows' scales.
     scales: Vec<f16>,
-    /// Q4_1, per panel: the sixteen rows' minimums (empty otherwise).
+    /// Q4_1 and Q5_1, per panel: the sixteen rows' minimums (empty otherwise).
     minimums: Vec<f16>,
-    /// Q5_0, per panel: the 64-byte plane of fifth bits (empty otherwise).
+    /// Q5_0 and Q5_1, per panel: the 64-byte plane of fifth bits (empty otherwise).
     fifth_bits: LineBytes,
 }
 
@@ -88,8 +88,8 @@ impl Panels {
             nb,
             values: LineBytes::filled(if format == BlockFormat::Q8_0 { Q8_0_BIAS } else { 0 }, panels * panel_bytes(format)),
             scales: vec![f16::ZERO; panels * ROWS],
-            minimums: if format == BlockFormat::Q4_1 { vec![f16::ZERO; panels * ROWS] } else { Vec::new() },
-            fifth_bits: LineBytes::filled(0, if format == BlockFormat::Q5_0 { panels * VECTOR } else { 0 }),
+            minimums: if format.has_minimum() { vec![f16::ZERO; panels * ROWS] } else { Vec::new() },
+            fifth_bits: LineBytes::filled(0, if format.has_fifth_bits() { panels * VECTOR } else { 0 }),
         }
     }
 
@@ -107,13 +107,20 @@ impl Panels {
                     self.minimums[panel * ROWS + r] = half_at(block, 2);
                     (&block[4..20], 0)
                 }
-                BlockFormat::Q5_0 => {
-                    let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                BlockFormat::Q5_0 | BlockFormat::Q5_1 => {
+                    // Q5_1: d, m, then Q5_0's fifth bits and nibbles.
+                    let at = if format == BlockFormat::Q5_1 {
+                        self.minimums[panel * ROWS + r] = half_at(block, 2);
+                        4
+                    } else {
+                        2
+                    };
+                    let high = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
                     let plane = &mut self.fifth_bits[panel * VECTOR..(panel + 1) * VECTOR];
                     for v in 0..QK {
                         plane[r * 4 + v % 4] |= (((high >> v) & 1) as u8) << (v / 4);
                     }
-                    (&block[6..22], 0)
+                    (&block[at + 4..at + 20], 0)
                 }
                 BlockFormat::Q8_0 => (&block[2..34], Q8_0_BIAS),
                 BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => unreachable!("super-blocks are not panelled"),
@@ -140,10 +147,10 @@ impl Panels {
         let byte = self.values[panel * panel_bytes(self.format) + at];
         match self.format {
             BlockFormat::Q8_0 => (byte ^ Q8_0_BIAS) as i8 as i32,
-            BlockFormat::Q5_0 => {
+            BlockFormat::Q5_0 | BlockFormat::Q5_1 => {
                 let nibble = (if high { byte >> 4 } else { byte & 0x0F }) as i32;
                 let bit = (self.fifth_bits[panel * VECTOR + (row % ROWS) * 4 + v % 4] >> (v / 4)) & 1;
-                (nibble | (bit as i32) << 4) - 16
+                (nibble | (bit as i32) << 4) - if self.format == BlockFormat::Q5_0 { 16 } else { 0 }
             }
             _ => (if high { byte >> 4 } else { byte & 0x0F }) as i32,
         }
@@ -156,7 +163,7 @@ impl Panels {
             let panel = g * self.nb + b;
             let d = self.scales[panel * ROWS + r].to_f32();
             match self.format {
-                BlockFormat::Q4_1 => {
+                BlockFormat::Q4_1 | BlockFormat::Q5_1 => {
                     let m = self.minimums[panel * ROWS + r].to_f32();
                     out.extend((0..QK).map(|v| self.value(row, b, v) as f32 * d + m));
                 }
@@ -178,7 +185,8 @@ impl Panels {
             super::Kernel::Avx2 { vnni: true } => unsafe {
                 match self.format {
                     BlockFormat::Q4_1 => vnni::group_q4_1(self, g, xs),
-                    BlockFormat::Q5_0 => vnni::group_q5_0(self, g, xs),
+                    BlockFormat::Q5_0 => vnni::group_q5::<false, X>(self, g, xs),
+                    BlockFormat::Q5_1 => vnni::group_q5::<true, X>(self, g, xs),
                     _ => vnni::group_q8_0(self, g, xs),
                 }
             },
@@ -186,7 +194,8 @@ impl Panels {
             super::Kernel::Avx2 { vnni: false } => unsafe {
                 let half = |h| match self.format {
                     BlockFormat::Q4_1 => avx2::group_q4_1(self, g, h, xs),
-                    BlockFormat::Q5_0 => avx2::group_q5_0(self, g, h, xs),
+                    BlockFormat::Q5_0 => avx2::group_q5::<false, X>(self, g, h, xs),
+                    BlockFormat::Q5_1 => avx2::group_q5::<true, X>(self, g, h, xs),
                     _ => avx2::group_q8_0(self, g, h, xs),
                 };
                 join_halves(half(0), half(1))
@@ -202,7 +211,7 @@ impl Panels {
             let sumi: i32 = (0..QK).map(|v| self.value(row, b, v) * x.qs[b * QK + v] as i32).sum();
             let d = self.scales[(panel0 + b) * ROWS + row % ROWS].to_f32();
             sum += match self.format {
-                BlockFormat::Q4_1 => sumi as f32 * d * x.d[b] + self.minimums[(panel0 + b) * ROWS + row % ROWS].to_f32() * x.s[b],
+                BlockFormat::Q4_1 | BlockFormat::Q5_1 => sumi as f32 * d * x.d[b] + self.minimums[(panel0 + b) * ROWS + row % ROWS].to_f32() * x.s[b],
                 _ => sumi as f32 * d * x.d[b],
             };
         }
@@ -289,12 +298,13 @@ mod avx2 {
         }
     }
 
-    /// Q5_0: the values with their fifth bits are unsigned (< 32); the −16 is
-    /// taken off the integer sum as 16 · Σx. Four chunks fit in i16
+    /// Q5_0 and (`MIN`) Q5_1: the values with their fifth bits are unsigned
+    /// (< 32); Q5_0's −16 is taken off the integer sum as 16 · Σx, Q5_1's
+    /// minimum added as Q4_1's is. Four chunks fit in i16
     /// (4 · 2 · 31 · 127 < 2^15), so each half block's four unpacked vectors
     /// meet every input and are widened to i32 before the next half.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q5_0<const X: usize>(p: &Panels, g: usize, h: usize, xs: [&Activations<'_>; X]) -> [[f32; HALF]; X] {
+    pub unsafe fn group_q5<const MIN: bool, const X: usize>(p: &Panels, g: usize, h: usize, xs: [&Activations<'_>; X]) -> [[f32; HALF]; X] {
         let (ones, low, bit4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
         let mut acc = [_mm256_setzero_ps(); X];
         for b in 0..p.nb {
@@ -304,7 +314,7 @@ mod avx2 {
             // Chunk c's fifth bits are bit c of the plane's bytes: moved to bit 4.
             let fifth = load(p.fifth_bits.as_ptr().add(panel * VECTOR + 32 * h));
             let five = |nibbles: __m256i, placed: __m256i| _mm256_or_si256(_mm256_and_si256(nibbles, low), _mm256_and_si256(placed, bit4));
-            let mut sumi: [__m256i; X] = std::array::from_fn(|i| _mm256_set1_epi32(-16 * *xs[i].sum.get_unchecked(b)));
+            let mut sumi: [__m256i; X] = std::array::from_fn(|i| _mm256_set1_epi32(if MIN { 0 } else { -16 * *xs[i].sum.get_unchecked(b) }));
             let (raw0, raw1) = (load(at), load(at.add(VECTOR)));
             let first = [
                 five(raw0, _mm256_slli_epi16(fifth, 4)),
@@ -323,7 +333,12 @@ mod avx2 {
             half_q5_0(second, [2, 3, 6, 7], x, &mut sumi, ones);
             let d = f16::load8(p.scales.as_ptr().add(scale_at));
             for i in 0..X {
-                acc[i] = _mm256_add_ps(acc[i], scaled(sumi[i], d, *xs[i].d.get_unchecked(b)));
+                let mut term = scaled(sumi[i], d, *xs[i].d.get_unchecked(b));
+                if MIN {
+                    let m = f16::load8(p.minimums.as_ptr().add(scale_at));
+                    term = _mm256_add_ps(term, _mm256_mul_ps(m, _mm256_set1_ps(*xs[i].s.get_unchecked(b))));
+                }
+                acc[i] = _mm256_add_ps(acc[i], term);
             }
         }
         rows_out(acc)
@@ -419,18 +434,19 @@ mod vnni {
         rows_out(acc)
     }
 
-    /// Q5_0: the values with their fifth bits are unsigned (< 32); the −16
-    /// comes off as 16 · Σx, the sums' starting value.
+    /// Q5_0 and (`MIN`) Q5_1: the values with their fifth bits are unsigned
+    /// (< 32); Q5_0's −16 comes off as 16 · Σx, the sums' starting value,
+    /// and Q5_1's minimum is added as Q4_1's is.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn group_q5_0<const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+    pub unsafe fn group_q5<const MIN: bool, const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let (low, bit4) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10));
         let mut acc = [_mm512_setzero_ps(); X];
         for b in 0..p.nb {
             let panel = g * p.nb + b;
-            let at = p.values.as_ptr().add(panel * panel_bytes(BlockFormat::Q5_0));
+            let at = p.values.as_ptr().add(panel * panel_bytes(p.format));
             let x: [*const i8; X] = std::array::from_fn(|i| xs[i].qs.as_ptr().add(b * QK));
             let fifth = load(p.fifth_bits.as_ptr().add(panel * VECTOR));
-            let mut sumi: [__m512i; X] = std::array::from_fn(|i| _mm512_set1_epi32(-16 * *xs[i].sum.get_unchecked(b)));
+            let mut sumi: [__m512i; X] = std::array::from_fn(|i| _mm512_set1_epi32(if MIN { 0 } else { -16 * *xs[i].sum.get_unchecked(b) }));
             for c in 0..4 {
                 let raw = load(at.add(VECTOR * c));
                 // Chunk c's fifth bits are bit c of the plane's bytes, chunk
@@ -444,7 +460,12 @@ mod vnni {
             }
             let d = load16(p.scales.as_ptr().add(panel * ROWS));
             for i in 0..X {
-                acc[i] = _mm512_add_ps(acc[i], scaled(sumi[i], d, *xs[i].d.get_unchecked(b)));
+                let mut term = scaled(sumi[i], d, *xs[i].d.get_unchecked(b));
+                if MIN {
+                    let m = load16(p.minimums.as_ptr().add(panel * ROWS));
+                    term = _mm512_add_ps(term, _mm512_mul_ps(m, _mm512_set1_ps(*xs[i].s.get_unchecked(b))));
+                }
+                acc[i] = _mm512_add_ps(acc[i], term);
             }
         }
         rows_out(acc)
@@ -499,7 +520,7 @@ mod tests {
     #[test]
     fn panels_take_the_bytes_of_the_gguf_blocks() {
         // Sixteen rows of two blocks each.
-        for format in [BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q8_0] {
+        for format in [BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q5_1, BlockFormat::Q8_0] {
             let blocks = vec![0u8; ROWS * 2 * format.block_bytes()];
             assert_eq!(Panels::zeros(format, ROWS, 2).bytes(), blocks.len(), "{format:?}");
             // A seventeenth row costs a whole group of zeros.
@@ -511,7 +532,7 @@ mod tests {
     fn each_value_reads_back_from_its_place() {
         // Row 11 (in a panel's second half) of a matrix of three blocks:
         // GGUF blocks whose bytes count up, so every value differs.
-        for format in [BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q8_0] {
+        for format in [BlockFormat::Q4_1, BlockFormat::Q5_0, BlockFormat::Q5_1, BlockFormat::Q8_0] {
             let mut panels = Panels::zeros(format, 12, 3);
             let blocks: Vec<u8> = (0..3 * format.block_bytes()).map(|i| (i * 37 % 251) as u8).collect();
             panels.put_row(11, &blocks);
@@ -521,6 +542,11 @@ mod tests {
                     let expected = match format {
                         BlockFormat::Q8_0 => block[2 + v] as i8 as i32,
                         BlockFormat::Q4_1 => ((block[4 + v % 16] >> (4 * (v / 16))) & 0x0F) as i32,
+                        BlockFormat::Q5_1 => {
+                            let high = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+                            let nibble = (block[8 + v % 16] >> (4 * (v / 16))) & 0x0F;
+                            nibble as i32 | (((high >> v) & 1) as i32) << 4
+                        }
                         _ => {
                             let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
                             let nibble = (block[6 + v % 16] >> (4 * (v / 16))) & 0x0F;

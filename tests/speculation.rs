@@ -1,0 +1,114 @@
+//! Speculative decoding by prompt lookup over real HTTP on the default model:
+//! the same requests to a server that speculates and one that does not give
+//! the same text, token counts, reasoning counts and log-probabilities,
+//! greedy or sampled with a seed, alone or two at a time, under every
+//! reasoning control; and the drafts are really kept on text that repeats.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use terse::engine::Speculation;
+
+fn plain() -> &'static TestServer {
+    static SERVER: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| TestServer::start_with(|_| {}))
+}
+
+fn speculating() -> &'static TestServer {
+    static SERVER: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| TestServer::start_with(|c| c.engine.speculation = Speculation::Ngram))
+}
+
+/// A prompt whose answer copies much of it: what prompt lookup is for.
+const CODE: &str = "Repeat this code exactly, then say what it does:\n\n\
+def load_rows(path):\n    rows = []\n    with open(path) as f:\n        for line in f:\n            line = line.strip()\n            if line:\n                rows.append(line)\n    return rows\n";
+
+fn body(prompt: &str, extra: Value) -> Value {
+    let mut b = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 96,
+        "temperature": 0,
+    });
+    b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    b
+}
+
+/// What must not change: text, finish reason, usage's completion tokens,
+/// the `terse` counts and the log-probabilities.
+fn outcome(reply: &Value) -> Value {
+    let choice = &reply["choices"][0];
+    json!({
+        "text": choice["message"]["content"],
+        "finish": choice["finish_reason"],
+        "completion_tokens": reply["usage"]["completion_tokens"],
+        "terse": reply["terse"],
+        "logprobs": choice["logprobs"],
+    })
+}
+
+async fn ask(server: &TestServer, body: &Value) -> Value {
+    let r = post_json(&server.url(CHAT), body).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json
+}
+
+#[tokio::test]
+async fn speculation_changes_no_token_of_any_reply() {
+    let cases = [
+        ("greedy", body(CODE, json!({}))),
+        ("sampled with a seed", body(CODE, json!({"temperature": 0.9, "top_p": 0.95, "seed": 3}))),
+        ("log-probabilities", body(CODE, json!({"logprobs": true, "top_logprobs": 3}))),
+        ("a stop string inside the copied text", body(CODE, json!({"stop": ["rows.append"]}))),
+        ("TS", body(CODE, json!({"reasoning": {"strategy": "ts", "stop_temperature": 4}}))),
+        ("budget forcing", body(CODE, json!({"reasoning": {"strategy": "budget", "max_thinking_tokens": 40}}))),
+        ("min_thinking_tokens", body(CODE, json!({"reasoning": {"strategy": "ts", "stop_temperature": 50, "min_thinking_tokens": 30}}))),
+        ("answer probes", body(CODE, json!({"reasoning": {"strategy": "probe", "probe_interval": 12, "probe_tokens": 4, "probe_agreement": 16}}))),
+        ("repetition penalties", body(CODE, json!({"frequency_penalty": 0.5, "presence_penalty": 0.3}))),
+    ];
+    let before = metrics_text(speculating()).await;
+    for (name, b) in &cases {
+        let want = outcome(&ask(plain(), b).await);
+        let got = outcome(&ask(speculating(), b).await);
+        assert_eq!(got, want, "{name}");
+    }
+    let after = metrics_text(speculating()).await;
+    let delta = |name: &str| metric_value(&after, name).unwrap_or(0.0) - metric_value(&before, name).unwrap_or(0.0);
+    let (proposed, accepted, steps) =
+        (delta("terse_speculative_proposed_tokens_total"), delta("terse_speculative_accepted_tokens_total"), delta("terse_speculative_steps_total"));
+    eprintln!("drafted {proposed}, kept {accepted}, over {steps} verifying steps");
+    assert!(accepted > 0.0 && accepted <= proposed, "copied code is drafted and kept: {accepted} of {proposed}");
+    assert!(steps > 0.0);
+}
+
+#[tokio::test]
+async fn two_speculating_sequences_in_one_batch_give_their_plain_replies() {
+    let a = body(CODE, json!({"seed": 1, "temperature": 0.7}));
+    let b = body("Count from one to twenty in words, separated by commas.", json!({}));
+    let (want_a, want_b) = (outcome(&ask(plain(), &a).await), outcome(&ask(plain(), &b).await));
+    let server = speculating();
+    let (got_a, got_b) = tokio::join!(ask(server, &a), ask(server, &b));
+    assert_eq!(outcome(&got_a), want_a);
+    assert_eq!(outcome(&got_b), want_b);
+    // Streamed, the same text.
+    let mut streamed = a.clone();
+    streamed["stream"] = json!(true);
+    let (status, chunks) = post_sse(&server.url(CHAT), &streamed).await;
+    assert_eq!(status, 200);
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string)).collect();
+    assert_eq!(json!(text), want_a["text"]);
+}
+
+#[test]
+fn a_draft_model_is_refused_by_name_at_start() {
+    let err = terse_output(&["serve", "--model", MODEL, "--speculate", "draft:qwen2.5-0.5b", "--port", "0"]);
+    assert!(err.contains("not built yet"), "{err}");
+}
+
+/// The stderr of a `terse` command that must fail at once.
+fn terse_output(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terse")).args(args).output().unwrap();
+    assert!(!out.status.success(), "terse {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
