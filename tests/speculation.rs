@@ -100,6 +100,23 @@ async fn two_speculating_sequences_in_one_batch_give_their_plain_replies() {
     assert_eq!(json!(text), want_a["text"]);
 }
 
+#[tokio::test]
+async fn a_request_can_opt_out_of_speculation() {
+    // A server of this test's own, so that no other request moves its counters.
+    let server = TestServer::start_with(|c| c.engine.speculation = Speculation::Ngram);
+    let drafted = |text: &str| metric_value(text, "terse_speculative_proposed_tokens_total").unwrap_or(0.0);
+    let before = metrics_text(&server).await;
+    let opted_out = ask(&server, &body(CODE, json!({"speculate": false}))).await;
+    let between = metrics_text(&server).await;
+    assert_eq!(drafted(&between), drafted(&before), "no draft for a request that opted out");
+    let speculated = ask(&server, &body(CODE, json!({"speculate": true}))).await;
+    assert!(drafted(&metrics_text(&server).await) > drafted(&between), "the same request, speculated");
+    assert_eq!(outcome(&opted_out), outcome(&speculated));
+    let r = post_json(&server.url(CHAT), &body(CODE, json!({"speculate": "no"}))).await;
+    assert_eq!(assert_openai_error(&r, 400)["param"], "speculate");
+    server.shutdown_and_wait().unwrap();
+}
+
 #[test]
 fn a_draft_model_is_refused_by_name_at_start() {
     let err = terse_output(&["serve", "--model", MODEL, "--speculate", "draft:qwen2.5-0.5b", "--port", "0"]);

@@ -68,6 +68,8 @@ pub struct ChoiceOptions {
     /// Report each token's log-probability, and this many of the most likely
     /// alternatives (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// Decode this one a token a step, even where the engine speculates.
+    pub no_speculation: bool,
 }
 
 /// A completion token's log-probability under the distribution it was drawn

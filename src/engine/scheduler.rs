@@ -379,7 +379,8 @@ impl Scheduler {
             return;
         }
         for seq in running.iter_mut() {
-            if seq.pending() != 1 || seq.request.choice.constraint.is_some() || seq.probe_from.is_some() {
+            let choice = &seq.request.choice;
+            if seq.pending() != 1 || choice.constraint.is_some() || choice.no_speculation || seq.probe_from.is_some() {
                 continue;
             }
             // Room for every drafted token and the one after them.

@@ -97,7 +97,7 @@ pub fn submit(
         stop: params.stop.clone(),
         received_at: record.received(),
         reasoning,
-        choice: ChoiceOptions { logit_bias: params.logit_bias.clone(), constraint, logprobs: params.logprobs },
+        choice: ChoiceOptions { logit_bias: params.logit_bias.clone(), constraint, logprobs: params.logprobs, no_speculation: params.no_speculation },
     };
     let prompt_tokens = request.prompt.len();
     let stream = engine.submit(request)?;

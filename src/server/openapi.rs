@@ -45,6 +45,7 @@ fn field_schema(name: &str) -> Option<Value> {
         "reasoning" => object("terse's thinking control: mode, strategy (ts | budget | probe | none), stop_temperature, ramp, max_thinking_tokens, min_thinking_tokens, probe_interval, probe_tokens, probe_agreement, probe_confidence, wrap_up; on /v1/responses also effort and summary"),
         "response_format" => object("{\"type\": \"text\" | \"json_object\" | \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}"),
         "text" => object("{\"format\": {\"type\": \"text\" | \"json_object\" | \"json_schema\", \"name\", \"schema\", \"strict\"}}"),
+        "speculate" => json!({"type": "boolean", "description": "terse's own: false decodes this request without speculation on a server started with --speculate"}),
         "logit_bias" => json!({"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}, "description": "Token id to bias"}),
         "logprobs" => json!({"oneOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 20}], "description": "Chat: a switch; completions: how many alternatives"}),
         "top_logprobs" => json!({"type": "integer", "minimum": 0, "maximum": 20}),

@@ -51,6 +51,8 @@ pub struct GenerationParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// Log-probabilities and how many alternatives (the endpoint's own fields).
     pub logprobs: Option<usize>,
+    /// `"speculate": false`: decoded one token a step even on a speculating server.
+    pub no_speculation: bool,
 }
 
 /// The reasoning mode alone, read leniently from the raw body (for metrics
@@ -155,6 +157,7 @@ impl GenerationFields {
             format: response_format(self.response_format.as_ref())?,
             logit_bias: self.logit_bias()?,
             logprobs: None,
+            no_speculation: self.speculate == Some(false),
         })
     }
 

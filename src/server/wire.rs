@@ -53,6 +53,7 @@ pub const SHARED_FIELDS: &[(&str, FieldUse)] = &[
     ("reasoning", Honoured),
     ("response_format", Honoured),
     ("logit_bias", Honoured),
+    ("speculate", Honoured),
     ("user", Ignored),
     ("metadata", Ignored),
     ("store", Ignored),
@@ -116,6 +117,8 @@ pub struct GenerationFields {
     pub reasoning: Option<ReasoningFields>,
     pub response_format: Option<Value>,
     pub logit_bias: Option<Value>,
+    /// terse's own: `false` keeps this request out of speculative decoding.
+    pub speculate: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
