@@ -218,7 +218,7 @@ impl Metrics {
             IntCounter::new("speculative_accepted_tokens_total", "Drafted tokens the model's own choice agreed with, kept").unwrap();
         let speculative_steps_total = IntCounter::new(
             "speculative_steps_total",
-            "Sequence steps that verified a draft; (accepted + steps) / steps is the tokens each such step gave",
+            "Sequence steps that verified a draft; (accepted + steps) / steps is about the tokens each such step gave (a step cut short by an injection or a probe gives one fewer)",
         )
         .unwrap();
         let model_info = IntGaugeVec::new(

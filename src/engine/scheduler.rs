@@ -512,6 +512,8 @@ impl Scheduler {
                 }
             }
             // Copy only the rows the host needs.
+            // Drafts are verified on the host path only (`start_engine` turns speculation off elsewhere).
+            StepLogits::Device(_) if !drafted.is_empty() => candle_core::bail!("a drafted sequence on the device path: speculation runs on the host path only"),
             StepLogits::Device(logits) if !host_rows.is_empty() => {
                 let rows = if host_rows.len() == logits.dim(0)? {
                     logits.to_vec2::<f32>()?
@@ -563,9 +565,7 @@ impl Scheduler {
                 finished.push(i);
             }
         }
-        for &i in finished.iter().rev() {
-            running.swap_remove(i);
-        }
+        remove_all(running, finished);
     }
 
     /// Verify a sequence's draft against `rows`, the logits of its last
@@ -581,9 +581,13 @@ impl Scheduler {
         let base = seq.tokens.len() - draft.len();
         seq.tokens.truncate(base);
         let mut kept = 0;
+        // Whether verification stopped at a token the model chose against the draft
+        // (not at an injection, a probe, or the end), which says to draft less.
+        let mut refuted = false;
         for j in 0..=draft.len() {
             if let Some(forced) = seq.logits.reasoning.forced_now().filter(|f| !f.is_empty()) {
                 if let Some(end) = self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking)) {
+                    self.count_draft(&mut seq.draft_length, draft.len(), kept, false);
                     return Ok(Some(end));
                 }
                 break;
@@ -594,11 +598,12 @@ impl Scheduler {
             seq.sampled_logprob = seq.request.choice.logprobs.map(|top| logprob_of(row, token, top));
             let before = seq.tokens.len();
             if let Some(end) = self.take_token(seq, token) {
-                self.count_draft(&mut seq.draft_length, draft.len(), kept);
+                self.count_draft(&mut seq.draft_length, draft.len(), kept, false);
                 return Ok(Some(end));
             }
             let took_draft = j < draft.len() && seq.tokens.len() == before + 1 && seq.tokens[before] == draft[j];
             if !took_draft {
+                refuted = j < draft.len();
                 break;
             }
             kept += 1;
@@ -607,7 +612,7 @@ impl Scheduler {
                 break;
             }
         }
-        self.count_draft(&mut seq.draft_length, draft.len(), kept);
+        self.count_draft(&mut seq.draft_length, draft.len(), kept, refuted);
         // The cache keeps the last token and the drafted ones kept, less one
         // if nothing else came after them: a step needs a token to feed.
         let keep = (base + kept).min(seq.tokens.len() - 1);
@@ -618,8 +623,13 @@ impl Scheduler {
         Ok(None)
     }
 
-    fn count_draft(&self, length: &mut DraftLength, proposed: usize, kept: usize) {
-        length.update(proposed, kept);
+    /// Count a verified draft; its length adapts only to what the model said
+    /// of it (`refuted`: a drafted token the model did not choose), not to a
+    /// stop the draft had no part in.
+    fn count_draft(&self, length: &mut DraftLength, proposed: usize, kept: usize, refuted: bool) {
+        if refuted || kept == proposed {
+            length.update(proposed, kept);
+        }
         let m = &self.metrics;
         m.speculative_proposed_tokens_total.inc_by(proposed as u64);
         m.speculative_accepted_tokens_total.inc_by(kept as u64);
@@ -734,6 +744,17 @@ impl Scheduler {
     }
 }
 
+/// Remove the items at `indices` (any order: verified drafts are delivered
+/// after the other sequences), highest first, so that each `swap_remove`
+/// only moves an item that stays.
+fn remove_all<T>(items: &mut Vec<T>, mut indices: Vec<usize>) {
+    indices.sort_unstable();
+    indices.dedup();
+    for &i in indices.iter().rev() {
+        items.swap_remove(i);
+    }
+}
+
 /// `token`'s probability in `row` (at temperature 1).
 fn top_probability(row: &[f32], token: u32) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -763,7 +784,19 @@ fn logprob_of(row: &[f32], token: u32, top: usize) -> TokenLogprob {
 
 #[cfg(test)]
 mod tests {
-    use super::{logprob_of, plan_rows};
+    use super::{logprob_of, plan_rows, remove_all};
+
+    #[test]
+    fn finished_sequences_leave_whatever_order_they_finished_in() {
+        // Sequence 1 finished in the first pass, 0 when its draft was verified after it.
+        let mut running = vec!['a', 'b'];
+        remove_all(&mut running, vec![1, 0]);
+        assert!(running.is_empty());
+        let mut running = vec!['a', 'b', 'c', 'd', 'e'];
+        remove_all(&mut running, vec![3, 0, 4, 0]);
+        running.sort_unstable();
+        assert_eq!(running, vec!['b', 'c']);
+    }
 
     #[test]
     fn logprobs_are_of_a_normalised_distribution_and_skip_masked_tokens() {
