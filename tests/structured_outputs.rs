@@ -76,6 +76,7 @@ fn sample(field: &str) -> Value {
         "reasoning" => json!({"strategy": "ts", "stop_temperature": 2}),
         "response_format" => json!({"type": "json_object"}),
         "logit_bias" => json!({"10": 1}),
+        "speculate" => json!(false),
         "tools" => json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
         "tool_choice" => json!("required"),
         "parallel_tool_calls" => json!(false),
