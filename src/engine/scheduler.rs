@@ -74,6 +74,16 @@ impl Sequence {
         &self.logits.reasoning
     }
 
+    /// The next token from its logits `row`: every processor, then the
+    /// sampler, its log-probability kept when the request asked (the one
+    /// choice plain decoding and draft verification share).
+    fn choose_from(&mut self, row: &mut [f32]) -> u32 {
+        self.logits.apply(row);
+        let token = self.sampler.sample(row);
+        self.sampled_logprob = self.request.choice.logprobs.map(|top| logprob_of(row, token, top));
+        token
+    }
+
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst) || self.events.is_closed()
     }
@@ -491,10 +501,7 @@ impl Scheduler {
                 choices[slot].1 = Next::Probe(token, top_probability(row, token));
                 return;
             }
-            seq.logits.apply(row);
-            let token = seq.sampler.sample(row);
-            seq.sampled_logprob = seq.request.choice.logprobs.map(|top| logprob_of(row, token, top));
-            choices[slot].1 = Next::Sampled(token);
+            choices[slot].1 = Next::Sampled(seq.choose_from(row));
         };
         match logits {
             // The host's logits are edited and sampled where the model wrote them.
@@ -592,10 +599,7 @@ impl Scheduler {
                 }
                 break;
             }
-            let row = &mut rows[j * vocab..(j + 1) * vocab];
-            seq.logits.apply(row);
-            let token = seq.sampler.sample(row);
-            seq.sampled_logprob = seq.request.choice.logprobs.map(|top| logprob_of(row, token, top));
+            let token = seq.choose_from(&mut rows[j * vocab..(j + 1) * vocab]);
             let before = seq.tokens.len();
             if let Some(end) = self.take_token(seq, token) {
                 self.count_draft(&mut seq.draft_length, draft.len(), kept, false);
