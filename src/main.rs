@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use terse::engine::{self as engine, start_engine, EngineConfig, GenerationEvent, GenerationRequest, SamplingParams};
-use terse::manifest::resolve_model_with;
+use terse::manifest::{resolve_model, resolve_model_with};
 use terse::metrics::Metrics;
 use terse::model::KvPrecision;
 use terse::server::{self as server, ApiKeys, RequestLimits};
@@ -121,8 +121,10 @@ struct ServeArgs {
     #[arg(long, value_enum, default_value_t = Switch::On, env = "TERSE_PREFIX_CACHE")]
     prefix_cache: Switch,
     /// Speculative decoding: `ngram` proposes the tokens that followed the
-    /// latest earlier occurrence of the last few (prompt lookup) and verifies
-    /// them in one step; output is token for token the plain engine's.
+    /// latest earlier occurrence of the last few (prompt lookup), `draft:MODEL`
+    /// those a small model with the same vocabulary decodes greedily (a
+    /// fetched model's name or a path); either is verified in one step, and
+    /// the output is token for token the plain engine's.
     #[arg(long, default_value = "off", env = "TERSE_SPECULATE")]
     speculate: engine::Speculation,
     /// Speculate only while at most this many sequences run.
@@ -254,6 +256,14 @@ fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let model = resolve_model_with(&args.model.model, args.model.manifest.as_deref())?;
     let api_keys = api_keys(&args)?;
+    // A draft model by name (a fetched one) or by path, as `--model` takes it.
+    let speculation = match args.speculate {
+        engine::Speculation::Draft(spec) => {
+            let spec = spec.to_string_lossy();
+            engine::Speculation::Draft(resolve_model(&spec).with_context(|| format!("the draft model `{spec}`"))?.path)
+        }
+        other => other,
+    };
     let config = terse::server::ServeConfig {
         host: args.host,
         port: args.port,
@@ -270,7 +280,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             sparse: args.model.sparse,
             device: args.model.device,
             pick_on_device: args.model.greedy_on_device,
-            speculation: args.speculate,
+            speculation,
             speculate_max_batch: args.speculate_max_batch,
         },
         max_body_bytes: args.max_body_bytes,

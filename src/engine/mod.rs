@@ -114,9 +114,15 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
     let (submit_tx, submissions) = std::sync::mpsc::channel();
     let pick_on_device = config.pick_on_device.enabled(transformer.device());
     let transformer_runs_on_host = transformer.runs_on_host();
-    if config.speculation != Speculation::Off && !transformer_runs_on_host {
+    let mut speculation = config.speculation.clone();
+    if speculation != Speculation::Off && !transformer_runs_on_host {
         tracing::warn!("speculative decoding runs on the CPU's host path only; this model decodes without it");
+        speculation = Speculation::Off;
     }
+    let draft_model = match &speculation {
+        Speculation::Draft(path) => Some(load_draft_model(path, &shared, &config)?),
+        _ => None,
+    };
     let scheduler = scheduler::Scheduler {
         model: transformer,
         shared: shared.clone(),
@@ -126,14 +132,38 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         prefill_chunk: config.prefill_chunk.max(1),
         pick_on_device,
         // Drafts are verified on the host path, whose rows are batch-invariant.
-        speculation: if transformer_runs_on_host { config.speculation } else { Speculation::Off },
+        speculation,
         speculate_max_batch: config.speculate_max_batch,
+        draft_model,
     };
     std::thread::Builder::new()
         .name("terse-engine".into())
         .spawn(move || scheduler.run())
         .context("spawning the engine thread")?;
     Ok(EngineHandle { shared, submit_tx })
+}
+
+/// The draft model of `--speculate draft:MODEL`, on the CPU's host path,
+/// refused unless its vocabulary is the target's token for token (its
+/// proposals are token ids). Its KV cache is kept as the target's is
+/// (precision, prefix cache), sized for the sequences that may speculate.
+fn load_draft_model(path: &Path, shared: &handle::Shared, config: &EngineConfig) -> Result<crate::model::Transformer> {
+    let LoadedModel { mut transformer, tokenizer, info } = load_model_on(path, "draft", config.sparse, &Device::Cpu)
+        .with_context(|| format!("loading the draft model {}", path.display()))?;
+    let (target_vocab, draft_vocab) = (shared.tokenizer.inner().get_vocab(true), tokenizer.inner().get_vocab(true));
+    if let Some(difference) = speculate::vocabulary_difference(&target_vocab, &draft_vocab) {
+        anyhow::bail!("the draft model {} has another vocabulary than {} ({difference}): a draft must share the target's tokenizer", path.display(), shared.info.id);
+    }
+    if !transformer.runs_on_host() {
+        anyhow::bail!("the draft model {} ({}) does not run on the CPU's host path, which drafting needs", path.display(), info.dtype);
+    }
+    transformer.set_kv_precision(config.kv_cache_dtype);
+    transformer.set_prefix_cache(config.prefix_cache)?;
+    warm_up(&transformer).context("the draft model's warm-up forward pass failed")?;
+    let streams = config.speculate_max_batch.max(1);
+    transformer.set_kv_capacity(shared.context_length as u64 * transformer.kv_bytes_per_token() * streams as u64, streams);
+    tracing::info!(draft = %path.display(), arch = %info.arch, dtype = %info.dtype, weight_bytes = info.weight_bytes, "draft model loaded");
+    Ok(transformer)
 }
 
 /// One small forward pass (a one-token and a two-token sequence) before the

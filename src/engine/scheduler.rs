@@ -28,7 +28,7 @@ use super::grammar::GrammarMask;
 use super::logits::{LogitBias, LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
-use super::speculate::{propose, DraftLength, Speculation};
+use super::speculate::{propose, DraftCache, DraftLength, Speculation};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{Rows, SeqChunk, SeqKvCache, StepLogits, Transformer};
@@ -61,6 +61,8 @@ struct Sequence {
     /// Tokens proposed this step after the last one, fed with it to be verified.
     draft: Vec<u32>,
     draft_length: DraftLength,
+    /// The draft model's cache of this sequence, once it has drafted.
+    drafter: Option<DraftCache>,
     _in_flight: InFlight,
 }
 
@@ -82,6 +84,14 @@ impl Sequence {
         let token = self.sampler.sample(row);
         self.sampled_logprob = self.request.choice.logprobs.map(|top| logprob_of(row, token, top));
         token
+    }
+
+    /// Forget the draft proposed this step (its tokens are not fed) and the
+    /// draft model's cache.
+    fn drop_draft(&mut self) {
+        let draft = std::mem::take(&mut self.draft);
+        self.tokens.truncate(self.tokens.len() - draft.len());
+        self.drafter = None;
     }
 
     fn is_cancelled(&self) -> bool {
@@ -190,6 +200,8 @@ pub(crate) struct Scheduler {
     /// Speculative decoding (host path only).
     pub speculation: Speculation,
     pub speculate_max_batch: usize,
+    /// With `Speculation::Draft`, the draft model (on the host path).
+    pub draft_model: Option<Transformer>,
 }
 
 impl Scheduler {
@@ -199,6 +211,7 @@ impl Scheduler {
         let mut host_logits: Vec<f32> = Vec::new();
         let phase_seconds = |name: &str| self.metrics.engine_step_seconds.with_label_values(&[name]);
         let (forward_seconds, pick_seconds, deliver_seconds) = (phase_seconds("forward"), phase_seconds("pick"), phase_seconds("deliver"));
+        let draft_seconds = phase_seconds("draft");
         let took = |phase: &prometheus::Histogram, since: Instant| phase.observe(since.elapsed().as_secs_f64());
         while self.take_submissions(&mut batch) {
             self.retire_cancelled(&mut batch);
@@ -207,7 +220,15 @@ impl Scheduler {
             if batch.running.is_empty() {
                 continue;
             }
-            self.propose_drafts(&mut batch.running);
+            let started = Instant::now();
+            if let Err(e) = self.propose_drafts(&mut batch.running) {
+                // The draft model failed: the step goes on without drafts.
+                tracing::error!("drafting failed: {e}");
+                for seq in batch.running.iter_mut() {
+                    seq.drop_draft();
+                }
+            }
+            took(&draft_seconds, started);
             let plan = self.plan(&batch.running);
             self.metrics.batch_size.observe(plan.len() as f64);
             // Logit rows per planned sequence: a drafted one's last token and its draft.
@@ -354,6 +375,7 @@ impl Scheduler {
             probe_from: None,
             draft: Vec::new(),
             draft_length: DraftLength::default(),
+            drafter: None,
             completion: 0,
             cache,
             decoder: PhasedDecoder::new(self.shared.think),
@@ -380,14 +402,21 @@ impl Scheduler {
         plan
     }
 
-    /// Prompt lookup for each decoding sequence that may speculate: its
-    /// draft is appended to its tokens (fed this step) and kept in `draft`.
-    /// Not while a grammar holds the answer (its mask is per position), a
-    /// probe runs, or more sequences run than `speculate_max_batch`.
-    fn propose_drafts(&self, running: &mut [Sequence]) {
-        if self.speculation == Speculation::Off || running.len() > self.speculate_max_batch {
-            return;
+    /// Proposals for each decoding sequence that may speculate: its draft
+    /// is appended to its tokens (fed this step) and kept in `draft`. Not
+    /// while a grammar holds the answer (its mask is per position), a probe
+    /// runs, or more sequences run than `speculate_max_batch` (then the draft
+    /// model's caches are let go too).
+    fn propose_drafts(&self, running: &mut [Sequence]) -> candle_core::Result<()> {
+        if self.speculation == Speculation::Off {
+            return Ok(());
         }
+        if running.len() > self.speculate_max_batch {
+            running.iter_mut().for_each(|seq| seq.drafter = None);
+            return Ok(());
+        }
+        // (sequence, most tokens it may draft)
+        let mut wanted: Vec<(&mut Sequence, usize)> = Vec::new();
         for seq in running.iter_mut() {
             let choice = &seq.request.choice;
             if seq.pending() != 1 || choice.constraint.is_some() || choice.no_speculation || seq.probe_from.is_some() {
@@ -396,9 +425,81 @@ impl Scheduler {
             // Room for every drafted token and the one after them.
             let room = (self.shared.context_length.saturating_sub(seq.tokens.len() + 1))
                 .min(seq.request.max_tokens.saturating_sub(seq.completion + 1));
-            let draft = propose(&seq.tokens, seq.draft_length.get().min(room));
+            let len = seq.draft_length.get().min(room);
+            if len > 0 {
+                wanted.push((seq, len));
+            }
+        }
+        let drafts = match &self.draft_model {
+            None => wanted.iter().map(|(seq, len)| propose(&seq.tokens, *len)).collect(),
+            Some(model) => self.draft_with_model(model, &mut wanted)?,
+        };
+        for ((seq, _), draft) in wanted.into_iter().zip(drafts) {
             seq.tokens.extend_from_slice(&draft);
             seq.draft = draft;
+        }
+        Ok(())
+    }
+
+    /// Each sequence's next tokens by the draft model, greedily, all the
+    /// sequences in one draft step per token. A sequence's first draft
+    /// feeds the draft model what it has not seen (the prompt, in chunks);
+    /// a draft ends at its length, at an end of turn or at the end of a
+    /// thought, since what follows a phase boundary is no guess worth making.
+    fn draft_with_model(&self, model: &Transformer, wanted: &mut [(&mut Sequence, usize)]) -> candle_core::Result<Vec<Vec<u32>>> {
+        let mut drafts: Vec<Vec<u32>> = vec![Vec::new(); wanted.len()];
+        let mut done = vec![false; wanted.len()];
+        for (seq, _) in wanted.iter_mut() {
+            let drafter = seq.drafter.get_or_insert_with(|| DraftCache::new(model, &seq.tokens));
+            drafter.sync(&seq.tokens)?;
+        }
+        let boundary = |t: u32| self.shared.tokenizer.end_of_turn_ids().contains(&t) || self.shared.think.is_some_and(|th| th.close == t);
+        let mut logits = Vec::new();
+        loop {
+            let active: Vec<usize> = (0..wanted.len()).filter(|&w| !done[w] && drafts[w].len() < wanted[w].1).collect();
+            if active.is_empty() {
+                return Ok(drafts);
+            }
+            // What each active sequence feeds, at most a prefill chunk.
+            let feeds: Vec<Vec<u32>> = active
+                .iter()
+                .map(|&w| {
+                    let (seq, _) = &wanted[w];
+                    let mut unfed = seq.drafter.as_ref().expect("made above").unfed(&seq.tokens, &drafts[w]);
+                    unfed.truncate(self.prefill_chunk);
+                    unfed
+                })
+                .collect();
+            let finishes: Vec<bool> = active
+                .iter()
+                .zip(&feeds)
+                .map(|(&w, feed)| {
+                    let (seq, _) = &wanted[w];
+                    let drafter = seq.drafter.as_ref().expect("made above");
+                    drafter.fed.len() + feed.len() == seq.tokens.len() + drafts[w].len()
+                })
+                .collect();
+            let mut caches: Vec<&mut DraftCache> = Vec::with_capacity(active.len());
+            let mut next = active.iter().peekable();
+            for (w, (seq, _)) in wanted.iter_mut().enumerate() {
+                if next.peek() == Some(&&w) {
+                    next.next();
+                    caches.push(seq.drafter.as_mut().expect("made above"));
+                }
+            }
+            let mut chunks: Vec<SeqChunk<'_>> = caches.iter_mut().zip(&feeds).map(|(d, feed)| SeqChunk { tokens: feed, cache: &mut d.cache }).collect();
+            let StepLogits::Host(values) = model.step_rows(&mut chunks, Rows::Last, &mut logits)? else {
+                candle_core::bail!("the draft model runs on the host path only");
+            };
+            let vocab = values.len() / active.len();
+            for (k, (&w, feed)) in active.iter().zip(&feeds).enumerate() {
+                wanted[w].0.drafter.as_mut().expect("made above").fed.extend_from_slice(feed);
+                if finishes[k] {
+                    let token = argmax(&values[k * vocab..(k + 1) * vocab]);
+                    drafts[w].push(token);
+                    done[w] = boundary(token);
+                }
+            }
         }
     }
 

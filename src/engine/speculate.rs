@@ -1,23 +1,35 @@
-//! Speculative decoding by prompt lookup: the tokens that followed the
-//! latest earlier occurrence of the sequence's last few tokens are proposed
-//! as its next ones, fed in one forward pass with its last token, and kept
-//! as far as the model, sampling each position as it would have anyway,
-//! agrees with them.
+//! Speculative decoding: a few tokens are proposed as a sequence's next
+//! ones, fed in one forward pass with its last token, and kept as far as
+//! the model, sampling each position as it would have anyway, agrees with
+//! them. Proposals come from prompt lookup (the tokens that followed the
+//! latest earlier occurrence of the sequence's last few) or from a small
+//! draft model with the same vocabulary, decoding greedily.
 //!
 //! A draft is a guess, never a distribution: each verified position is
 //! sampled from its own logits, after every logit processor, with the same
 //! sampler draws as plain decoding. So the output, greedy or sampled with a
 //! seed, is the plain engine's token for token, and only the number of
-//! forward passes changes.
+//! forward passes changes. For a deterministic draft this is the standard
+//! acceptance rule itself: with the draft's distribution q all on the
+//! proposed token x, "accept with probability min(1, p(x)/q(x))" is "accept
+//! with probability p(x)", and the residual (p − q)⁺ renormalised is p
+//! without x, which is what a draw from p that is not x follows.
+
+use std::path::PathBuf;
+
+use crate::model::{SeqKvCache, Transformer};
 
 /// What `--speculate` asks of the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Speculation {
     /// Plain decoding, one token a step.
     #[default]
     Off,
     /// Prompt lookup (n-grams of the prompt and the output so far).
     Ngram,
+    /// A draft model (a GGUF file or Hugging Face directory; `terse serve`
+    /// resolves a fetched model's name to its path) with the target's vocabulary.
+    Draft(PathBuf),
 }
 
 impl std::str::FromStr for Speculation {
@@ -27,10 +39,11 @@ impl std::str::FromStr for Speculation {
         match s {
             "off" => Ok(Speculation::Off),
             "ngram" => Ok(Speculation::Ngram),
-            other if other.starts_with("draft:") => {
-                Err("`draft:MODEL` (a draft model) is not built yet; use `ngram` or `off`".into())
-            }
-            other => Err(format!("`{other}` is not a speculation mode: use `ngram` or `off`")),
+            other => match other.strip_prefix("draft:") {
+                Some("") => Err("`draft:` needs a model: `draft:NAME` or `draft:PATH`".into()),
+                Some(model) => Ok(Speculation::Draft(PathBuf::from(model))),
+                None => Err(format!("`{other}` is not a speculation mode: use `ngram`, `draft:MODEL` or `off`")),
+            },
         }
     }
 }
@@ -86,6 +99,63 @@ impl DraftLength {
     }
 }
 
+/// A draft model's view of one sequence: its KV cache and the tokens that
+/// cache was fed, which may run past the sequence's own (drafted tokens the
+/// target refused) until [`DraftCache::sync`] cuts them back.
+pub struct DraftCache {
+    pub cache: SeqKvCache,
+    pub fed: Vec<u32>,
+}
+
+impl DraftCache {
+    /// A cache for a sequence whose tokens so far are `tokens`, holding what
+    /// the draft model's prefix cache has of them.
+    pub fn new(model: &Transformer, tokens: &[u32]) -> Self {
+        let cache = model.new_cache_for(tokens);
+        let fed = tokens[..cache.len()].to_vec();
+        DraftCache { cache, fed }
+    }
+
+    /// Forget what was fed past the start it shares with `tokens`, keeping
+    /// at least the last token unfed (a step needs a token to feed).
+    pub fn sync(&mut self, tokens: &[u32]) -> candle_core::Result<()> {
+        let common = self.fed.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let keep = common.min(tokens.len().saturating_sub(1));
+        if keep < self.fed.len() {
+            self.cache.truncate(&tokens[..keep])?;
+            self.fed.truncate(keep);
+        }
+        Ok(())
+    }
+
+    /// The tokens of `tokens` followed by `drafted` not fed yet.
+    pub fn unfed(&self, tokens: &[u32], drafted: &[u32]) -> Vec<u32> {
+        let from = self.fed.len();
+        if from >= tokens.len() {
+            drafted[from - tokens.len()..].to_vec()
+        } else {
+            tokens[from..].iter().chain(drafted).copied().collect()
+        }
+    }
+}
+
+/// Whether two vocabularies (token text → id) are the same, and if not, one
+/// token that tells them apart, for the refusal.
+pub fn vocabulary_difference(
+    target: &std::collections::HashMap<String, u32>,
+    draft: &std::collections::HashMap<String, u32>,
+) -> Option<String> {
+    if target.len() != draft.len() {
+        return Some(format!("{} tokens against the target's {}", draft.len(), target.len()));
+    }
+    let mut tokens: Vec<(&String, &u32)> = target.iter().collect();
+    tokens.sort_by_key(|(_, id)| **id);
+    tokens.into_iter().find(|(text, id)| draft.get(*text) != Some(id)).map(|(text, id)| match draft.get(text) {
+        Some(other) => format!("token {text:?} is {other} in the draft and {id} in the target"),
+        None => format!("token {text:?} (id {id} in the target) is not in the draft"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,10 +192,51 @@ mod tests {
     }
 
     #[test]
-    fn modes_parse_and_a_draft_model_is_refused_by_name() {
+    fn modes_parse() {
         assert_eq!("ngram".parse::<Speculation>(), Ok(Speculation::Ngram));
         assert_eq!("off".parse::<Speculation>(), Ok(Speculation::Off));
-        assert!("draft:qwen2.5-0.5b".parse::<Speculation>().unwrap_err().contains("not built yet"));
+        assert_eq!("draft:qwen2.5-0.5b".parse::<Speculation>(), Ok(Speculation::Draft("qwen2.5-0.5b".into())));
+        assert!("draft:".parse::<Speculation>().unwrap_err().contains("needs a model"));
         assert!("fast".parse::<Speculation>().is_err());
+    }
+
+    #[test]
+    fn vocabularies_differ_by_size_or_by_a_token() {
+        let vocab = |pairs: &[(&str, u32)]| pairs.iter().map(|&(t, i)| (t.to_string(), i)).collect();
+        let target = vocab(&[("a", 0), ("b", 1), ("c", 2)]);
+        assert_eq!(vocabulary_difference(&target, &target), None);
+        assert!(vocabulary_difference(&target, &vocab(&[("a", 0), ("b", 1)])).unwrap().contains("2 tokens against the target's 3"));
+        let swapped = vocab(&[("a", 0), ("b", 2), ("c", 1)]);
+        assert_eq!(vocabulary_difference(&target, &swapped).unwrap(), "token \"b\" is 2 in the draft and 1 in the target");
+        assert!(vocabulary_difference(&target, &vocab(&[("a", 0), ("b", 1), ("d", 2)])).unwrap().contains("\"c\" (id 2 in the target) is not in the draft"));
+    }
+
+    /// The verification's coupling on a small vocabulary: a draw from the
+    /// target's distribution p, compared with a deterministic draft x, keeps
+    /// x with probability p(x), and the tokens that come out follow p. The
+    /// bounds (four standard errors) fail if either drifts.
+    #[test]
+    fn verification_keeps_the_target_distribution() {
+        use crate::engine::{Sampler, SamplingParams};
+        let p = [0.5f32, 0.3, 0.15, 0.05];
+        let logits: Vec<f32> = p.iter().map(|q| q.ln()).collect();
+        let mut sampler = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(11), ..SamplingParams::default() });
+        let draft = 1u32;
+        let n = 40_000;
+        let mut counts = [0usize; 4];
+        let mut kept = 0;
+        for _ in 0..n {
+            let token = sampler.sample(&logits);
+            counts[token as usize] += 1;
+            kept += usize::from(token == draft);
+        }
+        let within = |observed: usize, prob: f32| {
+            let sd = (n as f32 * prob * (1.0 - prob)).sqrt();
+            (observed as f32 - n as f32 * prob).abs() <= 4.0 * sd
+        };
+        assert!(within(kept, p[draft as usize]), "kept {kept} of {n}, expected about {}", n as f32 * p[1]);
+        for (token, (&c, &prob)) in counts.iter().zip(&p).enumerate() {
+            assert!(within(c, prob), "token {token}: {c} of {n}, expected about {}", n as f32 * prob);
+        }
     }
 }
