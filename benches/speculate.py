@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Speculative decoding by prompt lookup (`terse serve --speculate ngram`)
+"""Speculative decoding (`terse serve --speculate ngram | draft:MODEL`)
 against the plain engine and llama.cpp's server, side by side in one run.
 
     cargo build --release
     python3 benches/speculate.py qwen2.5-0.5b --rounds 3
     python3 benches/speculate.py qwen2.5-1.5b --rounds 3 --concurrency 1,4,8
+    python3 benches/speculate.py qwen2.5-1.5b --draft qwen2.5-0.5b --concurrency 1,4
 
-Three servers on the same GGUF file and threads (2): terse `--speculate off`,
-terse `--speculate ngram`, llama-server (plain, one slot per stream). The
+Servers on the same GGUF file and threads (2): terse `--speculate off`,
+terse `--speculate ngram`, llama-server (plain, one slot per stream); with
+`--draft`, also terse `--speculate draft:MODEL` and llama-server `-md MODEL`
+(its default draft length). The
 loads are chat requests, greedy, streamed, one kind at a time:
 - `cot`: grade-school math solved step by step (chain of thought: little of
   the answer repeats the prompt or itself);
@@ -17,8 +20,8 @@ loads are chat requests, greedy, streamed, one kind at a time:
 Decode tok/s is each stream's tokens after its first over the time from its
 first to its last, summed over the streams; the median over the rounds. For
 the speculating server the drafted and kept tokens come from its metrics.
-The replies of the two terse servers are compared: speculation must not
-change them. Every figure goes to bench-results/speculate-<timestamp>.json.
+The replies of each speculating terse server are compared with the plain
+one's: speculation must not change them. Every figure goes to bench-results/speculate-<timestamp>.json.
 """
 import argparse
 import http.client
@@ -98,62 +101,83 @@ def load(server, kind, streams, round_no, max_tokens):
     return decode, [r["text"] for r in results]
 
 
+SPEC_COUNTERS = ("proposed_tokens", "accepted_tokens", "steps")
+
+
+def spec_counts(server):
+    return [metric(server.port, f"terse_speculative_{m}_total") for m in SPEC_COUNTERS]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["qwen2.5-0.5b"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--draft", help="a draft model for terse (--speculate draft:MODEL) and llama-server (-md)")
+    ap.add_argument("--draft-tokens", type=int, help="terse's --speculate-draft-tokens (default: adaptive)")
+    ap.add_argument("--no-ngram", action="store_true", help="leave out terse --speculate ngram")
     args = ap.parse_args()
-    out = {"threads": THREADS, "rounds": args.rounds, "max_tokens": args.max_tokens, "models": {}}
+    out = {"threads": THREADS, "rounds": args.rounds, "max_tokens": args.max_tokens, "draft": args.draft, "models": {}}
     for model in args.models:
         path = fetch_model(model)
-        terse = lambda label, mode: Server(label, [TERSE, "serve", "--model", path, "--port", free_port(), "--speculate", mode])
-        servers = [terse("terse-off", "off"), terse("terse-ngram", "ngram"),
-                   Server("llama-server", [ensure_llama_server(), "-m", path, "--port", free_port(), "-t", THREADS, "-tb", THREADS,
-                                           "-np", 8, "-c", 8 * 4096, "--cont-batching", "--jinja", "--alias", model, "--no-webui"])]
+        terse = lambda label, mode, *extra: Server(label, [TERSE, "serve", "--model", path, "--port", free_port(), "--speculate", mode, *extra])
+        llama = lambda label, *extra: Server(label, [ensure_llama_server(), "-m", path, "--port", free_port(), "-t", THREADS, "-tb", THREADS,
+                                                     "-np", 8, "-c", 8 * 4096, "--cont-batching", "--jinja", "--alias", model, "--no-webui", *extra])
+        servers = [terse("terse-off", "off")]
+        if not args.no_ngram:
+            servers.append(terse("terse-ngram", "ngram"))
+        servers.append(llama("llama-server"))
+        if args.draft:
+            draft_path = fetch_model(args.draft)
+            fixed = ["--speculate-draft-tokens", args.draft_tokens] if args.draft_tokens else []
+            servers.append(terse("terse-draft", f"draft:{draft_path}", *fixed))
+            servers.append(llama("llama-server-draft", "-md", draft_path, "-td", THREADS, "-tbd", THREADS))
+        speculating = [s.label for s in servers if s.label.startswith("terse-") and s.label != "terse-off"]
         for s in servers:
             s.wait_ready()
-        figures, mismatches = {}, 0
+        figures, mismatches = {}, {label: 0 for label in speculating}
         try:
             for kind in PROMPTS:
                 for streams in [int(c) for c in args.concurrency.split(",")]:
                     rows = {s.label: [] for s in servers}
-                    counted = {"proposed": 0.0, "accepted": 0.0, "steps": 0.0}
+                    counted = {label: dict.fromkeys(SPEC_COUNTERS, 0.0) for label in speculating}
                     for r in range(args.rounds):
                         texts = {}
                         # Alternate which server goes first.
                         for s in (servers if r % 2 == 0 else servers[::-1]):
-                            before = [metric(s.port, f"terse_speculative_{m}_total") for m in ("proposed_tokens", "accepted_tokens", "steps")] if s.label == "terse-ngram" else None
+                            before = spec_counts(s) if s.label in speculating else None
                             tok_s, texts[s.label] = load(s, kind, streams, r, args.max_tokens)
                             rows[s.label].append(tok_s)
                             if before is not None:
-                                after = [metric(s.port, f"terse_speculative_{m}_total") for m in ("proposed_tokens", "accepted_tokens", "steps")]
-                                for key, a, b in zip(counted, after, before):
-                                    counted[key] += a - b
-                        if texts["terse-off"] != texts["terse-ngram"]:
-                            mismatches += 1
+                                for key, a, b in zip(SPEC_COUNTERS, spec_counts(s), before):
+                                    counted[s.label][key] += a - b
+                        for label in speculating:
+                            mismatches[label] += texts[label] != texts["terse-off"]
                     med = {label: statistics.median(v) for label, v in rows.items()}
-                    steps = counted["steps"] or 1.0
-                    figures[f"{kind}@{streams}"] = {
-                        "decode_tok_s": med, "runs": rows,
-                        "ngram_vs_off": med["terse-ngram"] / med["terse-off"],
-                        "ngram_vs_llama": med["terse-ngram"] / med["llama-server"],
-                        "off_vs_llama": med["terse-off"] / med["llama-server"],
-                        "acceptance": counted["accepted"] / (counted["proposed"] or 1.0),
-                        "tokens_per_verifying_step": (counted["accepted"] + counted["steps"]) / steps,
-                        **counted,
-                    }
-                    f = figures[f"{kind}@{streams}"]
-                    print(f"  {model} {kind:8s} x{streams}: off {med['terse-off']:7.1f}  ngram {med['terse-ngram']:7.1f}  "
-                          f"llama-server {med['llama-server']:7.1f} tok/s | ngram/off {f['ngram_vs_off']:.2f}x  "
-                          f"ngram/llama {f['ngram_vs_llama']:.2f}x | kept {f['acceptance']:.0%} of drafts, "
-                          f"{f['tokens_per_verifying_step']:.2f} tokens a verifying step", flush=True)
+                    f = figures[f"{kind}@{streams}"] = {"decode_tok_s": med, "runs": rows, "speculation": {}}
+                    line = f"  {model} {kind:8s} x{streams}: " + "  ".join(f"{label} {v:6.1f}" for label, v in med.items()) + " tok/s"
+                    for label in speculating:
+                        c = counted[label]
+                        steps = c["steps"] or 1.0
+                        vs_llama = med[label] / med["llama-server"]
+                        f["speculation"][label] = {
+                            "vs_off": med[label] / med["terse-off"], "vs_llama_server": vs_llama,
+                            "acceptance": c["accepted_tokens"] / (c["proposed_tokens"] or 1.0),
+                            "tokens_per_verifying_step": (c["accepted_tokens"] + c["steps"]) / steps, **c,
+                        }
+                        g = f["speculation"][label]
+                        line += (f" | {label}: {g['vs_off']:.2f}x off, {vs_llama:.2f}x llama-server, kept {g['acceptance']:.0%}, "
+                                 f"{g['tokens_per_verifying_step']:.2f} a verifying step")
+                    if "llama-server-draft" in med:
+                        f["llama_draft_vs_llama"] = med["llama-server-draft"] / med["llama-server"]
+                        line += f" | llama-server -md: {f['llama_draft_vs_llama']:.2f}x llama-server"
+                    print(line, flush=True)
         finally:
             for s in servers:
                 s.stop()
         out["models"][model] = {"figures": figures, "reply_mismatches": mismatches}
-        print(f"  {model}: replies that differed between terse-off and terse-ngram: {mismatches}")
+        print(f"  {model}: replies that differed from terse-off's: {mismatches}")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"speculate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2))

@@ -130,6 +130,10 @@ struct ServeArgs {
     /// Speculate only while at most this many sequences run.
     #[arg(long, default_value_t = engine::DEFAULT_SPECULATE_MAX_BATCH, env = "TERSE_SPECULATE_MAX_BATCH")]
     speculate_max_batch: usize,
+    /// Draft this many tokens a step (at most 8) instead of a length that
+    /// adapts to how many drafted tokens the model keeps.
+    #[arg(long, env = "TERSE_SPECULATE_DRAFT_TOKENS", value_parser = clap::value_parser!(u64).range(1..=8))]
+    speculate_draft_tokens: Option<u64>,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES, env = "TERSE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -282,6 +286,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             pick_on_device: args.model.greedy_on_device,
             speculation,
             speculate_max_batch: args.speculate_max_batch,
+            speculate_draft_tokens: args.speculate_draft_tokens.map(|n| n as usize),
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),

@@ -27,7 +27,12 @@ fn drafting() -> &'static TestServer {
     static SERVER: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
     SERVER.get_or_init(|| {
         let draft = terse::manifest::resolve_model(MODEL).expect("the default model is fetched").path;
-        TestServer::start_with(|c| c.engine.speculation = Speculation::Draft(draft))
+        // A fixed length: the adaptive one would find a draft as dear as the
+        // target not worth its passes, and draft little.
+        TestServer::start_with(|c| {
+            c.engine.speculation = Speculation::Draft(draft);
+            c.engine.speculate_draft_tokens = Some(4);
+        })
     })
 }
 

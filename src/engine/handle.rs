@@ -49,6 +49,8 @@ pub struct EngineConfig {
     pub speculation: super::Speculation,
     /// Speculate only while at most this many sequences run.
     pub speculate_max_batch: usize,
+    /// Draft this many tokens a step instead of the adaptive length.
+    pub speculate_draft_tokens: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +68,7 @@ impl Default for EngineConfig {
             pick_on_device: super::PickOnDevice::Auto,
             speculation: super::Speculation::Off,
             speculate_max_batch: DEFAULT_SPECULATE_MAX_BATCH,
+            speculate_draft_tokens: None,
         }
     }
 }

@@ -120,7 +120,10 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         speculation = Speculation::Off;
     }
     let draft_model = match &speculation {
-        Speculation::Draft(path) => Some(load_draft_model(path, &shared, &config)?),
+        Speculation::Draft(path) => {
+            let (draft, weight_bytes) = load_draft_model(path, &shared, &config)?;
+            Some((draft, weight_bytes as f32 / shared.info.weight_bytes.max(1) as f32))
+        }
         _ => None,
     };
     let scheduler = scheduler::Scheduler {
@@ -135,6 +138,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         speculation,
         speculate_max_batch: config.speculate_max_batch,
         draft_model,
+        draft_tokens: config.speculate_draft_tokens,
     };
     std::thread::Builder::new()
         .name("terse-engine".into())
@@ -147,7 +151,8 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
 /// refused unless its vocabulary is the target's token for token (its
 /// proposals are token ids). Its KV cache is kept as the target's is
 /// (precision, prefix cache), sized for the sequences that may speculate.
-fn load_draft_model(path: &Path, shared: &handle::Shared, config: &EngineConfig) -> Result<crate::model::Transformer> {
+/// Returns the model and its weight bytes.
+fn load_draft_model(path: &Path, shared: &handle::Shared, config: &EngineConfig) -> Result<(crate::model::Transformer, u64)> {
     let LoadedModel { mut transformer, tokenizer, info } = load_model_on(path, "draft", config.sparse, &Device::Cpu)
         .with_context(|| format!("loading the draft model {}", path.display()))?;
     let (target_vocab, draft_vocab) = (shared.tokenizer.inner().get_vocab(true), tokenizer.inner().get_vocab(true));
@@ -163,7 +168,7 @@ fn load_draft_model(path: &Path, shared: &handle::Shared, config: &EngineConfig)
     let streams = config.speculate_max_batch.max(1);
     transformer.set_kv_capacity(shared.context_length as u64 * transformer.kv_bytes_per_token() * streams as u64, streams);
     tracing::info!(draft = %path.display(), arch = %info.arch, dtype = %info.dtype, weight_bytes = info.weight_bytes, "draft model loaded");
-    Ok(transformer)
+    Ok((transformer, info.weight_bytes))
 }
 
 /// One small forward pass (a one-token and a two-token sequence) before the

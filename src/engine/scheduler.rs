@@ -200,8 +200,11 @@ pub(crate) struct Scheduler {
     /// Speculative decoding (host path only).
     pub speculation: Speculation,
     pub speculate_max_batch: usize,
-    /// With `Speculation::Draft`, the draft model (on the host path).
-    pub draft_model: Option<Transformer>,
+    /// With `Speculation::Draft`, the draft model (on the host path) and its
+    /// pass's cost in target passes (weight bytes over the target's).
+    pub draft_model: Option<(Transformer, f32)>,
+    /// A fixed draft length instead of the adaptive one (`--speculate-draft-tokens`).
+    pub draft_tokens: Option<usize>,
 }
 
 impl Scheduler {
@@ -374,7 +377,7 @@ impl Scheduler {
             tokens: request.prompt.clone(),
             probe_from: None,
             draft: Vec::new(),
-            draft_length: DraftLength::default(),
+            draft_length: self.draft_length_policy(),
             drafter: None,
             completion: 0,
             cache,
@@ -400,6 +403,15 @@ impl Scheduler {
             }
         }
         plan
+    }
+
+    /// A new sequence's draft length: fixed, or adaptive to the kind of draft.
+    fn draft_length_policy(&self) -> DraftLength {
+        match (self.draft_tokens, &self.draft_model) {
+            (Some(n), _) => DraftLength::fixed(n),
+            (None, Some((_, pass))) => DraftLength::for_draft_model(*pass),
+            (None, None) => DraftLength::default(),
+        }
     }
 
     /// Proposals for each decoding sequence that may speculate: its draft
@@ -432,7 +444,7 @@ impl Scheduler {
         }
         let drafts = match &self.draft_model {
             None => wanted.iter().map(|(seq, len)| propose(&seq.tokens, *len)).collect(),
-            Some(model) => self.draft_with_model(model, &mut wanted)?,
+            Some((model, _)) => self.draft_with_model(model, &mut wanted)?,
         };
         for ((seq, _), draft) in wanted.into_iter().zip(drafts) {
             seq.tokens.extend_from_slice(&draft);
@@ -733,7 +745,7 @@ impl Scheduler {
     /// stop the draft had no part in.
     fn count_draft(&self, length: &mut DraftLength, proposed: usize, kept: usize, refuted: bool) {
         if refuted || kept == proposed {
-            length.update(proposed, kept);
+            length.update(proposed, kept, refuted);
         }
         let m = &self.metrics;
         m.speculative_proposed_tokens_total.inc_by(proposed as u64);

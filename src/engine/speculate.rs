@@ -74,28 +74,104 @@ pub fn propose(tokens: &[u32], len: usize) -> Vec<u32> {
     Vec::new()
 }
 
-/// One sequence's draft length, grown while drafts are kept whole and
-/// shrunk when they are not, so a sequence whose text does not repeat stops
-/// paying for rows it throws away.
+/// One sequence's draft length.
+///
+/// For prompt lookup, whose drafts cost nothing to make: grown while drafts
+/// are kept whole and shrunk to what was kept when they are not, so a
+/// sequence whose text does not repeat stops paying for rows it throws away
+/// (its drafts are copy or miss, which no per-token rate describes).
+///
+/// For a draft model, whose every drafted token costs one of its own
+/// forward passes: the length that buys the most tokens per unit of time
+/// at the sequence's rate of kept drafted tokens α, counted over its
+/// recent drafts. k drafted tokens give (1 − α^(k+1)) / (1 − α) tokens a
+/// verifying step and cost 1 + k·(c + v) plain steps, c the draft model's
+/// pass and v a verified row, both in target passes. Where no length pays,
+/// the sequence drafts one token every `PROBE_EVERY` steps, to notice when
+/// drafts start paying again.
 #[derive(Debug, Clone)]
 pub struct DraftLength {
     len: usize,
+    /// With a draft model: its cost per drafted token (c + v) and the recent counts.
+    cost: Option<f32>,
+    kept: f32,
+    refused: f32,
+    idle_steps: usize,
+    /// A length set by the operator, never adapted.
+    fixed: bool,
 }
 
 impl Default for DraftLength {
     fn default() -> Self {
-        DraftLength { len: 4 }
+        DraftLength { len: 4, cost: None, kept: 0.0, refused: 0.0, idle_steps: 0, fixed: false }
     }
 }
 
+/// A verified row's cost in plain decoding steps on the host path:
+/// a 1.5B model's step of nine rows takes about 2.3x a one-row step on two
+/// cores (docs/perf.md, "Speculation by prompt lookup").
+pub const VERIFIED_ROW_COST: f32 = 0.15;
+/// Counts decay by this much per verified draft, so the rate follows the text.
+const RATE_MEMORY: f32 = 0.9;
+/// A drafted token is taken to be kept 3 times in 4 until counted.
+const PRIOR_KEPT: f32 = 3.0;
+const PRIOR_REFUSED: f32 = 1.0;
+/// When no length pays, one drafted token every so many steps.
+const PROBE_EVERY: usize = 8;
+
 impl DraftLength {
-    pub fn get(&self) -> usize {
-        self.len
+    /// The length policy of a draft model whose pass costs `draft_pass`
+    /// target passes (its weight bytes over the target's).
+    pub fn for_draft_model(draft_pass: f32) -> Self {
+        DraftLength { len: 1, cost: Some(draft_pass + VERIFIED_ROW_COST), kept: PRIOR_KEPT, refused: PRIOR_REFUSED, ..Self::default() }
     }
 
-    /// `accepted` of `proposed` drafted tokens were kept.
-    pub fn update(&mut self, proposed: usize, accepted: usize) {
-        self.len = if accepted == proposed { (self.len + 2).min(MAX_DRAFT) } else { (accepted + 1).clamp(1, MAX_DRAFT) };
+    /// Always `len` tokens (at most `MAX_DRAFT`).
+    pub fn fixed(len: usize) -> Self {
+        DraftLength { len: len.clamp(1, MAX_DRAFT), fixed: true, ..Self::default() }
+    }
+
+    /// The most tokens to draft this step (0: none).
+    pub fn get(&mut self) -> usize {
+        if self.cost.is_none() || self.len > 0 {
+            return self.len;
+        }
+        self.idle_steps += 1;
+        if self.idle_steps >= PROBE_EVERY {
+            self.idle_steps = 0;
+            1
+        } else {
+            0
+        }
+    }
+
+    /// `accepted` of `proposed` drafted tokens were kept; `refuted`: the
+    /// model chose another token than the next drafted one.
+    pub fn update(&mut self, proposed: usize, accepted: usize, refuted: bool) {
+        if self.fixed {
+            return;
+        }
+        let Some(cost) = self.cost else {
+            self.len = if accepted == proposed { (self.len + 2).min(MAX_DRAFT) } else { (accepted + 1).clamp(1, MAX_DRAFT) };
+            return;
+        };
+        self.kept = self.kept * RATE_MEMORY + accepted as f32;
+        self.refused = self.refused * RATE_MEMORY + f32::from(u8::from(refuted));
+        self.len = best_draft_length(self.kept / (self.kept + self.refused), cost);
+    }
+}
+
+/// The draft length with the most tokens per cost at a kept rate `rate`
+/// and a cost `cost` per drafted token; 0 when drafting does not beat
+/// plain decoding.
+pub fn best_draft_length(rate: f32, cost: f32) -> usize {
+    let rate = rate.clamp(0.0, 0.999);
+    let gain = |k: usize| (1.0 - rate.powi(k as i32 + 1)) / (1.0 - rate) / (1.0 + k as f32 * cost);
+    let best = (1..=MAX_DRAFT).max_by(|&a, &b| gain(a).total_cmp(&gain(b))).expect("lengths to choose from");
+    if gain(best) > 1.0 {
+        best
+    } else {
+        0
     }
 }
 
@@ -180,15 +256,45 @@ mod tests {
     #[test]
     fn the_draft_grows_while_kept_whole_and_shrinks_to_what_was_kept() {
         let mut d = DraftLength::default();
-        d.update(4, 4);
+        d.update(4, 4, false);
         assert_eq!(d.get(), 6);
-        d.update(6, 6);
-        d.update(8, 8);
+        d.update(6, 6, false);
+        d.update(8, 8, false);
         assert_eq!(d.get(), MAX_DRAFT);
-        d.update(8, 2);
+        d.update(8, 2, true);
         assert_eq!(d.get(), 3);
-        d.update(3, 0);
+        d.update(3, 0, true);
         assert_eq!(d.get(), 1);
+    }
+
+    #[test]
+    fn a_draft_model_drafts_as_far_as_its_kept_rate_pays_for() {
+        // Free drafts at a high rate: as long as allowed; dearer ones: shorter.
+        assert_eq!(best_draft_length(0.95, 0.0), MAX_DRAFT);
+        assert!(best_draft_length(0.9, 0.6) < best_draft_length(0.9, 0.2));
+        assert!(best_draft_length(0.7, 0.3) < best_draft_length(0.9, 0.3));
+        // At 0.8 and 0.6 a drafted token: 1.8 / 1.6 beats 2.44 / 2.2.
+        assert_eq!(best_draft_length(0.8, 0.6), 1);
+        // A draft as dear as the target at a modest rate does not pay.
+        assert_eq!(best_draft_length(0.5, 1.0), 0);
+        assert_eq!(best_draft_length(0.0, 0.1), 0);
+
+        let mut d = DraftLength::for_draft_model(0.3);
+        assert_eq!(d.get(), 1);
+        for _ in 0..20 {
+            let len = d.get();
+            d.update(len, len, false);
+        }
+        assert!(d.get() >= 6, "every drafted token kept: long drafts ({})", d.get());
+        // Every one refused, long enough for the kept ones to be forgotten.
+        for _ in 0..60 {
+            let len = d.get();
+            d.update(len, 0, len > 0);
+        }
+        // Nothing kept: no drafts, but for one token every PROBE_EVERY steps.
+        let drafted: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| d.get()).collect();
+        assert_eq!(drafted.iter().filter(|&&n| n == 1).count(), 2, "{drafted:?}");
+        assert_eq!(drafted.iter().filter(|&&n| n == 0).count(), 2 * PROBE_EVERY - 2);
     }
 
     #[test]
