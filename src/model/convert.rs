@@ -15,13 +15,17 @@ use serde_json::json;
 use super::{Arch, TransformerConfig};
 use crate::tokenize::TextTokenizer;
 
-/// The Hugging Face name of a GGUF tensor of the llama / qwen2 / qwen3 layout.
-fn hf_name(gguf: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor of `arch`'s layout.
+fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     if let Some(rest) = gguf.strip_prefix("blk.") {
         let (layer, part) = rest.split_once('.')?;
         let (module, kind) = part.rsplit_once('.')?;
         let hf = match module {
             "attn_norm" => "input_layernorm",
+            // Gemma 3 norms attention's output with its `post_attention_layernorm`.
+            "ffn_norm" if arch == Arch::Gemma3 => "pre_feedforward_layernorm",
+            "post_attention_norm" if arch == Arch::Gemma3 => "post_attention_layernorm",
+            "post_ffw_norm" if arch == Arch::Gemma3 => "post_feedforward_layernorm",
             "ffn_norm" => "post_attention_layernorm",
             "attn_q" => "self_attn.q_proj",
             "attn_k" => "self_attn.k_proj",
@@ -70,7 +74,7 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = hf_name(name, config.arch) else {
             tracing::warn!("{}: tensor {name} has no Hugging Face counterpart; left out", gguf.display());
             continue;
         };
@@ -82,6 +86,10 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
             } else if name.ends_with("attn_k.weight") {
                 t = unpermute_rows(&t, config.n_kv_head)?;
             }
+        }
+        // Gemma's checkpoints keep each norm's scale less one; GGUF files the scale itself.
+        if config.arch == Arch::Gemma3 && hf.ends_with("norm.weight") {
+            t = (t - 1.0)?;
         }
         tensors.insert(hf, t.to_dtype(dtype)?);
     }
@@ -97,10 +105,10 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
-        Arch::Gemma3 => anyhow::bail!("{}: gemma3 files cannot be written as a Hugging Face directory yet (terse reads none)", gguf.display()),
+        Arch::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
     };
     let torch_dtype = if dtype == DType::BF16 { "bfloat16" } else { "float32" };
-    let hf_config = json!({
+    let mut hf_config = json!({
         "architectures": [class],
         "model_type": model_type,
         "hidden_size": config.hidden,
@@ -117,6 +125,25 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
         "torch_dtype": torch_dtype,
         "hidden_act": "silu",
     });
+    if config.arch == Arch::Gemma3 {
+        let window = config.sliding_window.context("a gemma3 file without its window")?;
+        let layer_types: Vec<&str> = (0..config.n_layer)
+            .map(|i| if config.layer_spec(i).window.is_some() { "sliding_attention" } else { "full_attention" })
+            .collect();
+        let extra = json!({
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "attention_bias": false,
+            "sliding_window": window,
+            "sliding_window_pattern": config.sliding_pattern,
+            "layer_types": layer_types,
+            "rope_local_base_freq": config.rope_local_theta.unwrap_or(10_000.0),
+            "query_pre_attn_scalar": config.head_dim,
+            "final_logit_softcapping": null,
+            "attn_logit_softcapping": null,
+        });
+        hf_config.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+    }
     write_json(&out.join("config.json"), &hf_config)?;
 
     let tokenizer_json = out.join("tokenizer.json");
@@ -137,6 +164,9 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     }
     if let Some(eos) = token_text("tokenizer.ggml.eos_token_id") {
         tokenizer_config["eos_token"] = json!(eos);
+    }
+    if let Some(add_bos) = content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()) {
+        tokenizer_config["add_bos_token"] = json!(add_bos);
     }
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
     write_json(&out.join("generation_config.json"), &json!({"eos_token_id": tokenizer.end_of_turn_ids()}))?;

@@ -51,8 +51,20 @@ pub struct HfConfig {
     pub tie_word_embeddings: bool,
     pub torch_dtype: Option<String>,
     /// Llama 3's `{"rope_type": "llama3", "factor", "low_freq_factor",
-    /// "high_freq_factor", "original_max_position_embeddings"}`.
+    /// "high_freq_factor", "original_max_position_embeddings"}`, or linear
+    /// (Gemma 3's 4B and larger: `{"rope_type": "linear", "factor": 8}`).
     pub rope_scaling: Option<serde_json::Value>,
+    /// Gemma 3: the windowed layers' window and rope base, which layers are
+    /// windowed (every `sliding_window_pattern`-th is global, or as
+    /// `layer_types` lists), the attention scale's √ operand, softcaps.
+    pub sliding_window: Option<usize>,
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Vec<String>,
+    pub rope_local_base_freq: Option<f32>,
+    pub query_pre_attn_scalar: Option<usize>,
+    pub final_logit_softcapping: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
 }
 
 fn default_rope_theta() -> f32 {
@@ -65,18 +77,18 @@ impl HfConfig {
             "LlamaForCausalLM" => Some(Arch::Llama),
             "Qwen2ForCausalLM" => Some(Arch::Qwen2),
             "Qwen3ForCausalLM" => Some(Arch::Qwen3),
+            "Gemma3ForCausalLM" => Some(Arch::Gemma3),
             _ => None,
         });
-        let arch = match (from_class, self.model_type.as_deref()) {
-            (Some(arch), _) => arch,
-            (None, Some(t)) => Arch::parse(t)?,
-            (None, None) => bail!("config.json names no architecture (architectures / model_type)"),
-        };
-        if arch == Arch::Gemma3 {
-            // Its window, post-norms and scaled embeddings are read from GGUF files only.
-            bail!("gemma3 is served from GGUF files; Hugging Face directories of it are not read yet");
+        if self.architectures.iter().any(|a| a == "Gemma3ForConditionalGeneration") {
+            bail!("Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) directories are not read; its text model's GGUF file is");
         }
-        Ok(arch)
+        match (from_class, self.model_type.as_deref()) {
+            (Some(arch), _) => Ok(arch),
+            (None, Some("gemma3_text")) => Ok(Arch::Gemma3),
+            (None, Some(t)) => Arch::parse(t),
+            (None, None) => bail!("config.json names no architecture (architectures / model_type)"),
+        }
     }
 
     pub fn transformer_config(&self) -> Result<TransformerConfig> {
@@ -90,8 +102,10 @@ impl HfConfig {
                     let factors = super::config::llama3_freq_factors(config.rope_theta, config.head_dim, scaling);
                     config.rope_freq_factors = Some(factors);
                 }
+                // Every frequency of the global table divided by the factor.
+                "linear" => config.rope_freq_factors = Some(vec![number("factor")?; config.head_dim / 2]),
                 "default" | "" => {}
-                other => bail!("rope_scaling of type `{other}` is not supported (llama3 is)"),
+                other => bail!("rope_scaling of type `{other}` is not supported (llama3 and linear are)"),
             }
         }
         Ok(config)
@@ -103,7 +117,7 @@ impl HfConfig {
         if self.num_attention_heads == 0 || n_kv_head == 0 || !self.num_attention_heads.is_multiple_of(n_kv_head) {
             bail!("config.json: head counts {} / {n_kv_head} are inconsistent", self.num_attention_heads);
         }
-        Ok(TransformerConfig {
+        let config = TransformerConfig {
             arch,
             n_layer: self.num_hidden_layers,
             hidden: self.hidden_size,
@@ -120,7 +134,48 @@ impl HfConfig {
             sliding_pattern: 0,
             rope_local_theta: None,
             rope_freq_factors: None,
-        })
+        };
+        if arch == Arch::Gemma3 {
+            return self.gemma3_config(config);
+        }
+        Ok(config)
+    }
+
+    /// Gemma 3's windowed layers, refused where terse would compute
+    /// something else than the checkpoint asks (softcapped logits, an
+    /// attention scale other than 1/√head_dim, windowed layers in another
+    /// pattern than "every n-th global").
+    fn gemma3_config(&self, config: TransformerConfig) -> Result<TransformerConfig> {
+        if let Some(cap) = self.final_logit_softcapping.or(self.attn_logit_softcapping) {
+            bail!("gemma3: logit softcapping ({cap}) is not computed by terse");
+        }
+        if let Some(scalar) = self.query_pre_attn_scalar.filter(|&s| s != config.head_dim) {
+            bail!("gemma3: query_pre_attn_scalar {scalar} differs from head_dim {}; terse scales attention by 1/√head_dim", config.head_dim);
+        }
+        let window = self.sliding_window.context("gemma3: config.json lacks sliding_window")?;
+        if window == 0 {
+            bail!("gemma3: sliding_window is 0; a window holds at least one position");
+        }
+        let pattern = match (self.sliding_window_pattern, self.layer_types.is_empty()) {
+            (Some(pattern), _) => pattern,
+            (None, false) => self.layer_types.iter().position(|t| t == "full_attention").map_or(self.num_hidden_layers + 1, |i| i + 1),
+            // Gemma 3's published value.
+            (None, true) => 6,
+        }
+        .max(1);
+        let config = TransformerConfig {
+            sliding_window: Some(window),
+            sliding_pattern: pattern,
+            rope_local_theta: Some(self.rope_local_base_freq.unwrap_or(10_000.0)),
+            ..config
+        };
+        for (i, kind) in self.layer_types.iter().enumerate() {
+            let windowed = config.layer_spec(i).window.is_some();
+            if windowed != (kind == "sliding_attention") {
+                bail!("gemma3: layer_types[{i}] is `{kind}`, outside the pattern of one global layer in {pattern}");
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -298,7 +353,10 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
     let q_width = config.n_head * config.head_dim;
     let mut report = SparsityReport::default();
     let embedding_table = weights.load("model.embed_tokens.weight", &[config.vocab_size, h])?;
-    let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(at.put(weights.load(name, &[h])?)?, config.rms_eps)) };
+    // Gemma's checkpoints keep each norm's scale less one (it computes x · (1 + w)).
+    let norm_offset = if config.arch == Arch::Gemma3 { 1.0 } else { 0.0 };
+    let scale = |name: &str, width: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(at.put((weights.load(name, &[width])? + norm_offset)?)?, config.rms_eps)) };
+    let norm = |name: &str| scale(name, h);
     let bias = |name: &str, width: usize| -> Result<Option<Tensor>> {
         let full = format!("{name}.bias");
         if weights.has(&full) {
@@ -308,7 +366,10 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         }
     };
     let qk_norms = config.arch.norms_q_and_k();
-    let head_norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(at.put(weights.load(name, &[config.head_dim])?)?, config.rms_eps)) };
+    let head_norm = |name: &str| scale(name, config.head_dim);
+    // Gemma 3 norms attention's and the MLP's outputs too; its norm before
+    // the MLP has a name of its own.
+    let outputs_normed = config.arch.norms_outputs();
     let mut blocks = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let p = format!("model.layers.{i}");
@@ -316,8 +377,8 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         let m = format!("{p}.mlp");
         blocks.push(Block {
             spec: config.layer_spec(i),
-            post_attn_norm: None,
-            post_ffn_norm: None,
+            post_attn_norm: outputs_normed.then(|| norm(&format!("{p}.post_attention_layernorm.weight"))).transpose()?,
+            post_ffn_norm: outputs_normed.then(|| norm(&format!("{p}.post_feedforward_layernorm.weight"))).transpose()?,
             attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
             attn: Attention {
                 q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,
@@ -327,7 +388,7 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
                 q_norm: qk_norms.then(|| head_norm(&format!("{a}.q_norm.weight"))).transpose()?,
                 k_norm: qk_norms.then(|| head_norm(&format!("{a}.k_norm.weight"))).transpose()?,
             },
-            ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            ffn_norm: norm(&format!("{p}.{}.weight", if outputs_normed { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }))?,
             mlp: Mlp {
                 gate: projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &at, &mut report)?,
                 up: projection(&weights, &format!("{m}.up_proj"), [ffn, h], None, sparse, &at, &mut report)?,
@@ -373,4 +434,40 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
     let embedding = TokenEmbedding::Dense(Embedding::new(embedding_table, h));
     let transformer = Transformer::new(config, embedding, blocks, final_norm, lm_head, device.clone())?;
     Ok((LoadedModel { transformer, tokenizer, info }, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma-3-270m's config.json, as published (the fields terse reads).
+    fn gemma3(extra: serde_json::Value) -> Result<TransformerConfig> {
+        let mut config = serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+            "max_position_embeddings": 32768, "vocab_size": 262144, "sliding_window": 512,
+            "query_pre_attn_scalar": 256, "final_logit_softcapping": null, "attn_logit_softcapping": null,
+            "layer_types": (0..18).map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect::<Vec<_>>(),
+        });
+        config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<HfConfig>(config).unwrap().transformer_config()
+    }
+
+    #[test]
+    fn gemma3_configs_are_read_or_refused_by_name() {
+        let config = gemma3(serde_json::json!({})).unwrap();
+        assert_eq!((config.arch, config.sliding_window, config.sliding_pattern, config.rope_local_theta), (Arch::Gemma3, Some(512), 6, Some(10_000.0)));
+        assert!(config.layer_spec(4).window.is_some() && config.layer_spec(5).window.is_none());
+        // The pattern from `sliding_window_pattern` alone; linear rope scaling on the global table.
+        let scaled = gemma3(serde_json::json!({"layer_types": [], "sliding_window_pattern": 6, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})).unwrap();
+        assert_eq!(scaled.sliding_pattern, 6);
+        assert_eq!(scaled.rope_freq_factors, Some(vec![8.0; 128]));
+        let refused = |extra: serde_json::Value| format!("{:#}", gemma3(extra).unwrap_err());
+        assert!(refused(serde_json::json!({"final_logit_softcapping": 30.0})).contains("softcapping"));
+        assert!(refused(serde_json::json!({"query_pre_attn_scalar": 168})).contains("query_pre_attn_scalar 168"));
+        assert!(refused(serde_json::json!({"layer_types": ["sliding_attention", "full_attention", "full_attention"]})).contains("layer_types[2]"));
+        assert!(refused(serde_json::json!({"architectures": ["Gemma3ForConditionalGeneration"]})).contains("vision tower"));
+    }
 }
