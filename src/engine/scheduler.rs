@@ -28,7 +28,7 @@ use super::grammar::GrammarMask;
 use super::logits::{LogitBias, LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
-use super::speculate::{propose, DraftCache, DraftLength, Speculation};
+use super::speculate::{propose, propose_from, DraftCache, DraftLength, Speculation, MIN_NGRAM_BESIDE_MODEL};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{Rows, SeqChunk, SeqKvCache, StepLogits, Transformer};
@@ -60,7 +60,11 @@ struct Sequence {
     probe_from: Option<(usize, usize)>,
     /// Tokens proposed this step after the last one, fed with it to be verified.
     draft: Vec<u32>,
-    draft_length: DraftLength,
+    /// Draft lengths for prompt lookup and for the draft model, and which
+    /// of the two made this step's draft.
+    lookup_length: DraftLength,
+    model_length: DraftLength,
+    drafted_by_model: bool,
     /// The draft model's cache of this sequence, once it has drafted.
     drafter: Option<DraftCache>,
     _in_flight: InFlight,
@@ -84,6 +88,22 @@ impl Sequence {
         let token = self.sampler.sample(row);
         self.sampled_logprob = self.request.choice.logprobs.map(|top| logprob_of(row, token, top));
         token
+    }
+
+    /// This step's draft, fed after the last token.
+    fn take_draft(&mut self, draft: Vec<u32>, by_model: bool) {
+        self.tokens.extend_from_slice(&draft);
+        self.draft = draft;
+        self.drafted_by_model = by_model;
+    }
+
+    /// The length policy of the kind of draft this step's is.
+    fn draft_length(&mut self) -> &mut DraftLength {
+        if self.drafted_by_model {
+            &mut self.model_length
+        } else {
+            &mut self.lookup_length
+        }
     }
 
     /// Forget the draft proposed this step (its tokens are not fed) and the
@@ -377,7 +397,9 @@ impl Scheduler {
             tokens: request.prompt.clone(),
             probe_from: None,
             draft: Vec::new(),
-            draft_length: self.draft_length_policy(),
+            lookup_length: self.draft_length_policy(false),
+            model_length: self.draft_length_policy(true),
+            drafted_by_model: false,
             drafter: None,
             completion: 0,
             cache,
@@ -405,12 +427,13 @@ impl Scheduler {
         plan
     }
 
-    /// A new sequence's draft length: fixed, or adaptive to the kind of draft.
-    fn draft_length_policy(&self) -> DraftLength {
+    /// A new sequence's draft length for prompt lookup or the draft model:
+    /// fixed, or adaptive to the kind of draft.
+    fn draft_length_policy(&self, for_model: bool) -> DraftLength {
         match (self.draft_tokens, &self.draft_model) {
             (Some(n), _) => DraftLength::fixed(n),
-            (None, Some((_, pass))) => DraftLength::for_draft_model(*pass),
-            (None, None) => DraftLength::default(),
+            (None, Some((_, pass))) if for_model => DraftLength::for_draft_model(*pass),
+            _ => DraftLength::default(),
         }
     }
 
@@ -418,7 +441,9 @@ impl Scheduler {
     /// is appended to its tokens (fed this step) and kept in `draft`. Not
     /// while a grammar holds the answer (its mask is per position), a probe
     /// runs, or more sequences run than `speculate_max_batch` (then the draft
-    /// model's caches are let go too).
+    /// model's caches are let go too). Beside a draft model, prompt lookup
+    /// goes first where a suffix of `MIN_NGRAM_BESIDE_MODEL` tokens or more
+    /// occurred before: copied text costs no draft pass.
     fn propose_drafts(&self, running: &mut [Sequence]) -> candle_core::Result<()> {
         if self.speculation == Speculation::Off {
             return Ok(());
@@ -437,18 +462,28 @@ impl Scheduler {
             // Room for every drafted token and the one after them.
             let room = (self.shared.context_length.saturating_sub(seq.tokens.len() + 1))
                 .min(seq.request.max_tokens.saturating_sub(seq.completion + 1));
-            let len = seq.draft_length.get().min(room);
+            if self.draft_model.is_none() {
+                let draft = propose(&seq.tokens, seq.lookup_length.get().min(room));
+                seq.take_draft(draft, false);
+                continue;
+            }
+            let copied = propose_from(&seq.tokens, seq.lookup_length.get().min(room), MIN_NGRAM_BESIDE_MODEL);
+            if !copied.is_empty() {
+                seq.take_draft(copied, false);
+                continue;
+            }
+            let len = seq.model_length.get().min(room);
             if len > 0 {
                 wanted.push((seq, len));
             }
         }
-        let drafts = match &self.draft_model {
-            None => wanted.iter().map(|(seq, len)| propose(&seq.tokens, *len)).collect(),
-            Some((model, _)) => self.draft_with_model(model, &mut wanted)?,
-        };
+        let Some((model, _)) = &self.draft_model else { return Ok(()) };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let drafts = self.draft_with_model(model, &mut wanted)?;
         for ((seq, _), draft) in wanted.into_iter().zip(drafts) {
-            seq.tokens.extend_from_slice(&draft);
-            seq.draft = draft;
+            seq.take_draft(draft, true);
         }
         Ok(())
     }
@@ -707,7 +742,7 @@ impl Scheduler {
         for j in 0..=draft.len() {
             if let Some(forced) = seq.logits.reasoning.forced_now().filter(|f| !f.is_empty()) {
                 if let Some(end) = self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking)) {
-                    self.count_draft(&mut seq.draft_length, draft.len(), kept, false);
+                    self.count_draft(seq.draft_length(), draft.len(), kept, false);
                     return Ok(Some(end));
                 }
                 break;
@@ -715,7 +750,7 @@ impl Scheduler {
             let token = seq.choose_from(&mut rows[j * vocab..(j + 1) * vocab]);
             let before = seq.tokens.len();
             if let Some(end) = self.take_token(seq, token) {
-                self.count_draft(&mut seq.draft_length, draft.len(), kept, false);
+                self.count_draft(seq.draft_length(), draft.len(), kept, false);
                 return Ok(Some(end));
             }
             let took_draft = j < draft.len() && seq.tokens.len() == before + 1 && seq.tokens[before] == draft[j];
@@ -729,7 +764,7 @@ impl Scheduler {
                 break;
             }
         }
-        self.count_draft(&mut seq.draft_length, draft.len(), kept, refuted);
+        self.count_draft(seq.draft_length(), draft.len(), kept, refuted);
         // The cache keeps the last token and the drafted ones kept, less one
         // if nothing else came after them: a step needs a token to feed.
         let keep = (base + kept).min(seq.tokens.len() - 1);

@@ -58,7 +58,16 @@ pub const MAX_DRAFT: usize = 8;
 /// suffix of `tokens` (of `MAX_NGRAM` down to `MIN_NGRAM` tokens), at most
 /// `len`; empty when no suffix occurs earlier.
 pub fn propose(tokens: &[u32], len: usize) -> Vec<u32> {
-    for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
+    propose_from(tokens, len, MIN_NGRAM)
+}
+
+/// Suffixes shorter than this are not looked up beside a draft model: a
+/// two-token match in prose guesses worse than the model does.
+pub const MIN_NGRAM_BESIDE_MODEL: usize = 3;
+
+/// `propose`, looking up suffixes of at least `min_ngram` tokens.
+pub fn propose_from(tokens: &[u32], len: usize, min_ngram: usize) -> Vec<u32> {
+    for n in (min_ngram..=MAX_NGRAM).rev() {
         if tokens.len() <= n {
             continue;
         }
