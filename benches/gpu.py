@@ -125,6 +125,7 @@ def main():
     p.add_argument("--strategy-tokens", type=int, default=96)
     p.add_argument("--no-speed", action="store_true", help="only the strategy requests")
     p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--serve-arg", action="append", default=[], help="one more argument for `terse serve` (repeatable)")
     p.add_argument("--bandwidth-tb-s", type=float, default=4.3, help="memory bandwidth of the device (H200: ~4.3)")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--out", required=True)
@@ -138,6 +139,7 @@ def main():
            "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
     if args.kv_cache_bytes:
         cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    cmd += args.serve_arg
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_path = out_path.with_suffix(".server.log")

@@ -83,6 +83,11 @@ struct ModelArgs {
     /// device, copying a few numbers per sequence instead of its logits: auto = on a GPU.
     #[arg(long, value_enum, default_value = "auto", env = "TERSE_GREEDY_ON_DEVICE")]
     greedy_on_device: terse::engine::PickOnDevice,
+    /// Decode steps as captured CUDA graphs (a GPU only). Capture is not
+    /// built yet: `on` runs decode steps eagerly at the graphs' fixed
+    /// shapes (to measure their padding); `auto` leaves them off.
+    #[arg(long, value_enum, default_value = "auto", env = "TERSE_CUDA_GRAPHS")]
+    cuda_graphs: terse::model::CudaGraphs,
 }
 
 #[derive(Args)]
@@ -284,6 +289,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             sparse: args.model.sparse,
             device: args.model.device,
             pick_on_device: args.model.greedy_on_device,
+            cuda_graphs: args.model.cuda_graphs,
             speculation,
             speculate_max_batch: args.speculate_max_batch,
             speculate_draft_tokens: args.speculate_draft_tokens.map(|n| n as usize),
@@ -304,9 +310,9 @@ async fn generate(args: GenerateArgs) -> Result<()> {
     let path: PathBuf = model.path.clone();
     let name = model.served_name.clone();
     let reasoning = model.reasoning.clone();
-    let (sparse, device, pick_on_device) = (args.model.sparse, args.model.device, args.model.greedy_on_device);
+    let (sparse, device, pick_on_device, cuda_graphs) = (args.model.sparse, args.model.device, args.model.greedy_on_device, args.model.cuda_graphs);
     let engine = tokio::task::spawn_blocking(move || {
-        let config = EngineConfig { reasoning, sparse, device, pick_on_device, ..EngineConfig::default() };
+        let config = EngineConfig { reasoning, sparse, device, pick_on_device, cuda_graphs, ..EngineConfig::default() };
         start_engine(&path, &name, config, Arc::new(Metrics::new()))
     })
     .await??;

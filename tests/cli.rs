@@ -261,6 +261,15 @@ fn a_device_this_build_cannot_use_fails_the_start_in_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "a usage error:\n{err}");
     assert!(err.contains("cpu, cuda or cuda:N"), "{err}");
+    // CUDA graphs on the CPU: one line naming what is missing.
+    let out = terse().args(["serve", "--port", "0", "--cuda-graphs", "on"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let refusals: Vec<&str> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(refusals.len(), 1, "{err}");
+    assert!(refusals[0].contains(if cfg!(feature = "cuda") { "needs a GPU" } else { "built without CUDA" }), "{err}");
+    let out = terse().args(["serve", "--port", "0", "--cuda-graphs", "always"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
 }
 
 /// A GGUF holding only `metadata` (no tensors).

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use candle_core::DType;
 use terse::engine::argmax;
 use terse::model::{
-    convert_gguf_to_hf, load_gguf_dequantized, load_hf_dir, prune_hf_dir, LoadedModel, Rows, SeqChunk, SeqKvCache,
+    convert_gguf_to_hf, load_gguf_dequantized, GraphBuckets, load_hf_dir, prune_hf_dir, LoadedModel, Rows, SeqChunk, SeqKvCache,
     SparseMode, Transformer,
 };
 use terse::tokenize::ChatMessage;
@@ -187,6 +187,41 @@ fn the_pooled_kv_cache_computes_what_the_host_path_computes() {
     // Every position's logits of a chunk, on the tensor path: the last is the
     // one a step returns, and each earlier one is that prefix's own last.
     every_position_is_its_prefixs_last(&pooled_model, &prompts[0], 1e-3);
+}
+
+/// Decode steps padded to fixed shapes (what a CUDA graph is captured at,
+/// `model::decode_graph`) compute what steps at their own shapes compute,
+/// on the same schedule: three sequences padded to four rows, one to two,
+/// spans of 16 positions and up, pages of both prompts' and the scratch
+/// row's in one gather.
+#[test]
+fn decode_steps_at_fixed_shapes_compute_what_steps_at_their_own_shapes_compute() {
+    let _copies = RemovesCopiesWhenLast;
+    let (f32_dir, _, _) = dirs();
+    let (model, _) = load_hf_dir(f32_dir, "smol-f32-fixed", SparseMode::Auto).unwrap();
+    let long: String = PROMPTS.iter().cycle().take(20).copied().collect::<Vec<_>>().join(" ");
+    let prompts: Vec<Vec<u32>> = [PROMPTS[0], &long, PROMPTS[2]].iter().map(|t| prompt(&model, t)).collect();
+    let mut pooled = model.transformer.into_tensor_path().unwrap();
+    let own_shapes = batched_greedy(&pooled, &prompts, 24);
+    assert!(model_refuses_fixed_shapes_on_the_host_path(f32_dir));
+    pooled.set_static_decode_shapes(Some(GraphBuckets::new(vec![2, 4, 8], 16))).unwrap();
+    let fixed = batched_greedy(&pooled, &prompts, 24);
+    let mut worst = 0f32;
+    for (seq, ((logits, tokens), (own_logits, own_tokens))) in fixed.iter().zip(&own_shapes).enumerate() {
+        assert_eq!(tokens, own_tokens, "sequence {seq}");
+        for (step, (a, b)) in logits.iter().zip(own_logits).enumerate() {
+            worst = worst.max(max_diff(a, b));
+            // The same sums over longer rows (padding adds exact zeros), blocked differently.
+            assert!(max_diff(a, b) < 1e-3, "sequence {seq}, step {step}: logits differ by {}", max_diff(a, b));
+        }
+    }
+    eprintln!("fixed shapes against own shapes: logits differ by up to {worst:e}");
+}
+
+fn model_refuses_fixed_shapes_on_the_host_path(dir: &Path) -> bool {
+    let (mut model, _) = load_hf_dir(dir, "smol-f32-host", SparseMode::Auto).unwrap();
+    let err = model.transformer.set_static_decode_shapes(Some(GraphBuckets::default())).unwrap_err();
+    err.to_string().contains("tensor path")
 }
 
 /// The logits of every position of one chunk (`Rows::All`) against the

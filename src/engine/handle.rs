@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub device: DeviceSpec,
     /// Whether greedy tokens are chosen on the model's device.
     pub pick_on_device: super::PickOnDevice,
+    /// `--cuda-graphs`: decode steps at fixed shapes on a GPU.
+    pub cuda_graphs: crate::model::CudaGraphs,
     /// Speculative decoding (`--speculate`).
     pub speculation: super::Speculation,
     /// Speculate only while at most this many sequences run.
@@ -66,6 +68,7 @@ impl Default for EngineConfig {
             sparse: SparseMode::Auto,
             device: DeviceSpec::Cpu,
             pick_on_device: super::PickOnDevice::Auto,
+            cuda_graphs: crate::model::CudaGraphs::Auto,
             speculation: super::Speculation::Off,
             speculate_max_batch: DEFAULT_SPECULATE_MAX_BATCH,
             speculate_draft_tokens: None,

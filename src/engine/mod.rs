@@ -67,6 +67,10 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
     let LoadedModel { mut transformer, tokenizer, info } = model;
     transformer.set_kv_precision(config.kv_cache_dtype);
     transformer.set_prefix_cache(config.prefix_cache)?;
+    if let Some(buckets) = config.cuda_graphs.buckets(transformer.device()).map_err(anyhow::Error::msg)? {
+        tracing::warn!("--cuda-graphs on: capture is not built yet; decode steps run eagerly at the graphs' fixed shapes");
+        transformer.set_static_decode_shapes(Some(buckets))?;
+    }
     warm_up(&transformer).context("the warm-up forward pass failed")?;
     let context_length = info.context_length;
     let kv_bytes_per_token = transformer.kv_bytes_per_token();
@@ -126,6 +130,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         }
         _ => None,
     };
+    let draft_context = draft_model.as_ref().map_or(0, |(draft, _)| draft.config.context_length);
     let scheduler = scheduler::Scheduler {
         model: transformer,
         shared: shared.clone(),
@@ -139,6 +144,7 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         speculate_max_batch: config.speculate_max_batch,
         draft_model,
         draft_tokens: config.speculate_draft_tokens,
+        draft_context,
     };
     std::thread::Builder::new()
         .name("terse-engine".into())

@@ -28,7 +28,7 @@ use super::grammar::GrammarMask;
 use super::logits::{LogitBias, LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
-use super::speculate::{propose, propose_from, DraftCache, DraftLength, Speculation, MIN_NGRAM_BESIDE_MODEL};
+use super::speculate::{draft_gain, propose, DraftCache, DraftLength, Speculation, VERIFIED_ROW_COST};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{Rows, SeqChunk, SeqKvCache, StepLogits, Transformer};
@@ -225,6 +225,8 @@ pub(crate) struct Scheduler {
     pub draft_model: Option<(Transformer, f32)>,
     /// A fixed draft length instead of the adaptive one (`--speculate-draft-tokens`).
     pub draft_tokens: Option<usize>,
+    /// The draft model's context length.
+    pub draft_context: usize,
 }
 
 impl Scheduler {
@@ -442,8 +444,9 @@ impl Scheduler {
     /// while a grammar holds the answer (its mask is per position), a probe
     /// runs, or more sequences run than `speculate_max_batch` (then the draft
     /// model's caches are let go too). Beside a draft model, prompt lookup
-    /// goes first where a suffix of `MIN_NGRAM_BESIDE_MODEL` tokens or more
-    /// occurred before: copied text costs no draft pass.
+    /// goes first where it finds a match and its recent drafts are expected
+    /// to give more per unit of time than the model's: copied text costs no
+    /// draft pass.
     fn propose_drafts(&self, running: &mut [Sequence]) -> candle_core::Result<()> {
         if self.speculation == Speculation::Off {
             return Ok(());
@@ -467,12 +470,15 @@ impl Scheduler {
                 seq.take_draft(draft, false);
                 continue;
             }
-            let copied = propose_from(&seq.tokens, seq.lookup_length.get().min(room), MIN_NGRAM_BESIDE_MODEL);
-            if !copied.is_empty() {
+            // Lookup goes first while its drafts are expected to beat the model's.
+            let copied = propose(&seq.tokens, seq.lookup_length.get().min(room));
+            if !copied.is_empty() && draft_gain(seq.lookup_length.rate(), copied.len(), VERIFIED_ROW_COST) >= seq.model_length.model_gain() {
                 seq.take_draft(copied, false);
                 continue;
             }
-            let len = seq.model_length.get().min(room);
+            // The draft model sees no position past its own context.
+            let model_room = self.draft_context.saturating_sub(seq.tokens.len() + 1);
+            let len = seq.model_length.get().min(room).min(model_room);
             if len > 0 {
                 wanted.push((seq, len));
             }
@@ -539,12 +545,19 @@ impl Scheduler {
                 candle_core::bail!("the draft model runs on the host path only");
             };
             let vocab = values.len() / active.len();
+            // A draft model with more embedding rows than the target could
+            // propose an id the target has none for.
+            let choosable = vocab.min(self.model.config.vocab_size);
             for (k, (&w, feed)) in active.iter().zip(&feeds).enumerate() {
                 wanted[w].0.drafter.as_mut().expect("made above").fed.extend_from_slice(feed);
                 if finishes[k] {
-                    let token = argmax(&values[k * vocab..(k + 1) * vocab]);
+                    let token = argmax(&values[k * vocab..k * vocab + choosable]);
                     drafts[w].push(token);
                     done[w] = boundary(token);
+                } else {
+                    // Still catching up (a long context): one chunk a step, no draft
+                    // this step, so the other sequences do not wait for the rest.
+                    done[w] = true;
                 }
             }
         }
@@ -753,9 +766,11 @@ impl Scheduler {
                 self.count_draft(seq.draft_length(), draft.len(), kept, false);
                 return Ok(Some(end));
             }
-            let took_draft = j < draft.len() && seq.tokens.len() == before + 1 && seq.tokens[before] == draft[j];
+            // Taken plainly (not replaced by an injection), and the drafted token.
+            let plain = seq.tokens.len() == before + 1;
+            let took_draft = j < draft.len() && plain && seq.tokens[before] == draft[j];
             if !took_draft {
-                refuted = j < draft.len();
+                refuted = j < draft.len() && plain;
                 break;
             }
             kept += 1;

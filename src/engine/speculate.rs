@@ -58,16 +58,7 @@ pub const MAX_DRAFT: usize = 8;
 /// suffix of `tokens` (of `MAX_NGRAM` down to `MIN_NGRAM` tokens), at most
 /// `len`; empty when no suffix occurs earlier.
 pub fn propose(tokens: &[u32], len: usize) -> Vec<u32> {
-    propose_from(tokens, len, MIN_NGRAM)
-}
-
-/// Suffixes shorter than this are not looked up beside a draft model: a
-/// two-token match in prose guesses worse than the model does.
-pub const MIN_NGRAM_BESIDE_MODEL: usize = 3;
-
-/// `propose`, looking up suffixes of at least `min_ngram` tokens.
-pub fn propose_from(tokens: &[u32], len: usize, min_ngram: usize) -> Vec<u32> {
-    for n in (min_ngram..=MAX_NGRAM).rev() {
+    for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
         if tokens.len() <= n {
             continue;
         }
@@ -112,7 +103,7 @@ pub struct DraftLength {
 
 impl Default for DraftLength {
     fn default() -> Self {
-        DraftLength { len: 4, cost: None, kept: 0.0, refused: 0.0, idle_steps: 0, fixed: false }
+        DraftLength { len: 4, cost: None, kept: 1.0, refused: 1.0, idle_steps: 0, fixed: false }
     }
 }
 
@@ -157,25 +148,45 @@ impl DraftLength {
     /// `accepted` of `proposed` drafted tokens were kept; `refuted`: the
     /// model chose another token than the next drafted one.
     pub fn update(&mut self, proposed: usize, accepted: usize, refuted: bool) {
+        self.kept = self.kept * RATE_MEMORY + accepted as f32;
+        self.refused = self.refused * RATE_MEMORY + f32::from(u8::from(refuted));
         if self.fixed {
             return;
         }
-        let Some(cost) = self.cost else {
-            self.len = if accepted == proposed { (self.len + 2).min(MAX_DRAFT) } else { (accepted + 1).clamp(1, MAX_DRAFT) };
-            return;
+        self.len = match self.cost {
+            None if accepted == proposed => (self.len + 2).min(MAX_DRAFT),
+            None => (accepted + 1).clamp(1, MAX_DRAFT),
+            Some(cost) => best_draft_length(self.rate(), cost),
         };
-        self.kept = self.kept * RATE_MEMORY + accepted as f32;
-        self.refused = self.refused * RATE_MEMORY + f32::from(u8::from(refuted));
-        self.len = best_draft_length(self.kept / (self.kept + self.refused), cost);
     }
+
+    /// The recent rate of kept drafted tokens (each refusal ends a draft).
+    pub fn rate(&self) -> f32 {
+        self.kept / (self.kept + self.refused)
+    }
+
+    /// Tokens per unit of time a draft model's next draft is expected to
+    /// give (1: no better than plain decoding).
+    pub fn model_gain(&self) -> f32 {
+        match (self.cost, self.len) {
+            (Some(cost), len) if len > 0 => draft_gain(self.rate(), len, cost),
+            _ => 1.0,
+        }
+    }
+}
+
+/// Tokens a verifying step gives per unit of time for a draft of `len`
+/// tokens, each kept at `rate` and costing `cost` plain steps.
+pub fn draft_gain(rate: f32, len: usize, cost: f32) -> f32 {
+    let rate = rate.clamp(0.0, 0.999);
+    (1.0 - rate.powi(len as i32 + 1)) / (1.0 - rate) / (1.0 + len as f32 * cost)
 }
 
 /// The draft length with the most tokens per cost at a kept rate `rate`
 /// and a cost `cost` per drafted token; 0 when drafting does not beat
 /// plain decoding.
 pub fn best_draft_length(rate: f32, cost: f32) -> usize {
-    let rate = rate.clamp(0.0, 0.999);
-    let gain = |k: usize| (1.0 - rate.powi(k as i32 + 1)) / (1.0 - rate) / (1.0 + k as f32 * cost);
+    let gain = |k: usize| draft_gain(rate, k, cost);
     let best = (1..=MAX_DRAFT).max_by(|&a, &b| gain(a).total_cmp(&gain(b))).expect("lengths to choose from");
     if gain(best) > 1.0 {
         best
@@ -274,6 +285,24 @@ mod tests {
         assert_eq!(d.get(), 3);
         d.update(3, 0, true);
         assert_eq!(d.get(), 1);
+    }
+
+    #[test]
+    fn prompt_lookup_beside_a_model_goes_first_only_while_its_drafts_are_kept() {
+        let model = DraftLength::for_draft_model(0.3);
+        let mut lookup = DraftLength::default();
+        // Unknown lookup (rate ½) against the model's prior (¾, one token).
+        let lookup_gain = |l: &DraftLength| draft_gain(l.rate(), 4, VERIFIED_ROW_COST);
+        for _ in 0..10 {
+            lookup.update(4, 4, false);
+        }
+        assert!(lookup_gain(&lookup) > model.model_gain(), "copied text kept whole beats the model");
+        // Refused at once, long enough for the kept ones to be forgotten.
+        for _ in 0..30 {
+            lookup.update(4, 0, true);
+        }
+        assert!(lookup_gain(&lookup) < model.model_gain(), "a lookup refused at once loses to the model");
+        assert_eq!(DraftLength::default().model_gain(), 1.0);
     }
 
     #[test]

@@ -72,6 +72,18 @@ fn default_rope_theta() -> f32 {
 }
 
 impl HfConfig {
+    /// `config.json`'s text; a model class terse does not read is named
+    /// before any field is missed (Gemma 3's vision model keeps its text
+    /// model's fields under `text_config`).
+    pub fn parse(text: &str) -> Result<HfConfig> {
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let classes = value.get("architectures").and_then(|a| a.as_array()).into_iter().flatten();
+        if classes.filter_map(|c| c.as_str()).any(|c| c == "Gemma3ForConditionalGeneration") {
+            bail!("Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) directories are not read; its text model's GGUF file is");
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+
     pub fn arch(&self) -> Result<Arch> {
         let from_class = self.architectures.iter().find_map(|a| match a.as_str() {
             "LlamaForCausalLM" => Some(Arch::Llama),
@@ -80,9 +92,6 @@ impl HfConfig {
             "Gemma3ForCausalLM" => Some(Arch::Gemma3),
             _ => None,
         });
-        if self.architectures.iter().any(|a| a == "Gemma3ForConditionalGeneration") {
-            bail!("Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) directories are not read; its text model's GGUF file is");
-        }
         match (from_class, self.model_type.as_deref()) {
             (Some(arch), _) => Ok(arch),
             (None, Some("gemma3_text")) => Ok(Arch::Gemma3),
@@ -336,7 +345,7 @@ pub fn load_hf_dir(dir: &Path, served_name: &str, sparse: SparseMode) -> Result<
 pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device: &Device) -> Result<(LoadedModel, SparsityReport)> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-    let hf: HfConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let hf = HfConfig::parse(&text).with_context(|| format!("parsing {}", config_path.display()))?;
     let config = hf.transformer_config().with_context(|| format!("{}", config_path.display()))?;
     let mut tokenizer = TextTokenizer::from_hf_files(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json"))?;
     let generation_config = dir.join("generation_config.json");
@@ -468,6 +477,8 @@ mod tests {
         assert!(refused(serde_json::json!({"final_logit_softcapping": 30.0})).contains("softcapping"));
         assert!(refused(serde_json::json!({"query_pre_attn_scalar": 168})).contains("query_pre_attn_scalar 168"));
         assert!(refused(serde_json::json!({"layer_types": ["sliding_attention", "full_attention", "full_attention"]})).contains("layer_types[2]"));
-        assert!(refused(serde_json::json!({"architectures": ["Gemma3ForConditionalGeneration"]})).contains("vision tower"));
+        // The vision model, as published: its text model's fields one level down.
+        let multimodal = r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": {"hidden_size": 2560}}"#;
+        assert!(format!("{:#}", HfConfig::parse(multimodal).unwrap_err()).contains("vision tower"));
     }
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod convert;
+mod decode_graph;
 mod device;
 mod gguf;
 mod half_matrix;
@@ -27,6 +28,7 @@ mod transformer;
 
 pub use config::{llama3_freq_factors, Arch, TransformerConfig};
 pub use convert::convert_gguf_to_hf;
+pub use decode_graph::{CudaGraphs, DecodingRow, GraphBuckets, StaticDecodeInputs};
 pub use device::{dense_compute_dtype, describe as describe_device, DeviceSpec};
 pub use prune::{is_projection_weight, prune_hf_dir};
 pub use gguf::{load_gguf, load_gguf_dequantized, load_gguf_on, LoadedModel};

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::TransformerConfig;
-use super::kv_pages::KvPool;
+use super::decode_graph::{DecodingRow, GraphBuckets, StaticDecodeInputs};
+use super::kv_pages::{KvPool, SeqPages};
 use super::kv_cache::SeqChunk;
 
 /// Pool rows to read: one run of consecutive rows (a view of the pool), or
@@ -134,14 +135,7 @@ impl PagedStep {
         let mut step_row = 0;
         for chunk in chunks.iter_mut() {
             let (start, len) = (chunk.cache.len(), chunk.tokens.len());
-            if start + len > cfg.context_length {
-                candle_core::bail!("positions up to {} are past the context of {}", start + len, cfg.context_length);
-            }
-            let pages = match chunk.cache.pages_mut() {
-                Some(pages) if Arc::ptr_eq(pages.pool(), pool) => pages,
-                _ => candle_core::bail!("a sequence's KV cache is not in the model's pool: make caches with `Transformer::new_cache`"),
-            };
-            pages.reserve(start + len)?;
+            let pages = reserved_pages(pool, chunk, cfg)?;
             positions.extend((start..start + len).map(|p| p as u32));
             if len == 1 {
                 // Only the positions the window lets the query see.
@@ -153,13 +147,7 @@ impl PagedStep {
             }
             step_row += len;
         }
-        let tokens = step_row;
-        let positions = Tensor::new(positions.as_slice(), device)?;
-        let rotary = |table: &Tensor| table.index_select(&positions, 0)?.reshape((tokens, 1, head_dim / 2));
-        let (cos, sin) = (rotary(cos)?, rotary(sin)?);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
-
+        let (cos, sin, cos_q, sin_q) = rotary_rows(cos, sin, &positions, head_dim, device)?;
         let groups = group_by_span(decoding);
         let in_step_order = groups.len() == 1 && prefills.is_empty();
         let decode = groups.iter().map(|g| DecodeGroup::new(g, in_step_order, width, dtype, device)).collect::<Result<Vec<_>>>()?;
@@ -170,6 +158,52 @@ impl PagedStep {
             .collect();
         let restore = inverse_permutation(&output_order).map(|inverse| Tensor::new(inverse.as_slice(), device)).transpose()?;
         Ok(PagedStep { pool: pool.clone(), cos, sin, cos_q, sin_q, decode, prefills, restore })
+    }
+
+    /// The plan of a decode step (every chunk one token) at a fixed shape:
+    /// `batch` rows, each attending a span of `buckets`' (`decode_graph`),
+    /// padding rows writing and reading `scratch`'s one row. The outputs'
+    /// first rows are the chunks', in order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn padded(
+        pool: &Arc<KvPool>,
+        chunks: &mut [SeqChunk<'_>],
+        cfg: &TransformerConfig,
+        cos: &Tensor,
+        sin: &Tensor,
+        window: Option<usize>,
+        shape: (&GraphBuckets, usize),
+        scratch: &SeqPages,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<PagedStep> {
+        let (buckets, batch) = shape;
+        let mut seen: Vec<(u32, Vec<u32>)> = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter_mut() {
+            if chunk.tokens.len() != 1 {
+                candle_core::bail!("a fixed-shape step decodes one token a sequence");
+            }
+            let start = chunk.cache.len();
+            let pages = reserved_pages(pool, chunk, cfg)?;
+            let first = window.map_or(0, |w| (start + 1).saturating_sub(w));
+            seen.push((start as u32, (first..start + 1).map(|p| pages.row(p)).collect()));
+        }
+        let span = buckets.span_for(seen.iter().map(|(_, rows)| rows.len()).max().unwrap_or(1));
+        let rows: Vec<DecodingRow<'_>> = seen.iter().map(|(position, rows)| DecodingRow { token: 0, position: *position, pool_rows: rows }).collect();
+        let inputs = StaticDecodeInputs::layout(&rows, batch, span, scratch.row(0));
+        let (cos, sin, cos_q, sin_q) = rotary_rows(cos, sin, &inputs.positions, cfg.head_dim, device)?;
+        let width = cfg.n_kv_head * cfg.head_dim;
+        let write_rows: Vec<u32> = inputs.write_rows.iter().flat_map(|&r| std::iter::repeat_n(r, width)).collect();
+        let group = DecodeGroup {
+            count: batch,
+            span,
+            write_rows: Tensor::from_vec(write_rows, (batch, width), device)?,
+            // Always a gather: a graph's step reads its rows from a buffer.
+            pool_rows: PoolRows::Listed(Tensor::new(inputs.pool_rows.as_slice(), device)?),
+            mask: Some(Tensor::from_vec(inputs.mask, (batch, 1, span), device)?.to_dtype(dtype)?),
+            step_rows: None,
+        };
+        Ok(PagedStep { pool: pool.clone(), cos, sin, cos_q, sin_q, decode: vec![group], prefills: Vec::new(), restore: None })
     }
 
     /// One layer's attention: `q`, `k`, `v` are (tokens, heads × head_dim)
@@ -220,6 +254,32 @@ impl PagedStep {
         }
         Ok(())
     }
+}
+
+/// A chunk's pages, with room reserved for its new positions.
+fn reserved_pages<'c>(pool: &Arc<KvPool>, chunk: &'c mut SeqChunk<'_>, cfg: &TransformerConfig) -> Result<&'c mut SeqPages> {
+    let end = chunk.cache.len() + chunk.tokens.len();
+    if end > cfg.context_length {
+        candle_core::bail!("positions up to {end} are past the context of {}", cfg.context_length);
+    }
+    let pages = match chunk.cache.pages_mut() {
+        Some(pages) if Arc::ptr_eq(pages.pool(), pool) => pages,
+        _ => candle_core::bail!("a sequence's KV cache is not in the model's pool: make caches with `Transformer::new_cache`"),
+    };
+    pages.reserve(end)?;
+    Ok(pages)
+}
+
+/// The rotary rows of `positions` from the tables `cos` and `sin`, as
+/// (tokens, 1, head_dim / 2), and the queries' (scaled by 1/√head_dim).
+fn rotary_rows(cos: &Tensor, sin: &Tensor, positions: &[u32], head_dim: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let tokens = positions.len();
+    let positions = Tensor::new(positions, device)?;
+    let rotary = |table: &Tensor| table.index_select(&positions, 0)?.reshape((tokens, 1, head_dim / 2));
+    let (cos, sin) = (rotary(cos)?, rotary(sin)?);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
+    Ok((cos, sin, cos_q, sin_q))
 }
 
 /// Decoding sequences in groups of like length: longest first, a new group

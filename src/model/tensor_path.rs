@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::Module;
 
 use super::config::TransformerConfig;
+use super::decode_graph::GraphBuckets;
 use super::kv_cache::SeqChunk;
-use super::kv_pages::KvPool;
+use super::kv_pages::{KvPool, SeqPages};
 use super::layer::{Activation, Block};
 use super::linear::Linear;
 use super::paged_attention::PagedStep;
@@ -20,26 +21,48 @@ pub(super) struct TensorPath {
     pub pool: Arc<KvPool>,
     /// The rotary tables in the activations' dtype.
     ropes: Vec<(Tensor, Tensor)>,
+    /// Decode steps at fixed shapes (`decode_graph`): the buckets, and the
+    /// page whose first row padding rows write and read.
+    static_decode: Option<(GraphBuckets, SeqPages)>,
 }
 
 impl TensorPath {
     pub fn new(cfg: &TransformerConfig, ropes: &[RopeTable], dtype: DType, device: &Device, prefix_cache: bool) -> Result<TensorPath> {
         let ropes = ropes.iter().map(|r| Ok((r.cos.to_dtype(dtype)?, r.sin.to_dtype(dtype)?))).collect::<Result<_>>()?;
         let pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device, prefix_cache)?;
-        Ok(TensorPath { pool, ropes })
+        Ok(TensorPath { pool, ropes, static_decode: None })
+    }
+
+    /// Pad decode steps to `buckets`' shapes, or (`None`) run each at its own.
+    pub fn set_static_decode(&mut self, buckets: Option<GraphBuckets>) -> Result<()> {
+        self.static_decode = match buckets {
+            Some(buckets) => {
+                let mut scratch = SeqPages::new(self.pool.clone());
+                scratch.reserve(1)?;
+                Some((buckets, scratch))
+            }
+            None => None,
+        };
+        Ok(())
     }
 
     /// A fresh pool, with or without prefix caching (an empty one: call
     /// before any sequence exists).
     pub fn reset_pool(&mut self, cfg: &TransformerConfig, dtype: DType, device: &Device, prefix_cache: bool) -> Result<()> {
+        let buckets = self.static_decode.take().map(|(buckets, _)| buckets);
         self.pool = KvPool::new(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, dtype, device, prefix_cache)?;
-        Ok(())
+        self.set_static_decode(buckets)
     }
 
     /// One step of `model` over `chunks`: the f32 logits of `rows`.
     pub fn forward(&self, model: &Transformer, chunks: &mut [SeqChunk<'_>], rows: Rows<'_>) -> Result<Tensor> {
         let (device, cfg) = (model.device(), &model.config);
-        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let mut ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        // A decode step within the buckets runs at the bucket's shape.
+        let padded = match &self.static_decode {
+            Some((buckets, scratch)) if chunks.iter().all(|c| c.tokens.len() == 1) => buckets.batch_for(chunks.len()).map(|batch| (buckets, batch, scratch)),
+            _ => None,
+        };
         // One plan per kind of layer (its window and rope table), shared by
         // the layers of that kind.
         let mut plans: Vec<((Option<usize>, usize), PagedStep)> = Vec::new();
@@ -47,8 +70,15 @@ impl TensorPath {
             let kind = (block.spec.window, block.spec.rope);
             if !plans.iter().any(|(k, _)| *k == kind) {
                 let (cos, sin) = &self.ropes[kind.1];
-                plans.push((kind, PagedStep::new(&self.pool, chunks, cfg, cos, sin, kind.0, cos.dtype(), device)?));
+                let plan = match padded {
+                    Some((buckets, batch, scratch)) => PagedStep::padded(&self.pool, chunks, cfg, cos, sin, kind.0, (buckets, batch), scratch, cos.dtype(), device)?,
+                    None => PagedStep::new(&self.pool, chunks, cfg, cos, sin, kind.0, cos.dtype(), device)?,
+                };
+                plans.push((kind, plan));
             }
+        }
+        if let Some((_, batch, _)) = padded {
+            ids.resize(batch, 0);
         }
         let mut x = model.embedding.forward(&ids, device)?; // (tokens, hidden)
         if cfg.arch.scales_embeddings() {
@@ -66,6 +96,8 @@ impl TensorPath {
             c.cache.advance(c.tokens.len());
         }
         let x = match rows {
+            // The chunks' rows come first; the padding's are dropped.
+            _ if padded.is_some() => x.narrow(0, 0, chunks.len())?,
             Rows::All => x,
             // Only the last row of each chunk (or its tail) is needed for sampling.
             Rows::Last | Rows::Tails(_) => {

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, Module, RmsNorm};
 
 use super::config::TransformerConfig;
+use super::decode_graph::GraphBuckets;
 use super::host_attention::KvPrecision;
 use super::page_book::PrefixCacheStats;
 use super::host_path::HostPath;
@@ -213,6 +214,16 @@ impl Transformer {
         let prefix_cache = self.prefix_cache();
         self.backend = Backend::Tensor(TensorPath::new(&self.config, &ropes, self.dtype, &self.device, prefix_cache)?);
         Ok(self)
+    }
+
+    /// Run decode steps within `buckets` at the buckets' fixed shapes (the
+    /// shapes a CUDA graph is captured at: `decode_graph`), or (`None`) each
+    /// at its own. The tensor path only.
+    pub fn set_static_decode_shapes(&mut self, buckets: Option<GraphBuckets>) -> Result<()> {
+        match &mut self.backend {
+            Backend::Tensor(path) => path.set_static_decode(buckets),
+            Backend::Host(_) => candle_core::bail!("fixed decode shapes are for the tensor path (a GPU, or f16 / bf16 weights on the CPU)"),
+        }
     }
 
     /// Bound the pool's growth by the engine's KV budget (for `max_batch`
