@@ -169,7 +169,7 @@ impl Metrics {
         )
         .unwrap();
         let engine_step_seconds = HistogramVec::new(
-            HistogramOpts::new("engine_step_seconds", "Time of each phase of an engine step: forward, pick, deliver")
+            HistogramOpts::new("engine_step_seconds", "Time of each phase of an engine step: forward, pick, deliver (and draft, when speculating)")
                 .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
             &["phase"],
         )

@@ -236,7 +236,8 @@ impl Scheduler {
         let mut host_logits: Vec<f32> = Vec::new();
         let phase_seconds = |name: &str| self.metrics.engine_step_seconds.with_label_values(&[name]);
         let (forward_seconds, pick_seconds, deliver_seconds) = (phase_seconds("forward"), phase_seconds("pick"), phase_seconds("deliver"));
-        let draft_seconds = phase_seconds("draft");
+        // Only a speculating engine has a draft phase (and its series).
+        let draft_seconds = (self.speculation != Speculation::Off).then(|| phase_seconds("draft"));
         let took = |phase: &prometheus::Histogram, since: Instant| phase.observe(since.elapsed().as_secs_f64());
         while self.take_submissions(&mut batch) {
             self.retire_cancelled(&mut batch);
@@ -253,7 +254,9 @@ impl Scheduler {
                     seq.drop_draft();
                 }
             }
-            took(&draft_seconds, started);
+            if let Some(draft_seconds) = &draft_seconds {
+                took(draft_seconds, started);
+            }
             let plan = self.plan(&batch.running);
             self.metrics.batch_size.observe(plan.len() as f64);
             // Logit rows per planned sequence: a drafted one's last token and its draft.
