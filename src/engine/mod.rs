@@ -130,7 +130,6 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         }
         _ => None,
     };
-    let draft_context = draft_model.as_ref().map_or(0, |(draft, _)| draft.config.context_length);
     let scheduler = scheduler::Scheduler {
         model: transformer,
         shared: shared.clone(),
@@ -144,7 +143,6 @@ pub fn start_with_model(model: LoadedModel, config: EngineConfig, metrics: Arc<M
         speculate_max_batch: config.speculate_max_batch,
         draft_model,
         draft_tokens: config.speculate_draft_tokens,
-        draft_context,
     };
     std::thread::Builder::new()
         .name("terse-engine".into())

@@ -225,8 +225,6 @@ pub(crate) struct Scheduler {
     pub draft_model: Option<(Transformer, f32)>,
     /// A fixed draft length instead of the adaptive one (`--speculate-draft-tokens`).
     pub draft_tokens: Option<usize>,
-    /// The draft model's context length.
-    pub draft_context: usize,
 }
 
 impl Scheduler {
@@ -468,19 +466,18 @@ impl Scheduler {
             // Room for every drafted token and the one after them.
             let room = (self.shared.context_length.saturating_sub(seq.tokens.len() + 1))
                 .min(seq.request.max_tokens.saturating_sub(seq.completion + 1));
-            if self.draft_model.is_none() {
-                let draft = propose(&seq.tokens, seq.lookup_length.get().min(room));
-                seq.take_draft(draft, false);
-                continue;
-            }
-            // Lookup goes first while its drafts are expected to beat the model's.
             let copied = propose(&seq.tokens, seq.lookup_length.get().min(room));
+            let Some((model, _)) = &self.draft_model else {
+                seq.take_draft(copied, false);
+                continue;
+            };
+            // Lookup goes first while its drafts are expected to beat the model's.
             if !copied.is_empty() && draft_gain(seq.lookup_length.rate(), copied.len(), VERIFIED_ROW_COST) >= seq.model_length.model_gain() {
                 seq.take_draft(copied, false);
                 continue;
             }
             // The draft model sees no position past its own context.
-            let model_room = self.draft_context.saturating_sub(seq.tokens.len() + 1);
+            let model_room = model.config.context_length.saturating_sub(seq.tokens.len() + 1);
             let len = seq.model_length.get().min(room).min(model_room);
             if len > 0 {
                 wanted.push((seq, len));
@@ -516,25 +513,18 @@ impl Scheduler {
             if active.is_empty() {
                 return Ok(drafts);
             }
-            // What each active sequence feeds, at most a prefill chunk.
-            let feeds: Vec<Vec<u32>> = active
+            // What each active sequence feeds, at most a prefill chunk, and
+            // whether that is all it has unfed (its logits then draft a token).
+            let (feeds, finishes): (Vec<Vec<u32>>, Vec<bool>) = active
                 .iter()
                 .map(|&w| {
                     let (seq, _) = &wanted[w];
                     let mut unfed = seq.drafter.as_ref().expect("made above").unfed(&seq.tokens, &drafts[w]);
+                    let finishes = unfed.len() <= self.prefill_chunk;
                     unfed.truncate(self.prefill_chunk);
-                    unfed
+                    (unfed, finishes)
                 })
-                .collect();
-            let finishes: Vec<bool> = active
-                .iter()
-                .zip(&feeds)
-                .map(|(&w, feed)| {
-                    let (seq, _) = &wanted[w];
-                    let drafter = seq.drafter.as_ref().expect("made above");
-                    drafter.fed.len() + feed.len() == seq.tokens.len() + drafts[w].len()
-                })
-                .collect();
+                .unzip();
             let mut caches: Vec<&mut DraftCache> = Vec::with_capacity(active.len());
             let mut next = active.iter().peekable();
             for (w, (seq, _)) in wanted.iter_mut().enumerate() {

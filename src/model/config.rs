@@ -57,6 +57,16 @@ impl Arch {
         matches!(self, Arch::Gemma3)
     }
 
+    /// What a Hugging Face checkpoint's RMS norm weights lack of the scale
+    /// (Gemma keeps w and computes x · (1 + w); GGUF files keep 1 + w).
+    pub fn hf_norm_offset(&self) -> f64 {
+        if matches!(self, Arch::Gemma3) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
     /// The embeddings are scaled by √hidden.
     pub fn scales_embeddings(&self) -> bool {
         matches!(self, Arch::Gemma3)

@@ -87,9 +87,8 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
                 t = unpermute_rows(&t, config.n_kv_head)?;
             }
         }
-        // Gemma's checkpoints keep each norm's scale less one; GGUF files the scale itself.
-        if config.arch == Arch::Gemma3 && hf.ends_with("norm.weight") {
-            t = (t - 1.0)?;
+        if hf.ends_with("norm.weight") {
+            t = (t - config.arch.hf_norm_offset())?;
         }
         tensors.insert(hf, t.to_dtype(dtype)?);
     }

@@ -362,8 +362,7 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
     let q_width = config.n_head * config.head_dim;
     let mut report = SparsityReport::default();
     let embedding_table = weights.load("model.embed_tokens.weight", &[config.vocab_size, h])?;
-    // Gemma's checkpoints keep each norm's scale less one (it computes x · (1 + w)).
-    let norm_offset = if config.arch == Arch::Gemma3 { 1.0 } else { 0.0 };
+    let norm_offset = config.arch.hf_norm_offset();
     let scale = |name: &str, width: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(at.put((weights.load(name, &[width])? + norm_offset)?)?, config.rms_eps)) };
     let norm = |name: &str| scale(name, h);
     let bias = |name: &str, width: usize| -> Result<Option<Tensor>> {
