@@ -124,6 +124,14 @@ pub enum SynthShape {
     /// 64, tied head) with Llama 3 rope scaling (`rope_freqs`).
     #[value(name = "llama-3.2-1b")]
     Llama3_2_1b,
+    /// Phi-3-mini-4k's exact shapes (32 layers, hidden 3072, 32 heads of 96,
+    /// q/k/v and gate/up fused, untied head).
+    #[value(name = "phi-3-mini-4k")]
+    Phi3Mini4k,
+    /// Phi-4-mini's exact shapes (32 layers, hidden 3072, 24 / 8 heads of 128
+    /// with 96 rotating, tied head) with LongRoPE (4,096 → 131,072 positions).
+    #[value(name = "phi-4-mini")]
+    Phi4Mini,
     /// No tensors: only the tokenizer and chat template (a few MB), to carry to
     /// a machine without models and pass there as --tokenizer-from.
     TokenizerOnly,
@@ -166,6 +174,14 @@ pub struct SynthArgs {
     /// Fewer (or more) layers than the shape's own, each of its shapes.
     #[arg(long)]
     layers: Option<usize>,
+    /// Another context length than the shape's own (a LongRoPE file picks
+    /// its factor set by it).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Another number of embedding rows than the shape's own (at least the
+    /// tokenizer's vocabulary).
+    #[arg(long)]
+    vocab: Option<usize>,
     /// The GGUF file to write.
     #[arg(long)]
     out: PathBuf,
@@ -175,7 +191,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     use candle_core::quantized::GgmlDType;
     use terse::model::{write_random_gguf, write_tokenizer_gguf, SyntheticSpec};
     let family_tokenizer = match args.shape {
-        SynthShape::Qwen3_0_6b | SynthShape::Qwen3_1_7b | SynthShape::Llama3_2_1b => "qwen3-tokenizer",
+        SynthShape::Qwen3_0_6b | SynthShape::Qwen3_1_7b | SynthShape::Llama3_2_1b | SynthShape::Phi3Mini4k | SynthShape::Phi4Mini => "qwen3-tokenizer",
         _ => "r1-distill-tokenizer",
     };
     let tokenizer_name = args.tokenizer_from.as_deref().unwrap_or(family_tokenizer);
@@ -189,6 +205,8 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         SynthShape::Qwen3_0_6b => SyntheticSpec::qwen3_0_6b(28),
         SynthShape::Qwen3_1_7b => SyntheticSpec::qwen3_1_7b(),
         SynthShape::Llama3_2_1b => SyntheticSpec::llama_3_2_1b(16),
+        SynthShape::Phi3Mini4k => SyntheticSpec::phi3_mini_4k(32),
+        SynthShape::Phi4Mini => SyntheticSpec::phi4_mini(32),
         SynthShape::TokenizerOnly => {
             write_tokenizer_gguf(&args.out, &tokenizer_from)?;
             println!("{}", args.out.display());
@@ -208,6 +226,8 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     if let Some(layers) = args.layers {
         spec.n_layer = layers;
     }
+    spec.context_length = args.context.unwrap_or(spec.context_length);
+    spec.vocab_size = args.vocab.unwrap_or(spec.vocab_size);
     write_random_gguf(&args.out, &spec, &tokenizer_from)?;
     println!("{}", args.out.display());
     Ok(())

@@ -290,7 +290,7 @@ fn an_unknown_architecture_or_a_missing_key_fails_serve_generate_and_inspect_in_
         &[("general.architecture", Value::String("qwen3".into())), ("qwen3.embedding_length", Value::U32(64))],
     );
     for (path, says) in [
-        (&unknown, "unsupported architecture `mamba` (terse runs llama, qwen2, qwen3, gemma3)"),
+        (&unknown, "unsupported architecture `mamba` (terse runs llama, qwen2, qwen3, gemma3, phi3)"),
         (&lacking, "GGUF metadata lacks qwen3.attention.head_count"),
     ] {
         let model = path.to_str().unwrap();

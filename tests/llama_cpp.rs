@@ -10,7 +10,12 @@
 //! - Llama 3 rope scaling: random weights in Llama-3.2-1B's shapes (two of
 //!   its layers) with the `rope_freqs` factors llama.cpp reads, at positions
 //!   where the scaled frequencies have turned far from the plain ones;
-//!   candle-transformers' quantized llama ignores `rope_freqs`.
+//!   candle-transformers' quantized llama ignores `rope_freqs`;
+//! - Phi-4-mini's LongRoPE and partial rotation: random weights in its
+//!   shapes (two layers), q/k/v and gate/up fused, 96 of each head's 128
+//!   values rotating, the long factor set and the attention factor;
+//!   candle-transformers' Phi-3 models multiply by the factors where
+//!   Hugging Face and llama.cpp divide, and leave the attention factor out.
 
 use std::path::PathBuf;
 
@@ -110,5 +115,47 @@ fn llama3_rope_scaling_computes_as_llama_cpp_does() {
     let (miss, _) = worst_difference(&unscaled, &Recorded { top: r.top.iter().take(1).map(|t| Top { ids: t.ids.clone(), logits: t.logits.clone() }).collect(), ..r }, f32::INFINITY);
     eprintln!("without the factors: within {miss:e}");
     assert!(miss > 3.0 * worst, "the scaling made too little difference: {miss} without it, {worst} with it");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn phi4_mini_longrope_computes_as_llama_cpp_does() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-phi4-longrope");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokenizer = terse::manifest::models_dir().join("cache/qwen3-tokenizer/tokenizer.json");
+    assert!(tokenizer.is_file(), "run ./models/fetch qwen3-tokenizer");
+    // The file record_llama_cpp.py was given (with --n-ctx 8192, so that
+    // llama.cpp takes the long factors): `terse synth --shape phi-4-mini
+    // --dtype q4_k --layers 2 --seed 1 --context 8192 --vocab 151936`.
+    let spec = SyntheticSpec {
+        dtype: candle_core::quantized::GgmlDType::Q4K,
+        seed: 1,
+        context_length: 8192,
+        vocab_size: 151_936,
+        ..SyntheticSpec::phi4_mini(2)
+    };
+    let path = dir.join("phi4.gguf");
+    write_random_gguf(&path, &spec, &tokenizer).unwrap();
+    let r = recorded("phi4-longrope.json");
+    let model = load_gguf(&path, "phi4-longrope").unwrap();
+    let config = &model.transformer.config;
+    assert_eq!((config.head_dim, config.rotary_dim), (128, 96), "head size from hidden / heads, rotation from rope.dimension_count");
+    assert!(config.rope_freq_factors.as_ref().is_some_and(|f| f.iter().any(|&x| x > 4.0)), "the long factors are read");
+    assert!(config.rope_attn_factor > 1.0, "the attention factor is read");
+    assert_eq!(model.tokenizer.encode_prompt(&r.text).unwrap(), r.prompt, "llama.cpp's tokens");
+    const TOLERANCE: f32 = 0.5;
+    let (worst, decisive) = worst_difference(&model, &r, TOLERANCE);
+    eprintln!("phi4 longrope: {} prompt tokens, logits within {worst:e} of llama.cpp's; greedy compared at {decisive} steps", r.prompt.len());
+    assert!(worst <= TOLERANCE, "logits differ from llama.cpp's by {worst}");
+    // The same file served at the trained context takes the short factors
+    // and no attention factor, and misses llama.cpp's long-context logits by far more.
+    let short_path = dir.join("phi4-short.gguf");
+    write_random_gguf(&short_path, &SyntheticSpec { context_length: 4096, ..spec }, &tokenizer).unwrap();
+    let short = load_gguf(&short_path, "phi4-short").unwrap();
+    assert_eq!(short.transformer.config.rope_attn_factor, 1.0);
+    let first = Recorded { top: r.top.iter().take(1).map(|t| Top { ids: t.ids.clone(), logits: t.logits.clone() }).collect(), ..r };
+    let (miss, _) = worst_difference(&short, &first, f32::INFINITY);
+    eprintln!("with the short factors: within {miss:e}");
+    assert!(miss > 3.0 * worst, "the factor sets made too little difference: {miss} with the short one, {worst} with the long one");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -56,8 +56,10 @@ enum Reference {
     Qwen2(candle_transformers::models::quantized_qwen2::ModelWeights),
     Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights),
     Gemma3(candle_transformers::models::quantized_gemma3::ModelWeights),
-    /// Its dense model, on a Hugging Face directory.
+    Phi3(candle_transformers::models::quantized_phi3::ModelWeights),
+    /// Its dense models, on a Hugging Face directory.
     Gemma3Dense(candle_transformers::models::gemma3::Model),
+    Phi3Dense(candle_transformers::models::phi3::Model),
 }
 
 impl Reference {
@@ -77,6 +79,9 @@ impl Reference {
             Arch::Gemma3 => Reference::Gemma3(
                 candle_transformers::models::quantized_gemma3::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap(),
             ),
+            Arch::Phi3 => Reference::Phi3(
+                candle_transformers::models::quantized_phi3::ModelWeights::from_gguf(false, content, &mut file, &Device::Cpu).unwrap(),
+            ),
         }
     }
 
@@ -88,7 +93,9 @@ impl Reference {
             // Its logits are of the last position only, like the others'.
             Reference::Qwen3(m) => m.forward(&x, pos),
             Reference::Gemma3(m) => m.forward(&x, pos),
+            Reference::Phi3(m) => m.forward(&x, pos),
             Reference::Gemma3Dense(m) => m.forward(&x, pos),
+            Reference::Phi3Dense(m) => m.forward(&x, pos),
         }
         .unwrap();
         logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -100,8 +107,9 @@ impl Reference {
             Reference::Qwen2(m) => m.clear_kv_cache(),
             Reference::Qwen3(m) => m.clear_kv_cache(),
             // Its caches start again at position 0.
-            Reference::Gemma3(_) => {}
+            Reference::Gemma3(_) | Reference::Phi3(_) => {}
             Reference::Gemma3Dense(m) => m.clear_kv_cache(),
+            Reference::Phi3Dense(m) => m.clear_kv_cache(),
         }
     }
 }
@@ -229,6 +237,30 @@ fn qwen3_matches_candle_transformers() {
     }
 }
 
+/// Phi-3 (no public weights here): random weights in Phi-3-mini-4k's
+/// exact per-layer shapes (32 heads of 96 on a hidden size of 3072, q/k/v
+/// in one matrix and the MLP's gate and up in another, an output head of
+/// its own), two of its 32 layers, in Q8_0 and Q4_K, against
+/// candle-transformers' `quantized_phi3`. That reference rotates every
+/// value of a head at base 10,000 and reads no LongRoPE factors, so this
+/// file has neither: Phi-4-mini's partial rotation and LongRoPE are checked
+/// against llama.cpp (`tests/llama_cpp.rs`). SmolLM2's tokenizer (49,152
+/// tokens, near Phi-3's 32,064) keeps the file small.
+#[test]
+fn phi3_matches_candle_transformers() {
+    use candle_core::quantized::GgmlDType;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-phi3");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokenizer = model_path("smollm2-135m");
+    for (dtype, label) in [(GgmlDType::Q8_0, "q8_0"), (GgmlDType::Q4K, "q4_k")] {
+        let path = dir.join(format!("phi3-mini-shapes.{label}.gguf"));
+        let spec = terse::model::SyntheticSpec { dtype, vocab_size: 49_152, seed: 5, ..terse::model::SyntheticSpec::phi3_mini_4k(2) };
+        terse::model::write_random_gguf(&path, &spec, &tokenizer).unwrap();
+        compare_file_with_reference(&path, &format!("phi3-synthetic-{label}"), QWEN3_TOLERANCE);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
 /// Gemma 3 (the real 270m file) against candle-transformers'
 /// `quantized_gemma3`: raw prompts (the pretrained model has no chat
 /// template), 32 decode steps; and a prompt longer than the 512-position
@@ -304,6 +336,95 @@ fn a_gemma3_directory_matches_candle_transformers() {
     // BOS first, as the file asks (tokenizer_config's add_bos_token).
     assert_eq!(prompts[0][0], ours.tokenizer.token_to_id("<bos>").unwrap());
     compare_prompts_with(reference, &ours, "gemma-3-270m directory", &prompts, GEMMA3_DIR_TOLERANCE);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Phi-4-mini's layout as Hugging Face directories (`terse convert`, f32),
+/// on a small model of it (hidden 256, 4 / 2 heads of 64 of which 48
+/// rotate, q/k/v and gate/up fused, a tied head):
+/// - without LongRoPE, read by terse and by candle-transformers' dense
+///   `phi3`, which rotates part of each head as Phi does (its LongRoPE
+///   multiplies by the factors where Hugging Face divides, so it is not used);
+/// - with LongRoPE, the directory computes what its GGUF computes: the long
+///   factors and the attention factor go through `config.json`.
+#[test]
+fn a_phi3_directory_matches_candle_transformers() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-phi3-hf");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let small = small_phi4(4);
+    let tokenizer = model_path("smollm2-135m");
+    let texts = ["The capital of France is", "Once upon a time, in a small village by the sea,", "def fibonacci(n):"];
+    for longrope in [false, true] {
+        let spec = terse::model::SyntheticSpec { longrope_original: small.longrope_original.filter(|_| longrope), ..small.clone() };
+        let (gguf, hf) = (dir.join(format!("phi3-{longrope}.gguf")), dir.join(format!("phi3-{longrope}")));
+        terse::model::write_random_gguf(&gguf, &spec, &tokenizer).unwrap();
+        terse::model::convert_gguf_to_hf(&gguf, &hf, candle_core::DType::F32).unwrap();
+        let ours = terse::model::load_hf_dir(&hf, "phi3-small", terse::model::SparseMode::Off).unwrap().0;
+        let config = &ours.transformer.config;
+        assert_eq!((config.arch, config.rotary_dim), (Arch::Phi3, 48));
+        let prompts: Vec<Vec<u32>> = texts.iter().map(|text| ours.tokenizer.encode_prompt(text).unwrap()).collect();
+        if longrope {
+            assert!(config.rope_attn_factor > 1.0 && config.rope_freq_factors.is_some(), "LongRoPE read from config.json");
+            let from_gguf = terse::model::load_gguf_dequantized(&gguf, "phi3-small").unwrap();
+            assert_eq!(from_gguf.transformer.config.rope_freq_factors, config.rope_freq_factors);
+            for prompt in &prompts {
+                let inputs: Vec<u32> = (0..16).map(|i| 100 + i * 37).collect();
+                for (a, b) in ours_alone(&ours, prompt, &inputs).iter().zip(ours_alone(&from_gguf, prompt, &inputs)) {
+                    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    assert!(diff < 1e-3, "the directory's logits differ from its GGUF's by {diff}");
+                }
+            }
+        } else {
+            let config: candle_transformers::models::phi3::Config = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+            let weights = [hf.join("model.safetensors")];
+            // SAFETY: the file was just written and nothing changes it while mapped.
+            let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, candle_core::DType::F32, &Device::Cpu).unwrap() };
+            let reference = Reference::Phi3Dense(candle_transformers::models::phi3::Model::new(&config, vb).unwrap());
+            compare_prompts_with(reference, &ours, "phi3 directory", &prompts, GEMMA3_DIR_TOLERANCE);
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Gemma 3's 4B and larger scale their global layers' rope linearly (×8):
+/// the real 270m's file given that metadata converts to a directory whose
+/// `rope_scaling` says so, and which computes what the file computes.
+#[test]
+fn a_linearly_scaled_gemma3_converts_with_its_scaling() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-gemma3-linear");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (scaled, hf) = (dir.join("gemma3-linear.gguf"), dir.join("hf"));
+    {
+        let mut source = File::open(model_path("gemma-3-270m")).unwrap();
+        let content = gguf_file::Content::read(&mut source).unwrap();
+        let mut metadata: Vec<(String, gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        metadata.push(("gemma3.rope.scaling.type".into(), gguf_file::Value::String("linear".into())));
+        metadata.push(("gemma3.rope.scaling.factor".into(), gguf_file::Value::F32(8.0)));
+        let tensors: Vec<(String, candle_core::quantized::QTensor)> =
+            content.tensor_infos.keys().map(|name| (name.clone(), content.tensor(&mut source, name, &Device::Cpu).unwrap())).collect();
+        let mut out = std::io::BufWriter::new(File::create(&scaled).unwrap());
+        let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tens: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        gguf_file::write(&mut out, &meta, &tens).unwrap();
+    }
+    terse::model::convert_gguf_to_hf(&scaled, &hf, candle_core::DType::F32).unwrap();
+    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["rope_scaling"], serde_json::json!({"rope_type": "linear", "factor": 8.0}));
+    let ours = terse::model::load_hf_dir(&hf, "gemma3-linear", terse::model::SparseMode::Off).unwrap().0;
+    let file = terse::model::load_gguf_dequantized(&scaled, "gemma3-linear").unwrap();
+    let plain = terse::model::load_gguf_dequantized(&model_path("gemma-3-270m"), "gemma-3-270m").unwrap();
+    let prompt = ours.tokenizer.encode_prompt(&"The lighthouse keeper climbed the stairs each evening. ".repeat(12)).unwrap();
+    let inputs: Vec<u32> = (0..4).map(|i| 1000 + 77 * i).collect();
+    let (mut same, mut moved) = (0f32, 0f32);
+    for ((a, b), c) in ours_alone(&ours, &prompt, &inputs).iter().zip(ours_alone(&file, &prompt, &inputs)).zip(ours_alone(&plain, &prompt, &inputs)) {
+        same = same.max(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max));
+        moved = moved.max(a.iter().zip(&c).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max));
+    }
+    eprintln!("scaled gemma3: directory vs file within {same:e}; vs the unscaled file {moved:e}");
+    assert!(same < 1e-3, "the directory differs from its file by {same}");
+    assert!(moved > 100.0 * same.max(1e-4), "the scaling made too little difference ({moved})");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -461,10 +582,55 @@ fn every_position_of_a_chunk_has_its_prefixs_bits() {
 fn gemma3_on_the_tensor_path_computes_what_the_host_path_computes() {
     let path = model_path("gemma-3-270m");
     let host = terse::model::load_gguf_dequantized(&path, "gemma-3-270m").unwrap();
-    assert!(host.transformer.runs_on_host());
     let long = "The history of the city goes back to the Romans, who built a bridge over the river.".repeat(36);
     let prompts = [host.tokenizer.encode_prompt(&long).unwrap(), host.tokenizer.encode_prompt("The capital of France is").unwrap()];
     assert!(prompts[0].len() > 640);
+    tensor_path_computes_what_the_host_path_computes(host, &prompts);
+}
+
+/// Phi-4-mini's layout at a small size, in f32, for SmolLM2's vocabulary:
+/// hidden 256, 4 / 2 heads of 64 of which 48 rotate, LongRoPE from 4,096
+/// to 8,192 positions.
+fn small_phi4(seed: u64) -> terse::model::SyntheticSpec {
+    terse::model::SyntheticSpec {
+        n_layer: 2,
+        hidden: 256,
+        n_head: 4,
+        n_kv_head: 2,
+        head_dim: 64,
+        rotary_dim: Some(48),
+        ffn_hidden: 512,
+        vocab_size: 49_152,
+        context_length: 8192,
+        dtype: candle_core::quantized::GgmlDType::F32,
+        seed,
+        ..terse::model::SyntheticSpec::phi4_mini(2)
+    }
+}
+
+/// The same for Phi-4-mini's rotation of part of each head, with LongRoPE's
+/// long factors and attention factor, on a small model of its layout.
+#[test]
+fn phi4_rotation_on_the_tensor_path_computes_what_the_host_path_computes() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-phi4-small");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("phi4-small.gguf");
+    let spec = small_phi4(3);
+    terse::model::write_random_gguf(&path, &spec, &model_path("smollm2-135m")).unwrap();
+    let host = terse::model::load_gguf_dequantized(&path, "phi4-small").unwrap();
+    assert_eq!(host.transformer.config.rotary_dim, 48);
+    assert!(host.transformer.config.rope_attn_factor > 1.0);
+    let long = "The history of the city goes back to the Romans, who built a bridge over the river.".repeat(20);
+    let prompts = [host.tokenizer.encode_prompt(&long).unwrap(), host.tokenizer.encode_prompt("The capital of France is").unwrap()];
+    tensor_path_computes_what_the_host_path_computes(host, &prompts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The file's weights dequantized to f32 on both paths, so only the
+/// attention code differs; two sequences in one batch, the first prefilled
+/// in chunks of 256, then both decoding.
+fn tensor_path_computes_what_the_host_path_computes(host: LoadedModel, prompts: &[Vec<u32>; 2]) {
+    assert!(host.transformer.runs_on_host());
     let run = |model: &terse::model::Transformer| -> Vec<Vec<f32>> {
         let mut caches: Vec<SeqKvCache> = prompts.iter().map(|_| model.new_cache()).collect();
         // The long prompt in chunks of 256 beside the short one's whole prompt, then both decode.

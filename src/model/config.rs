@@ -16,10 +16,15 @@ pub enum Arch {
     /// MLP; q/k norms; a GELU-tanh MLP; sliding-window layers between global
     /// ones, each kind with its own rope base.
     Gemma3,
+    /// Llama's block with q, k and v in one matrix and the MLP's gate and up
+    /// in another (split at load), rotary embedding on the first part of
+    /// each head only, and LongRoPE's two sets of frequency factors (Phi-3,
+    /// Phi-4-mini).
+    Phi3,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3];
+    pub const ALL: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3, Arch::Phi3];
 
     pub fn parse(name: &str) -> Result<Self> {
         match Arch::ALL.into_iter().find(|a| a.name() == name) {
@@ -37,13 +42,14 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
     /// Qwen rotates the two halves of each head (NEOX style); GGUF llama weights
     /// rotate adjacent pairs (llama.cpp's NORM style).
     pub fn rope_is_neox(&self) -> bool {
-        matches!(self, Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3)
+        matches!(self, Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::Phi3)
     }
 
     /// Each query and key head goes through an RMS norm of its own before rotation.
@@ -108,6 +114,16 @@ pub struct TransformerConfig {
     /// by: Llama 3's rope scaling (a GGUF's `rope_freqs` tensor, or a
     /// `config.json`'s `rope_scaling`), applied to the global rope table.
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// How many of each head's first values rotate (`head_dim` but where a
+    /// family rotates part of the head: Phi-4-mini's 96 of 128).
+    pub rotary_dim: usize,
+    /// Every rotary cosine and sine is multiplied by this (LongRoPE's
+    /// attention factor, √(1 + ln(s) / ln(original context)) for a context
+    /// stretched s times; 1 elsewhere).
+    pub rope_attn_factor: f32,
+    /// The context a model was trained at before its rope was stretched
+    /// (LongRoPE picks its factor set by it).
+    pub rope_original_context: Option<usize>,
 }
 
 impl TransformerConfig {
@@ -127,10 +143,19 @@ impl TransformerConfig {
         let n_head = get("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = get("attention.head_count_kv")?.to_u32()? as usize;
         // Qwen3's head size is its own (`key_length`), not hidden / heads.
-        let head_dim = match get("attention.key_length").or_else(|_| get("rope.dimension_count")) {
+        // Phi-3's `rope.dimension_count` is the rotated part of a head, not its size.
+        let head_size = if arch == Arch::Phi3 { get("attention.key_length") } else { get("attention.key_length").or_else(|_| get("rope.dimension_count")) };
+        let head_dim = match head_size {
             Ok(v) => v.to_u32()? as usize,
             Err(_) => hidden / n_head,
         };
+        let rotary_dim = match get("rope.dimension_count") {
+            Ok(v) => v.to_u32()? as usize,
+            Err(_) => head_dim,
+        };
+        if rotary_dim == 0 || rotary_dim > head_dim || rotary_dim % 2 == 1 {
+            bail!("{arch_name}.rope.dimension_count is {rotary_dim}; it must be even and at most the head size {head_dim}");
+        }
         let vocab_size = match get("vocab_size") {
             Ok(v) => v.to_u32()? as usize,
             Err(_) => content
@@ -157,13 +182,16 @@ impl TransformerConfig {
             sliding_pattern: 0,
             rope_local_theta: None,
             rope_freq_factors: None,
+            rotary_dim,
+            rope_attn_factor: get("rope.scaling.attn_factor").and_then(|v| Ok(v.to_f32()?)).unwrap_or(1.0),
+            rope_original_context: get("rope.scaling.original_context_length").ok().and_then(|v| v.to_u32().ok()).map(|v| v as usize),
         };
         // Linear rope scaling (Gemma 3's 4B and larger: ×8 on the global
         // layers) divides every frequency of the global table by the factor.
         let linear = get("rope.scaling.type").ok().and_then(|v| v.to_string().ok().cloned()).filter(|t| t == "linear");
         let factor = get("rope.scaling.factor").ok().and_then(|v| v.to_f32().ok()).filter(|&f| f > 0.0 && f != 1.0);
         let cfg = match (linear, factor) {
-            (Some(_), Some(factor)) => TransformerConfig { rope_freq_factors: Some(vec![factor; head_dim / 2]), ..cfg },
+            (Some(_), Some(factor)) => TransformerConfig { rope_freq_factors: Some(vec![factor; rotary_dim / 2]), ..cfg },
             _ => cfg,
         };
         let cfg = if arch == Arch::Gemma3 {

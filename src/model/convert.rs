@@ -34,6 +34,9 @@ fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
             "attn_q_norm" => "self_attn.q_norm",
             "attn_k_norm" => "self_attn.k_norm",
             "ffn_gate" => "mlp.gate_proj",
+            // Phi-3 keeps q, k and v in one matrix, and gate and up in another.
+            "attn_qkv" => "self_attn.qkv_proj",
+            "ffn_up" if arch == Arch::Phi3 => "mlp.gate_up_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
             _ => return None,
@@ -64,8 +67,16 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     let mut file = File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", gguf.display()))?;
     let config = TransformerConfig::from_gguf(&content)?;
-    if content.tensor_infos.contains_key("rope_freqs.weight") || config.rope_freq_factors.is_some() {
-        anyhow::bail!("{}: its rope scaling (rope_freqs or rope.scaling) has no config.json form here; the directory would run unscaled", gguf.display());
+    // Linear scaling (one factor for every frequency: Gemma 3's 4B and up)
+    // and LongRoPE's two factor sets are written to config.json below;
+    // Llama 3's per-frequency `rope_freqs` keep no record of the four
+    // numbers config.json gives them by.
+    let linear = match config.rope_freq_factors.as_deref() {
+        Some([first, rest @ ..]) if rest.iter().all(|f| f == first) => Some(*first),
+        _ => None,
+    };
+    if content.tensor_infos.contains_key("rope_freqs.weight") || (config.rope_freq_factors.is_some() && linear.is_none()) {
+        anyhow::bail!("{}: its rope scaling (rope_freqs) has no config.json form here; the directory would run unscaled", gguf.display());
     }
     let tokenizer = TextTokenizer::from_gguf(&content)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -74,6 +85,9 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
+        if name.starts_with("rope_factors_") {
+            continue; // LongRoPE's factors go to config.json
+        }
         let Some(hf) = hf_name(name, config.arch) else {
             tracing::warn!("{}: tensor {name} has no Hugging Face counterpart; left out", gguf.display());
             continue;
@@ -105,6 +119,7 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         Arch::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+        Arch::Phi3 => ("Phi3ForCausalLM", "phi3"),
     };
     let torch_dtype = if dtype == DType::BF16 { "bfloat16" } else { "float32" };
     let mut hf_config = json!({
@@ -141,6 +156,27 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path, dtype: DType) -> Result<()> {
             "final_logit_softcapping": null,
             "attn_logit_softcapping": null,
         });
+        hf_config.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+    }
+    if let Some(factor) = linear {
+        hf_config["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+    }
+    if config.arch == Arch::Phi3 {
+        let mut extra = json!({"partial_rotary_factor": config.rotary_dim as f64 / config.head_dim as f64});
+        if content.tensor_infos.contains_key("rope_factors_long.weight") {
+            let mut factors = |name: &str| -> Result<Vec<f32>> {
+                let t = content.tensor(&mut file, name, &Device::Cpu).with_context(|| format!("{}: tensor {name}", gguf.display()))?;
+                Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let original = config.rope_original_context.with_context(|| format!("{}: LongRoPE factors without rope.scaling.original_context_length", gguf.display()))?;
+            extra["rope_scaling"] = json!({
+                "type": "longrope",
+                "short_factor": factors("rope_factors_short.weight")?,
+                "long_factor": factors("rope_factors_long.weight")?,
+                "attention_factor": config.rope_attn_factor,
+            });
+            extra["original_max_position_embeddings"] = json!(original);
+        }
         hf_config.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
     }
     write_json(&out.join("config.json"), &hf_config)?;

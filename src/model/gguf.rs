@@ -1,7 +1,8 @@
-//! Loading a GGUF file (llama, qwen2, qwen3, gemma3): weights stay in their quantized blocks.
+//! Loading a GGUF file (llama, qwen2, qwen3, gemma3, phi3): weights stay in their quantized blocks.
 
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::Device;
 use candle_nn::{Embedding, RmsNorm};
 
-use super::config::TransformerConfig;
+use super::config::{Arch, TransformerConfig};
 use super::linear::Linear;
 use super::half_matrix::{HalfFormat, HalfMatrix};
 use super::quant::{BlockFormat, QuantMatrix};
@@ -67,28 +68,41 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     if weights.has("rope_freqs.weight") {
         config.rope_freq_factors = Some(weights.tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
     }
+    // LongRoPE (Phi-3's long-context models) holds two sets of factors. One
+    // set rotates the whole cache, so that every key turns alike: the long
+    // one where the context terse serves outgrows the context the model was
+    // trained at, as llama.cpp chooses by its context size.
+    if let Some(original) = config.rope_original_context.filter(|_| weights.has("rope_factors_long.weight")) {
+        let set = if config.context_length > original { "long" } else { "short" };
+        let factors = weights.tensor(&format!("rope_factors_{set}.weight"))?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        tracing::info!("LongRoPE: the {set} factors, for a context of {} (trained at {original})", config.context_length);
+        config.rope_freq_factors = Some(factors);
+    }
     // On the CPU, matrices in a format our kernels read are repacked straight
     // from the file (see `Weights::matrix`); the rest go through candle.
     let ours = !dequantize && device.is_cpu();
-    let linear = |w: &mut Weights, prefix: &str| -> Result<Linear> {
+    // Rows `rows` of matrix `prefix` (all of them where None): Phi-3 keeps
+    // q, k and v in one matrix, and the MLP's gate and up in another.
+    let linear_rows = |w: &mut Weights, prefix: &str, rows: Option<Range<usize>>| -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let bias_name = format!("{prefix}.bias");
-        let bias = if w.has(&bias_name) { Some(w.tensor(&bias_name)?.dequantize(device)?) } else { None };
+        let bias = if w.has(&bias_name) && rows.is_none() { Some(w.tensor(&bias_name)?.dequantize(device)?) } else { None };
         if ours {
-            if let Some(matrix) = w.matrix(&name)? {
+            if let Some(matrix) = w.matrix(&name, rows.clone())? {
                 return Ok(Linear::quant(Arc::new(matrix), bias));
             }
-            if let Some(matrix) = w.half(&name)? {
+            if let Some(matrix) = w.half(&name, rows.clone())? {
                 return Ok(Linear::half(Arc::new(matrix), bias));
             }
             w.note_candle_matrix(&name);
         }
-        let weight = w.tensor(&name)?;
+        let weight = w.tensor_rows(&name, rows)?;
         if dequantize {
             return Ok(Linear::dense(weight.dequantize(device)?, bias)?);
         }
         Ok(Linear::from_qtensor(weight, bias)?)
     };
+    let linear = |w: &mut Weights, prefix: &str| linear_rows(w, prefix, None);
     let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(w.tensor(name)?.dequantize(device)?, config.rms_eps)) };
     // A per-head norm must hold one weight per value of a head.
     let head_norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> {
@@ -101,8 +115,8 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
 
     // The table stays quantized where our kernels read its format, and a tied
     // head multiplies with the very same matrix.
-    let shared = if ours { weights.matrix("token_embd.weight")?.map(Arc::new) } else { None };
-    let shared_half = if ours && shared.is_none() { weights.half("token_embd.weight")?.map(Arc::new) } else { None };
+    let shared = if ours { weights.matrix("token_embd.weight", None)?.map(Arc::new) } else { None };
+    let shared_half = if ours && shared.is_none() { weights.half("token_embd.weight", None)?.map(Arc::new) } else { None };
     let embedding = match (&shared, &shared_half) {
         (Some(m), _) => TokenEmbedding::Quantized(m.clone()),
         (None, Some(h)) => TokenEmbedding::Half(h.clone()),
@@ -110,29 +124,43 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     };
     let qk_norms = config.arch.norms_q_and_k();
     let outputs_normed = config.arch.norms_outputs();
+    let (q_width, kv_width, ffn) = (config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.ffn_hidden);
     let mut blocks = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let p = format!("blk.{i}");
         let w = &mut weights;
+        // Phi-3's fused matrices, split by rows: q, k, v; then gate, up.
+        let (q, k, v) = if w.has(&format!("{p}.attn_qkv.weight")) {
+            let qkv = format!("{p}.attn_qkv");
+            w.expect_rows(&qkv, q_width + 2 * kv_width)?;
+            let q = linear_rows(w, &qkv, Some(0..q_width))?;
+            let k = linear_rows(w, &qkv, Some(q_width..q_width + kv_width))?;
+            (q, k, linear_rows(w, &qkv, Some(q_width + kv_width..q_width + 2 * kv_width))?)
+        } else {
+            (linear(w, &format!("{p}.attn_q"))?, linear(w, &format!("{p}.attn_k"))?, linear(w, &format!("{p}.attn_v"))?)
+        };
+        let (gate, up) = if config.arch == Arch::Phi3 && !w.has(&format!("{p}.ffn_gate.weight")) {
+            let gate_up = format!("{p}.ffn_up");
+            w.expect_rows(&gate_up, 2 * ffn)?;
+            (linear_rows(w, &gate_up, Some(0..ffn))?, linear_rows(w, &gate_up, Some(ffn..2 * ffn))?)
+        } else {
+            (linear(w, &format!("{p}.ffn_gate"))?, linear(w, &format!("{p}.ffn_up"))?)
+        };
         blocks.push(Block {
             spec: config.layer_spec(i),
             post_attn_norm: outputs_normed.then(|| norm(w, &format!("{p}.post_attention_norm.weight"))).transpose()?,
             post_ffn_norm: outputs_normed.then(|| norm(w, &format!("{p}.post_ffw_norm.weight"))).transpose()?,
             attn_norm: norm(w, &format!("{p}.attn_norm.weight"))?,
             attn: Attention {
-                q: linear(w, &format!("{p}.attn_q"))?,
-                k: linear(w, &format!("{p}.attn_k"))?,
-                v: linear(w, &format!("{p}.attn_v"))?,
+                q,
+                k,
+                v,
                 o: linear(w, &format!("{p}.attn_output"))?,
                 q_norm: qk_norms.then(|| head_norm(w, &format!("{p}.attn_q_norm.weight"))).transpose()?,
                 k_norm: qk_norms.then(|| head_norm(w, &format!("{p}.attn_k_norm.weight"))).transpose()?,
             },
             ffn_norm: norm(w, &format!("{p}.ffn_norm.weight"))?,
-            mlp: Mlp {
-                gate: linear(w, &format!("{p}.ffn_gate"))?,
-                up: linear(w, &format!("{p}.ffn_up"))?,
-                down: linear(w, &format!("{p}.ffn_down"))?,
-            },
+            mlp: Mlp { gate, up, down: linear(w, &format!("{p}.ffn_down"))? },
         });
     }
     let final_norm = norm(&mut weights, "output_norm.weight")?;
@@ -215,36 +243,70 @@ impl Weights<'_> {
         Ok(t)
     }
 
+    /// Rows `rows` of matrix `name` through candle (all of it where None).
+    /// Each row of a GGUF matrix is whole blocks, so rows are a byte range.
+    fn tensor_rows(&mut self, name: &str, rows: Option<Range<usize>>) -> Result<candle_core::quantized::QTensor> {
+        let Some(rows) = rows else { return self.tensor(name) };
+        let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let (dtype, (_, cols)) = (info.ggml_dtype, info.shape.dims2()?);
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let mut bytes = vec![0u8; rows.len() * row_bytes];
+        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset + (rows.start * row_bytes) as u64))?;
+        std::io::Read::read_exact(&mut self.file, &mut bytes).with_context(|| format!("{}: tensor {name} is truncated", self.path.display()))?;
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows.len(), cols], &self.device)?;
+        self.count(dtype, t.shape(), bytes.len());
+        Ok(t)
+    }
+
+    /// Matrix `name` has `rows` rows (a fused matrix must, to be split).
+    fn expect_rows(&self, name: &str, rows: usize) -> Result<()> {
+        let full = format!("{name}.weight");
+        let info = self.content.tensor_infos.get(&full).with_context(|| format!("{}: no tensor {full}", self.path.display()))?;
+        match info.shape.dims2() {
+            Ok((r, _)) if r == rows => Ok(()),
+            _ => anyhow::bail!("{}: tensor {full} has shape {:?}, expected {rows} rows", self.path.display(), info.shape.dims()),
+        }
+    }
+
     /// A matrix in a format our kernels read, repacked as it is read from the
     /// file: no second copy of it is ever held (candle's reader would hold the
     /// file's bytes and the repacked ones at once; for Qwen2.5-0.5B's
     /// 145 MB head that was the load's peak). None for other formats.
-    fn matrix(&mut self, name: &str) -> Result<Option<QuantMatrix>> {
-        self.read_matrix(name, BlockFormat::from_ggml, |format, rows, cols, file| {
-            Ok((QuantMatrix::read(format, rows, cols, file)?, QuantMatrix::gguf_bytes(format, rows, cols)?))
-        })
+    fn matrix(&mut self, name: &str, rows: Option<Range<usize>>) -> Result<Option<QuantMatrix>> {
+        self.read_matrix(
+            name,
+            rows,
+            BlockFormat::from_ggml,
+            |format, cols| Ok(QuantMatrix::gguf_bytes(format, 1, cols)?),
+            |format, rows, cols, file| Ok((QuantMatrix::read(format, rows, cols, file)?, QuantMatrix::gguf_bytes(format, rows, cols)?)),
+        )
     }
 
     /// An F16 or BF16 matrix, kept in its own precision. None for other formats.
-    fn half(&mut self, name: &str) -> Result<Option<HalfMatrix>> {
-        self.read_matrix(name, HalfFormat::from_ggml, |format, rows, cols, file| Ok((HalfMatrix::read(format, rows, cols, file)?, rows * cols * 2)))
+    fn half(&mut self, name: &str, rows: Option<Range<usize>>) -> Result<Option<HalfMatrix>> {
+        self.read_matrix(name, rows, HalfFormat::from_ggml, |_, cols| Ok(cols * 2), |format, rows, cols, file| Ok((HalfMatrix::read(format, rows, cols, file)?, rows * cols * 2)))
     }
 
-    /// A 2-D tensor whose type `format_of` knows, read by `read` (the matrix
-    /// and the bytes it took in the file) straight from its place in the file.
-    fn read_matrix<F, M>(
+    /// Rows `rows` (all where None) of a 2-D tensor whose type `format_of`
+    /// knows, read by `read` (the matrix and the bytes it took in the file)
+    /// straight from their place in the file; `row_bytes` is a row's size.
+    fn read_matrix<F: Copy, M>(
         &mut self,
         name: &str,
+        rows: Option<Range<usize>>,
         format_of: impl Fn(GgmlDType) -> Option<F>,
+        row_bytes: impl Fn(F, usize) -> Result<usize>,
         read: impl FnOnce(F, usize, usize, &mut BufReader<File>) -> Result<(M, usize)>,
     ) -> Result<Option<M>> {
         let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
-        let (Some(format), Ok((rows, cols))) = (format_of(info.ggml_dtype), info.shape.dims2()) else {
+        let (Some(format), Ok((all_rows, cols))) = (format_of(info.ggml_dtype), info.shape.dims2()) else {
             return Ok(None);
         };
-        let (dtype, shape) = (info.ggml_dtype, info.shape.clone());
-        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
-        let (matrix, bytes) = read(format, rows, cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
+        let rows = rows.unwrap_or(0..all_rows);
+        let (dtype, shape) = (info.ggml_dtype, candle_core::Shape::from((rows.len(), cols)));
+        let skip = (rows.start * row_bytes(format, cols)?) as u64;
+        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset + skip))?;
+        let (matrix, bytes) = read(format, rows.len(), cols, &mut self.file).with_context(|| format!("{}: tensor {name}", self.path.display()))?;
         self.count(dtype, &shape, bytes);
         Ok(Some(matrix))
     }

@@ -65,6 +65,10 @@ pub struct HfConfig {
     pub query_pre_attn_scalar: Option<usize>,
     pub final_logit_softcapping: Option<f64>,
     pub attn_logit_softcapping: Option<f64>,
+    /// Phi-3's family: the share of each head that rotates, and the context
+    /// it was trained at before LongRoPE stretched it.
+    pub partial_rotary_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
 }
 
 fn default_rope_theta() -> f32 {
@@ -90,6 +94,7 @@ impl HfConfig {
             "Qwen2ForCausalLM" => Some(Arch::Qwen2),
             "Qwen3ForCausalLM" => Some(Arch::Qwen3),
             "Gemma3ForCausalLM" => Some(Arch::Gemma3),
+            "Phi3ForCausalLM" => Some(Arch::Phi3),
             _ => None,
         });
         match (from_class, self.model_type.as_deref()) {
@@ -112,12 +117,41 @@ impl HfConfig {
                     config.rope_freq_factors = Some(factors);
                 }
                 // Every frequency of the global table divided by the factor.
-                "linear" => config.rope_freq_factors = Some(vec![number("factor")?; config.head_dim / 2]),
+                "linear" => config.rope_freq_factors = Some(vec![number("factor")?; config.rotary_dim / 2]),
+                "longrope" | "su" => self.longrope(scaling, &mut config)?,
                 "default" | "" => {}
-                other => bail!("rope_scaling of type `{other}` is not supported (llama3 and linear are)"),
+                other => bail!("rope_scaling of type `{other}` is not supported (llama3, linear and longrope are)"),
             }
         }
         Ok(config)
+    }
+
+    /// LongRoPE: one of its two factor sets for the whole cache, the long
+    /// one where the context outgrows the one the model was trained at (as
+    /// a GGUF of it is read), and the attention factor: the checkpoint's, or
+    /// √(1 + ln(s) / ln(original)) for a context stretched s times.
+    fn longrope(&self, scaling: &serde_json::Value, config: &mut TransformerConfig) -> Result<()> {
+        let original = self
+            .original_max_position_embeddings
+            .or_else(|| scaling.get("original_max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize))
+            .context("longrope rope_scaling without original_max_position_embeddings")?;
+        let set = if config.context_length > original { "long_factor" } else { "short_factor" };
+        let factors: Vec<f32> = scaling
+            .get(set)
+            .and_then(|v| v.as_array())
+            .with_context(|| format!("longrope rope_scaling lacks {set}"))?
+            .iter()
+            .map(|v| v.as_f64().map(|f| f as f32).with_context(|| format!("rope_scaling.{set} holds a value that is not a number")))
+            .collect::<Result<_>>()?;
+        if factors.len() != config.rotary_dim / 2 {
+            bail!("rope_scaling.{set} holds {} factors but the heads rotate {} frequencies", factors.len(), config.rotary_dim / 2);
+        }
+        let stretch = config.context_length as f64 / original as f64;
+        let computed = if stretch > 1.0 { (1.0 + stretch.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+        config.rope_attn_factor = scaling.get("attention_factor").and_then(|v| v.as_f64()).unwrap_or(computed) as f32;
+        config.rope_freq_factors = Some(factors);
+        config.rope_original_context = Some(original);
+        Ok(())
     }
 
     fn plain_config(&self) -> Result<TransformerConfig> {
@@ -126,13 +160,14 @@ impl HfConfig {
         if self.num_attention_heads == 0 || n_kv_head == 0 || !self.num_attention_heads.is_multiple_of(n_kv_head) {
             bail!("config.json: head counts {} / {n_kv_head} are inconsistent", self.num_attention_heads);
         }
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
         let config = TransformerConfig {
             arch,
             n_layer: self.num_hidden_layers,
             hidden: self.hidden_size,
             n_head: self.num_attention_heads,
             n_kv_head,
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            head_dim,
             ffn_hidden: self.intermediate_size,
             rope_theta: self.rope_theta,
             rms_eps: self.rms_norm_eps,
@@ -143,7 +178,16 @@ impl HfConfig {
             sliding_pattern: 0,
             rope_local_theta: None,
             rope_freq_factors: None,
+            rotary_dim: match self.partial_rotary_factor {
+                Some(share) => (head_dim as f64 * share) as usize,
+                None => head_dim,
+            },
+            rope_attn_factor: 1.0,
+            rope_original_context: None,
         };
+        if config.rotary_dim == 0 || config.rotary_dim > head_dim || config.rotary_dim % 2 == 1 {
+            bail!("config.json: partial_rotary_factor gives {} rotated values of a head of {head_dim}; they must be even and at most the head", config.rotary_dim);
+        }
         if arch == Arch::Gemma3 {
             return self.gemma3_config(config);
         }
@@ -303,7 +347,27 @@ fn projection(
     at: &Placement,
     report: &mut SparsityReport,
 ) -> Result<Linear> {
+    projection_rows(w, name, shape, None, bias, sparse, at, report)
+}
+
+/// Rows `rows` of a projection of `shape` (all where None): Phi-3 keeps q,
+/// k and v in one matrix, and the MLP's gate and up in another.
+#[allow(clippy::too_many_arguments)]
+fn projection_rows(
+    w: &Weights,
+    name: &str,
+    shape: [usize; 2],
+    rows: Option<std::ops::Range<usize>>,
+    bias: Option<Tensor>,
+    sparse: SparseMode,
+    at: &Placement,
+    report: &mut SparsityReport,
+) -> Result<Linear> {
     let weight = w.load(&format!("{name}.weight"), &shape)?;
+    let (weight, shape) = match rows {
+        Some(rows) => (weight.narrow(0, rows.start, rows.len())?.contiguous()?, [rows.len(), shape[1]]),
+        None => (weight, shape),
+    };
     let values = weight.flatten_all()?.to_vec1::<f32>()?;
     let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len().max(1) as f64;
     let dense_bytes = (values.len() * at.dtype.size_in_bytes()) as u64;
@@ -383,25 +447,43 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         let p = format!("model.layers.{i}");
         let a = format!("{p}.self_attn");
         let m = format!("{p}.mlp");
+        // Phi-3's fused matrices, split by rows: q, k, v; then gate, up.
+        let (q, k, v) = if weights.has(&format!("{a}.qkv_proj.weight")) {
+            let (qkv, shape) = (format!("{a}.qkv_proj"), [q_width + 2 * kv, h]);
+            let mut part = |rows: std::ops::Range<usize>| projection_rows(&weights, &qkv, shape, Some(rows), None, sparse, &at, &mut report);
+            (part(0..q_width)?, part(q_width..q_width + kv)?, part(q_width + kv..q_width + 2 * kv)?)
+        } else {
+            (
+                projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,
+                projection(&weights, &format!("{a}.k_proj"), [kv, h], bias(&format!("{a}.k_proj"), kv)?, sparse, &at, &mut report)?,
+                projection(&weights, &format!("{a}.v_proj"), [kv, h], bias(&format!("{a}.v_proj"), kv)?, sparse, &at, &mut report)?,
+            )
+        };
+        let (gate, up) = if weights.has(&format!("{m}.gate_up_proj.weight")) {
+            let (gate_up, shape) = (format!("{m}.gate_up_proj"), [2 * ffn, h]);
+            let mut part = |rows: std::ops::Range<usize>| projection_rows(&weights, &gate_up, shape, Some(rows), None, sparse, &at, &mut report);
+            (part(0..ffn)?, part(ffn..2 * ffn)?)
+        } else {
+            (
+                projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &at, &mut report)?,
+                projection(&weights, &format!("{m}.up_proj"), [ffn, h], None, sparse, &at, &mut report)?,
+            )
+        };
         blocks.push(Block {
             spec: config.layer_spec(i),
             post_attn_norm: outputs_normed.then(|| norm(&format!("{p}.post_attention_layernorm.weight"))).transpose()?,
             post_ffn_norm: outputs_normed.then(|| norm(&format!("{p}.post_feedforward_layernorm.weight"))).transpose()?,
             attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
             attn: Attention {
-                q: projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,
-                k: projection(&weights, &format!("{a}.k_proj"), [kv, h], bias(&format!("{a}.k_proj"), kv)?, sparse, &at, &mut report)?,
-                v: projection(&weights, &format!("{a}.v_proj"), [kv, h], bias(&format!("{a}.v_proj"), kv)?, sparse, &at, &mut report)?,
+                q,
+                k,
+                v,
                 o: projection(&weights, &format!("{a}.o_proj"), [h, q_width], None, sparse, &at, &mut report)?,
                 q_norm: qk_norms.then(|| head_norm(&format!("{a}.q_norm.weight"))).transpose()?,
                 k_norm: qk_norms.then(|| head_norm(&format!("{a}.k_norm.weight"))).transpose()?,
             },
             ffn_norm: norm(&format!("{p}.{}.weight", if outputs_normed { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }))?,
-            mlp: Mlp {
-                gate: projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &at, &mut report)?,
-                up: projection(&weights, &format!("{m}.up_proj"), [ffn, h], None, sparse, &at, &mut report)?,
-                down: projection(&weights, &format!("{m}.down_proj"), [h, ffn], None, sparse, &at, &mut report)?,
-            },
+            mlp: Mlp { gate, up, down: projection(&weights, &format!("{m}.down_proj"), [h, ffn], None, sparse, &at, &mut report)? },
         });
     }
     let final_norm = norm("model.norm.weight")?;
@@ -479,5 +561,41 @@ mod tests {
         // The vision model, as published: its text model's fields one level down.
         let multimodal = r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": {"hidden_size": 2560}}"#;
         assert!(format!("{:#}", HfConfig::parse(multimodal).unwrap_err()).contains("vision tower"));
+    }
+
+    /// Phi-4-mini's config.json, as published (the fields terse reads; 48
+    /// made-up factors per set).
+    fn phi4_mini(extra: serde_json::Value) -> Result<TransformerConfig> {
+        let short: Vec<f64> = (0..48).map(|i| 1.0 + i as f64 / 100.0).collect();
+        let long: Vec<f64> = (0..48).map(|i| 1.0 + i as f64).collect();
+        let mut config = serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+            "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+            "num_attention_heads": 24, "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+            "rms_norm_eps": 1e-5, "rope_theta": 10_000.0, "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "vocab_size": 200064, "tie_word_embeddings": true,
+            "sliding_window": 262144,
+            "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long},
+        });
+        config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<HfConfig>(config).unwrap().transformer_config()
+    }
+
+    #[test]
+    fn phi3_configs_rotate_part_of_each_head_with_one_longrope_set() {
+        let config = phi4_mini(serde_json::json!({})).unwrap();
+        assert_eq!((config.arch, config.head_dim, config.rotary_dim, config.rope_original_context), (Arch::Phi3, 128, 96, Some(4096)));
+        // 131,072 positions outgrow the trained 4,096: the long set, and √(1 + ln 32 / ln 4096).
+        assert_eq!(config.rope_freq_factors.as_ref().unwrap()[47], 48.0);
+        assert!((config.rope_attn_factor - (1.0 + 32f32.ln() / 4096f32.ln()).sqrt()).abs() < 1e-6);
+        // Served at the trained context: the short set, no attention factor.
+        let short = phi4_mini(serde_json::json!({"max_position_embeddings": 4096})).unwrap();
+        assert_eq!((short.rope_freq_factors.as_ref().unwrap()[47], short.rope_attn_factor), (1.47, 1.0));
+        // The checkpoint's own attention factor wins.
+        let given = phi4_mini(serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": vec![1.0; 48], "long_factor": vec![2.0; 48], "attention_factor": 1.5}})).unwrap();
+        assert_eq!(given.rope_attn_factor, 1.5);
+        let refused = |extra: serde_json::Value| format!("{:#}", phi4_mini(extra).unwrap_err());
+        assert!(refused(serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}})).contains("holds 1 factors"));
+        assert!(refused(serde_json::json!({"partial_rotary_factor": 0.2})).contains("partial_rotary_factor"));
     }
 }

@@ -171,17 +171,30 @@ impl PageStore {
     }
 }
 
-/// Rotate each head of one row (`heads × head_dim` values) to position `pos`,
-/// as candle's `rope` (halves) or `rope_i` (interleaved pairs) does, with the
-/// same expressions. `cos` and `sin` are the tables' rows for `pos` (head_dim / 2).
-pub fn rotate(row: &mut [f32], head_dim: usize, halves: bool, cos: &[f32], sin: &[f32]) {
-    let half = head_dim / 2;
-    for head in row.chunks_exact_mut(head_dim) {
-        for i in 0..half {
-            let (a, b) = if halves { (i, i + half) } else { (2 * i, 2 * i + 1) };
-            let (x, y) = (head[a], head[b]);
-            head[a] = x * cos[i] - y * sin[i];
-            head[b] = x * sin[i] + y * cos[i];
+/// How a layer rotates each head: the first `rotary_dim` of its `head_dim`
+/// values (all of them but in Phi-3's family), in halves or in adjacent pairs.
+#[derive(Clone, Copy)]
+pub struct Rotary {
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub halves: bool,
+}
+
+impl Rotary {
+    /// Rotate each head of one row (`heads × head_dim` values) to position
+    /// `pos`, as candle's `rope` (halves) or `rope_i` (interleaved pairs)
+    /// does on the rotated part, with the same expressions; the rest of each
+    /// head is left as it is. `cos` and `sin` are the tables' rows for `pos`
+    /// (rotary_dim / 2).
+    pub fn rotate(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = self.rotary_dim / 2;
+        for head in row.chunks_exact_mut(self.head_dim) {
+            for i in 0..half {
+                let (a, b) = if self.halves { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                let (x, y) = (head[a], head[b]);
+                head[a] = x * cos[i] - y * sin[i];
+                head[b] = x * sin[i] + y * cos[i];
+            }
         }
     }
 }
@@ -622,18 +635,23 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let (heads, hd, pos) = (3, 16, 5);
         let x = random(&mut rng, heads * hd);
-        let cos = random(&mut rng, hd / 2);
-        let sin = random(&mut rng, hd / 2);
         let dev = Device::Cpu;
         let t = Tensor::from_vec(x.clone(), (1, heads, 1, hd), &dev).unwrap();
-        let c = Tensor::from_vec(cos.clone(), (1, hd / 2), &dev).unwrap();
-        let s = Tensor::from_vec(sin.clone(), (1, hd / 2), &dev).unwrap();
-        for halves in [true, false] {
-            let want = if halves { candle_nn::rotary_emb::rope(&t, &c, &s) } else { candle_nn::rotary_emb::rope_i(&t, &c, &s) };
-            let want = want.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let mut got = x.clone();
-            rotate(&mut got, hd, halves, &cos, &sin);
-            assert_eq!(got, want, "halves = {halves}, position {pos}");
+        // Whole heads, and the first 12 of 16 values (the rest pass through).
+        for rotary_dim in [hd, 12] {
+            let cos = random(&mut rng, rotary_dim / 2);
+            let sin = random(&mut rng, rotary_dim / 2);
+            let c = Tensor::from_vec(cos.clone(), (1, rotary_dim / 2), &dev).unwrap();
+            let s = Tensor::from_vec(sin.clone(), (1, rotary_dim / 2), &dev).unwrap();
+            let part = t.narrow(3, 0, rotary_dim).unwrap().contiguous().unwrap();
+            for halves in [true, false] {
+                let turned = if halves { candle_nn::rotary_emb::rope(&part, &c, &s) } else { candle_nn::rotary_emb::rope_i(&part, &c, &s) };
+                let want = Tensor::cat(&[&turned.unwrap(), &t.narrow(3, rotary_dim, hd - rotary_dim).unwrap()], 3).unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut got = x.clone();
+                Rotary { head_dim: hd, rotary_dim, halves }.rotate(&mut got, &cos, &sin);
+                assert_eq!(got, want, "halves = {halves}, rotary_dim {rotary_dim}, position {pos}");
+            }
         }
     }
 }

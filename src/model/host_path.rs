@@ -78,6 +78,7 @@ impl HostNorm {
 /// tensor path's tables hold them, so the rows have those tables' bits.
 struct HostRope {
     inv_freq: Vec<f32>,
+    attn_factor: f32,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
@@ -89,8 +90,13 @@ impl HostRope {
         for p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                self.cos.push(angle.cos());
-                self.sin.push(angle.sin());
+                if self.attn_factor == 1.0 {
+                    self.cos.push(angle.cos());
+                    self.sin.push(angle.sin());
+                } else {
+                    self.cos.push(angle.cos() * self.attn_factor);
+                    self.sin.push(angle.sin() * self.attn_factor);
+                }
             }
         }
     }
@@ -134,7 +140,7 @@ impl HostPath {
                 })
             })
             .collect::<Result<_>>()?;
-        let ropes = ropes.iter().map(|r| HostRope { inv_freq: r.inv_freq.clone(), cos: Vec::new(), sin: Vec::new() }).collect();
+        let ropes = ropes.iter().map(|r| HostRope { inv_freq: r.inv_freq.clone(), attn_factor: r.attn_factor, cos: Vec::new(), sin: Vec::new() }).collect();
         let buffers = Mutex::new(HostBuffers { ropes, ..Default::default() });
         let pool = HostKvPool::new(blocks.len(), kv_heads, head_dim, KvPrecision::F32, true);
         Ok(HostPath { norms, final_norm: HostNorm::new(final_norm)?, pool, buffers })
@@ -266,14 +272,15 @@ impl HostPath {
         }
         let (q, k, v) = (&mut b.q, &mut b.k, &b.v);
         let rope = &b.ropes[block.spec.rope];
-        let half = cfg.head_dim / 2;
+        let half = cfg.rotary_dim / 2;
+        let rotary = host_attention::Rotary { head_dim: cfg.head_dim, rotary_dim: cfg.rotary_dim, halves: cfg.rope_halves };
         for (chunk, rows) in chunks.iter_mut().zip(b.row_starts.windows(2)) {
             let (row, len) = (rows[0], rows[1] - rows[0]);
             for i in row..row + len {
                 let at = i * half;
                 let (cos, sin) = (&rope.cos[at..at + half], &rope.sin[at..at + half]);
-                host_attention::rotate(&mut q[i * q_width..(i + 1) * q_width], cfg.head_dim, cfg.rope_halves, cos, sin);
-                host_attention::rotate(&mut k[i * kv_width..(i + 1) * kv_width], cfg.head_dim, cfg.rope_halves, cos, sin);
+                rotary.rotate(&mut q[i * q_width..(i + 1) * q_width], cos, sin);
+                rotary.rotate(&mut k[i * kv_width..(i + 1) * kv_width], cos, sin);
             }
             let pages = chunk.cache.host_pages().expect("checked: a host cache");
             let store = &mut pool.layers[layer];

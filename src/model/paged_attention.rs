@@ -129,7 +129,7 @@ impl PagedStep {
         dtype: DType,
         device: &Device,
     ) -> Result<PagedStep> {
-        let (width, head_dim) = (cfg.n_kv_head * cfg.head_dim, cfg.head_dim);
+        let (width, head_dim, rotary_dim) = (cfg.n_kv_head * cfg.head_dim, cfg.head_dim, cfg.rotary_dim);
         let mut positions = Vec::new();
         let (mut decoding, mut prefills): (Vec<Decoding>, Vec<Prefill>) = (Vec::new(), Vec::new());
         let mut step_row = 0;
@@ -147,7 +147,7 @@ impl PagedStep {
             }
             step_row += len;
         }
-        let (cos, sin, cos_q, sin_q) = rotary_rows(cos, sin, &positions, head_dim, device)?;
+        let (cos, sin, cos_q, sin_q) = rotary_rows(cos, sin, &positions, head_dim, rotary_dim, device)?;
         let groups = group_by_span(decoding);
         let in_step_order = groups.len() == 1 && prefills.is_empty();
         let decode = groups.iter().map(|g| DecodeGroup::new(g, in_step_order, width, dtype, device)).collect::<Result<Vec<_>>>()?;
@@ -191,7 +191,7 @@ impl PagedStep {
         let span = buckets.span_for(seen.iter().map(|(_, rows)| rows.len()).max().unwrap_or(1));
         let rows: Vec<DecodingRow<'_>> = seen.iter().map(|(position, rows)| DecodingRow { token: 0, position: *position, pool_rows: rows }).collect();
         let inputs = StaticDecodeInputs::layout(&rows, batch, span, scratch.row(0));
-        let (cos, sin, cos_q, sin_q) = rotary_rows(cos, sin, &inputs.positions, cfg.head_dim, device)?;
+        let (cos, sin, cos_q, sin_q) = rotary_rows(cos, sin, &inputs.positions, cfg.head_dim, cfg.rotary_dim, device)?;
         let width = cfg.n_kv_head * cfg.head_dim;
         let write_rows: Vec<u32> = inputs.write_rows.iter().flat_map(|&r| std::iter::repeat_n(r, width)).collect();
         let group = DecodeGroup {
@@ -211,13 +211,24 @@ impl PagedStep {
     pub fn attend(&self, layer: usize, cfg: &TransformerConfig, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
         let tokens = q.dim(0)?;
-        let rotate = |x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor| -> Result<Tensor> {
+        let rot = cfg.rotary_dim;
+        // `scale` is what the tables carry beyond the rotation (the queries'
+        // 1/√head_dim), for the values that do not turn.
+        let rotate = |x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor, scale: f64| -> Result<Tensor> {
             let x = x.contiguous()?.reshape((tokens, heads, 1, hd))?;
-            let y = if cfg.rope_halves { candle_nn::rotary_emb::rope(&x, cos, sin)? } else { candle_nn::rotary_emb::rope_i(&x, cos, sin)? };
+            let turn = |x: &Tensor| if cfg.rope_halves { candle_nn::rotary_emb::rope(x, cos, sin) } else { candle_nn::rotary_emb::rope_i(x, cos, sin) };
+            let y = if rot == hd {
+                turn(&x)?
+            } else {
+                // Only the first `rot` values of each head turn (Phi-3's family).
+                let pass = x.narrow(3, rot, hd - rot)?;
+                let pass = if scale == 1.0 { pass } else { (pass * scale)? };
+                Tensor::cat(&[&turn(&x.narrow(3, 0, rot)?.contiguous()?)?, &pass], 3)?
+            };
             y.reshape((tokens, heads * hd))
         };
-        let q = rotate(q, nh, &self.cos_q, &self.sin_q)?; // scaled
-        let (k, v) = (rotate(k, nkv, &self.cos, &self.sin)?, v.contiguous()?);
+        let q = rotate(q, nh, &self.cos_q, &self.sin_q, 1.0 / (hd as f64).sqrt())?; // scaled
+        let (k, v) = (rotate(k, nkv, &self.cos, &self.sin, 1.0)?, v.contiguous()?);
         self.write(layer, &k, &v)?;
         let (keys, values) = self.pool.layer(layer);
 
@@ -271,11 +282,11 @@ fn reserved_pages<'c>(pool: &Arc<KvPool>, chunk: &'c mut SeqChunk<'_>, cfg: &Tra
 }
 
 /// The rotary rows of `positions` from the tables `cos` and `sin`, as
-/// (tokens, 1, head_dim / 2), and the queries' (scaled by 1/√head_dim).
-fn rotary_rows(cos: &Tensor, sin: &Tensor, positions: &[u32], head_dim: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+/// (tokens, 1, rotary_dim / 2), and the queries' (scaled by 1/√head_dim).
+fn rotary_rows(cos: &Tensor, sin: &Tensor, positions: &[u32], head_dim: usize, rotary_dim: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let tokens = positions.len();
     let positions = Tensor::new(positions, device)?;
-    let rotary = |table: &Tensor| table.index_select(&positions, 0)?.reshape((tokens, 1, head_dim / 2));
+    let rotary = |table: &Tensor| table.index_select(&positions, 0)?.reshape((tokens, 1, rotary_dim / 2));
     let (cos, sin) = (rotary(cos)?, rotary(sin)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);

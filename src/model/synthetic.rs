@@ -36,6 +36,13 @@ pub struct SyntheticSpec {
     /// Llama 3's rope scaling (factor, low and high frequency factors, the
     /// original context), written as the `rope_freqs` tensor llama.cpp reads.
     pub llama3_rope: Option<[f32; 4]>,
+    /// How many of each head's values rotate, where not all (Phi-4-mini's 96 of 128).
+    pub rotary_dim: Option<usize>,
+    /// LongRoPE: the context the model was trained at before its rope was
+    /// stretched to `context_length`. The file gets random short and long
+    /// factor sets (`rope_factors_short` / `_long`, as llama.cpp reads them),
+    /// growing towards the low frequencies as real ones do.
+    pub longrope_original: Option<usize>,
     /// Storage type of the projection matrices (the embedding is stored the same way).
     pub dtype: GgmlDType,
     /// Where given, the type of `attn_v`, `ffn_down` and the head instead (every
@@ -60,6 +67,8 @@ impl SyntheticSpec {
             rope_theta: 10_000.0,
             tied_head: true,
             llama3_rope: None,
+            rotary_dim: None,
+            longrope_original: None,
             dtype: GgmlDType::F32,
             sensitive_dtype: None,
             seed: 0,
@@ -82,6 +91,8 @@ impl SyntheticSpec {
             rope_theta: 10_000.0,
             tied_head: false,
             llama3_rope: None,
+            rotary_dim: None,
+            longrope_original: None,
             dtype: GgmlDType::Q4K,
             sensitive_dtype: None,
             seed: 0,
@@ -104,6 +115,8 @@ impl SyntheticSpec {
             rope_theta: 1_000_000.0,
             tied_head: true,
             llama3_rope: None,
+            rotary_dim: None,
+            longrope_original: None,
             dtype: GgmlDType::Q8_0,
             sensitive_dtype: None,
             seed: 0,
@@ -129,6 +142,8 @@ impl SyntheticSpec {
             rope_theta: 500_000.0,
             tied_head: true,
             llama3_rope: Some([32.0, 1.0, 4.0, 8192.0]),
+            rotary_dim: None,
+            longrope_original: None,
             dtype: GgmlDType::Q8_0,
             sensitive_dtype: None,
             seed: 0,
@@ -138,6 +153,50 @@ impl SyntheticSpec {
     /// Qwen3-1.7B's shapes: hidden 2048, 16 / 8 heads of 128, FFN 6144, 28 layers, a tied head.
     pub fn qwen3_1_7b() -> Self {
         SyntheticSpec { hidden: 2048, ffn_hidden: 6144, ..Self::qwen3_0_6b(28) }
+    }
+
+    /// Phi-3-mini-4k's shapes at `n_layer` layers (its own: 32): hidden
+    /// 3072, 32 heads of 96 (no grouping), FFN 8192, every value of a head
+    /// rotating at base 10,000, an output head of its own, 4,096 positions.
+    pub fn phi3_mini_4k(n_layer: usize) -> Self {
+        SyntheticSpec {
+            arch: Arch::Phi3,
+            n_layer,
+            hidden: 3072,
+            n_head: 32,
+            n_kv_head: 32,
+            head_dim: 96,
+            ffn_hidden: 8192,
+            // Phi-3's own is 32,064; the rows fit the tokenizer a test gives
+            // it (Qwen3's, 151,669 tokens).
+            vocab_size: 151_936,
+            context_length: 4096,
+            rope_theta: 10_000.0,
+            tied_head: false,
+            llama3_rope: None,
+            rotary_dim: None,
+            longrope_original: None,
+            dtype: GgmlDType::Q8_0,
+            sensitive_dtype: None,
+            seed: 0,
+        }
+    }
+
+    /// Phi-4-mini's shapes at `n_layer` layers (its own: 32): hidden 3072,
+    /// 24 / 8 heads of 128 of which 96 rotate, FFN 8192, a tied head, and
+    /// LongRoPE stretching 4,096 positions to 131,072.
+    pub fn phi4_mini(n_layer: usize) -> Self {
+        SyntheticSpec {
+            n_head: 24,
+            n_kv_head: 8,
+            head_dim: 128,
+            vocab_size: 200_064,
+            context_length: 131_072,
+            tied_head: true,
+            rotary_dim: Some(96),
+            longrope_original: Some(4096),
+            ..Self::phi3_mini_4k(n_layer)
+        }
     }
 }
 
@@ -249,6 +308,8 @@ fn tokenizer_metadata(from: &Path, spec: &SyntheticSpec) -> Result<Vec<(String, 
     if json.extension().is_some_and(|e| e == "json") {
         let pre = match spec.arch {
             Arch::Qwen2 | Arch::Qwen3 => "qwen2",
+            // Phi-4's (o200k) split, which its GGUFs name so.
+            Arch::Phi3 => "gpt-4o",
             _ => "llama-bpe",
         };
         hf_tokenizer_metadata(&json, spec.vocab_size, pre)
@@ -278,9 +339,22 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
         (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(1e-6)),
         (key("rope.freq_base"), gguf_file::Value::F32(spec.rope_theta)),
         (key("vocab_size"), gguf_file::Value::U32(spec.vocab_size as u32)),
-        (key("attention.key_length"), gguf_file::Value::U32(spec.head_dim as u32)),
-        (key("attention.value_length"), gguf_file::Value::U32(spec.head_dim as u32)),
     ];
+    let rotary_dim = spec.rotary_dim.unwrap_or(spec.head_dim);
+    if spec.arch == Arch::Phi3 {
+        // As llama.cpp writes Phi-3: the rotated share of a head, no head size.
+        metadata.push((key("rope.dimension_count"), gguf_file::Value::U32(rotary_dim as u32)));
+    } else {
+        metadata.push((key("attention.key_length"), gguf_file::Value::U32(spec.head_dim as u32)));
+        metadata.push((key("attention.value_length"), gguf_file::Value::U32(spec.head_dim as u32)));
+    }
+    if let Some(original) = spec.longrope_original {
+        // llama.cpp's converter: √(1 + ln(s) / ln(original)) for a context stretched s times.
+        let stretch = spec.context_length as f64 / original as f64;
+        let attn_factor = if stretch > 1.0 { (1.0 + stretch.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+        metadata.push((key("rope.scaling.original_context_length"), gguf_file::Value::U32(original as u32)));
+        metadata.push((key("rope.scaling.attn_factor"), gguf_file::Value::F32(attn_factor as f32)));
+    }
     metadata.extend(tokenizer_metadata(tokenizer_from, spec)?);
 
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
@@ -303,9 +377,14 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
     for i in 0..spec.n_layer {
         let p = format!("blk.{i}");
         tensors.push((format!("{p}.attn_norm.weight"), vector(ones(spec.hidden)?)?));
-        tensors.push((format!("{p}.attn_q.weight"), matrix(&mut rng, q_width, spec.hidden)?));
-        tensors.push((format!("{p}.attn_k.weight"), matrix(&mut rng, kv_width, spec.hidden)?));
-        tensors.push((format!("{p}.attn_v.weight"), typed(&mut rng, kv_width, spec.hidden, sensitive(i))?));
+        if spec.arch == Arch::Phi3 {
+            // q, k and v in one matrix, as Phi-3 keeps them.
+            tensors.push((format!("{p}.attn_qkv.weight"), matrix(&mut rng, q_width + 2 * kv_width, spec.hidden)?));
+        } else {
+            tensors.push((format!("{p}.attn_q.weight"), matrix(&mut rng, q_width, spec.hidden)?));
+            tensors.push((format!("{p}.attn_k.weight"), matrix(&mut rng, kv_width, spec.hidden)?));
+            tensors.push((format!("{p}.attn_v.weight"), typed(&mut rng, kv_width, spec.hidden, sensitive(i))?));
+        }
         if spec.arch == Arch::Qwen2 {
             for (name, width) in [("attn_q", q_width), ("attn_k", kv_width), ("attn_v", kv_width)] {
                 let bias = noise(&mut rng, (1, width), 0.1)?.flatten_all()?;
@@ -321,17 +400,39 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
         }
         tensors.push((format!("{p}.attn_output.weight"), matrix(&mut rng, spec.hidden, q_width)?));
         tensors.push((format!("{p}.ffn_norm.weight"), vector(ones(spec.hidden)?)?));
-        tensors.push((format!("{p}.ffn_gate.weight"), matrix(&mut rng, spec.ffn_hidden, spec.hidden)?));
-        tensors.push((format!("{p}.ffn_up.weight"), matrix(&mut rng, spec.ffn_hidden, spec.hidden)?));
+        if spec.arch == Arch::Phi3 {
+            // Gate rows first, then up rows, in one matrix.
+            tensors.push((format!("{p}.ffn_up.weight"), matrix(&mut rng, 2 * spec.ffn_hidden, spec.hidden)?));
+        } else {
+            tensors.push((format!("{p}.ffn_gate.weight"), matrix(&mut rng, spec.ffn_hidden, spec.hidden)?));
+            tensors.push((format!("{p}.ffn_up.weight"), matrix(&mut rng, spec.ffn_hidden, spec.hidden)?));
+        }
         tensors.push((format!("{p}.ffn_down.weight"), typed(&mut rng, spec.hidden, spec.ffn_hidden, sensitive(i))?));
     }
     if let Some([factor, low, high, original]) = spec.llama3_rope {
         let factors = super::config::llama3_freq_factors(spec.rope_theta, spec.head_dim, [factor, low, high, original]);
         tensors.push(("rope_freqs.weight".into(), vector(Tensor::new(factors.as_slice(), &Device::Cpu)?)?));
     }
+    if spec.longrope_original.is_some() {
+        // Factor i divides frequency i: 1 at the highest frequency, growing
+        // towards the lowest (to about 1.5 short, 12 long), with noise.
+        let half = rotary_dim / 2;
+        for (name, top) in [("rope_factors_short.weight", 1.5f32), ("rope_factors_long.weight", 12.0)] {
+            let factors: Vec<f32> = (0..half)
+                .map(|i| {
+                    let at = i as f32 / (half - 1).max(1) as f32;
+                    1.0 + (top - 1.0) * at * at * rng.random_range(0.8..1.0)
+                })
+                .collect();
+            tensors.push((name.into(), vector(Tensor::new(factors.as_slice(), &Device::Cpu)?)?));
+        }
+    }
     tensors.push(("output_norm.weight".into(), vector(ones(spec.hidden)?)?));
     if !spec.tied_head {
-        tensors.push(("output.weight".into(), typed(&mut rng, spec.vocab_size, spec.hidden, spec.sensitive_dtype.unwrap_or(spec.dtype))?));
+        // The embedding's scale, so that an untied head's logits spread as a
+        // tied one's do (at 1/√hidden the top two are rarely a unit apart).
+        let head = noise(&mut rng, (spec.vocab_size, spec.hidden), 0.1)?;
+        tensors.push(("output.weight".into(), QTensor::quantize(&head, spec.sensitive_dtype.unwrap_or(spec.dtype))?));
     }
     write_atomically(out, &metadata, &tensors)
 }

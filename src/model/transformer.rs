@@ -90,9 +90,11 @@ impl TokenEmbedding {
 }
 
 /// Rotary angles of one rope base: its frequencies, and as tables
-/// (context_length, head_dim / 2) f32.
+/// (context_length, rotary_dim / 2) f32.
 pub(super) struct RopeTable {
     pub inv_freq: Vec<f32>,
+    /// What every cosine and sine is multiplied by (`rope_attn_factor`).
+    pub attn_factor: f32,
     pub cos: Tensor,
     pub sin: Tensor,
 }
@@ -100,7 +102,8 @@ pub(super) struct RopeTable {
 impl RopeTable {
     /// The table of base `theta`, each frequency divided by its factor where given.
     fn new(cfg: &TransformerConfig, theta: f32, factors: Option<&[f32]>, device: &Device) -> Result<RopeTable> {
-        let mut inv_freq: Vec<f32> = (0..cfg.head_dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / cfg.head_dim as f32)).collect();
+        let dim = cfg.rotary_dim;
+        let mut inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / dim as f32)).collect();
         if let Some(factors) = factors {
             if factors.len() != inv_freq.len() {
                 candle_core::bail!("rope_freqs holds {} factors but the heads rotate {} frequencies", factors.len(), inv_freq.len());
@@ -112,7 +115,12 @@ impl RopeTable {
         let freqs = Tensor::new(inv_freq.as_slice(), device)?;
         let positions = Tensor::arange(0, cfg.context_length as u32, device)?.to_dtype(DType::F32)?.reshape((cfg.context_length, 1))?;
         let angles = positions.matmul(&freqs.reshape((1, ()))?)?;
-        Ok(RopeTable { inv_freq, cos: angles.cos()?, sin: angles.sin()? })
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let (cos, sin) = match cfg.rope_attn_factor {
+            1.0 => (cos, sin),
+            factor => ((cos * factor as f64)?, (sin * factor as f64)?),
+        };
+        Ok(RopeTable { inv_freq, attn_factor: cfg.rope_attn_factor, cos, sin })
     }
 }
 

@@ -13,6 +13,8 @@ use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::Tokenizer;
 
 pub use chat::{apply_level_prompt, ChatMessage, ChatTemplate, TemplateError, TemplateFunctionCall, TemplateToolCall};
@@ -27,6 +29,14 @@ pub struct TextTokenizer {
     /// (`tokenizer.ggml.add_bos_token`: Gemma, R1-Distill, Llama).
     bos_first: Option<u32>,
 }
+
+/// How the o200k vocabulary (`tokenizer.ggml.pre` "gpt-4o": Phi-4) splits
+/// text before its byte-level BPE, as its `tokenizer.json` publishes it.
+const O200K_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 
 /// llama.cpp's names for pre-tokenizers that candle builds under another name.
 /// Without this, candle falls back to GPT-2's pipeline, which adds a space in
@@ -108,6 +118,13 @@ impl TextTokenizer {
             // step; candle's GGUF builder treats "smollm" as plain GPT-2.
             let seq = Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]);
             inner.with_pre_tokenizer(Some(seq));
+        }
+        if pre.as_deref() == Some("gpt-4o") {
+            // Phi-4's vocabulary (o200k) splits words by case, digits in
+            // threes, and adds no space in front; candle knows no such pipeline.
+            let split = Split::new(SplitPattern::Regex(O200K_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("the gpt-4o pre-tokenizer: {e}"))?;
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
         }
         let token_text = |key: &str| -> Option<String> {
             let id = meta(key)?.to_u32().ok()?;

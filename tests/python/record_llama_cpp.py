@@ -3,7 +3,7 @@
 tests/llama_cpp.rs compares terse against (llama.cpp itself takes too long to
 build for CI). Needs llama-cpp-python (benches/requirements.txt).
 
-    python3 tests/python/record_llama_cpp.py MODEL.gguf TEXT_FILE OUT.json [--bos] [--steps 8]
+    python3 tests/python/record_llama_cpp.py MODEL.gguf TEXT_FILE OUT.json [--bos] [--steps 8] [--n-ctx 4096]
 
 The text is tokenized by llama.cpp, fed in one batch, then `--steps` greedy
 tokens are decoded one at a time; for the last prompt position and each step
@@ -24,9 +24,11 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--bos", action="store_true", help="start with BOS, as llama.cpp's completion does")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--n-ctx", type=int, default=4096,
+                    help="llama.cpp's context (LongRoPE picks its factor set by it)")
     args = ap.parse_args()
     text = open(args.text_file, encoding="utf-8").read()
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=4096, n_batch=4096, n_ubatch=4096, n_threads=2,
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_ctx, n_batch=4096, n_ubatch=4096, n_threads=2,
                           logits_all=True, verbose=False)
     ids = llm.tokenize(text.encode("utf-8"), add_bos=args.bos, special=False)
     llm.eval(ids)
@@ -39,7 +41,7 @@ def main():
             inputs.append(int(top[0]))
             llm.eval([int(top[0])])
     json.dump({"model": args.model.rsplit("/", 1)[-1], "text": text, "bos": args.bos, "prompt": ids,
-               "inputs": inputs, "top": rows, "llama_cpp_python": llama_cpp.__version__}, open(args.out, "w"))
+               "inputs": inputs, "top": rows, "n_ctx": args.n_ctx, "llama_cpp_python": llama_cpp.__version__}, open(args.out, "w"))
     print(f"{args.out}: {len(ids)} prompt tokens, {len(inputs)} steps")
 
 
