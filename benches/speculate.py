@@ -117,6 +117,9 @@ def main():
     ap.add_argument("--draft", help="a draft model for terse (--speculate draft:MODEL) and llama-server (-md)")
     ap.add_argument("--draft-tokens", type=int, help="terse's --speculate-draft-tokens (default: adaptive)")
     ap.add_argument("--no-ngram", action="store_true", help="leave out terse --speculate ngram")
+    ap.add_argument("--draft-vocab", default="",
+                    help="comma-separated N: also a terse draft server with --speculate-draft-vocab N for each (its head cut to the first N token ids)")
+    ap.add_argument("--no-llama", action="store_true", help="leave out llama-server (terse's settings against each other only)")
     args = ap.parse_args()
     out = {"threads": THREADS, "rounds": args.rounds, "max_tokens": args.max_tokens, "draft": args.draft, "models": {}}
     for model in args.models:
@@ -127,12 +130,16 @@ def main():
         servers = [terse("terse-off", "off")]
         if not args.no_ngram:
             servers.append(terse("terse-ngram", "ngram"))
-        servers.append(llama("llama-server"))
+        if not args.no_llama:
+            servers.append(llama("llama-server"))
         if args.draft:
             draft_path = fetch_model(args.draft)
             fixed = ["--speculate-draft-tokens", args.draft_tokens] if args.draft_tokens else []
             servers.append(terse("terse-draft", f"draft:{draft_path}", *fixed))
-            servers.append(llama("llama-server-draft", "-md", draft_path, "-td", THREADS, "-tbd", THREADS))
+            for rows in filter(None, args.draft_vocab.split(",")):
+                servers.append(terse(f"terse-draft-vocab{rows}", f"draft:{draft_path}", *fixed, "--speculate-draft-vocab", rows))
+            if not args.no_llama:
+                servers.append(llama("llama-server-draft", "-md", draft_path, "-td", THREADS, "-tbd", THREADS))
         speculating = [s.label for s in servers if s.label.startswith("terse-") and s.label != "terse-off"]
         for s in servers:
             s.wait_ready()
@@ -160,14 +167,15 @@ def main():
                     for label in speculating:
                         c = counted[label]
                         steps = c["steps"] or 1.0
-                        vs_llama = med[label] / med["llama-server"]
+                        vs_llama = med[label] / med["llama-server"] if "llama-server" in med else None
                         f["speculation"][label] = {
                             "vs_off": med[label] / med["terse-off"], "vs_llama_server": vs_llama,
                             "acceptance": c["accepted_tokens"] / (c["proposed_tokens"] or 1.0),
                             "tokens_per_verifying_step": (c["accepted_tokens"] + c["steps"]) / steps, **c,
                         }
                         g = f["speculation"][label]
-                        line += (f" | {label}: {g['vs_off']:.2f}x off, {vs_llama:.2f}x llama-server, kept {g['acceptance']:.0%}, "
+                        against_llama = f", {vs_llama:.2f}x llama-server" if vs_llama else ""
+                        line += (f" | {label}: {g['vs_off']:.2f}x off{against_llama}, kept {g['acceptance']:.0%}, "
                                  f"{g['tokens_per_verifying_step']:.2f} a verifying step")
                     if "llama-server-draft" in med:
                         f["llama_draft_vs_llama"] = med["llama-server-draft"] / med["llama-server"]

@@ -139,6 +139,12 @@ struct ServeArgs {
     /// adapts to how many drafted tokens the model keeps.
     #[arg(long, env = "TERSE_SPECULATE_DRAFT_TOKENS", value_parser = clap::value_parser!(u64).range(1..=8))]
     speculate_draft_tokens: Option<u64>,
+    /// The draft model proposes only among the first N token ids (a BPE
+    /// vocabulary's most frequent), reading that much less of its output head
+    /// per drafted token; the target still verifies every token, so no reply
+    /// changes. A GGUF draft only.
+    #[arg(long, env = "TERSE_SPECULATE_DRAFT_VOCAB", value_parser = clap::value_parser!(u64).range(16..))]
+    speculate_draft_vocab: Option<u64>,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES, env = "TERSE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -293,6 +299,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             speculation,
             speculate_max_batch: args.speculate_max_batch,
             speculate_draft_tokens: args.speculate_draft_tokens.map(|n| n as usize),
+            speculate_draft_vocab: args.speculate_draft_vocab.map(|n| n as usize),
         },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),

@@ -136,6 +136,16 @@ fn qwen3_model_opens_the_thought_itself_and_the_template_can_switch_it_off() {
     let text = t.apply_chat_template(&history, true).unwrap();
     assert!(!text.contains("Greet back"), "{text:?}");
     assert_eq!(PhaseTracker::new(Some(think), &t.encode(&text).unwrap()).phase(), Phase::Answer);
+
+    // `/no_think` is the model's own switch: the template passes it through
+    // as text and opens nothing, and the model answers with an empty thought,
+    // which the stream counts as such.
+    let soft = t.apply_chat_template(&[user("What is 2+2? /no_think")], true).unwrap();
+    assert!(soft.ends_with("What is 2+2? /no_think<|im_end|>\n<|im_start|>assistant\n"), "{soft:?}");
+    let soft = t.encode(&soft).unwrap();
+    assert_eq!(PhaseTracker::new(Some(think), &soft).phase(), Phase::Answer);
+    let (thinking, answer, phase) = stream(&t, &soft, &t.encode("<think>\n\n</think>\n\n4<|im_end|>").unwrap());
+    assert_eq!((thinking.as_str(), answer.as_str(), phase), ("\n\n", "\n\n4", Phase::Answer));
 }
 
 #[test]

@@ -22,18 +22,28 @@ fn speculating() -> &'static TestServer {
     SERVER.get_or_init(|| TestServer::start_with(|c| c.engine.speculation = Speculation::Ngram))
 }
 
-/// The default model with itself as its draft model.
+/// The default model with itself as its draft model, proposing among its
+/// first `draft_vocab` token ids where given.
+fn self_drafting(draft_vocab: Option<usize>) -> TestServer {
+    let draft = terse::manifest::resolve_model(MODEL).expect("the default model is fetched").path;
+    // A fixed length: the adaptive one would find a draft as dear as the
+    // target not worth its passes, and draft little.
+    TestServer::start_with(|c| {
+        c.engine.speculation = Speculation::Draft(draft);
+        c.engine.speculate_draft_tokens = Some(4);
+        c.engine.speculate_draft_vocab = draft_vocab;
+    })
+}
+
 fn drafting() -> &'static TestServer {
     static SERVER: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
-    SERVER.get_or_init(|| {
-        let draft = terse::manifest::resolve_model(MODEL).expect("the default model is fetched").path;
-        // A fixed length: the adaptive one would find a draft as dear as the
-        // target not worth its passes, and draft little.
-        TestServer::start_with(|c| {
-            c.engine.speculation = Speculation::Draft(draft);
-            c.engine.speculate_draft_tokens = Some(4);
-        })
-    })
+    SERVER.get_or_init(|| self_drafting(None))
+}
+
+/// The same, proposing only among the first 2,048 of its 49,152 token ids.
+fn drafting_few_ids() -> &'static TestServer {
+    static SERVER: std::sync::OnceLock<TestServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| self_drafting(Some(2048)))
 }
 
 /// A prompt whose answer copies much of it: what prompt lookup is for.
@@ -116,6 +126,14 @@ async fn a_draft_model_changes_no_token_of_any_reply() {
     // sampled, penalised and controlled positions refuse some.
     assert!(steps > 0.0 && accepted <= proposed);
     assert!(accepted >= 0.6 * proposed, "a model's own greedy drafts are mostly kept: {accepted} of {proposed}");
+}
+
+/// A draft head cut to the first token ids drafts what it can and changes
+/// no reply: every token is still the target's.
+#[tokio::test]
+async fn a_draft_among_the_first_token_ids_changes_no_token_of_any_reply() {
+    let (proposed, accepted, steps) = same_replies_as_plain(drafting_few_ids()).await;
+    assert!(steps > 0.0 && accepted > 0.0 && accepted <= proposed, "drafted {proposed}, kept {accepted}");
 }
 
 #[tokio::test]

@@ -53,6 +53,8 @@ pub struct EngineConfig {
     pub speculate_max_batch: usize,
     /// Draft this many tokens a step instead of the adaptive length.
     pub speculate_draft_tokens: Option<usize>,
+    /// The draft model proposes only among the first this many token ids.
+    pub speculate_draft_vocab: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +74,7 @@ impl Default for EngineConfig {
             speculation: super::Speculation::Off,
             speculate_max_batch: DEFAULT_SPECULATE_MAX_BATCH,
             speculate_draft_tokens: None,
+            speculate_draft_vocab: None,
         }
     }
 }

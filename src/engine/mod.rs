@@ -166,13 +166,25 @@ fn load_draft_model(path: &Path, shared: &handle::Shared, config: &EngineConfig)
     if !transformer.runs_on_host() {
         anyhow::bail!("the draft model {} ({}) does not run on the CPU's host path, which drafting needs", path.display(), info.dtype);
     }
+    let mut weight_bytes = info.weight_bytes;
+    if let Some(rows) = config.speculate_draft_vocab {
+        if info.format != "gguf" {
+            anyhow::bail!("--speculate-draft-vocab needs a GGUF draft model; {} is {}", path.display(), info.format);
+        }
+        // A draft pass reads only the kept rows of the head. A tied head's
+        // table still serves every lookup, a row at a time.
+        let (head, whole, kept) = crate::model::read_head_rows(path, rows)?;
+        transformer.lm_head = head;
+        weight_bytes = weight_bytes.saturating_sub(whole.saturating_sub(kept));
+        tracing::info!(rows, head_bytes = kept, "the draft model proposes among the first {rows} token ids");
+    }
     transformer.set_kv_precision(config.kv_cache_dtype);
     transformer.set_prefix_cache(config.prefix_cache)?;
     warm_up(&transformer).context("the draft model's warm-up forward pass failed")?;
     let streams = config.speculate_max_batch.max(1);
     transformer.set_kv_capacity(shared.context_length as u64 * transformer.kv_bytes_per_token() * streams as u64, streams);
-    tracing::info!(draft = %path.display(), arch = %info.arch, dtype = %info.dtype, weight_bytes = info.weight_bytes, "draft model loaded");
-    Ok((transformer, info.weight_bytes))
+    tracing::info!(draft = %path.display(), arch = %info.arch, dtype = %info.dtype, weight_bytes, "draft model loaded");
+    Ok((transformer, weight_bytes))
 }
 
 /// One small forward pass (a one-token and a two-token sequence) before the

@@ -110,7 +110,7 @@ pub struct TransformerConfig {
     /// The rope base of the windowed layers (Gemma 3's 10,000; the global
     /// layers keep `rope_theta`).
     pub rope_local_theta: Option<f32>,
-    /// Per rotary frequency (head_dim / 2 of them), the factor it is divided
+    /// Per rotary frequency (rotary_dim / 2 of them), the factor it is divided
     /// by: Llama 3's rope scaling (a GGUF's `rope_freqs` tensor, or a
     /// `config.json`'s `rope_scaling`), applied to the global rope table.
     pub rope_freq_factors: Option<Vec<f32>>,
@@ -206,6 +206,9 @@ impl TransformerConfig {
         } else {
             cfg
         };
+        if !(cfg.rope_attn_factor.is_finite() && cfg.rope_attn_factor > 0.0) {
+            bail!("{arch_name}.rope.scaling.attn_factor is {}; it must be a positive number", cfg.rope_attn_factor);
+        }
         if cfg.n_head == 0 || cfg.n_kv_head == 0 || cfg.n_head % cfg.n_kv_head != 0 {
             bail!("head counts {} / {} are inconsistent", cfg.n_head, cfg.n_kv_head);
         }

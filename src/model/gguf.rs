@@ -72,7 +72,10 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     // set rotates the whole cache, so that every key turns alike: the long
     // one where the context terse serves outgrows the context the model was
     // trained at, as llama.cpp chooses by its context size.
-    if let Some(original) = config.rope_original_context.filter(|_| weights.has("rope_factors_long.weight")) {
+    if weights.has("rope_factors_long.weight") {
+        let Some(original) = config.rope_original_context else {
+            anyhow::bail!("{}: LongRoPE factors without {}.rope.scaling.original_context_length", path.display(), config.arch.name());
+        };
         let set = if config.context_length > original { "long" } else { "short" };
         let factors = weights.tensor(&format!("rope_factors_{set}.weight"))?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         tracing::info!("LongRoPE: the {set} factors, for a context of {} (trained at {original})", config.context_length);
@@ -86,7 +89,10 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     let linear_rows = |w: &mut Weights, prefix: &str, rows: Option<Range<usize>>| -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let bias_name = format!("{prefix}.bias");
-        let bias = if w.has(&bias_name) && rows.is_none() { Some(w.tensor(&bias_name)?.dequantize(device)?) } else { None };
+        if rows.is_some() && w.has(&bias_name) {
+            anyhow::bail!("{}: tensor {bias_name} is a bias of a fused matrix, which terse does not split", path.display());
+        }
+        let bias = if w.has(&bias_name) { Some(w.tensor(&bias_name)?.dequantize(device)?) } else { None };
         if ours {
             if let Some(matrix) = w.matrix(&name, rows.clone())? {
                 return Ok(Linear::quant(Arc::new(matrix), bias));
@@ -202,6 +208,32 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     Ok(LoadedModel { transformer, tokenizer, info })
 }
 
+/// The first `rows` rows of a GGUF's output head (its embedding table where
+/// the head is tied), on the CPU, in our kernels' layout where the format
+/// has one: for a draft model that proposes only among the first token ids
+/// (a BPE vocabulary's most frequent), reading that much less of its head
+/// per drafted token. Returns the head, and the bytes of the whole head and
+/// of the rows kept.
+pub fn read_head_rows(path: &Path, rows: usize) -> Result<(Linear, u64, u64)> {
+    let mut file = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
+    let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+    let name = if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+    let info = content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
+    let (all, cols) = info.shape.dims2()?;
+    let dtype = info.ggml_dtype;
+    let whole = (all * cols / dtype.block_size() * dtype.type_size()) as u64;
+    let rows = rows.clamp(1, all);
+    let mut w = Weights { file, content: &content, path, device: Device::Cpu, bytes: 0, type_counts: Default::default(), on_candle: Default::default() };
+    let head = if let Some(matrix) = w.matrix(name, Some(0..rows))? {
+        Linear::quant(Arc::new(matrix), None)
+    } else if let Some(matrix) = w.half(name, Some(0..rows))? {
+        Linear::half(Arc::new(matrix), None)
+    } else {
+        Linear::from_qtensor(w.tensor_rows(name, Some(0..rows))?, None)?
+    };
+    Ok((head, whole, w.bytes))
+}
+
 /// The GGUF file's tensors, read one at a time, with a tally of their bytes
 /// and types for `ModelInfo`.
 struct Weights<'a> {
@@ -249,6 +281,9 @@ impl Weights<'_> {
         let Some(rows) = rows else { return self.tensor(name) };
         let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
         let (dtype, (_, cols)) = (info.ggml_dtype, info.shape.dims2()?);
+        if !cols.is_multiple_of(dtype.block_size()) {
+            anyhow::bail!("{}: tensor {name} has {cols} columns, not whole {dtype:?} blocks of {}", self.path.display(), dtype.block_size());
+        }
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
         let mut bytes = vec![0u8; rows.len() * row_bytes];
         self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset + (rows.start * row_bytes) as u64))?;

@@ -113,7 +113,7 @@ impl HfConfig {
             match kind {
                 "llama3" => {
                     let scaling = [number("factor")?, number("low_freq_factor")?, number("high_freq_factor")?, number("original_max_position_embeddings")?];
-                    let factors = super::config::llama3_freq_factors(config.rope_theta, config.head_dim, scaling);
+                    let factors = super::config::llama3_freq_factors(config.rope_theta, config.rotary_dim, scaling);
                     config.rope_freq_factors = Some(factors);
                 }
                 // Every frequency of the global table divided by the factor.
@@ -135,6 +135,9 @@ impl HfConfig {
             .original_max_position_embeddings
             .or_else(|| scaling.get("original_max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize))
             .context("longrope rope_scaling without original_max_position_embeddings")?;
+        if original < 2 {
+            bail!("original_max_position_embeddings is {original}; LongRoPE stretches a context of at least 2 positions");
+        }
         let set = if config.context_length > original { "long_factor" } else { "short_factor" };
         let factors: Vec<f32> = scaling
             .get(set)
@@ -149,6 +152,9 @@ impl HfConfig {
         let stretch = config.context_length as f64 / original as f64;
         let computed = if stretch > 1.0 { (1.0 + stretch.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
         config.rope_attn_factor = scaling.get("attention_factor").and_then(|v| v.as_f64()).unwrap_or(computed) as f32;
+        if !(config.rope_attn_factor.is_finite() && config.rope_attn_factor > 0.0) {
+            bail!("rope_scaling.attention_factor is {}; it must be a positive number", config.rope_attn_factor);
+        }
         config.rope_freq_factors = Some(factors);
         config.rope_original_context = Some(original);
         Ok(())
@@ -179,7 +185,8 @@ impl HfConfig {
             rope_local_theta: None,
             rope_freq_factors: None,
             rotary_dim: match self.partial_rotary_factor {
-                Some(share) => (head_dim as f64 * share) as usize,
+                // Rounded: a share written as rotary / head reads back whole.
+                Some(share) => (head_dim as f64 * share).round() as usize,
                 None => head_dim,
             },
             rope_attn_factor: 1.0,
@@ -450,6 +457,9 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         // Phi-3's fused matrices, split by rows: q, k, v; then gate, up.
         let (q, k, v) = if weights.has(&format!("{a}.qkv_proj.weight")) {
             let (qkv, shape) = (format!("{a}.qkv_proj"), [q_width + 2 * kv, h]);
+            if weights.has(&format!("{qkv}.bias")) {
+                bail!("{}: {qkv}.bias is a bias of a fused matrix, which terse does not split", dir.display());
+            }
             let mut part = |rows: std::ops::Range<usize>| projection_rows(&weights, &qkv, shape, Some(rows), None, sparse, &at, &mut report);
             (part(0..q_width)?, part(q_width..q_width + kv)?, part(q_width + kv..q_width + 2 * kv)?)
         } else {
@@ -596,6 +606,6 @@ mod tests {
         assert_eq!(given.rope_attn_factor, 1.5);
         let refused = |extra: serde_json::Value| format!("{:#}", phi4_mini(extra).unwrap_err());
         assert!(refused(serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}})).contains("holds 1 factors"));
-        assert!(refused(serde_json::json!({"partial_rotary_factor": 0.2})).contains("partial_rotary_factor"));
+        assert!(refused(serde_json::json!({"partial_rotary_factor": 0.195})).contains("partial_rotary_factor"));
     }
 }

@@ -31,7 +31,7 @@ pub use convert::convert_gguf_to_hf;
 pub use decode_graph::{CudaGraphs, DecodingRow, GraphBuckets, StaticDecodeInputs};
 pub use device::{dense_compute_dtype, describe as describe_device, DeviceSpec};
 pub use prune::{is_projection_weight, prune_hf_dir};
-pub use gguf::{load_gguf, load_gguf_dequantized, load_gguf_on, LoadedModel};
+pub use gguf::{load_gguf, load_gguf_dequantized, load_gguf_on, read_head_rows, LoadedModel};
 pub use hf::{load_hf_dir, load_hf_dir_on, HfConfig, SparseMode, SparsityReport};
 pub use host_attention::KvPrecision;
 pub use page_book::PrefixCacheStats;

@@ -57,7 +57,7 @@ impl PoolRows {
 /// A step's plan, the same for every layer of one kind (window and rope table).
 pub struct PagedStep {
     pool: Arc<KvPool>,
-    /// (tokens, 1, head_dim / 2): each token's rotary row; the queries'
+    /// (tokens, 1, rotary_dim / 2): each token's rotary row; the queries'
     /// are scaled by 1/√head_dim, which spares the scores a kernel.
     cos: Tensor,
     sin: Tensor,

@@ -342,11 +342,17 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
     ];
     let rotary_dim = spec.rotary_dim.unwrap_or(spec.head_dim);
     if spec.arch == Arch::Phi3 {
-        // As llama.cpp writes Phi-3: the rotated share of a head, no head size.
-        metadata.push((key("rope.dimension_count"), gguf_file::Value::U32(rotary_dim as u32)));
+        // As llama.cpp writes Phi-3: the rotated share of a head, no head size
+        // (a reader takes hidden / heads).
+        if spec.head_dim * spec.n_head != spec.hidden {
+            anyhow::bail!("a phi3 head is hidden / heads ({} / {}), not {}", spec.hidden, spec.n_head, spec.head_dim);
+        }
     } else {
         metadata.push((key("attention.key_length"), gguf_file::Value::U32(spec.head_dim as u32)));
         metadata.push((key("attention.value_length"), gguf_file::Value::U32(spec.head_dim as u32)));
+    }
+    if spec.arch == Arch::Phi3 || spec.rotary_dim.is_some() {
+        metadata.push((key("rope.dimension_count"), gguf_file::Value::U32(rotary_dim as u32)));
     }
     if let Some(original) = spec.longrope_original {
         // llama.cpp's converter: √(1 + ln(s) / ln(original)) for a context stretched s times.
@@ -410,7 +416,7 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
         tensors.push((format!("{p}.ffn_down.weight"), typed(&mut rng, spec.hidden, spec.ffn_hidden, sensitive(i))?));
     }
     if let Some([factor, low, high, original]) = spec.llama3_rope {
-        let factors = super::config::llama3_freq_factors(spec.rope_theta, spec.head_dim, [factor, low, high, original]);
+        let factors = super::config::llama3_freq_factors(spec.rope_theta, rotary_dim, [factor, low, high, original]);
         tensors.push(("rope_freqs.weight".into(), vector(Tensor::new(factors.as_slice(), &Device::Cpu)?)?));
     }
     if spec.longrope_original.is_some() {

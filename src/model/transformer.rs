@@ -106,7 +106,7 @@ impl RopeTable {
         let mut inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / dim as f32)).collect();
         if let Some(factors) = factors {
             if factors.len() != inv_freq.len() {
-                candle_core::bail!("rope_freqs holds {} factors but the heads rotate {} frequencies", factors.len(), inv_freq.len());
+                candle_core::bail!("the rope scaling holds {} factors but the heads rotate {} frequencies", factors.len(), inv_freq.len());
             }
             for (f, by) in inv_freq.iter_mut().zip(factors) {
                 *f /= by;
