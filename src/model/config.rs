@@ -238,6 +238,17 @@ impl TransformerConfig {
     }
 }
 
+/// LongRoPE's choice for a model served at `context` positions, trained at
+/// `original`: one factor set rotates the whole cache, so that every key
+/// turns alike, the long one where the context outgrows the trained one (as
+/// llama.cpp chooses by its context size); and the attention factor
+/// √(1 + ln(s) / ln(original)) for a context stretched s times.
+pub fn longrope(context: usize, original: usize) -> (bool, f64) {
+    let stretch = context as f64 / original as f64;
+    let attn_factor = if stretch > 1.0 { (1.0 + stretch.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+    (context > original, attn_factor)
+}
+
 /// Llama 3's rope scaling as per-frequency factors, for a head of `head_dim`
 /// rotating with base `theta`: frequencies whose wavelength is below
 /// `original / high` keep theirs, those above `original / low` are divided

@@ -68,15 +68,13 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     if weights.has("rope_freqs.weight") {
         config.rope_freq_factors = Some(weights.tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
     }
-    // LongRoPE (Phi-3's long-context models) holds two sets of factors. One
-    // set rotates the whole cache, so that every key turns alike: the long
-    // one where the context terse serves outgrows the context the model was
-    // trained at, as llama.cpp chooses by its context size.
+    // LongRoPE (Phi-3's long-context models) holds two sets of factors, one
+    // of which rotates the whole cache (`config::longrope`).
     if weights.has("rope_factors_long.weight") {
         let Some(original) = config.rope_original_context else {
             anyhow::bail!("{}: LongRoPE factors without {}.rope.scaling.original_context_length", path.display(), config.arch.name());
         };
-        let set = if config.context_length > original { "long" } else { "short" };
+        let set = if super::config::longrope(config.context_length, original).0 { "long" } else { "short" };
         let factors = weights.tensor(&format!("rope_factors_{set}.weight"))?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         tracing::info!("LongRoPE: the {set} factors, for a context of {} (trained at {original})", config.context_length);
         config.rope_freq_factors = Some(factors);
@@ -279,18 +277,21 @@ impl Weights<'_> {
     /// Each row of a GGUF matrix is whole blocks, so rows are a byte range.
     fn tensor_rows(&mut self, name: &str, rows: Option<Range<usize>>) -> Result<candle_core::quantized::QTensor> {
         let Some(rows) = rows else { return self.tensor(name) };
-        let info = self.content.tensor_infos.get(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
-        let (dtype, (_, cols)) = (info.ggml_dtype, info.shape.dims2()?);
-        if !cols.is_multiple_of(dtype.block_size()) {
-            anyhow::bail!("{}: tensor {name} has {cols} columns, not whole {dtype:?} blocks of {}", self.path.display(), dtype.block_size());
-        }
-        let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        let mut bytes = vec![0u8; rows.len() * row_bytes];
-        self.file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset + (rows.start * row_bytes) as u64))?;
-        std::io::Read::read_exact(&mut self.file, &mut bytes).with_context(|| format!("{}: tensor {name} is truncated", self.path.display()))?;
-        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows.len(), cols], &self.device)?;
-        self.count(dtype, t.shape(), bytes.len());
-        Ok(t)
+        let (path, device) = (self.path, self.device.clone());
+        let row_bytes = move |dtype: GgmlDType, cols: usize| -> Result<usize> {
+            if !cols.is_multiple_of(dtype.block_size()) {
+                anyhow::bail!("{}: tensor {name} has {cols} columns, not whole {dtype:?} blocks of {}", path.display(), dtype.block_size());
+            }
+            Ok(cols / dtype.block_size() * dtype.type_size())
+        };
+        let read = |dtype: GgmlDType, rows: usize, cols: usize, file: &mut BufReader<File>| -> Result<_> {
+            let mut bytes = vec![0u8; rows * row_bytes(dtype, cols)?];
+            std::io::Read::read_exact(file, &mut bytes).context("truncated")?;
+            let t = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &device)?;
+            Ok((t, bytes.len()))
+        };
+        let t = self.read_matrix(name, Some(rows), Some, row_bytes, read)?;
+        t.with_context(|| format!("{}: tensor {name} is not a matrix", self.path.display()))
     }
 
     /// Matrix `name` has `rows` rows (a fused matrix must, to be split).

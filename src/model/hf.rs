@@ -138,7 +138,8 @@ impl HfConfig {
         if original < 2 {
             bail!("original_max_position_embeddings is {original}; LongRoPE stretches a context of at least 2 positions");
         }
-        let set = if config.context_length > original { "long_factor" } else { "short_factor" };
+        let (long, computed) = super::config::longrope(config.context_length, original);
+        let set = if long { "long_factor" } else { "short_factor" };
         let factors: Vec<f32> = scaling
             .get(set)
             .and_then(|v| v.as_array())
@@ -149,8 +150,6 @@ impl HfConfig {
         if factors.len() != config.rotary_dim / 2 {
             bail!("rope_scaling.{set} holds {} factors but the heads rotate {} frequencies", factors.len(), config.rotary_dim / 2);
         }
-        let stretch = config.context_length as f64 / original as f64;
-        let computed = if stretch > 1.0 { (1.0 + stretch.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
         config.rope_attn_factor = scaling.get("attention_factor").and_then(|v| v.as_f64()).unwrap_or(computed) as f32;
         if !(config.rope_attn_factor.is_finite() && config.rope_attn_factor > 0.0) {
             bail!("rope_scaling.attention_factor is {}; it must be a positive number", config.rope_attn_factor);
@@ -354,27 +353,40 @@ fn projection(
     at: &Placement,
     report: &mut SparsityReport,
 ) -> Result<Linear> {
-    projection_rows(w, name, shape, None, bias, sparse, at, report)
+    let weight = w.load(&format!("{name}.weight"), &shape)?;
+    projection_of(w, name, weight, bias, sparse, at, report)
 }
 
-/// Rows `rows` of a projection of `shape` (all where None): Phi-3 keeps q,
-/// k and v in one matrix, and the MLP's gate and up in another.
-#[allow(clippy::too_many_arguments)]
-fn projection_rows(
+/// A fused projection of `shape`, read once and split by rows into `parts`
+/// (Phi-3 keeps q, k and v in one matrix, and the MLP's gate and up in another).
+fn fused_projections(
     w: &Weights,
     name: &str,
     shape: [usize; 2],
-    rows: Option<std::ops::Range<usize>>,
+    parts: &[std::ops::Range<usize>],
+    sparse: SparseMode,
+    at: &Placement,
+    report: &mut SparsityReport,
+) -> Result<Vec<Linear>> {
+    if w.has(&format!("{name}.bias")) {
+        bail!("{}: {name}.bias is a bias of a fused matrix, which terse does not split", w.dir.display());
+    }
+    let weight = w.load(&format!("{name}.weight"), &shape)?;
+    parts.iter().map(|rows| projection_of(w, name, weight.narrow(0, rows.start, rows.len())?.contiguous()?, None, sparse, at, report)).collect()
+}
+
+/// The projection `name` (the tensor `weight`, already loaded) as `Linear`.
+fn projection_of(
+    w: &Weights,
+    name: &str,
+    weight: Tensor,
     bias: Option<Tensor>,
     sparse: SparseMode,
     at: &Placement,
     report: &mut SparsityReport,
 ) -> Result<Linear> {
-    let weight = w.load(&format!("{name}.weight"), &shape)?;
-    let (weight, shape) = match rows {
-        Some(rows) => (weight.narrow(0, rows.start, rows.len())?.contiguous()?, [rows.len(), shape[1]]),
-        None => (weight, shape),
-    };
+    let (rows, cols) = weight.dims2()?;
+    let shape = [rows, cols];
     let values = weight.flatten_all()?.to_vec1::<f32>()?;
     let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len().max(1) as f64;
     let dense_bytes = (values.len() * at.dtype.size_in_bytes()) as u64;
@@ -456,12 +468,11 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
         let m = format!("{p}.mlp");
         // Phi-3's fused matrices, split by rows: q, k, v; then gate, up.
         let (q, k, v) = if weights.has(&format!("{a}.qkv_proj.weight")) {
-            let (qkv, shape) = (format!("{a}.qkv_proj"), [q_width + 2 * kv, h]);
-            if weights.has(&format!("{qkv}.bias")) {
-                bail!("{}: {qkv}.bias is a bias of a fused matrix, which terse does not split", dir.display());
-            }
-            let mut part = |rows: std::ops::Range<usize>| projection_rows(&weights, &qkv, shape, Some(rows), None, sparse, &at, &mut report);
-            (part(0..q_width)?, part(q_width..q_width + kv)?, part(q_width + kv..q_width + 2 * kv)?)
+            let parts = [0..q_width, q_width..q_width + kv, q_width + kv..q_width + 2 * kv];
+            let [q, k, v]: [Linear; 3] = fused_projections(&weights, &format!("{a}.qkv_proj"), [q_width + 2 * kv, h], &parts, sparse, &at, &mut report)?
+                .try_into()
+                .map_err(|_| anyhow!("three parts"))?;
+            (q, k, v)
         } else {
             (
                 projection(&weights, &format!("{a}.q_proj"), [q_width, h], bias(&format!("{a}.q_proj"), q_width)?, sparse, &at, &mut report)?,
@@ -470,9 +481,10 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
             )
         };
         let (gate, up) = if weights.has(&format!("{m}.gate_up_proj.weight")) {
-            let (gate_up, shape) = (format!("{m}.gate_up_proj"), [2 * ffn, h]);
-            let mut part = |rows: std::ops::Range<usize>| projection_rows(&weights, &gate_up, shape, Some(rows), None, sparse, &at, &mut report);
-            (part(0..ffn)?, part(ffn..2 * ffn)?)
+            let [gate, up]: [Linear; 2] = fused_projections(&weights, &format!("{m}.gate_up_proj"), [2 * ffn, h], &[0..ffn, ffn..2 * ffn], sparse, &at, &mut report)?
+                .try_into()
+                .map_err(|_| anyhow!("two parts"))?;
+            (gate, up)
         } else {
             (
                 projection(&weights, &format!("{m}.gate_proj"), [ffn, h], None, sparse, &at, &mut report)?,

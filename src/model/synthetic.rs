@@ -355,9 +355,8 @@ pub fn write_random_gguf(out: &Path, spec: &SyntheticSpec, tokenizer_from: &Path
         metadata.push((key("rope.dimension_count"), gguf_file::Value::U32(rotary_dim as u32)));
     }
     if let Some(original) = spec.longrope_original {
-        // llama.cpp's converter: √(1 + ln(s) / ln(original)) for a context stretched s times.
-        let stretch = spec.context_length as f64 / original as f64;
-        let attn_factor = if stretch > 1.0 { (1.0 + stretch.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+        // As llama.cpp's converter writes it.
+        let (_, attn_factor) = super::config::longrope(spec.context_length, original);
         metadata.push((key("rope.scaling.original_context_length"), gguf_file::Value::U32(original as u32)));
         metadata.push((key("rope.scaling.attn_factor"), gguf_file::Value::F32(attn_factor as f32)));
     }
