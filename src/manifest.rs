@@ -36,6 +36,7 @@ impl Manifest {
     /// The reasoning profile with the manifest's mode presets (or the defaults), checked.
     pub fn reasoning_profile(&self) -> Result<ReasoningProfile> {
         let mut profile = self.reasoning.clone();
+        profile.check().map_err(|e| anyhow!("manifest {}: {e}", self.name))?;
         profile.from_manifest = true;
         if let Some(modes) = &self.modes {
             modes.check().map_err(|e| anyhow!("manifest {}: {e}", self.name))?;

@@ -459,6 +459,13 @@ async fn bad_requests_get_openai_errors_and_the_server_carries_on() {
             Some("reasoning.max_thinking_token"),
         ),
         (
+            "a probe word no token begins",
+            &chat,
+            with(good.clone(), json!({"reasoning": {"strategy": "probe", "probe_at": "reflection", "probe_words": ["Wait", "zqxjkvw"]}})).to_string().into(),
+            400,
+            Some("reasoning.probe_words"),
+        ),
+        (
             "probe settings under another strategy",
             &chat,
             with(good.clone(), json!({"reasoning": {"strategy": "ts", "stop_temperature": 2, "probe_interval": 8}})).to_string().into(),

@@ -277,7 +277,33 @@ async fn answer_probes_are_rolled_back_unseen_and_counted_exactly() {
     assert_eq!(terse_count(&probed, "probes"), made, "one probe every 8 tokens: {probed}");
     assert!(terse_count(&probed, "probe_tokens") > made * 4, "{probed}");
     assert_eq!(probed["terse"]["think_stop_reason"], plain["terse"]["think_stop_reason"]);
-    probe_replies.extend([never, probed]);
+    // So do probes before reflection words (here the reply's common words).
+    let words = json!(["The", "This", "It", "In", "A", "Exercise"]);
+    let at_words = json!({"strategy": "probe", "probe_at": "reflection", "probe_words": words, "probe_interval": 1, "probe_tokens": 4, "probe_agreement": 16});
+    let reflected = ask(server, &body(PROMPTS[3], Some(at_words))).await;
+    assert_eq!(content(&reflected), content(&plain), "a held word is taken in after its probe");
+    assert_eq!(completion_tokens(&reflected), completion_tokens(&plain));
+    assert!(terse_count(&reflected, "probes") >= 2, "{reflected}");
+    probe_replies.extend([never, probed, reflected]);
+    // A settled probe before a reflection word ends the reply there: the
+    // word is dropped and the wrap-up said in its place.
+    let question = |reasoning: Value| {
+        json!({
+            "model": MODEL, "max_tokens": 128, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is 7 times 6?"}], "reasoning": reasoning,
+        })
+    };
+    let unprobed = ask(server, &question(json!({"strategy": "none"}))).await;
+    let unprobed = content(&unprobed);
+    let words = ["The", "So", "Therefore"];
+    let settled = ask(server, &question(json!({"strategy": "probe", "probe_at": "reflection", "probe_words": words, "probe_interval": 1, "probe_agreement": 1}))).await;
+    assert_eq!(settled["terse"]["think_stop_reason"], "probe", "{settled}");
+    let said = content(&settled);
+    let cut = said.find("\nFinal answer:").unwrap_or_else(|| panic!("the wrap-up is forced: {said:?}"));
+    assert!(unprobed.starts_with(&said[..cut]), "the reply up to the probe is the unprobed one: {said:?} / {unprobed:?}");
+    let next = unprobed[cut..].trim_start();
+    assert!(words.iter().any(|w| next.starts_with(w)), "where a reflection word came next: {next:?}");
+    probe_replies.push(settled);
     // A probe whose first answer counts ends the reply with the wrap-up, streamed or not alike.
     let mut settles = json!({
         "model": MODEL, "max_tokens": 128, "temperature": 0,
@@ -302,8 +328,8 @@ async fn answer_probes_are_rolled_back_unseen_and_counted_exactly() {
     let sum = |field: &str| probe_replies.iter().map(|r| terse_count(r, field)).sum::<u64>() as f64;
     assert_eq!(delta("terse_probe_tokens_total", &[("model", MODEL)]), sum("probe_tokens"));
     assert_eq!(delta("terse_probes_total", &[("model", MODEL)]), sum("probes"));
-    assert_eq!(delta("terse_probes_total", &[("model", MODEL), ("outcome", "settled")]), 2.0);
-    assert_eq!(delta("terse_think_stops_total", &[("model", MODEL), ("reason", "probe")]), 2.0);
+    assert_eq!(delta("terse_probes_total", &[("model", MODEL), ("outcome", "settled")]), 3.0);
+    assert_eq!(delta("terse_think_stops_total", &[("model", MODEL), ("reason", "probe")]), 3.0);
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use terse::engine::{
-    start_engine, ChoiceOptions, EngineConfig, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream,
+    probe_word_ids, start_engine, ChoiceOptions, EngineConfig, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream,
     ReasoningUsage, SamplingParams, TokenLogprob,
 };
 use terse::server::structured::AnswerFormat;
@@ -17,7 +17,7 @@ use candle_core::quantized::GgmlDType;
 use terse::model::{write_random_gguf, SyntheticSpec};
 use terse::reasoning::control::{ReasoningSettings, Strategy, ThinkStopReason};
 use terse::reasoning::phase::{Phase, PhaseTracker};
-use terse::reasoning::probing::ProbeSettings;
+use terse::reasoning::probing::{ProbeAt, ProbeSettings};
 use terse::tokenize::ChatMessage;
 
 fn r1_header() -> PathBuf {
@@ -255,7 +255,7 @@ async fn a_grammar_holds_the_answer_and_leaves_the_thinking_alone() {
 /// Probes every `interval` thinking tokens that never settle (the random
 /// model's answers do not agree sixteen times in a row).
 fn unsettled_probes(interval: usize) -> ReasoningSettings {
-    let probe = ProbeSettings { interval, tokens: 4, agreement: Some(16), confidence: None };
+    let probe = ProbeSettings { interval, tokens: 4, agreement: Some(16), confidence: None, at: ProbeAt::Interval };
     ReasoningSettings { strategy: Strategy::Probe, probe, ..Default::default() }
 }
 
@@ -303,6 +303,39 @@ async fn a_rolled_back_probe_leaves_no_trace_and_the_same_logits_bit_for_bit() {
     assert_eq!(probed_usage.probes[0], 0, "the random model never settles");
 }
 
+/// Probes before reflection words that never settle, and how many come in
+/// `plain`: the random model writes no `Wait`, so words of its own unprobed
+/// run stand in for reflection words.
+fn unsettled_probes_at_words_of(plain: &[Token]) -> (ReasoningSettings, usize) {
+    let tokenizer = engine().tokenizer();
+    let words: Vec<String> = plain[1..]
+        .iter()
+        .map(|t| t.text.trim().to_string())
+        .filter(|w| !w.is_empty() && w.chars().count() <= ProbeSettings::MAX_WORD_CHARS)
+        .filter(|w| plain.iter().any(|t| probe_word_ids(tokenizer, &[w.clone()]).contains(&t.id)))
+        .take(4)
+        .collect();
+    let reflection = probe_word_ids(tokenizer, &words);
+    let due = plain[1..].iter().filter(|t| reflection.contains(&t.id)).count();
+    assert!(due >= 4, "words {words:?} begin {due} tokens of the run");
+    let mut settings = unsettled_probes(1);
+    settings.probe.at = ProbeAt::Reflection;
+    settings.probe_words = Some(words);
+    (settings, due)
+}
+
+#[tokio::test]
+async fn a_reflection_probe_holds_its_word_back_and_leaves_the_same_logits_bit_for_bit() {
+    let (plain, plain_usage, plain_end) = run_with(ReasoningSettings::default(), 96, with_logprobs()).await;
+    let (settings, due) = unsettled_probes_at_words_of(&plain);
+    let (probed, probed_usage, probed_end) = run_with(settings, 96, with_logprobs()).await;
+    assert_eq!(fingerprint(&probed), fingerprint(&plain), "every next-token distribution is the unprobed run's, to the bit");
+    assert!(probed.iter().all(|t| t.phase == Phase::Thinking && !t.forced), "nothing of a probe is streamed");
+    assert_eq!(probed_end, plain_end);
+    assert_eq!(without_probe_counts(probed_usage), plain_usage, "the usage counts no probe token");
+    assert_eq!(probed_usage.probes.iter().sum::<usize>(), due, "one probe before each reflection word after the first token");
+}
+
 #[tokio::test]
 async fn a_probe_in_a_batch_leaves_the_other_sequences_alone() {
     let (alone, ..) = run_with(ReasoningSettings::default(), 48, with_logprobs()).await;
@@ -314,6 +347,14 @@ async fn a_probe_in_a_batch_leaves_the_other_sequences_alone() {
     assert!(probed_usage.probe_tokens > 0);
     assert_eq!(fingerprint(&batched), fingerprint(&alone), "the plain sequence's logits do not see the probe");
     assert_eq!(fingerprint(&probed_batched), fingerprint(&probed_alone));
+    assert_eq!(fingerprint(&probed_batched), fingerprint(&alone));
+    // So does a probe before a reflection word, whose word waits a few steps.
+    let (at_words, due) = unsettled_probes_at_words_of(&alone);
+    let plain = submit(ReasoningSettings::default(), 48, with_logprobs());
+    let probed = submit(at_words, 48, with_logprobs());
+    let ((batched, ..), (probed_batched, probed_usage, _)) = tokio::join!(collect(plain), collect(probed));
+    assert_eq!(probed_usage.probes.iter().sum::<usize>(), due);
+    assert_eq!(fingerprint(&batched), fingerprint(&alone));
     assert_eq!(fingerprint(&probed_batched), fingerprint(&alone));
 }
 

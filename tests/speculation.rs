@@ -90,6 +90,10 @@ fn cases() -> Vec<(&'static str, Value)> {
         ("budget forcing", body(CODE, json!({"reasoning": {"strategy": "budget", "max_thinking_tokens": 40}}))),
         ("min_thinking_tokens", body(CODE, json!({"reasoning": {"strategy": "ts", "stop_temperature": 50, "min_thinking_tokens": 30}}))),
         ("answer probes", body(CODE, json!({"reasoning": {"strategy": "probe", "probe_interval": 12, "probe_tokens": 4, "probe_agreement": 16}}))),
+        (
+            "answer probes at reflection words",
+            body(CODE, json!({"reasoning": {"strategy": "probe", "probe_at": "reflection", "probe_words": ["for", "return", "rows", "def", "if"], "probe_interval": 1, "probe_tokens": 4, "probe_agreement": 16}})),
+        ),
         ("repetition penalties", body(CODE, json!({"frequency_penalty": 0.5, "presence_penalty": 0.3}))),
         ("a reply in prose", body("Tell me about the sea in three sentences.", json!({}))),
     ]

@@ -26,7 +26,7 @@ pub use device_pick::PickOnDevice;
 pub use handle::{EngineConfig, EngineHandle, GenerationStream, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPECULATE_MAX_BATCH};
 pub use grammar::{Constraint, ConstraintKind, GrammarCompiler};
 pub use logits::{DeviceEdit, LogitBias, LogitChain, LogitProcessor, Penalties};
-pub use profile::{resolve_reasoning, ProfileSource, ReasoningSummary, ResolvedReasoning};
+pub use profile::{probe_word_ids, resolve_reasoning, unmatched_probe_word, ProfileSource, ReasoningSummary, ResolvedReasoning};
 pub use request::*;
 pub use crate::reasoning::stopping::argmax;
 pub use sampling::Sampler;

@@ -60,6 +60,41 @@ fn think_tokens(tokenizer: &TextTokenizer, profile: &ReasoningProfile) -> Option
     }
 }
 
+/// The tokens that begin one of `words` as the model writes it: at the
+/// start of a line, after a space or a line break. A word is found where one
+/// token holds all of it (with the space or break in front), as `Wait` and
+/// ` Wait` are in Qwen's and Llama's vocabularies; a word the tokenizer
+/// splits is no probe point (see [`unmatched_probe_word`]).
+pub fn probe_word_ids(tokenizer: &TextTokenizer, words: &[String]) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for word in words {
+        for id in word_start_ids(tokenizer, word.trim()) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+fn word_start_ids(tokenizer: &TextTokenizer, word: &str) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for before in ["", " ", "\n", "\n\n"] {
+        let Ok(encoded) = tokenizer.encode(&format!("{before}{word}")) else { continue };
+        let Some(&last) = encoded.last() else { continue };
+        if !word.is_empty() && tokenizer.decode(&[last]).trim_start() == word {
+            ids.push(last);
+        }
+    }
+    ids
+}
+
+/// The first of `words` that no single token of the vocabulary begins, so
+/// that no probe would ever come before it.
+pub fn unmatched_probe_word<'w>(tokenizer: &TextTokenizer, words: &'w [String]) -> Option<&'w str> {
+    words.iter().map(String::as_str).find(|w| word_start_ids(tokenizer, w.trim()).is_empty())
+}
+
 /// Whether the template's generation prompt for one user turn ends inside a thought.
 fn template_opens_thought(tokenizer: &TextTokenizer, think: ThinkTokens) -> bool {
     let probe = [ChatMessage::new("user", "Hello")];
@@ -96,7 +131,11 @@ pub fn resolve_reasoning(tokenizer: &TextTokenizer, configured: &ReasoningProfil
         answer_tokens_after_wrap_up: Some(profile.answer_tokens_after_wrap_up),
         probe: tokenizer.encode(&probe)?,
         probe_braced: probe.ends_with('{'),
+        probe_words: probe_word_ids(tokenizer, &profile.probe_words),
     };
+    if let Some(word) = unmatched_probe_word(tokenizer, &profile.probe_words) {
+        tracing::warn!("probe word {word:?} is not one token of this vocabulary: probes at reflection never come before it");
+    }
     let summary = ReasoningSummary {
         source,
         think_open: think.map(|_| profile.think_open.clone()),

@@ -25,14 +25,15 @@ use candle_core::Tensor;
 use super::device_pick::{pick_greedy, GreedyRow};
 use super::handle::{InFlight, Shared, Submission};
 use super::grammar::GrammarMask;
+use super::profile::probe_word_ids;
 use super::logits::{LogitBias, LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
-use super::speculate::{draft_gain, propose, DraftCache, DraftLength, Speculation, VERIFIED_ROW_COST};
+use super::speculate::{draft_gain, propose, DraftCache, DraftLength, Speculation, MAX_DRAFT, VERIFIED_ROW_COST};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{Rows, SeqChunk, SeqKvCache, StepLogits, Transformer};
-use crate::reasoning::control::{Decision, ForcedKind, ReasoningControl, ThinkStopReason};
+use crate::reasoning::control::{Decision, ForcedKind, Held, ReasoningControl, Strategy, ThinkStopReason};
 use crate::reasoning::probing::ProbeStep;
 use crate::reasoning::stopping::argmax;
 use crate::reasoning::phase::PhaseTracker;
@@ -329,9 +330,17 @@ impl Scheduler {
         });
     }
 
-    /// KV-cache bytes a request reserves: its whole length, prompt and completion.
+    /// KV-cache bytes a request reserves: its whole length, prompt and
+    /// completion, and the positions a probe or a draft holds past them for
+    /// a while (never both at once: no draft is made while a probe runs).
     fn kv_need(&self, request: &GenerationRequest) -> u64 {
-        (request.prompt.len() + request.max_tokens) as u64 * self.shared.kv_bytes_per_token
+        let probe = match request.reasoning.strategy {
+            Strategy::Probe => self.shared.injections.probe.len() + request.reasoning.probe.tokens,
+            _ => 0,
+        };
+        let speculates = self.speculation != Speculation::Off && !request.choice.no_speculation;
+        let draft = if speculates { MAX_DRAFT } else { 0 };
+        (request.prompt.len() + request.max_tokens + probe.max(draft)) as u64 * self.shared.kv_bytes_per_token
     }
 
     fn kv_reserved(&self, batch: &Batch) -> u64 {
@@ -371,9 +380,13 @@ impl Scheduler {
     }
 
     fn reasoning_control(&self, request: &GenerationRequest) -> ReasoningControl {
+        let mut injections = self.shared.injections.clone();
+        if let Some(words) = &request.reasoning.probe_words {
+            injections.probe_words = probe_word_ids(&self.shared.tokenizer, words);
+        }
         ReasoningControl::new(
             request.reasoning.clone(),
-            self.shared.injections.clone(),
+            injections,
             PhaseTracker::new(self.shared.think, &request.prompt),
             self.shared.tokenizer.end_of_turn_ids().to_vec(),
         )
@@ -712,7 +725,7 @@ impl Scheduler {
                 }
                 Next::Verified(ended) => ended,
                 Next::Probe(token, prob) => match self.probe_token(seq, token, prob) {
-                    Ok(()) => None,
+                    Ok(ended) => ended,
                     Err(e) => {
                         tracing::error!(id = %seq.request.id, "rolling back a probe failed: {e}");
                         let _ = seq.events.send(GenerationEvent::Failed { message: format!("model error: {e}") });
@@ -745,6 +758,8 @@ impl Scheduler {
         // Whether verification stopped at a token the model chose against the draft
         // (not at an injection, a probe, or the end), which says to draft less.
         let mut refuted = false;
+        // A reflection word the model chose, to probe before.
+        let mut held = None;
         for j in 0..=draft.len() {
             if let Some(forced) = seq.logits.reasoning.forced_now().filter(|f| !f.is_empty()) {
                 if let Some(end) = self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking)) {
@@ -754,6 +769,12 @@ impl Scheduler {
                 break;
             }
             let token = seq.choose_from(&mut rows[j * vocab..(j + 1) * vocab]);
+            let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+            if seq.control().probe_due_before(token, room) {
+                // Probed before it is taken in, once the cache is cut back.
+                held = Some(token);
+                break;
+            }
             let before = seq.tokens.len();
             if let Some(end) = self.take_token(seq, token) {
                 self.count_draft(seq.draft_length(), draft.len(), kept, false);
@@ -774,13 +795,19 @@ impl Scheduler {
         }
         self.count_draft(seq.draft_length(), draft.len(), kept, refuted);
         // The cache keeps the last token and the drafted ones kept, less one
-        // if nothing else came after them: a step needs a token to feed.
-        let keep = (base + kept).min(seq.tokens.len() - 1);
+        // if nothing else came after them: a step needs a token to feed (a
+        // held token's probe text is fed instead).
+        let keep = if held.is_some() { base + kept } else { (base + kept).min(seq.tokens.len() - 1) };
         if seq.cache.len() > keep {
             seq.cache.truncate(&seq.tokens[..keep])?;
         }
-        self.maybe_probe(seq);
-        Ok(None)
+        match held {
+            Some(token) => Ok(self.take_token(seq, token)),
+            None => {
+                self.maybe_probe(seq);
+                Ok(None)
+            }
+        }
     }
 
     /// Count a verified draft; its length adapts only to what the model said
@@ -809,23 +836,55 @@ impl Scheduler {
     /// A running probe's next token: fed at the next step while the probe
     /// goes on; once it is over, the sequence is rolled back to before it,
     /// tokens and KV cache (whose positions from there are written again).
-    fn probe_token(&self, seq: &mut Sequence, token: u32, prob: f32) -> candle_core::Result<()> {
+    /// A reflection probe's held token is then taken in, or, if the answer
+    /// settled, the thought is closed in its place. `Some` when the
+    /// sequence has ended.
+    fn probe_token(&self, seq: &mut Sequence, token: u32, prob: f32) -> candle_core::Result<Option<FinishReason>> {
         let tokenizer = &self.shared.tokenizer;
         let step = seq.logits.reasoning.probe_token(token, prob, |ids| tokenizer.decode(ids));
         let ProbeStep::Done(outcome) = step else {
             seq.tokens.push(token);
-            return Ok(());
+            return Ok(None);
         };
         let answer = seq.control().last_probe_answer().and_then(|a| a.answer.clone());
         tracing::debug!(id = %seq.request.id, outcome = outcome.as_str(), answer = ?answer, "probe");
         let (tokens, cached) = seq.probe_from.take().expect("a running probe has a rollback point");
         seq.tokens.truncate(tokens);
-        seq.cache.truncate(&seq.tokens[..cached])
+        seq.cache.truncate(&seq.tokens[..cached])?;
+        match seq.logits.reasoning.take_held() {
+            None => Ok(None),
+            Some(Held::Take(token)) => Ok(self.take_sampled(seq, token)),
+            // Every token is in the cache: the end of the thought is fed
+            // now, in the dropped word's place, not at the next choice.
+            Some(Held::Dropped) => {
+                seq.sampled_logprob = None;
+                let forced = seq.logits.reasoning.forced_now().unwrap_or_default();
+                if forced.is_empty() {
+                    // No text to close it with (a misconfigured model): feed the last token again.
+                    let keep = seq.tokens.len() - 1;
+                    seq.cache.truncate(&seq.tokens[..keep])?;
+                    return Ok(None);
+                }
+                Ok(self.push_tokens(seq, &forced, Some(ForcedKind::EndOfThinking)))
+            }
+        }
     }
 
-    /// Judge a chosen token and take it in (or its replacement). `Some` when
-    /// the sequence has ended.
+    /// Judge a chosen token and take it in (or its replacement), unless a
+    /// probe comes before it (a reflection word's): then it waits for the
+    /// probe. `Some` when the sequence has ended.
     fn take_token(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
+        let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+        if let Some(text) = seq.logits.reasoning.start_probe_before(token, room) {
+            seq.probe_from = Some((seq.tokens.len(), seq.cache.len()));
+            seq.tokens.extend(text);
+            return None;
+        }
+        self.take_sampled(seq, token)
+    }
+
+    /// Take in a chosen token (see [`Self::take_token`]) with no probe before it.
+    fn take_sampled(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
         match seq.logits.reasoning.after_sample(token) {
             Decision::Replace(injected, kind) => {
                 seq.sampled_logprob = None;

@@ -13,6 +13,8 @@
 //! | `min-thinking=N` | replace a stop before N thinking tokens by the continuation text |
 //! | `probe` or `probe=N` | answer probing, every N controlled tokens |
 //! | `probe-tokens=N` | most answer tokens one probe decodes |
+//! | `at-reflection` | `probe`: probe before a reflection word (then `probe=N` is the least gap) |
+//! | `words=W1\|W2` | `at-reflection`: these reflection words, not the model's |
 //! | `agree=N` | `probe`: stop when N probes in a row agree |
 //! | `confidence=C` | `probe`: stop when a probe's mean top-1 probability reaches C |
 //! | `wrap-up` | with `ts`: a stop TS made becomes the wrap-up text and a short answer |
@@ -32,6 +34,7 @@ use serde_json::{json, Map, Value};
 
 use crate::reasoning::control::Strategy;
 use crate::reasoning::modes::{Mode, ReasoningFields, MODE_VALUES};
+use crate::reasoning::probing::ProbeAt;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setting {
@@ -99,6 +102,8 @@ impl Setting {
                     }
                 }
                 "probe-tokens" => r.probe_tokens = Some(parse_count(key, need("N")?)?),
+                "at-reflection" => r.probe_at = Some(ProbeAt::Reflection),
+                "words" => r.probe_words = Some(need("W1|W2")?.split('|').map(str::to_string).collect()),
                 "agree" => r.probe_agreement = Some(parse_count(key, need("N")?)?),
                 "confidence" => r.probe_confidence = Some(parse_number(key, need("C")?)?),
                 "wrap-up" => r.wrap_up = Some(true),
@@ -110,7 +115,7 @@ impl Setting {
                     set_once(&mut r.strategy, st, "strategy")?;
                 }
                 other => bail!(
-                    "unknown item `{other}` in setting `{spec}` (known: baseline, short, medium, long, mode=, ts=, ramp, budget=, probe, probe=, probe-tokens=, agree=, confidence=, wrap-up, max-thinking=, min-thinking=, strategy=, name=)"
+                    "unknown item `{other}` in setting `{spec}` (known: baseline, short, medium, long, mode=, ts=, ramp, budget=, probe, probe=, probe-tokens=, at-reflection, words=, agree=, confidence=, wrap-up, max-thinking=, min-thinking=, strategy=, name=)"
                 ),
             }
             label_items.push(item);
@@ -229,6 +234,10 @@ mod tests {
             json!({"reasoning": {"strategy": "probe", "probe_interval": 32, "probe_tokens": 10, "probe_agreement": 2, "probe_confidence": 0.75}})
         );
         assert_eq!(fields("probe"), json!({"reasoning": {"strategy": "probe"}}));
+        assert_eq!(
+            fields("probe=16,at-reflection,words=So|Thus"),
+            json!({"reasoning": {"strategy": "probe", "probe_interval": 16, "probe_at": "reflection", "probe_words": ["So", "Thus"]}})
+        );
         assert_eq!(fields("ts=10,wrap-up"), json!({"reasoning": {"strategy": "ts", "stop_temperature": 10.0, "wrap_up": true}}));
         assert_eq!(
             fields("long,strategy=none"),

@@ -54,6 +54,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     // The vocabulary's arrays (32 MB for Gemma's 262k tokens) are in the
     // tokenizer now; only the tensor index is read from here on.
     content.metadata = Default::default();
+    super::heap::release_free_heap();
 
     let mut weights = Weights {
         file,

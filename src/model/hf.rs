@@ -435,6 +435,7 @@ pub fn load_hf_dir_on(dir: &Path, served_name: &str, sparse: SparseMode, device:
     if generation_config.is_file() {
         tokenizer.add_end_of_turn_from_generation_config(&generation_config)?;
     }
+    super::heap::release_free_heap();
     let weights = Weights::open(dir)?;
     let at = Placement { device: device.clone(), dtype: super::dense_compute_dtype(device) };
     if device.is_cuda() && sparse == SparseMode::Auto {

@@ -6,6 +6,7 @@ mod decode_graph;
 mod device;
 mod gguf;
 mod half_matrix;
+mod heap;
 mod hf;
 mod host_attention;
 mod host_pages;

@@ -17,6 +17,10 @@
 //! [`ReasoningControl::probe_token`] and then rolls the sequence back; a
 //! probe's tokens are never observed, so no count or phase moves. Once the
 //! answer has settled, `forced_now` closes the thought as at a budget.
+//! Probes at reflection words come before the sampled token instead:
+//! [`ReasoningControl::start_probe_before`] holds it back, and once the probe
+//! is over [`ReasoningControl::take_held`] gives it back to be taken in, or
+//! nothing if the answer settled (its thought ends without the `Wait`).
 
 use super::phase::{Phase, PhaseTracker};
 use super::probing::{ProbeAnswer, ProbeSettings, ProbeStep, Prober};
@@ -100,6 +104,9 @@ pub struct ReasoningSettings {
     pub min_thinking_tokens: Option<usize>,
     /// The `probe` strategy's settings.
     pub probe: ProbeSettings,
+    /// Reflection words to probe before, in place of the model's (the
+    /// engine tokenizes them into [`Injections::probe_words`]).
+    pub probe_words: Option<Vec<String>>,
     /// TS on a model without think tokens: a stop TS made becomes the
     /// wrap-up text and a short answer, instead of ending the reply.
     pub wrap_up: bool,
@@ -114,6 +121,7 @@ impl Default for ReasoningSettings {
             max_thinking_tokens: None,
             min_thinking_tokens: None,
             probe: ProbeSettings::default(),
+            probe_words: None,
             wrap_up: false,
         }
     }
@@ -133,6 +141,10 @@ pub struct Injections {
     pub probe: Vec<u32>,
     /// The probe text ends in `{`: its answer ends at the closing brace.
     pub probe_braced: bool,
+    /// Tokens that begin one of the probe words (`Wait`, ` Wait`, `Hmm`,
+    /// ...): where probes `at` reflection come. A token that begins a longer
+    /// word (`Wait` of `Waiting`, where the tokenizer splits it) counts too.
+    pub probe_words: Vec<u32>,
 }
 
 /// Why the thinking phase ended.
@@ -173,6 +185,16 @@ pub enum Decision {
     Keep,
     /// Drop the sampled token and inject these instead, of this kind.
     Replace(Vec<u32>, ForcedKind),
+}
+
+/// What becomes of the token a reflection probe held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// The answer did not settle: take the token in as sampled.
+    Take(u32),
+    /// It settled: the token is dropped, and [`ReasoningControl::forced_now`]
+    /// closes the thought in its place.
+    Dropped,
 }
 
 #[derive(Debug, Clone)]
@@ -286,7 +308,7 @@ impl ReasoningControl {
     /// in the sequence: the probe text to append, fed but never observed.
     /// Asked after each kept token; the engine rolls back when the probe ends.
     pub fn start_probe(&mut self, room: usize) -> Option<Vec<u32>> {
-        if self.budget_spent || !self.controlling() || self.injections.probe.is_empty() {
+        if !self.may_probe() {
             return None;
         }
         let (controlled, text) = (self.controlled, &self.injections.probe);
@@ -297,10 +319,43 @@ impl ReasoningControl {
     /// Whether `start_probe(room)` would start a probe now; asking changes
     /// nothing (speculative decoding stops verifying a draft there).
     pub fn probe_due(&self, room: usize) -> bool {
-        if self.budget_spent || !self.controlling() || self.injections.probe.is_empty() {
+        if !self.may_probe() {
             return false;
         }
         self.prober.as_ref().is_some_and(|p| p.due(self.controlled, room, self.injections.probe.len()))
+    }
+
+    /// Whether to probe before taking in the sampled `token`, a reflection
+    /// word's first: the probe text to append, with `token` held back. Asked
+    /// before [`Self::after_sample`]; once the probe is rolled back the
+    /// engine asks [`Self::take_held`].
+    pub fn start_probe_before(&mut self, token: u32, room: usize) -> Option<Vec<u32>> {
+        if !self.may_probe() {
+            return None;
+        }
+        let reflects = self.injections.probe_words.contains(&token);
+        let (controlled, text) = (self.controlled, &self.injections.probe);
+        let prober = self.prober.as_mut()?;
+        prober.start_before(token, reflects, controlled, room, text.len()).then(|| text.clone())
+    }
+
+    /// Whether `start_probe_before(token, room)` would start a probe; asking
+    /// changes nothing.
+    pub fn probe_due_before(&self, token: u32, room: usize) -> bool {
+        let reflects = self.injections.probe_words.contains(&token);
+        self.may_probe() && self.prober.as_ref().is_some_and(|p| p.due_before(reflects, self.controlled, room, self.injections.probe.len()))
+    }
+
+    fn may_probe(&self) -> bool {
+        !self.budget_spent && self.controlling() && !self.injections.probe.is_empty()
+    }
+
+    /// After a reflection probe is rolled back: what becomes of the token it
+    /// held; `None` after a probe that held none.
+    pub fn take_held(&mut self) -> Option<Held> {
+        let prober = self.prober.as_mut()?;
+        let token = prober.take_held()?;
+        Some(if prober.settled() { Held::Dropped } else { Held::Take(token) })
     }
 
     /// Whether a probe is running (its tokens are decoded greedily, on the
@@ -449,14 +504,14 @@ impl ReasoningControl {
 #[cfg(test)]
 mod tests {
     use super::super::phase::ThinkTokens;
-    use super::super::probing::ProbeOutcome;
+    use super::super::probing::{ProbeAt, ProbeOutcome};
     use super::*;
 
     const THINK: ThinkTokens = ThinkTokens { open: 10, close: 11 };
     const EOT: u32 = 0;
 
     fn injections() -> Injections {
-        Injections { end_of_thinking: vec![12, 11, 13], continuation: vec![20], answer_tokens_after_wrap_up: Some(3), probe: vec![30, 31], probe_braced: true }
+        Injections { end_of_thinking: vec![12, 11, 13], continuation: vec![20], answer_tokens_after_wrap_up: Some(3), probe: vec![30, 31], probe_braced: true, probe_words: vec![40] }
     }
 
     fn thinking(settings: ReasoningSettings) -> ReasoningControl {
@@ -581,8 +636,14 @@ mod tests {
     }
 
     fn probing(interval: usize, agreement: usize, cap: Option<usize>) -> ReasoningSettings {
-        let probe = ProbeSettings { interval, tokens: 3, agreement: Some(agreement), confidence: None };
+        let probe = ProbeSettings { interval, tokens: 3, agreement: Some(agreement), confidence: None, at: ProbeAt::Interval };
         ReasoningSettings { strategy: Strategy::Probe, probe, max_thinking_tokens: cap, ..Default::default() }
+    }
+
+    fn probing_at_reflection(interval: usize, agreement: usize) -> ReasoningSettings {
+        let mut s = probing(interval, agreement, None);
+        s.probe.at = ProbeAt::Reflection;
+        s
     }
 
     /// Decode a probe answer of ids as ASCII (`b'}'` closes it).
@@ -609,6 +670,7 @@ mod tests {
         let counts = (c.thinking_tokens(), c.answer_tokens(), c.forced_tokens(), c.phase());
         assert_eq!(c.start_probe(100), Some(vec![30, 31]));
         assert_eq!(run_probe(&mut c, b"7}"), ProbeStep::Done(ProbeOutcome::Unsettled));
+        assert_eq!(c.take_held(), None, "an interval probe holds no token");
         assert_eq!((c.thinking_tokens(), c.answer_tokens(), c.forced_tokens(), c.phase()), counts, "a probe moves no count and no phase");
         assert!(!c.probing());
         assert_eq!(c.forced_now(), None, "one answer is not agreement");
@@ -628,6 +690,37 @@ mod tests {
         // Two probes: two probe texts and two two-token answers.
         assert_eq!(c.probe_tokens(), 8);
         assert_eq!(c.start_probe(100), None, "no probe in the answer");
+    }
+
+    #[test]
+    fn reflection_probes_come_before_a_reflection_word_which_waits_for_them() {
+        // Token 40 begins a reflection word (see `injections`).
+        let mut c = thinking(probing_at_reflection(2, 2));
+        step(&mut c, 5);
+        assert_eq!(c.start_probe_before(40, 100), None, "fewer than `interval` tokens in");
+        assert!(!c.probe_due_before(40, 100));
+        step(&mut c, 40);
+        step(&mut c, 6);
+        assert_eq!(c.start_probe(100), None, "no probe at an interval");
+        assert!(!c.probe_due(100));
+        assert_eq!(c.start_probe_before(7, 100), None, "not a reflection word");
+        assert!(c.probe_due_before(40, 100));
+        assert_eq!(c.start_probe_before(40, 4), None, "no room for the text and the answer");
+        let counts = (c.thinking_tokens(), c.forced_tokens());
+        assert_eq!(c.start_probe_before(40, 100), Some(vec![30, 31]));
+        assert_eq!(c.take_held(), None, "held while the probe runs");
+        assert_eq!(run_probe(&mut c, b"7}"), ProbeStep::Done(ProbeOutcome::Unsettled));
+        assert_eq!(c.take_held(), Some(Held::Take(40)), "unsettled: the word is taken in after all");
+        assert_eq!(c.take_held(), None, "once");
+        assert_eq!((c.thinking_tokens(), c.forced_tokens()), counts);
+        step(&mut c, 40);
+        assert_eq!(c.start_probe_before(40, 100), None, "the next waits `interval` tokens");
+        step(&mut c, 8);
+        assert!(c.start_probe_before(40, 100).is_some());
+        assert_eq!(run_probe(&mut c, b"7}"), ProbeStep::Done(ProbeOutcome::Settled));
+        assert_eq!(c.take_held(), Some(Held::Dropped), "settled: the word is dropped");
+        assert_eq!(c.forced_now(), Some(vec![12, 11, 13]), "and the thought closed");
+        assert_eq!(c.probe_outcomes(), [1, 1, 0]);
     }
 
     #[test]

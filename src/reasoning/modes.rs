@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::control::{ReasoningSettings, Strategy};
-use super::probing::ProbeSettings;
+use super::probing::{ProbeAt, ProbeSettings};
 
 /// The length level a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,12 @@ pub struct ReasoningFields {
     /// `probe`: stop when a probe's mean top-1 probability reaches this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_confidence: Option<f32>,
+    /// `probe`: every `probe_interval` tokens, or before a reflection word.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_at: Option<ProbeAt>,
+    /// `probe` at `reflection`: the words to probe before, in place of the model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_words: Option<Vec<String>>,
     /// `ts` on a model without think tokens: a stop TS made becomes the wrap-up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wrap_up: Option<bool>,
@@ -127,6 +133,15 @@ impl ReasoningFields {
         }
         if let Some(c) = self.probe_confidence.filter(|c| !(*c > 0.0 && *c <= 1.0)) {
             return Err(out_of_range("probe_confidence", "a probability in (0, 1]", c.to_string()));
+        }
+        if let Some(words) = &self.probe_words {
+            if !(1..=ProbeSettings::MAX_WORDS).contains(&words.len()) {
+                return Err(out_of_range("probe_words", &format!("a list of 1 to {} words", ProbeSettings::MAX_WORDS), format!("{} words", words.len())));
+            }
+            if let Some(bad) = words.iter().find(|w| w.trim().is_empty() || w.chars().count() > ProbeSettings::MAX_WORD_CHARS) {
+                let what = format!("words of 1 to {} characters, not only spaces", ProbeSettings::MAX_WORD_CHARS);
+                return Err(out_of_range("probe_words", &what, format!("{bad:?}")));
+            }
         }
         if let Some(t) = self.stop_temperature {
             if !(t >= 1.0 && t.is_finite()) {
@@ -178,7 +193,8 @@ impl ModePreset {
         if !(tau >= 1.0 && tau.is_finite()) {
             return Err(format!("modes.{mode}.stop_temperature must be a finite number >= 1, got {tau}"));
         }
-        // The same rules as a request merged with no fields of its own.
+        // The same rules as a request's own fields, and merged with none.
+        self.reasoning.check().map_err(|e| format!("modes.{mode}: {}", e.message.replace("`reasoning.", "`")))?;
         merge(Some(self), &ReasoningFields::default())
             .map(|_| ())
             .map_err(|e| format!("modes.{mode}: {}", e.message.replace("`reasoning.", "`")))
@@ -240,6 +256,7 @@ fn merge_probe(base: &ReasoningFields, req: &ReasoningFields) -> ProbeSettings {
     let confidence = req.probe_confidence.or(base.probe_confidence);
     let agreement = req.probe_agreement.or(base.probe_agreement);
     ProbeSettings {
+        at: req.probe_at.or(base.probe_at).unwrap_or_default(),
         interval: req.probe_interval.or(base.probe_interval).unwrap_or(ProbeSettings::DEFAULT_INTERVAL),
         tokens: req.probe_tokens.or(base.probe_tokens).unwrap_or(ProbeSettings::DEFAULT_TOKENS),
         agreement: agreement.or(confidence.is_none().then_some(ProbeSettings::DEFAULT_AGREEMENT)),
@@ -274,6 +291,7 @@ pub fn merge(preset: Option<&ModePreset>, req: &ReasoningFields) -> Result<Reaso
         max_thinking_tokens: req.max_thinking_tokens.or(base.max_thinking_tokens),
         min_thinking_tokens: req.min_thinking_tokens.or(base.min_thinking_tokens),
         probe: merge_probe(&base, req),
+        probe_words: None,
         wrap_up: req.wrap_up.or(base.wrap_up).unwrap_or(false),
     };
     let probe_fields = [
@@ -281,9 +299,19 @@ pub fn merge(preset: Option<&ModePreset>, req: &ReasoningFields) -> Result<Reaso
         ("probe_tokens", req.probe_tokens.is_some()),
         ("probe_agreement", req.probe_agreement.is_some()),
         ("probe_confidence", req.probe_confidence.is_some()),
+        ("probe_at", req.probe_at.is_some()),
+        ("probe_words", req.probe_words.is_some()),
     ];
     if let Some((field, _)) = probe_fields.iter().find(|(_, given)| *given).filter(|_| strategy != Strategy::Probe) {
         return Err(MergeError { field, message: format!("`reasoning.{field}` applies to strategy probe only, not {}", strategy.name()) });
+    }
+    if req.probe_words.is_some() && settings.probe.at != ProbeAt::Reflection {
+        return Err(MergeError { field: "probe_words", message: "`reasoning.probe_words` applies to probe_at reflection only, not interval".into() });
+    }
+    // A preset's words go with its probes at reflection, not with a request's interval.
+    let mut settings = settings;
+    if settings.probe.at == ProbeAt::Reflection {
+        settings.probe_words = req.probe_words.clone().or(base.probe_words);
     }
     if req.wrap_up.is_some() && strategy != Strategy::Ts {
         return Err(MergeError { field: "wrap_up", message: format!("`reasoning.wrap_up` applies to strategy ts only, not {}", strategy.name()) });
@@ -389,6 +417,32 @@ mod tests {
         assert_eq!(field(ReasoningFields { strategy: Some(Strategy::Probe), probe_agreement: Some(0), ..Default::default() }), "probe_agreement");
         let wrap = merge(None, &ReasoningFields { stop_temperature: Some(4.0), wrap_up: Some(true), ..Default::default() }).unwrap();
         assert!(wrap.wrap_up && wrap.strategy == Strategy::Ts);
+    }
+
+    #[test]
+    fn reflection_words_go_with_probes_at_reflection() {
+        let words = |w: &[&str]| Some(w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let probe = |fields: ReasoningFields| merge(None, &ReasoningFields { strategy: Some(Strategy::Probe), ..fields });
+        let s = probe(ReasoningFields { probe_at: Some(ProbeAt::Reflection), probe_words: words(&["So"]), ..Default::default() }).unwrap();
+        assert_eq!((s.probe.at, s.probe_words), (ProbeAt::Reflection, words(&["So"])));
+        let field = |fields: ReasoningFields| probe(fields).unwrap_err().field;
+        assert_eq!(field(ReasoningFields { probe_words: words(&["So"]), ..Default::default() }), "probe_words", "words without probes at reflection");
+        assert_eq!(field(ReasoningFields { probe_at: Some(ProbeAt::Reflection), probe_words: words(&[" "]), ..Default::default() }), "probe_words");
+        assert_eq!(field(ReasoningFields { probe_at: Some(ProbeAt::Reflection), probe_words: words(&[]), ..Default::default() }), "probe_words");
+        let long = "w".repeat(ProbeSettings::MAX_WORD_CHARS + 1);
+        assert_eq!(field(ReasoningFields { probe_at: Some(ProbeAt::Reflection), probe_words: words(&[&long]), ..Default::default() }), "probe_words");
+        let ts = merge(None, &ReasoningFields { stop_temperature: Some(2.0), probe_at: Some(ProbeAt::Reflection), ..Default::default() });
+        assert_eq!(ts.unwrap_err().field, "probe_at", "probe fields belong to probe");
+        // A preset's words go with its probes at reflection, and not with a request's interval.
+        let p = ModePreset::of(ReasoningFields { strategy: Some(Strategy::Probe), probe_at: Some(ProbeAt::Reflection), probe_words: words(&["Hmm"]), ..Default::default() });
+        assert_eq!(merge(Some(&p), &ReasoningFields::default()).unwrap().probe_words, words(&["Hmm"]));
+        let s = merge(Some(&p), &ReasoningFields { probe_at: Some(ProbeAt::Interval), ..Default::default() }).unwrap();
+        assert_eq!((s.probe.at, s.probe_words), (ProbeAt::Interval, None));
+        let bad = ModePreset::of(ReasoningFields { strategy: Some(Strategy::Probe), probe_at: Some(ProbeAt::Reflection), probe_words: words(&[]), ..Default::default() });
+        assert!(bad.check("medium").unwrap_err().contains("probe_words"), "a preset's fields are checked as a request's");
+        let s: ReasoningFields = serde_json::from_str(r#"{"probe_at": "reflection"}"#).unwrap();
+        assert_eq!(s.probe_at, Some(ProbeAt::Reflection));
+        assert!(serde_json::from_str::<ReasoningFields>(r#"{"probe_at": "often"}"#).is_err());
     }
 
     #[test]

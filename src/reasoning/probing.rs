@@ -1,10 +1,11 @@
 //! Answer probing: stop thinking once the answer has stopped changing.
 //!
-//! Every `interval` tokens of the controlled phase the engine appends the
-//! model's probe text (`… Final answer: \boxed{`), decodes at most `tokens`
-//! answer tokens greedily, and rolls the sequence back to before the probe,
-//! so the probe leaves no trace in the output. What the probe answered is
-//! judged here:
+//! Every `interval` tokens of the controlled phase (or, `at` a reflection
+//! word, DEER's transition points: before a sampled `Wait` is taken) the
+//! engine appends the model's probe text (`… Final answer: \boxed{`), decodes
+//! at most `tokens` answer tokens greedily, and rolls the sequence back to
+//! before the probe, so the probe leaves no trace in the output. What the
+//! probe answered is judged here:
 //! - **agreement** (as Dynasor-CoT's certaindex): the last `agreement`
 //!   probes gave the same complete answer, none of them hedged;
 //! - **confidence** (as DEER): the latest complete, unhedged answer's mean
@@ -13,10 +14,26 @@
 //! Thinking stops when the rule that is set holds; with both set, when both
 //! hold (a small model's early guesses can agree, or be sure, and be wrong).
 
+/// Where probes come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeAt {
+    /// Every `interval` controlled tokens.
+    #[default]
+    Interval,
+    /// Before a reflection word (`Wait`, `Hmm`, ...) the model is about to
+    /// write, at least `interval` controlled tokens after the previous probe
+    /// (and the start): where a thought turns, its answer so far is whole.
+    Reflection,
+}
+
 /// A probe's settings, after the mode preset and the request are merged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeSettings {
-    /// Controlled tokens between two probes (the first comes after this many).
+    /// At an interval, or before a reflection word.
+    pub at: ProbeAt,
+    /// Controlled tokens between two probes (the first comes after this many);
+    /// `at` a reflection word, the least between two.
     pub interval: usize,
     /// Most answer tokens one probe decodes.
     pub tokens: usize,
@@ -34,11 +51,14 @@ impl ProbeSettings {
     /// more than a few probes would never stop a reply this server serves.
     pub const MAX_TOKENS: usize = 64;
     pub const MAX_AGREEMENT: usize = 16;
+    /// Bounds on a request's own reflection words.
+    pub const MAX_WORDS: usize = 16;
+    pub const MAX_WORD_CHARS: usize = 32;
 }
 
 impl Default for ProbeSettings {
     fn default() -> Self {
-        ProbeSettings { interval: Self::DEFAULT_INTERVAL, tokens: Self::DEFAULT_TOKENS, agreement: Some(Self::DEFAULT_AGREEMENT), confidence: None }
+        ProbeSettings { at: ProbeAt::Interval, interval: Self::DEFAULT_INTERVAL, tokens: Self::DEFAULT_TOKENS, agreement: Some(Self::DEFAULT_AGREEMENT), confidence: None }
     }
 }
 
@@ -190,6 +210,9 @@ pub struct Prober {
     /// Controlled tokens at which the next probe is due.
     next_at: usize,
     running: Option<ProbeRun>,
+    /// A reflection probe's sampled token, taken in (or dropped, if the
+    /// answer settled) once the probe is rolled back.
+    held: Option<u32>,
     answers: Vec<ProbeAnswer>,
     settled: bool,
     /// Tokens the probes fed through the model: probe texts and answers.
@@ -202,15 +225,16 @@ impl Prober {
     /// `braced`: the probe text ends in `{`, so an answer ends at its brace.
     pub fn new(settings: ProbeSettings, braced: bool) -> Prober {
         let next_at = settings.interval.max(1);
-        Prober { settings, braced, next_at, running: None, answers: Vec::new(), settled: false, spent: 0, outcomes: [0; 3] }
+        Prober { settings, braced, next_at, running: None, held: None, answers: Vec::new(), settled: false, spent: 0, outcomes: [0; 3] }
     }
 
     /// Whether a probe starts now, after `controlled` tokens of the
     /// controlled phase, with room for `room` more positions; the caller
     /// then feeds the probe text of `text_len` tokens. A probe without room
     /// is skipped.
+    /// Interval probes only (`at` a reflection word, see [`Self::start_before`]).
     pub fn start(&mut self, controlled: usize, room: usize, text_len: usize) -> bool {
-        if self.settled || self.running.is_some() || controlled < self.next_at {
+        if self.settings.at != ProbeAt::Interval || !self.free(controlled) {
             return false;
         }
         while self.next_at <= controlled {
@@ -219,9 +243,37 @@ impl Prober {
         if room < text_len + self.settings.tokens {
             return false;
         }
+        self.begin(text_len);
+        true
+    }
+
+    /// Whether a reflection probe starts now, before the sampled `token`, a
+    /// reflection word's (`reflects`), is taken in: the token is held until
+    /// the probe is over (see [`Self::take_held`]). The next may come
+    /// `interval` controlled tokens later.
+    pub fn start_before(&mut self, token: u32, reflects: bool, controlled: usize, room: usize, text_len: usize) -> bool {
+        if !self.due_before(reflects, controlled, room, text_len) {
+            return false;
+        }
+        self.next_at = controlled + self.settings.interval.max(1);
+        self.held = Some(token);
+        self.begin(text_len);
+        true
+    }
+
+    /// Whether `start_before` would start a probe (asking changes nothing).
+    pub fn due_before(&self, reflects: bool, controlled: usize, room: usize, text_len: usize) -> bool {
+        self.settings.at == ProbeAt::Reflection && reflects && self.free(controlled) && room >= text_len + self.settings.tokens
+    }
+
+    /// No probe runs, no token is held, none settled, and the gap since the last is kept.
+    fn free(&self, controlled: usize) -> bool {
+        !self.settled && self.running.is_none() && self.held.is_none() && controlled >= self.next_at
+    }
+
+    fn begin(&mut self, text_len: usize) {
         self.spent += text_len;
         self.running = Some(ProbeRun::new(self.settings.tokens, self.braced));
-        true
     }
 
     pub fn running(&self) -> bool {
@@ -230,7 +282,16 @@ impl Prober {
 
     /// Whether `start` would start a probe now (asking changes nothing).
     pub fn due(&self, controlled: usize, room: usize, text_len: usize) -> bool {
-        !self.settled && self.running.is_none() && controlled >= self.next_at && room >= text_len + self.settings.tokens
+        self.settings.at == ProbeAt::Interval && self.free(controlled) && room >= text_len + self.settings.tokens
+    }
+
+    /// After a reflection probe: the token it held, to take in now unless
+    /// the answer settled (then thinking ends instead).
+    pub fn take_held(&mut self) -> Option<u32> {
+        if self.running.is_some() {
+            return None;
+        }
+        self.held.take()
     }
 
     /// The running probe's next greedy token (see [`ProbeRun::push`]).

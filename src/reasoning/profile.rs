@@ -26,6 +26,9 @@ pub struct ReasoningProfile {
     /// for a model with think tokens (the trial answer is read outside the
     /// thought), `\n\nFinal answer: \boxed{` for one without.
     pub probe: Option<String>,
+    /// Reflection words, where a thought turns (DEER's transition points):
+    /// probes `at` reflection come before the model writes one.
+    pub probe_words: Vec<String>,
     /// Open the thought in the prompt (`think_open` and a newline after the
     /// generation prompt) where the chat template does not: DeepSeek-R1-Distill
     /// GGUFs carry a template whose prompt ends at `<｜Assistant｜>`, and the
@@ -49,6 +52,7 @@ impl Default for ReasoningProfile {
             answer_tokens_after_wrap_up: 64,
             continuation: "Wait".into(),
             probe: None,
+            probe_words: ["Wait", "Hmm", "Alternatively"].map(String::from).to_vec(),
             start_thinking: false,
             modes: ModePresets::default(),
             from_manifest: false,
@@ -57,6 +61,14 @@ impl Default for ReasoningProfile {
 }
 
 impl ReasoningProfile {
+    /// A manifest's own checks: a probe word holds more than spaces.
+    pub fn check(&self) -> Result<(), String> {
+        match self.probe_words.iter().find(|w| w.trim().is_empty()) {
+            Some(w) => Err(format!("reasoning.probe_words holds {w:?}: a word needs more than spaces")),
+            None => Ok(()),
+        }
+    }
+
     /// The probe text: the manifest's, or the default for a model with or
     /// without think tokens.
     pub fn probe_text(&self, thinks: bool) -> String {
@@ -80,6 +92,13 @@ impl ReasoningProfile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blank_probe_word_is_refused() {
+        assert!(ReasoningProfile::default().check().is_ok());
+        let blank = ReasoningProfile { probe_words: vec!["Wait".into(), " ".into()], ..Default::default() };
+        assert!(blank.check().unwrap_err().contains("probe_words"));
+    }
 
     #[test]
     fn start_thinking_opens_the_thought_once() {

@@ -10,7 +10,7 @@ use super::validate::GenerationParams;
 use super::{AppState, RequestLimits};
 use super::openai::{ChatLogprobs, LogprobToken, TopLogprob};
 use crate::engine::{
-    ChoiceOptions, Constraint, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, ReasoningUsage, TokenLogprob,
+    unmatched_probe_word, ChoiceOptions, Constraint, EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStream, ReasoningUsage, TokenLogprob,
     Usage,
 };
 use crate::reasoning::control::{ReasoningSettings, Strategy};
@@ -33,7 +33,13 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError>
 /// The mode's preset for this model, overridden by the request's own fields.
 pub fn reasoning_settings(engine: &EngineHandle, params: &GenerationParams) -> Result<ReasoningSettings, ApiError> {
     let preset = engine.reasoning_profile().modes.get(params.mode);
-    merge(preset, &params.reasoning).map_err(|e| ApiError::field(format!("reasoning.{}", e.field), e.message))
+    let settings = merge(preset, &params.reasoning).map_err(|e| ApiError::field(format!("reasoning.{}", e.field), e.message))?;
+    let words = settings.probe_words.as_deref().unwrap_or_default();
+    if let Some(word) = unmatched_probe_word(engine.tokenizer(), words) {
+        let message = format!("`reasoning.probe_words`: {word:?} is not one token of this model's vocabulary (alone, after a space or a line break), so no probe would come before it");
+        return Err(ApiError::field("reasoning.probe_words", message));
+    }
+    Ok(settings)
 }
 
 /// Mode `none` on a model whose prompt opens a thought (DeepSeek-R1-Distill's

@@ -42,7 +42,7 @@ fn field_schema(name: &str) -> Option<Value> {
         "presence_penalty" | "frequency_penalty" => json!({"type": "number", "minimum": -2, "maximum": 2}),
         "repetition_penalty" => json!({"type": "number", "exclusiveMinimum": 0, "description": "1 disables it"}),
         "reasoning_effort" => json!({"type": "string", "enum": ["short", "medium", "long", "low", "high", "none"]}),
-        "reasoning" => object("terse's thinking control: mode, strategy (ts | budget | probe | none), stop_temperature, ramp, max_thinking_tokens, min_thinking_tokens, probe_interval, probe_tokens, probe_agreement, probe_confidence, wrap_up; on /v1/responses also effort and summary"),
+        "reasoning" => object("terse's thinking control: mode, strategy (ts | budget | probe | none), stop_temperature, ramp, max_thinking_tokens, min_thinking_tokens, probe_interval, probe_tokens, probe_agreement, probe_confidence, probe_at (interval | reflection), probe_words, wrap_up; on /v1/responses also effort and summary"),
         "response_format" => object("{\"type\": \"text\" | \"json_object\" | \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}"),
         "text" => object("{\"format\": {\"type\": \"text\" | \"json_object\" | \"json_schema\", \"name\", \"schema\", \"strict\"}}"),
         "speculate" => json!({"type": "boolean", "description": "terse's own: false decodes this request without speculation on a server started with --speculate"}),
