@@ -297,16 +297,18 @@ async fn a_rolled_back_probe_leaves_no_trace_and_the_same_logits_bit_for_bit() {
     assert_eq!(probed_end, plain_end);
     assert_eq!(without_probe_counts(probed_usage), plain_usage, "the usage counts no probe token");
     let probes: usize = probed_usage.probes.iter().sum();
-    assert_eq!(probes, 96 / 5, "one probe every 5 thinking tokens, none after the last");
+    // None where fewer tokens are left than the end of the thought needs.
+    let last = 96 - engine().end_of_thinking_tokens().len() - 1;
+    assert_eq!(probes, last / 5, "one probe every 5 thinking tokens, none near the end");
     let text_len = engine().tokenizer().encode(&engine().reasoning_profile().probe_text(true)).unwrap().len();
     assert!(probed_usage.probe_tokens > probes * text_len, "each probe's text and its answer are counted: {probed_usage:?}");
     assert_eq!(probed_usage.probes[0], 0, "the random model never settles");
 }
 
 /// Probes before reflection words that never settle, and how many come in
-/// `plain`: the random model writes no `Wait`, so words of its own unprobed
-/// run stand in for reflection words.
-fn unsettled_probes_at_words_of(plain: &[Token]) -> (ReasoningSettings, usize) {
+/// `plain`, a run of `max_tokens`: the random model writes no `Wait`, so
+/// words of its own unprobed run stand in for reflection words.
+fn unsettled_probes_at_words_of(plain: &[Token], max_tokens: usize) -> (ReasoningSettings, usize) {
     let tokenizer = engine().tokenizer();
     let words: Vec<String> = plain[1..]
         .iter()
@@ -316,7 +318,9 @@ fn unsettled_probes_at_words_of(plain: &[Token]) -> (ReasoningSettings, usize) {
         .take(4)
         .collect();
     let reflection = probe_word_ids(tokenizer, &words);
-    let due = plain[1..].iter().filter(|t| reflection.contains(&t.id)).count();
+    // Not before the first token, nor where the end of the thought would not fit after it.
+    let last = max_tokens - engine().end_of_thinking_tokens().len();
+    let due = plain[1..last].iter().filter(|t| reflection.contains(&t.id)).count();
     assert!(due >= 4, "words {words:?} begin {due} tokens of the run");
     let mut settings = unsettled_probes(1);
     settings.probe.at = ProbeAt::Reflection;
@@ -327,13 +331,13 @@ fn unsettled_probes_at_words_of(plain: &[Token]) -> (ReasoningSettings, usize) {
 #[tokio::test]
 async fn a_reflection_probe_holds_its_word_back_and_leaves_the_same_logits_bit_for_bit() {
     let (plain, plain_usage, plain_end) = run_with(ReasoningSettings::default(), 96, with_logprobs()).await;
-    let (settings, due) = unsettled_probes_at_words_of(&plain);
+    let (settings, due) = unsettled_probes_at_words_of(&plain, 96);
     let (probed, probed_usage, probed_end) = run_with(settings, 96, with_logprobs()).await;
     assert_eq!(fingerprint(&probed), fingerprint(&plain), "every next-token distribution is the unprobed run's, to the bit");
     assert!(probed.iter().all(|t| t.phase == Phase::Thinking && !t.forced), "nothing of a probe is streamed");
     assert_eq!(probed_end, plain_end);
     assert_eq!(without_probe_counts(probed_usage), plain_usage, "the usage counts no probe token");
-    assert_eq!(probed_usage.probes.iter().sum::<usize>(), due, "one probe before each reflection word after the first token");
+    assert_eq!(probed_usage.probes.iter().sum::<usize>(), due, "one probe before each reflection word but the first token and the last few");
 }
 
 #[tokio::test]
@@ -349,7 +353,7 @@ async fn a_probe_in_a_batch_leaves_the_other_sequences_alone() {
     assert_eq!(fingerprint(&probed_batched), fingerprint(&probed_alone));
     assert_eq!(fingerprint(&probed_batched), fingerprint(&alone));
     // So does a probe before a reflection word, whose word waits a few steps.
-    let (at_words, due) = unsettled_probes_at_words_of(&alone);
+    let (at_words, due) = unsettled_probes_at_words_of(&alone, 48);
     let plain = submit(ReasoningSettings::default(), 48, with_logprobs());
     let probed = submit(at_words, 48, with_logprobs());
     let ((batched, ..), (probed_batched, probed_usage, _)) = tokio::join!(collect(plain), collect(probed));

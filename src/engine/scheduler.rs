@@ -769,7 +769,7 @@ impl Scheduler {
                 break;
             }
             let token = seq.choose_from(&mut rows[j * vocab..(j + 1) * vocab]);
-            let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+            let room = self.probe_room(seq);
             if seq.control().probe_due_before(token, room) {
                 // Probed before it is taken in, once the cache is cut back.
                 held = Some(token);
@@ -788,7 +788,7 @@ impl Scheduler {
                 break;
             }
             kept += 1;
-            let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+            let room = self.probe_room(seq);
             if seq.control().probe_due(room) {
                 break;
             }
@@ -823,10 +823,21 @@ impl Scheduler {
         m.speculative_steps_total.inc();
     }
 
+    /// Positions a probe may use now: the context left, or none once the
+    /// completion has no room for the end of the thought after it (a probe
+    /// that settled then would cut the reply inside that text).
+    fn probe_room(&self, seq: &Sequence) -> usize {
+        let left = seq.request.max_tokens.saturating_sub(seq.completion);
+        if left <= self.shared.injections.end_of_thinking.len() {
+            return 0;
+        }
+        self.shared.context_length.saturating_sub(seq.tokens.len())
+    }
+
     /// After a kept token: append the probe text if a probe is due (fed at
     /// the next step, streamed never), noting where to roll back to.
     fn maybe_probe(&self, seq: &mut Sequence) {
-        let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+        let room = self.probe_room(seq);
         if let Some(text) = seq.logits.reasoning.start_probe(room) {
             seq.probe_from = Some((seq.tokens.len(), seq.cache.len()));
             seq.tokens.extend(text);
@@ -874,7 +885,7 @@ impl Scheduler {
     /// probe comes before it (a reflection word's): then it waits for the
     /// probe. `Some` when the sequence has ended.
     fn take_token(&self, seq: &mut Sequence, token: u32) -> Option<FinishReason> {
-        let room = self.shared.context_length.saturating_sub(seq.tokens.len());
+        let room = self.probe_room(seq);
         if let Some(text) = seq.logits.reasoning.start_probe_before(token, room) {
             seq.probe_from = Some((seq.tokens.len(), seq.cache.len()));
             seq.tokens.extend(text);
