@@ -219,7 +219,7 @@ fn qwen3_matches_candle_transformers() {
     let tokenizer = terse::manifest::models_dir().join("cache/qwen3-tokenizer/tokenizer.json");
     assert!(tokenizer.is_file(), "run ./models/fetch qwen3-tokenizer");
     let cases = [
-        // F16 and BF16 run on our own dense kernel (half_matrix.rs).
+        // F16 and BF16 run on our own dense kernel (float_matrix.rs).
         (GgmlDType::F16, None, "f16", 4, QWEN3_F16_TOLERANCE),
         (GgmlDType::BF16, None, "bf16", 4, QWEN3_F16_TOLERANCE),
         (GgmlDType::Q8_0, None, "q8_0", 8, QWEN3_TOLERANCE),
@@ -495,6 +495,29 @@ fn check_batch_invariance_of(name: &str, model: &LoadedModel) {
 #[test]
 fn smollm2_batching_keeps_bits() {
     check_batch_invariance("smollm2-135m");
+}
+
+/// An all-f32 file (as `convert_hf_to_gguf --outtype f32` writes them), on
+/// terse's dense kernel: candle's f32 product blocks its sums by the batch,
+/// which would change a sequence's logits with its neighbours. SmolLM2's
+/// vocabulary, a small Llama of two layers.
+#[test]
+fn an_f32_file_keeps_batch_bits() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("terse-f32-batch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-llama-f32.gguf");
+    let spec = terse::model::SyntheticSpec {
+        arch: terse::model::Arch::Llama,
+        n_layer: 2,
+        dtype: candle_core::quantized::GgmlDType::F32,
+        seed: 11,
+        ..terse::model::SyntheticSpec::tiny_qwen2(49_152)
+    };
+    terse::model::write_random_gguf(&path, &spec, &model_path("smollm2-135m")).unwrap();
+    let model = load_gguf(&path, "tiny-llama-f32").unwrap();
+    assert_eq!(model.info.dtype, "f32");
+    check_batch_invariance_of("tiny-llama-f32", &model);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use candle_nn::{Embedding, RmsNorm};
 
 use super::config::{Arch, TransformerConfig};
 use super::linear::Linear;
-use super::half_matrix::{HalfFormat, HalfMatrix};
+use super::float_matrix::{FloatFormat, FloatMatrix};
 use super::quant::{BlockFormat, QuantMatrix};
 use super::layer::{Attention, Block, Mlp};
 use super::transformer::{TokenEmbedding, Transformer};
@@ -96,8 +96,8 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
             if let Some(matrix) = w.matrix(&name, rows.clone())? {
                 return Ok(Linear::quant(Arc::new(matrix), bias));
             }
-            if let Some(matrix) = w.half(&name, rows.clone())? {
-                return Ok(Linear::half(Arc::new(matrix), bias));
+            if let Some(matrix) = w.float(&name, rows.clone())? {
+                return Ok(Linear::float(Arc::new(matrix), bias));
             }
             w.note_candle_matrix(&name);
         }
@@ -121,10 +121,10 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     // The table stays quantized where our kernels read its format, and a tied
     // head multiplies with the very same matrix.
     let shared = if ours { weights.matrix("token_embd.weight", None)?.map(Arc::new) } else { None };
-    let shared_half = if ours && shared.is_none() { weights.half("token_embd.weight", None)?.map(Arc::new) } else { None };
-    let embedding = match (&shared, &shared_half) {
+    let shared_float = if ours && shared.is_none() { weights.float("token_embd.weight", None)?.map(Arc::new) } else { None };
+    let embedding = match (&shared, &shared_float) {
         (Some(m), _) => TokenEmbedding::Quantized(m.clone()),
-        (None, Some(h)) => TokenEmbedding::Half(h.clone()),
+        (None, Some(h)) => TokenEmbedding::Float(h.clone()),
         (None, None) => TokenEmbedding::Dense(Embedding::new(weights.tensor("token_embd.weight")?.dequantize(device)?, config.hidden)),
     };
     let qk_norms = config.arch.norms_q_and_k();
@@ -174,8 +174,8 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
         linear(&mut weights, "output")?
     } else if let Some(m) = shared {
         Linear::shared_quant(m)
-    } else if let Some(h) = shared_half {
-        Linear::half(h, None)
+    } else if let Some(h) = shared_float {
+        Linear::float(h, None)
     } else if dequantize {
         Linear::dense(weights.tensor("token_embd.weight")?.dequantize(device)?, None)?
     } else {
@@ -183,7 +183,7 @@ fn load_gguf_as(path: &Path, served_name: &str, dequantize: bool, device: &Devic
     };
     let Weights { bytes: weight_bytes, type_counts, on_candle, .. } = weights;
     for (format, (count, first)) in on_candle {
-        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16)");
+        tracing::warn!("{count} matrices in {format} (the first: {first}) run on candle's kernels, slower than terse's own (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16, f32)");
     }
 
     let dtype = type_counts
@@ -225,8 +225,8 @@ pub fn read_head_rows(path: &Path, rows: usize) -> Result<(Linear, u64, u64)> {
     let mut w = Weights { file, content: &content, path, device: Device::Cpu, bytes: 0, type_counts: Default::default(), on_candle: Default::default() };
     let head = if let Some(matrix) = w.matrix(name, Some(0..rows))? {
         Linear::quant(Arc::new(matrix), None)
-    } else if let Some(matrix) = w.half(name, Some(0..rows))? {
-        Linear::half(Arc::new(matrix), None)
+    } else if let Some(matrix) = w.float(name, Some(0..rows))? {
+        Linear::float(Arc::new(matrix), None)
     } else {
         Linear::from_qtensor(w.tensor_rows(name, Some(0..rows))?, None)?
     };
@@ -319,9 +319,11 @@ impl Weights<'_> {
         )
     }
 
-    /// An F16 or BF16 matrix, kept in its own precision. None for other formats.
-    fn half(&mut self, name: &str, rows: Option<Range<usize>>) -> Result<Option<HalfMatrix>> {
-        self.read_matrix(name, rows, HalfFormat::from_ggml, |_, cols| Ok(cols * 2), |format, rows, cols, file| Ok((HalfMatrix::read(format, rows, cols, file)?, rows * cols * 2)))
+    /// An F16, BF16 or F32 matrix, kept in its own precision. None for other formats.
+    fn float(&mut self, name: &str, rows: Option<Range<usize>>) -> Result<Option<FloatMatrix>> {
+        self.read_matrix(name, rows, FloatFormat::from_ggml, |format, cols| Ok(cols * format.width()), |format, rows, cols, file| {
+            Ok((FloatMatrix::read(format, rows, cols, file)?, rows * cols * format.width()))
+        })
     }
 
     /// Rows `rows` (all where None) of a 2-D tensor whose type `format_of`

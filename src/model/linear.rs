@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::half_matrix::HalfMatrix;
+use super::float_matrix::FloatMatrix;
 use super::quant::{QuantMatrix, QuantizedRows};
 use super::sparse::Sparse24;
 
@@ -20,7 +20,7 @@ enum Weight {
     /// Our 2:4 sparse kernel.
     Sparse(Sparse24),
     /// Our dense f16 / bf16 kernel (GGUF's F16 and BF16 tensors, CPU only).
-    Half(Arc<HalfMatrix>),
+    Float(Arc<FloatMatrix>),
 }
 
 pub struct Linear {
@@ -76,8 +76,8 @@ impl Linear {
     }
 
     /// An f16 or bf16 matrix, multiplied in its own precision.
-    pub fn half(matrix: Arc<HalfMatrix>, bias: Option<Tensor>) -> Self {
-        Self::with(Weight::Half(matrix), bias, false)
+    pub fn float(matrix: Arc<FloatMatrix>, bias: Option<Tensor>) -> Self {
+        Self::with(Weight::Float(matrix), bias, false)
     }
 
     pub fn sparse(weight: Sparse24, bias: Option<Tensor>) -> Self {
@@ -151,7 +151,7 @@ impl Linear {
                     *out = q.matmul_t(xs, n);
                     layer.add_host_bias(out)?;
                 }
-                Weight::Half(h) => {
+                Weight::Float(h) => {
                     *out = h.matmul_t(xs, n);
                     layer.add_host_bias(out)?;
                 }
@@ -182,7 +182,7 @@ impl Linear {
             },
             Weight::Quant(q) => q.rows(),
             Weight::Sparse(s) => s.rows(),
-            Weight::Half(h) => h.rows(),
+            Weight::Float(h) => h.rows(),
         }
     }
 
@@ -212,7 +212,7 @@ impl Linear {
                 let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(s.matmul_t(&input, n), (n, s.rows()), xs.device())?
             }
-            Weight::Half(h) => {
+            Weight::Float(h) => {
                 let n = xs.dim(0)?;
                 let input = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(h.matmul_t(&input, n), (n, h.rows()), xs.device())?

@@ -5,7 +5,7 @@ mod convert;
 mod decode_graph;
 mod device;
 mod gguf;
-mod half_matrix;
+mod float_matrix;
 mod heap;
 mod hf;
 mod host_attention;

@@ -36,14 +36,14 @@ pub enum TokenEmbedding {
     Dense(Embedding),
     Quantized(Arc<QuantMatrix>),
     /// F16 / BF16 rows, widened as they are looked up.
-    Half(Arc<super::half_matrix::HalfMatrix>),
+    Float(Arc<super::float_matrix::FloatMatrix>),
 }
 
 impl TokenEmbedding {
     fn dtype(&self) -> DType {
         match self {
             TokenEmbedding::Dense(e) => e.embeddings().dtype(),
-            TokenEmbedding::Quantized(_) | TokenEmbedding::Half(_) => DType::F32,
+            TokenEmbedding::Quantized(_) | TokenEmbedding::Float(_) => DType::F32,
         }
     }
 
@@ -60,7 +60,7 @@ impl TokenEmbedding {
                     m.dequantize_row_into(id as usize, out);
                 }
             }
-            TokenEmbedding::Half(m) => {
+            TokenEmbedding::Float(m) => {
                 for &id in ids {
                     if id as usize >= m.rows() {
                         candle_core::bail!("token id {id} is outside the vocabulary of {}", m.rows());
@@ -80,7 +80,7 @@ impl TokenEmbedding {
                 self.rows_into(ids, &mut rows)?;
                 Tensor::from_vec(rows, (ids.len(), m.cols()), device)
             }
-            TokenEmbedding::Half(m) => {
+            TokenEmbedding::Float(m) => {
                 let mut rows = Vec::new();
                 self.rows_into(ids, &mut rows)?;
                 Tensor::from_vec(rows, (ids.len(), m.cols()), device)

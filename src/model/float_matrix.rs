@@ -1,8 +1,10 @@
-//! Dense f16 and bf16 matrices (GGUF's F16 and BF16 tensors) multiplied in
-//! their own precision: each weight is widened to f32 as it is read and
-//! multiplied with the f32 activations. candle widens such a matrix to f32
-//! once at load, which doubles its bytes, and decode reads every weight once
-//! per token, so the bytes are the speed.
+//! Dense f16, bf16 and f32 matrices (GGUF's F16, BF16 and F32 tensors)
+//! multiplied in their own precision: each weight is widened to f32 as it is
+//! read and multiplied with the f32 activations. candle widens a 16-bit
+//! matrix to f32 once at load, which doubles its bytes, and decode reads
+//! every weight once per token, so the bytes are the speed. An f32 matrix
+//! runs here too, for the bits: candle's f32 product blocks its sums by the
+//! batch's size, so a sequence's logits would change with its neighbours.
 //!
 //! Every output element is one dot product in a fixed order (four 8-lane
 //! accumulators over the width, then their sum, then the tail), whatever the
@@ -20,50 +22,62 @@ use super::kernel::{Kernel, Value};
 enum Values {
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    F32(Vec<f32>),
 }
 
-/// A (rows × cols) row-major matrix of f16 or bf16 values.
+/// A (rows × cols) row-major matrix of f16, bf16 or f32 values.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HalfMatrix {
+pub struct FloatMatrix {
     rows: usize,
     cols: usize,
     values: Values,
 }
 
-/// GGUF's precision of a half matrix.
+/// GGUF's precision of a float matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HalfFormat {
+pub enum FloatFormat {
     F16,
     Bf16,
+    F32,
 }
 
-impl HalfFormat {
+impl FloatFormat {
     pub fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
         match dtype {
-            candle_core::quantized::GgmlDType::F16 => Some(HalfFormat::F16),
-            candle_core::quantized::GgmlDType::BF16 => Some(HalfFormat::Bf16),
+            candle_core::quantized::GgmlDType::F16 => Some(FloatFormat::F16),
+            candle_core::quantized::GgmlDType::BF16 => Some(FloatFormat::Bf16),
+            candle_core::quantized::GgmlDType::F32 => Some(FloatFormat::F32),
             _ => None,
         }
     }
+
+    /// Bytes of one value.
+    pub fn width(self) -> usize {
+        match self {
+            FloatFormat::F16 | FloatFormat::Bf16 => 2,
+            FloatFormat::F32 => 4,
+        }
+    }
 }
 
-impl HalfMatrix {
-    /// From little-endian 16-bit values, as a GGUF file stores them.
-    pub fn from_bytes(format: HalfFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() != rows * cols * 2 {
-            bail!("{} bytes for a {rows} × {cols} matrix of 16-bit values", bytes.len());
+impl FloatMatrix {
+    /// From little-endian values, as a GGUF file stores them.
+    pub fn from_bytes(format: FloatFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() != rows * cols * format.width() {
+            bail!("{} bytes for a {rows} × {cols} matrix of {}-bit values", bytes.len(), 8 * format.width());
         }
-        let bits = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let bits = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         let values = match format {
-            HalfFormat::F16 => Values::F16(bits.map(f16::from_bits).collect()),
-            HalfFormat::Bf16 => Values::Bf16(bits.map(bf16::from_bits).collect()),
+            FloatFormat::F16 => Values::F16(bits().map(f16::from_bits).collect()),
+            FloatFormat::Bf16 => Values::Bf16(bits().map(bf16::from_bits).collect()),
+            FloatFormat::F32 => Values::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
         };
-        Ok(HalfMatrix { rows, cols, values })
+        Ok(FloatMatrix { rows, cols, values })
     }
 
     /// Read from a file positioned at the tensor's data.
-    pub fn read(format: HalfFormat, rows: usize, cols: usize, reader: &mut impl Read) -> Result<Self> {
-        let mut bytes = vec![0u8; rows * cols * 2];
+    pub fn read(format: FloatFormat, rows: usize, cols: usize, reader: &mut impl Read) -> Result<Self> {
+        let mut bytes = vec![0u8; rows * cols * format.width()];
         reader.read_exact(&mut bytes).map_err(|e| anyhow::anyhow!("the file ends inside the tensor's data ({e})"))?;
         Self::from_bytes(format, rows, cols, &bytes)
     }
@@ -82,6 +96,7 @@ impl HalfMatrix {
         match &self.values {
             Values::F16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
             Values::Bf16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
+            Values::F32(v) => v[range].to_vec(),
         }
     }
 
@@ -90,6 +105,7 @@ impl HalfMatrix {
         match &self.values {
             Values::F16(v) => self.matmul_t_with(v, xs, n),
             Values::Bf16(v) => self.matmul_t_with(v, xs, n),
+            Values::F32(v) => self.matmul_t_with(v, xs, n),
         }
     }
 
@@ -234,22 +250,22 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// A random matrix's bytes in `format`.
-    fn random(format: HalfFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    fn random(format: FloatFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..rows * cols)
             .flat_map(|_| {
                 let v: f32 = rng.random_range(-1.0..1.0);
                 match format {
-                    HalfFormat::F16 => f16::from_f32(v).to_bits(),
-                    HalfFormat::Bf16 => bf16::from_f32(v).to_bits(),
+                    FloatFormat::F16 => f16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                    FloatFormat::Bf16 => bf16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                    FloatFormat::F32 => v.to_le_bytes().to_vec(),
                 }
-                .to_le_bytes()
             })
             .collect()
     }
 
     /// Widen, then multiply in f64: the reference.
-    fn reference(m: &HalfMatrix, xs: &[f32], n: usize) -> Vec<f32> {
+    fn reference(m: &FloatMatrix, xs: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n * m.rows];
         for i in 0..n {
             for r in 0..m.rows {
@@ -263,9 +279,9 @@ mod tests {
     #[test]
     fn matches_widen_then_multiply_on_odd_shapes_and_keeps_batch_bits() {
         for (rows, cols) in [(1, 1), (7, 13), (17, 40), (33, 257), (64, 896)] {
-            for format in [HalfFormat::F16, HalfFormat::Bf16] {
+            for format in [FloatFormat::F16, FloatFormat::Bf16, FloatFormat::F32] {
                 let bytes = random(format, rows, cols, rows as u64 * 31 + cols as u64);
-                let m = HalfMatrix::from_bytes(format, rows, cols, &bytes).unwrap();
+                let m = FloatMatrix::from_bytes(format, rows, cols, &bytes).unwrap();
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
                 let xs: Vec<f32> = (0..16 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let all = m.matmul_t(&xs, 16);
@@ -288,7 +304,8 @@ mod tests {
 
     #[test]
     fn a_short_tensor_is_an_error() {
-        assert!(HalfMatrix::from_bytes(HalfFormat::F16, 2, 3, &[0u8; 11]).is_err());
-        assert!(HalfMatrix::read(HalfFormat::Bf16, 2, 3, &mut &[0u8; 4][..]).is_err());
+        assert!(FloatMatrix::from_bytes(FloatFormat::F16, 2, 3, &[0u8; 11]).is_err());
+        assert!(FloatMatrix::read(FloatFormat::Bf16, 2, 3, &mut &[0u8; 4][..]).is_err());
+        assert!(FloatMatrix::from_bytes(FloatFormat::F32, 2, 3, &[0u8; 12]).is_err(), "f32 takes four bytes a value");
     }
 }
