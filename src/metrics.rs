@@ -52,6 +52,7 @@ pub struct Metrics {
     pub prefix_cache_evictions_total: IntCounter,
     /// Bytes the KV pool has allocated, in use or not.
     pub kv_cache_pool_bytes: IntGauge,
+    pub draft_kv_cache_pool_bytes: IntGauge,
     /// Bytes of the KV pages running sequences hold.
     pub kv_cache_held_bytes: IntGauge,
     /// Requests whose answer a grammar held, by model and kind
@@ -185,6 +186,8 @@ impl Metrics {
         let prefix_cache_evictions_total =
             IntCounter::new("prefix_cache_evictions_total", "Idle cached KV pages taken back to make room").unwrap();
         let kv_cache_pool_bytes = IntGauge::new("kv_cache_pool_bytes", "Bytes the KV page pool has allocated, in use or not").unwrap();
+        let draft_kv_cache_pool_bytes =
+            IntGauge::new("draft_kv_cache_pool_bytes", "Bytes the draft model's KV page pool has allocated (speculation with a draft model; 0 without one)").unwrap();
         let kv_cache_held_bytes = IntGauge::new("kv_cache_held_bytes", "Bytes of the KV pages running sequences hold").unwrap();
         let constrained_requests_total = IntCounterVec::new(
             Opts::new("constrained_requests_total", "Generation requests whose answer a grammar held, by kind: json_object, json_schema, tools"),
@@ -253,6 +256,7 @@ impl Metrics {
             Box::new(prefix_cache_bytes.clone()),
             Box::new(prefix_cache_evictions_total.clone()),
             Box::new(kv_cache_pool_bytes.clone()),
+            Box::new(draft_kv_cache_pool_bytes.clone()),
             Box::new(kv_cache_held_bytes.clone()),
             Box::new(constrained_requests_total.clone()),
             Box::new(grammar_mask_seconds.clone()),
@@ -300,6 +304,7 @@ impl Metrics {
             prefix_cache_bytes,
             prefix_cache_evictions_total,
             kv_cache_pool_bytes,
+            draft_kv_cache_pool_bytes,
             kv_cache_held_bytes,
             constrained_requests_total,
             grammar_mask_seconds,

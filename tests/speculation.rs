@@ -130,6 +130,10 @@ async fn a_draft_model_changes_no_token_of_any_reply() {
     // sampled, penalised and controlled positions refuse some.
     assert!(steps > 0.0 && accepted <= proposed);
     assert!(accepted >= 0.6 * proposed, "a model's own greedy drafts are mostly kept: {accepted} of {proposed}");
+    // The draft model's own KV pool shows, and only where there is one.
+    let draft_pool = |text: &str| metric_value(text, "terse_draft_kv_cache_pool_bytes").expect("the gauge is exported");
+    assert!(draft_pool(&metrics_text(drafting()).await) > 0.0);
+    assert_eq!(draft_pool(&metrics_text(plain()).await), 0.0);
 }
 
 /// A draft head cut to the first token ids drafts what it can and changes

@@ -366,6 +366,9 @@ impl Scheduler {
         self.metrics.queue_depth.set(batch.waiting.len() as i64);
         self.metrics.running_sequences.set(batch.running.len() as i64);
         self.metrics.kv_cache_used_bytes.set(self.kv_reserved(batch) as i64);
+        if let Some((draft, _)) = &self.draft_model {
+            self.metrics.draft_kv_cache_pool_bytes.set(draft.kv_pool_bytes() as i64);
+        }
         if let Some(stats) = self.model.prefix_cache_stats() {
             let m = &self.metrics;
             // The pool counts from the start; the counters catch up with it.

@@ -276,6 +276,14 @@ impl Transformer {
         }
     }
 
+    /// Bytes the KV page pool has allocated, in use or not.
+    pub fn kv_pool_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Host(path) => path.pool().stats().pool_bytes,
+            Backend::Tensor(path) => path.pool.stats().pool_bytes,
+        }
+    }
+
     /// Whether the KV cache is the tensor path's pool.
     pub fn pooled_kv(&self) -> bool {
         matches!(self.backend, Backend::Tensor(_))
