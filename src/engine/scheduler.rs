@@ -779,7 +779,8 @@ impl Scheduler {
                 break;
             }
             let before = seq.tokens.len();
-            if let Some(end) = self.take_token(seq, token) {
+            // No probe is due before it (just asked): taken in at once.
+            if let Some(end) = self.take_sampled(seq, token) {
                 self.count_draft(seq.draft_length(), draft.len(), kept, false);
                 return Ok(Some(end));
             }

@@ -330,7 +330,7 @@ impl ReasoningControl {
     /// before [`Self::after_sample`]; once the probe is rolled back the
     /// engine asks [`Self::take_held`].
     pub fn start_probe_before(&mut self, token: u32, room: usize) -> Option<Vec<u32>> {
-        if !self.may_probe() {
+        if self.prober.is_none() || !self.may_probe() {
             return None;
         }
         let reflects = self.injections.probe_words.contains(&token);
@@ -342,8 +342,8 @@ impl ReasoningControl {
     /// Whether `start_probe_before(token, room)` would start a probe; asking
     /// changes nothing.
     pub fn probe_due_before(&self, token: u32, room: usize) -> bool {
-        let reflects = self.injections.probe_words.contains(&token);
-        self.may_probe() && self.prober.as_ref().is_some_and(|p| p.due_before(reflects, self.controlled, room, self.injections.probe.len()))
+        let Some(prober) = self.prober.as_ref().filter(|_| self.may_probe()) else { return false };
+        prober.due_before(self.injections.probe_words.contains(&token), self.controlled, room, self.injections.probe.len())
     }
 
     fn may_probe(&self) -> bool {
