@@ -123,50 +123,78 @@ impl PageStore {
         }
     }
 
-    /// One (row, KV head) item of `attend_into`: `out` (group × head_dim) is the
-    /// attention of the group's query heads `q` over positions `first..visible`
-    /// of the sequence whose pages are `pages`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_item(&self, kernel: super::kernel::Kernel, q: &[f32], kv_head: usize, pages: &[u32], first: usize, visible: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    /// One item of `attend_into`: the rows of `block` attended, for one KV
+    /// head, into `out`.
+    fn attend_block(&self, kernel: super::kernel::Kernel, block: &BlockItem<'_>, scratch: &mut Vec<f32>, out: &super::threads::SharedOut) {
         match &self.store {
-            Store::F32 { keys, values } => self.attend_pages(kernel, q, kv_head, pages, first, visible, scale, scores, out, keys, values),
-            Store::F16 { keys, values } => self.attend_pages(kernel, q, kv_head, pages, first, visible, scale, scores, out, keys, values),
+            Store::F32 { keys, values } => self.attend_block_in(kernel, block, scratch, out, keys, values),
+            Store::F16 { keys, values } => self.attend_block_in(kernel, block, scratch, out, keys, values),
         }
     }
 
-    /// Scores page by page, one softmax over them all, then the weighted
-    /// values page by page into `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_pages<E: Value>(
-        &self,
-        kernel: super::kernel::Kernel,
-        q: &[f32],
-        kv_head: usize,
-        pages: &[u32],
-        first: usize,
-        visible: usize,
-        scale: f32,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-        keys: &[E],
-        values: &[E],
-    ) {
-        let hd = self.head_dim;
-        let group = q.len() / hd;
-        // The part of page `j` (positions lo..hi) a query sees, as value ranges.
-        let spans = (first / PAGE_POSITIONS..visible.div_ceil(PAGE_POSITIONS)).map(|j| {
-            let (lo, hi) = (first.max(j * PAGE_POSITIONS), visible.min((j + 1) * PAGE_POSITIONS));
-            let head = (pages[j] as usize * self.kv_heads + kv_head) * PAGE_POSITIONS;
-            (lo, (head + lo - j * PAGE_POSITIONS) * hd..(head + hi - j * PAGE_POSITIONS) * hd)
-        });
-        // scores[p·group + g]: query head g of the group against position first + p.
-        scores.resize((visible - first) * group, 0.0);
-        for (lo, range) in spans.clone() {
-            kernel.scores(q, &keys[range], hd, scale, &mut scores[(lo - first) * group..]);
+    /// The block's queries copied side by side, their scores over every
+    /// position any of its rows sees (page by page), each query's softmax over
+    /// its own row's positions, then the weighted values, position by position
+    /// in order, of the queries whose row sees each position.
+    fn attend_block_in<E: Value>(&self, kernel: super::kernel::Kernel, block: &BlockItem<'_>, scratch: &mut Vec<f32>, out: &super::threads::SharedOut, keys: &[E], values: &[E]) {
+        let (hd, group, rows) = (self.head_dim, block.group, block.rows.len());
+        let queries = rows * group;
+        let first = |i: usize| block.window.map_or(0, |w| (block.first_visible + i).saturating_sub(w));
+        let visible = |i: usize| block.first_visible + i;
+        let (lo, hi) = (first(0), visible(rows - 1));
+        let span = hi - lo;
+        // Scratch: the queries (queries × head_dim), their scores
+        // (queries × span) and their outputs (queries × head_dim).
+        scratch.resize(queries * (2 * hd + span), 0.0);
+        let (qs, rest) = scratch.split_at_mut(queries * hd);
+        let (scores, acc) = rest.split_at_mut(queries * span);
+        let item_width = group * hd;
+        for (i, row) in block.rows.clone().enumerate() {
+            let at = row * block.row_width + block.kv_head * item_width;
+            qs[i * item_width..(i + 1) * item_width].copy_from_slice(&block.queries[at..at + item_width]);
         }
-        softmax_columns(scores, group);
-        for (i, (lo, range)) in spans.enumerate() {
-            kernel.weighted_values(&scores[(lo - first) * group..], &values[range], hd, out, i > 0);
+        // Page j's positions a..b of this KV head, as a range of values.
+        let pages = (lo / PAGE_POSITIONS..hi.div_ceil(PAGE_POSITIONS)).map(|j| {
+            let (a, b) = (lo.max(j * PAGE_POSITIONS), hi.min((j + 1) * PAGE_POSITIONS));
+            let head = (block.pages[j] as usize * self.kv_heads + block.kv_head) * PAGE_POSITIONS;
+            (a, b, (head + a - j * PAGE_POSITIONS) * hd..(head + b - j * PAGE_POSITIONS) * hd)
+        });
+        for (a, _, range) in pages.clone() {
+            kernel.scores(qs, &keys[range], hd, block.scale, scores, span, a - lo);
+        }
+        for (q, row_scores) in scores.chunks_exact_mut(span).enumerate() {
+            let i = q / group;
+            softmax(&mut row_scores[first(i) - lo..visible(i) - lo]);
+        }
+        acc.fill(0.0);
+        // Rows i0..=i1 see every position from s to e when no row's first or
+        // last position falls between: cut each page at those positions.
+        let mut cuts = [0usize; 2 * BLOCK_ROWS];
+        for i in 0..rows {
+            (cuts[2 * i], cuts[2 * i + 1]) = (first(i), visible(i));
+        }
+        let cuts = &mut cuts[..2 * rows];
+        cuts.sort_unstable();
+        for (a, b, range) in pages {
+            let mut s = a;
+            for e in cuts.iter().copied().filter(|&c| c > a && c < b).chain([b]) {
+                if e == s {
+                    continue;
+                }
+                let i0 = (0..rows).find(|&i| visible(i) >= e);
+                let i1 = (0..rows).rev().find(|&i| first(i) <= s);
+                if let Some((i0, i1)) = i0.zip(i1).filter(|(i0, i1)| i0 <= i1) {
+                    let seen = &values[range.start + (s - a) * hd..range.start + (e - a) * hd];
+                    let (from, to) = (i0 * group, (i1 + 1) * group);
+                    kernel.weighted_values(&scores[from * span..to * span], span, s - lo, seen, hd, &mut acc[from * hd..to * hd]);
+                }
+                s = e;
+            }
+        }
+        for (i, row) in block.rows.clone().enumerate() {
+            // SAFETY: each (row, KV head) belongs to one item, so no other
+            // thread writes these values; `out` outlives the pool's run.
+            unsafe { out.put(row * block.row_width + block.kv_head * item_width, &acc[i * item_width..(i + 1) * item_width]) };
         }
     }
 }
@@ -241,28 +269,48 @@ pub struct StepSeqs<'a, P> {
     pub pages: P,
 }
 
-thread_local! {
-    /// Each thread's scores of one item, kept between items and steps.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Each thread's softmax scratch: the span-long maxima and sums and the
-    /// columns' own.
-    static SOFTMAX: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Rows of one sequence attended together, per KV head: each key and value
+/// loaded serves all their query heads. Every row's scores, softmax and
+/// weighted sum are still its own, in the same order in any block, so how
+/// rows are grouped changes no bits (alone, batched, or a token at a time).
+const BLOCK_ROWS: usize = 4;
+
+/// One work item: a block of rows of one sequence, for one KV head.
+struct BlockItem<'a> {
+    /// The step's queries, `row_width` values a row.
+    queries: &'a [f32],
+    row_width: usize,
+    rows: std::ops::Range<usize>,
+    /// The positions the block's first row sees (itself included); each
+    /// next row sees one more.
+    first_visible: usize,
+    window: Option<usize>,
+    kv_head: usize,
+    group: usize,
+    pages: &'a [u32],
+    scale: f32,
 }
 
-/// Room for `values` in every pool thread's scratch (`SCORES`, `SOFTMAX`),
-/// reserved on all the threads at once when the calling thread's is short.
-/// Which threads take a step's items varies from step to step, so a thread
-/// that has taken none so far must not be the one to allocate later, in the
-/// middle of a step. Every thread's room is at least the largest any caller
-/// asked for, so the caller's own room says whether all have enough.
+thread_local! {
+    /// Each thread's scratch for one item (queries, scores, outputs), kept
+    /// between items and steps.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's row blocks of a step: (sequence, rows).
+    static BLOCKS: std::cell::RefCell<Vec<(usize, std::ops::Range<usize>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Room for `values` in every pool thread's `SCRATCH`, reserved on all the
+/// threads at once when the calling thread's is short. Which threads take a
+/// step's items varies from step to step, so a thread that has taken none so
+/// far must not be the one to allocate later, in the middle of a step. Every
+/// thread's room is at least the largest any caller asked for, so the
+/// caller's own room says whether all have enough.
 fn grow_scratch(values: usize) {
-    if SCORES.with_borrow(|s| s.capacity()) >= values {
+    if SCRATCH.with_borrow(|s| s.capacity()) >= values {
         return;
     }
     candle_core::utils::barrier_pool().execute(|_| {
-        for scratch in [&SCORES, &SOFTMAX] {
-            scratch.with_borrow_mut(|s| s.reserve(values.saturating_sub(s.len())));
-        }
+        SCRATCH.with_borrow_mut(|s| s.reserve(values.saturating_sub(s.len())));
     });
 }
 
@@ -275,72 +323,87 @@ pub fn attend_into<'p, P: Fn(usize) -> &'p [u32] + Sync>(queries: &[f32], seqs: 
     let group = q_heads / kv_heads;
     let tokens = queries.len() / (q_heads * head_dim);
     assert_eq!(seqs.row_starts.last().copied(), Some(tokens), "the sequences' rows cover the queries");
-    // Every item writes its whole part: resizing only keeps the length right.
-    out.resize(queries.len(), 0.0);
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    // One item per (row, KV head): the outputs of the `group` query heads that
-    // share that KV head, `group × head_dim` values in a row. Each cached key
-    // and value is loaded once for the whole group, not once per query head.
-    let item_width = group * head_dim;
-    // The scores of as many positions as the most pages of a sequence hold,
-    // to the next power of two (so they grow now and then, not a page at a
-    // time), and softmax's spans.
+    // The most positions a row of the step sees, to the next power of two
+    // (so the scratch grows now and then, not a page at a time).
     let positions = (0..seqs.positions.len()).map(|s| (seqs.pages)(s).len() * PAGE_POSITIONS).max().unwrap_or(0);
-    grow_scratch((positions * group).next_power_of_two().max(SOFTMAX_SCRATCH * group));
+    grow_scratch((BLOCK_ROWS * group * (positions + 2 * head_dim)).next_power_of_two());
+    let mut blocks = BLOCKS.take();
+    blocks.clear();
+    for (s, rows) in seqs.row_starts.windows(2).enumerate() {
+        blocks.extend((rows[0]..rows[1]).step_by(BLOCK_ROWS).map(|start| (s, start..(start + BLOCK_ROWS).min(rows[1]))));
+    }
     let kernel = super::kernel::Kernel::detect();
-    let work = |first_item: usize, out: &mut [f32]| {
-        SCORES.with_borrow_mut(|scores| {
-            for (item, out) in (first_item..).zip(out.chunks_exact_mut(item_width)) {
-                let (row, kv_head) = (item / kv_heads, item % kv_heads);
-                let s = seqs.row_starts.partition_point(|&start| start <= row) - 1;
-                let visible = seqs.positions[s] + (row - seqs.row_starts[s]) + 1;
-                let first = seqs.window.map_or(0, |w| visible.saturating_sub(w));
-                let q = &queries[item * item_width..(item + 1) * item_width];
-                store.attend_item(kernel, q, kv_head, (seqs.pages)(s), first, visible, scale, scores, out);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    out.clear();
+    out.reserve(queries.len());
+    let shared = super::threads::SharedOut::spare(out);
+    let work = |items: std::ops::Range<usize>| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            for item in items {
+                let (s, rows) = blocks[item / kv_heads].clone();
+                let item = BlockItem {
+                    queries,
+                    row_width: q_heads * head_dim,
+                    first_visible: seqs.positions[s] + (rows.start - seqs.row_starts[s]) + 1,
+                    rows,
+                    window: seqs.window,
+                    kv_head: item % kv_heads,
+                    group,
+                    pages: (seqs.pages)(s),
+                    scale,
+                };
+                store.attend_block(kernel, &item, scratch, &shared);
             }
         })
     };
+    let items = blocks.len() * kv_heads;
     let longest = seqs.positions.iter().zip(seqs.row_starts.windows(2)).map(|(&p, rows)| p + rows[1] - rows[0]).max().unwrap_or(0);
     // A few short items are not worth waking the pool for.
     if tokens * q_heads * longest < 2048 {
-        work(0, out);
+        work(0..items);
     } else {
-        super::threads::on_candles_threads(out, item_width, 1, work);
+        candle_core::utils::barrier_pool().execute_chunked(items, work);
     }
+    // SAFETY: the items cover every (row, KV head), each writing all of its
+    // values, and every thread is done.
+    unsafe { out.set_len(queries.len()) };
+    BLOCKS.set(blocks);
 }
 
 impl super::kernel::Kernel {
-    /// `scores[p·group + g]` = scale · (query head g of `q` · key p), for the
-    /// `group` query heads in `q` (group × head_dim) and every key in `keys`.
-    fn scores<E: Value>(self, q: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32]) {
+    /// For each query q of `qs` (head_dim values each) and key p of `keys`:
+    /// `scores[q·stride + offset + p]` = scale · (query q · key p).
+    #[allow(clippy::too_many_arguments)]
+    fn scores<E: Value>(self, qs: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32], stride: usize, offset: usize) {
+        let positions = keys.len() / head_dim;
+        assert!(qs.len() / head_dim * stride <= scores.len() && offset + positions <= stride);
         match self {
-            // SAFETY: `detect` saw AVX2, FMA and F16C on this CPU.
+            // SAFETY: `detect` saw AVX2, FMA and F16C on this CPU; the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::scores(q, keys, head_dim, scale, scores) },
+            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::scores(qs, keys, head_dim, scale, scores, stride, offset) },
             _ => {
-                let dots = keys.chunks_exact(head_dim).flat_map(|k| q.chunks_exact(head_dim).map(move |q| dot(q, k) * scale));
-                for (s, d) in scores.iter_mut().zip(dots) {
-                    *s = d;
+                for (q, row) in qs.chunks_exact(head_dim).zip(scores.chunks_exact_mut(stride)) {
+                    for (s, k) in row[offset..offset + positions].iter_mut().zip(keys.chunks_exact(head_dim)) {
+                        *s = dot(q, k) * scale;
+                    }
                 }
             }
         }
     }
 
-    /// `out` (group × head_dim) = for each query head g, Σ_p probs[p·group + g]
-    /// · value p, added to what `out` holds when `add` (one page after another).
-    fn weighted_values<E: Value>(self, probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32], add: bool) {
+    /// For each query q: `out[q·head_dim..]` += Σ_p probs[q·stride + offset
+    /// + p] · value p, over the positions of `values` in order.
+    fn weighted_values<E: Value>(self, probs: &[f32], stride: usize, offset: usize, values: &[E], head_dim: usize, out: &mut [f32]) {
+        let positions = values.len() / head_dim;
+        assert!(out.len() / head_dim * stride <= probs.len() && offset + positions <= stride);
         match self {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::weighted_values(probs, values, head_dim, out, add) },
+            Self::Avx2 { .. } if head_dim.is_multiple_of(8) => unsafe { avx2::weighted_values(probs, stride, offset, values, head_dim, out) },
             _ => {
-                let group = out.len() / head_dim;
-                if !add {
-                    out.fill(0.0);
-                }
-                for (p, v) in probs.chunks_exact(group).zip(values.chunks_exact(head_dim)) {
-                    for (&p, out) in p.iter().zip(out.chunks_exact_mut(head_dim)) {
-                        for (o, &v) in out.iter_mut().zip(v) {
+                for (o, p) in out.chunks_exact_mut(head_dim).zip(probs.chunks(stride)) {
+                    for (&p, v) in p[offset..offset + positions].iter().zip(values.chunks_exact(head_dim)) {
+                        for (o, &v) in o.iter_mut().zip(v) {
                             *o += p * v.to_f32();
                         }
                     }
@@ -364,8 +427,10 @@ fn dot<E: Value>(a: &[f32], b: &[E]) -> f32 {
 }
 
 /// The same two steps with AVX2 and fused multiply-adds, for head sizes that
-/// are a multiple of eight. Scalar loops left half of a batched decode step's
-/// attention time in horizontal sums and separate multiplies and adds.
+/// are a multiple of eight, in register tiles: up to four queries against two
+/// keys (each loaded vector serves two or four products where one each would
+/// leave the loads, not the multiply-adds, as the limit), and up to four
+/// queries against two vectors of values.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -373,132 +438,137 @@ mod avx2 {
     use crate::model::kernel::avx2::sum_eight;
     use crate::model::kernel::Value;
 
-    /// Eight dot products at a time, each as eight lanes of fused
-    /// multiply-adds; the eight are then summed across lanes together (three
-    /// rounds of pairwise adds), not one by one.
+    /// Queries per tile.
+    const QUERIES: usize = 4;
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores<E: Value>(q: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32]) {
-        let group = q.len() / head_dim;
-        let total = keys.len() / head_dim * group;
-        assert!(scores.len() >= total && q.len() == group * head_dim && head_dim.is_multiple_of(8));
-        let dot = |t: usize| -> __m256 {
-            let (key, g) = (t / group, t % group);
-            let (k, q) = (keys.as_ptr().add(key * head_dim), q.as_ptr().add(g * head_dim));
-            let mut acc = _mm256_setzero_ps();
-            for j in (0..head_dim).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(j)), E::load8(k.add(j)), acc);
+    pub unsafe fn scores<E: Value>(qs: &[f32], keys: &[E], head_dim: usize, scale: f32, scores: &mut [f32], stride: usize, offset: usize) {
+        let (queries, positions) = (qs.len() / head_dim, keys.len() / head_dim);
+        for q in (0..queries).step_by(QUERIES) {
+            let q_at = qs.as_ptr().add(q * head_dim);
+            let out = scores.as_mut_ptr().add(q * stride + offset);
+            match (queries - q).min(QUERIES) {
+                1 => score_rows::<E, 1>(q_at, keys, positions, head_dim, scale, out, stride),
+                2 => score_rows::<E, 2>(q_at, keys, positions, head_dim, scale, out, stride),
+                3 => score_rows::<E, 3>(q_at, keys, positions, head_dim, scale, out, stride),
+                _ => score_rows::<E, 4>(q_at, keys, positions, head_dim, scale, out, stride),
             }
-            acc
-        };
-        let scale = _mm256_set1_ps(scale);
-        let mut t = 0;
-        while t + 8 <= total {
-            let a: [__m256; 8] = std::array::from_fn(|i| dot(t + i));
-            _mm256_storeu_ps(scores.as_mut_ptr().add(t), _mm256_mul_ps(sum_eight(a), scale));
-            t += 8;
+        }
+    }
+
+    /// `Q` queries (side by side from `qs`) against every key, two at a time.
+    #[inline(always)]
+    unsafe fn score_rows<E: Value, const Q: usize>(qs: *const f32, keys: &[E], positions: usize, head_dim: usize, scale: f32, out: *mut f32, stride: usize) {
+        let mut p = 0;
+        while p + 2 <= positions {
+            score_tile::<E, Q, 2>(qs, keys.as_ptr().add(p * head_dim), head_dim, scale, out.add(p), stride);
+            p += 2;
+        }
+        if p < positions {
+            score_tile::<E, Q, 1>(qs, keys.as_ptr().add(p * head_dim), head_dim, scale, out.add(p), stride);
+        }
+    }
+
+    /// `Q` queries against `K` keys: each product is eight lanes of fused
+    /// multiply-adds along the head, then the lanes summed in `sum_eight`'s
+    /// order, the same for every product whatever tile it falls in.
+    #[inline(always)]
+    unsafe fn score_tile<E: Value, const Q: usize, const K: usize>(qs: *const f32, keys: *const E, head_dim: usize, scale: f32, out: *mut f32, stride: usize) {
+        let mut acc = [[_mm256_setzero_ps(); K]; Q];
+        for j in (0..head_dim).step_by(8) {
+            let k: [__m256; K] = std::array::from_fn(|t| E::load8(keys.add(t * head_dim + j)));
+            for (q, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(qs.add(q * head_dim + j));
+                for t in 0..K {
+                    acc[t] = _mm256_fmadd_ps(x, k[t], acc[t]);
+                }
+            }
+        }
+        let mut sums = [_mm256_setzero_ps(); 8];
+        for q in 0..Q {
+            for t in 0..K {
+                sums[q * K + t] = acc[q][t];
+            }
         }
         let mut lanes = [0f32; 8];
-        for t in t..total {
-            _mm256_storeu_ps(lanes.as_mut_ptr(), dot(t));
-            scores[t] = lanes.iter().sum::<f32>() * _mm256_cvtss_f32(scale);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(sum_eight(sums), _mm256_set1_ps(scale)));
+        for q in 0..Q {
+            for t in 0..K {
+                *out.add(q * stride + t) = lanes[q * K + t];
+            }
         }
     }
 
-    /// For each query head, its output (head_dim values, up to 64 in registers
-    /// at a time) accumulates probability × value over the positions.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_values<E: Value>(probs: &[f32], values: &[E], head_dim: usize, out: &mut [f32], add: bool) {
-        let group = out.len() / head_dim;
-        let positions = values.len() / head_dim;
-        assert!(probs.len() >= positions * group && head_dim.is_multiple_of(8));
-        for g in 0..group {
-            for d in (0..head_dim).step_by(64) {
-                let width = (head_dim - d).min(64) / 8;
-                let mut acc = [_mm256_setzero_ps(); 8];
-                if add {
-                    for (j, acc) in acc.iter_mut().enumerate().take(width) {
-                        *acc = _mm256_loadu_ps(out.as_ptr().add(g * head_dim + d + 8 * j));
-                    }
+    pub unsafe fn weighted_values<E: Value>(probs: &[f32], stride: usize, offset: usize, values: &[E], head_dim: usize, out: &mut [f32]) {
+        let (queries, positions) = (out.len() / head_dim, values.len() / head_dim);
+        for q in (0..queries).step_by(QUERIES) {
+            let p_at = probs.as_ptr().add(q * stride + offset);
+            let o_at = out.as_mut_ptr().add(q * head_dim);
+            match (queries - q).min(QUERIES) {
+                1 => weigh_rows::<E, 1>(p_at, stride, values, positions, head_dim, o_at),
+                2 => weigh_rows::<E, 2>(p_at, stride, values, positions, head_dim, o_at),
+                3 => weigh_rows::<E, 3>(p_at, stride, values, positions, head_dim, o_at),
+                _ => weigh_rows::<E, 4>(p_at, stride, values, positions, head_dim, o_at),
+            }
+        }
+    }
+
+    /// `Q` queries' outputs, sixteen values of the head at a time (eight for
+    /// the last, where the head is not a multiple of sixteen).
+    #[inline(always)]
+    unsafe fn weigh_rows<E: Value, const Q: usize>(probs: *const f32, stride: usize, values: &[E], positions: usize, head_dim: usize, out: *mut f32) {
+        let mut d = 0;
+        while d + 16 <= head_dim {
+            weigh_tile::<E, Q, 2>(probs, stride, values.as_ptr().add(d), positions, head_dim, out.add(d));
+            d += 16;
+        }
+        if d < head_dim {
+            weigh_tile::<E, Q, 1>(probs, stride, values.as_ptr().add(d), positions, head_dim, out.add(d));
+        }
+    }
+
+    /// `W` vectors of each of `Q` outputs accumulate probability × value over
+    /// the positions in order: the same steps, value by value, as any tile.
+    #[inline(always)]
+    unsafe fn weigh_tile<E: Value, const Q: usize, const W: usize>(probs: *const f32, stride: usize, values: *const E, positions: usize, head_dim: usize, out: *mut f32) {
+        let mut acc: [[__m256; W]; Q] = std::array::from_fn(|q| std::array::from_fn(|w| _mm256_loadu_ps(out.add(q * head_dim + 8 * w))));
+        for p in 0..positions {
+            let v: [__m256; W] = std::array::from_fn(|w| E::load8(values.add(p * head_dim + 8 * w)));
+            for (q, acc) in acc.iter_mut().enumerate() {
+                let weight = _mm256_set1_ps(*probs.add(q * stride + p));
+                for w in 0..W {
+                    acc[w] = _mm256_fmadd_ps(weight, v[w], acc[w]);
                 }
-                for p in 0..positions {
-                    let w = _mm256_set1_ps(*probs.get_unchecked(p * group + g));
-                    let v = values.as_ptr().add(p * head_dim + d);
-                    for (j, acc) in acc.iter_mut().enumerate().take(width) {
-                        *acc = _mm256_fmadd_ps(w, E::load8(v.add(8 * j)), *acc);
-                    }
-                }
-                for (j, acc) in acc.iter().enumerate().take(width) {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(g * head_dim + d + 8 * j), *acc);
-                }
+            }
+        }
+        for (q, acc) in acc.iter().enumerate() {
+            for (w, &acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(q * head_dim + 8 * w), acc);
             }
         }
     }
 }
 
-/// Softmax of each of the `columns` interleaved columns of `xs` (row-major,
-/// `columns` values a row), each column in its own place.
-///
-/// Every pass walks the slice in spans of eight rows against a span-long
-/// pattern (the span is a multiple of eight values, so the compiler keeps
-/// each pass in vector registers); the exponentials take the whole slice at
-/// once. Value j of a span belongs to column j mod `columns`.
-fn softmax_columns(xs: &mut [f32], columns: usize) {
-    let span = 8 * columns;
-    SOFTMAX.with_borrow_mut(|scratch| {
-        scratch.resize(SOFTMAX_SCRATCH * columns, 0.0);
-        let (max, rest) = scratch.split_at_mut(span);
-        let (sum, rest) = rest.split_at_mut(span);
-        let (column_max, column_sums) = rest.split_at_mut(columns);
-        softmax_columns_in(xs, columns, [max, sum, column_max, column_sums]);
-    })
-}
-
-/// Softmax's scratch per column: two spans of eight and the column's own two.
-const SOFTMAX_SCRATCH: usize = 2 * 8 + 2;
-
-fn softmax_columns_in(xs: &mut [f32], columns: usize, [max, sum, column_max, column_sums]: [&mut [f32]; 4]) {
-    let span = 8 * columns;
-    let whole = xs.len() / span * span;
-    max.fill(f32::NEG_INFINITY);
-    for part in xs[..whole].chunks_exact(span) {
-        for (m, &x) in max.iter_mut().zip(part) {
-            *m = m.max(x);
-        }
-    }
-    for (m, &x) in max.iter_mut().zip(&xs[whole..]) {
-        *m = m.max(x);
-    }
-    for (c, to) in column_max.iter_mut().enumerate() {
-        *to = max.iter().skip(c).step_by(columns).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    }
-    for (j, m) in max.iter_mut().enumerate() {
-        *m = column_max[j % columns];
-    }
-    for part in xs.chunks_mut(span) {
-        for (x, &m) in part.iter_mut().zip(&*max) {
-            *x -= m;
-        }
+/// Softmax of `xs` in place: its maximum taken off, exponentials, then each
+/// divided by their sum (summed in eight lanes, then across them).
+fn softmax(xs: &mut [f32]) {
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for x in xs.iter_mut() {
+        *x -= max;
     }
     super::row_ops::exp_in_place(xs);
-    sum.fill(0.0);
-    for part in xs[..whole].chunks_exact(span) {
-        for (s, &x) in sum.iter_mut().zip(part) {
-            *s += x;
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for k in 0..8 {
+            lanes[k] += chunk[k];
         }
     }
-    for (s, &x) in sum.iter_mut().zip(&xs[whole..]) {
-        *s += x;
-    }
-    for (c, to) in column_sums.iter_mut().enumerate() {
-        *to = sum.iter().skip(c).step_by(columns).sum();
-    }
-    for (j, s) in sum.iter_mut().enumerate() {
-        *s = column_sums[j % columns];
-    }
-    for part in xs.chunks_mut(span) {
-        for (x, &s) in part.iter_mut().zip(&*sum) {
-            *x /= s;
-        }
+    let sum = lanes.iter().sum::<f32>() + tail;
+    for x in xs.iter_mut() {
+        *x /= sum;
     }
 }
 
@@ -531,6 +601,10 @@ mod tests {
             batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 12 }, precision);
             batched_attention_case(Heads { q_heads: 6, kv_heads: 2, head_dim: 64 }, precision);
             batched_attention_case(Heads { q_heads: 14, kv_heads: 2, head_dim: 64 }, precision);
+            // Qwen3's shapes: a head of 128, two query heads to a KV head.
+            batched_attention_case(Heads { q_heads: 4, kv_heads: 2, head_dim: 128 }, precision);
+            // Sixteen-value tiles and an eight-value tail.
+            batched_attention_case(Heads { q_heads: 3, kv_heads: 3, head_dim: 40 }, precision);
         }
     }
 
@@ -551,22 +625,28 @@ mod tests {
     fn detected_attention_kernel_agrees_with_the_scalar_loops() {
         use crate::model::kernel::Kernel;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for (group, head_dim, positions) in [(3, 64, 1), (3, 64, 13), (7, 64, 40), (2, 128, 9), (6, 128, 9), (4, 40, 7), (1, 8, 5)] {
-            let q = random(&mut rng, group * head_dim);
+        // Queries: one tile, three, and a tail; keys in pairs and one left.
+        for (queries, head_dim, positions) in [(3, 64, 1), (3, 64, 13), (9, 64, 40), (2, 128, 9), (6, 128, 9), (4, 40, 7), (1, 8, 5)] {
+            let q = random(&mut rng, queries * head_dim);
             let keys = random(&mut rng, positions * head_dim);
             let values = random(&mut rng, positions * head_dim);
-            let (mut want, mut got) = (vec![0f32; positions * group], vec![0f32; positions * group]);
-            Kernel::Scalar.scores(&q, &keys, head_dim, 0.125, &mut want);
-            Kernel::detect().scores(&q, &keys, head_dim, 0.125, &mut got);
+            // Each query's scores in a row of its own, two positions in.
+            let (stride, offset) = (positions + 3, 2);
+            let (mut want, mut got) = (vec![0f32; queries * stride], vec![0f32; queries * stride]);
+            Kernel::Scalar.scores(&q, &keys, head_dim, 0.125, &mut want, stride, offset);
+            Kernel::detect().scores(&q, &keys, head_dim, 0.125, &mut got, stride, offset);
             for (w, g) in want.iter().zip(&got) {
-                assert!((w - g).abs() < 1e-5, "scores: {w} vs {g} (group {group}, head {head_dim}, {positions} positions)");
+                assert!((w - g).abs() < 1e-5, "scores: {w} vs {g} ({queries} queries, head {head_dim}, {positions} positions)");
             }
-            softmax_columns(&mut want, group);
-            let (mut want_out, mut got_out) = (vec![1f32; group * head_dim], vec![1f32; group * head_dim]);
-            Kernel::Scalar.weighted_values(&want, &values, head_dim, &mut want_out, false);
-            Kernel::detect().weighted_values(&want, &values, head_dim, &mut got_out, false);
+            for row in want.chunks_exact_mut(stride) {
+                softmax(&mut row[offset..offset + positions]);
+            }
+            // Added to what the outputs hold.
+            let (mut want_out, mut got_out) = (vec![1f32; queries * head_dim], vec![1f32; queries * head_dim]);
+            Kernel::Scalar.weighted_values(&want, stride, offset, &values, head_dim, &mut want_out);
+            Kernel::detect().weighted_values(&want, stride, offset, &values, head_dim, &mut got_out);
             for (w, g) in want_out.iter().zip(&got_out) {
-                assert!((w - g).abs() < 1e-5, "values: {w} vs {g} (group {group}, head {head_dim}, {positions} positions)");
+                assert!((w - g).abs() < 1e-5, "values: {w} vs {g} ({queries} queries, head {head_dim}, {positions} positions)");
             }
         }
     }
@@ -627,6 +707,16 @@ mod tests {
             // The second sequence alone gives the same bits as in the batch.
             let alone = attend(&queries[3 * qw..], &[SeqQueries { rows: 0..150, start: 0, pages: &pages[1] }], &store, window, heads);
             assert_eq!(alone, out[3 * qw..].to_vec(), "window {window:?}");
+            // And its rows taken in chunks of 1, 3 and 7 (as decoding and
+            // chunked prefill take them) give those bits too.
+            for chunk in [1, 3, 7] {
+                for start in (0..150).step_by(chunk) {
+                    let end = (start + chunk).min(150);
+                    let rows = &queries[(3 + start) * qw..(3 + end) * qw];
+                    let part = attend(rows, &[SeqQueries { rows: 0..end - start, start, pages: &pages[1] }], &store, window, heads);
+                    assert_eq!(part, out[(3 + start) * qw..(3 + end) * qw].to_vec(), "rows {start}..{end}, window {window:?}");
+                }
+            }
         }
     }
 
