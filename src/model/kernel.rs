@@ -36,6 +36,14 @@ impl Kernel {
     }
 }
 
+/// Whether the CPU has GFNI (every AVX-512 VNNI CPU since Ice Lake and Zen 4
+/// does), detected once. `TERSE_NO_GFNI=1` says no (to compare in one binary).
+#[cfg(target_arch = "x86_64")]
+pub fn has_gfni() -> bool {
+    static GFNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GFNI.get_or_init(|| std::is_x86_feature_detected!("gfni") && std::env::var_os("TERSE_NO_GFNI").is_none())
+}
+
 /// A stored value type: read as f32, one at a time or eight at a time.
 pub trait Value: Copy + Send + Sync {
     fn to_f32(self) -> f32;

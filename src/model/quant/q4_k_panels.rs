@@ -167,6 +167,8 @@ impl Q4KPanels {
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => match self.highs {
                 None => unsafe { vnni::group_times::<false, X>(self, g, xs) },
+                // SAFETY: and GFNI, where `has_gfni` saw it.
+                Some(_) if crate::model::kernel::has_gfni() => unsafe { vnni::group_times_gfni::<X>(self, g, xs) },
                 Some(_) => unsafe { vnni::group_times::<true, X>(self, g, xs) },
             },
             #[cfg(target_arch = "x86_64")]
@@ -293,8 +295,30 @@ mod vnni {
         _mm512_and_si512(moved, _mm512_set1_epi8(0x10))
     }
 
+    /// The GF(2) matrix that moves bit j of every byte to bit 4 and clears
+    /// the rest (output bit i is the parity of the matrix's byte 7 − i and
+    /// the input byte): with it a byte's fifth bit is one instruction where
+    /// shifting and masking take two.
+    #[inline(always)]
+    unsafe fn bit_to_fifth(j: usize) -> __m512i {
+        _mm512_set1_epi64(1i64 << (24 + j))
+    }
+
+    /// Q5_K: `GFNI` takes each fifth bit out with `bit_to_fifth`'s matrix and
+    /// joins it to its nibble with one ternary-logic select (bits 0–3 from
+    /// the nibble, 4–7 from the moved bit), the same bytes as the shifts.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_times<const FIVE: bool, const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        panel_times::<FIVE, false, X>(p, g, xs)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,gfni")]
+    pub unsafe fn group_times_gfni<const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        panel_times::<true, true, X>(p, g, xs)
+    }
+
+    #[inline(always)]
+    unsafe fn panel_times<const FIVE: bool, const GFNI: bool, const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let low = _mm512_set1_epi8(0x0F);
         let (mut acc, mut acc_m) = ([_mm512_setzero_ps(); X], [_mm512_setzero_ps(); X]);
         for b in 0..p.nb {
@@ -307,12 +331,18 @@ mod vnni {
                 let pair = nibbles.add((j / 2) * 8 * VECTOR);
                 let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
                 let mut s = [_mm512_setzero_si512(); X];
+                let matrix = bit_to_fifth(j);
                 for c in 0..8 {
                     let bytes = load(pair.add(VECTOR * c));
-                    let mut v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
-                    if FIVE {
-                        v = _mm512_or_si512(v, fifth_bits(load(highs.add(VECTOR * c)), j));
-                    }
+                    let v = if FIVE && GFNI {
+                        // 0xE4: c ? a : b, bit by bit, with c the nibble mask.
+                        let nibbles = if j % 2 == 0 { bytes } else { _mm512_srli_epi16(bytes, 4) };
+                        let fifth = _mm512_gf2p8affine_epi64_epi8::<0>(load(highs.add(VECTOR * c)), matrix);
+                        _mm512_ternarylogic_epi32::<0xE4>(nibbles, fifth, low)
+                    } else {
+                        let v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
+                        if FIVE { _mm512_or_si512(v, fifth_bits(load(highs.add(VECTOR * c)), j)) } else { v }
+                    };
                     for i in 0..X {
                         s[i] = _mm512_dpbusd_epi32(s[i], v, broadcast4(x[i].add(4 * c)));
                     }
@@ -353,6 +383,39 @@ mod tests {
         assert_eq!(Q4KPanels::zeros(16, 2, false).bytes(), 2 * 2368);
         // Q5_K: 2,880 for the file's 2,816.
         assert_eq!(Q4KPanels::zeros(16, 2, true).bytes(), 2 * 2880);
+    }
+
+    /// GFNI's fifth bits give the shifts' bytes, so the same sums, in tiles
+    /// of one and four inputs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn gfni_fifth_bits_give_the_shifts_bits() {
+        use rand::{Rng, SeedableRng};
+        if super::super::Kernel::detect() != (super::super::Kernel::Avx2 { vnni: true }) || !crate::model::kernel::has_gfni() {
+            eprintln!("this CPU has no AVX-512 VNNI with GFNI: nothing to compare");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let (rows, nb) = (16, 2);
+        let mut panels = Q4KPanels::zeros(rows, nb, true);
+        for r in 0..rows {
+            let mut blocks = vec![0u8; nb * Q5_K_BYTES];
+            rng.fill(&mut blocks[..]);
+            for block in blocks.chunks_exact_mut(Q5_K_BYTES) {
+                block[..2].copy_from_slice(&f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+                block[2..4].copy_from_slice(&f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+            }
+            panels.put_row(r, &blocks);
+        }
+        let xs: Vec<f32> = (0..4 * nb * QK_K).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut quantized = super::super::QuantizedRows::default();
+        quantized.quantize(&xs, nb * QK_K, false, true);
+        let inputs: [Activations<'_>; 4] = std::array::from_fn(|i| quantized.row(i));
+        // SAFETY: the CPU has AVX-512 VNNI and GFNI (checked above).
+        unsafe {
+            assert_eq!(vnni::group_times::<true, 4>(&panels, 0, inputs.each_ref()), vnni::group_times_gfni::<4>(&panels, 0, inputs.each_ref()));
+            assert_eq!(vnni::group_times::<true, 1>(&panels, 0, [&inputs[2]]), vnni::group_times_gfni::<1>(&panels, 0, [&inputs[2]]));
+        }
     }
 
     #[test]

@@ -133,6 +133,8 @@ impl Q6KPanels {
             // SAFETY: `Kernel::detect` saw AVX2, FMA and F16C (and with `vnni`,
             // AVX-512 F, BW and VNNI); the lengths are checked above.
             #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 { vnni: true } if crate::model::kernel::has_gfni() => unsafe { vnni::group_times_gfni(self, g, xs) },
+            #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: true } => unsafe { vnni::group_times(self, g, xs) },
             #[cfg(target_arch = "x86_64")]
             super::Kernel::Avx2 { vnni: false } => unsafe { join_halves(avx2::half_times(self, g, 0, xs), avx2::half_times(self, g, 1, xs)) },
@@ -269,11 +271,20 @@ mod vnni {
     use super::*;
     use crate::model::kernel::avx512::{broadcast4, load, load16};
 
-    /// AVX2's `values` on sixteen rows.
+    /// AVX2's `values` on sixteen rows. With `GFNI`, one GF(2) affine map
+    /// moves bits 2U and 2U + 1 of each byte to bits 4 and 5 and clears the
+    /// rest (output bit i is the parity of the matrix's byte 7 − i and the
+    /// input byte), and one ternary-logic select joins them to the nibble:
+    /// the same bytes as the shifts and masks, in two instructions for four.
     #[inline(always)]
-    unsafe fn values<const U: usize>(nibbles: __m512i, highs: __m512i) -> __m512i {
+    unsafe fn values<const U: usize, const GFNI: bool>(nibbles: __m512i, highs: __m512i) -> __m512i {
         let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
         let nibble = if U < 2 { nibbles } else { _mm512_srli_epi16(nibbles, 4) };
+        if GFNI {
+            let matrix = _mm512_set1_epi64((1i64 << (24 + 2 * U)) | (1i64 << (16 + 2 * U + 1)));
+            // 0xE4: c ? a : b, bit by bit, with c the nibble mask.
+            return _mm512_ternarylogic_epi32::<0xE4>(nibble, _mm512_gf2p8affine_epi64_epi8::<0>(highs, matrix), low);
+        }
         let high = match U {
             0 => _mm512_slli_epi16(highs, 4),
             1 => _mm512_slli_epi16(highs, 2),
@@ -286,7 +297,7 @@ mod vnni {
     /// Quarter `U` of half `h` (sub-blocks 8h + 2U and 8h + 2U + 1) into
     /// every input's integer sum.
     #[inline(always)]
-    unsafe fn quarter<const U: usize, const X: usize>(nibbles: *const u8, highs: *const u8, pairs: [__m512i; 8], h: usize, x: [*const u8; X], sumi: &mut [__m512i; X]) {
+    unsafe fn quarter<const U: usize, const GFNI: bool, const X: usize>(nibbles: *const u8, highs: *const u8, pairs: [__m512i; 8], h: usize, x: [*const u8; X], sumi: &mut [__m512i; X]) {
         let run = 2 * h + U % 2;
         for half_quarter in 0..2 {
             let s = 8 * h + 2 * U + half_quarter;
@@ -295,7 +306,7 @@ mod vnni {
             let scale = if s % 2 == 1 { _mm512_srai_epi32(pair, 16) } else { _mm512_srai_epi32(_mm512_slli_epi32(pair, 16), 16) };
             let mut sub = [_mm512_setzero_si512(); X];
             for c in 4 * half_quarter..4 * half_quarter + 4 {
-                let v = values::<U>(load(nibbles.add((run * 8 + c) * VECTOR)), load(highs.add((h * 8 + c) * VECTOR)));
+                let v = values::<U, GFNI>(load(nibbles.add((run * 8 + c) * VECTOR)), load(highs.add((h * 8 + c) * VECTOR)));
                 let at = 128 * h + 32 * U + 4 * c;
                 for i in 0..X {
                     sub[i] = _mm512_dpbusd_epi32(sub[i], v, broadcast4(x[i].add(at)));
@@ -309,6 +320,16 @@ mod vnni {
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_times<const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        panel_times::<false, X>(p, g, xs)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,gfni")]
+    pub unsafe fn group_times_gfni<const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        panel_times::<true, X>(p, g, xs)
+    }
+
+    #[inline(always)]
+    unsafe fn panel_times<const GFNI: bool, const X: usize>(p: &Q6KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let mut acc = [_mm512_setzero_ps(); X];
         for b in 0..p.nb {
             let panel = g * p.nb + b;
@@ -328,10 +349,10 @@ mod vnni {
                 _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(offset, 5))
             });
             for h in 0..2 {
-                quarter::<0, X>(nibbles, highs, pairs, h, x, &mut sumi);
-                quarter::<1, X>(nibbles, highs, pairs, h, x, &mut sumi);
-                quarter::<2, X>(nibbles, highs, pairs, h, x, &mut sumi);
-                quarter::<3, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<0, GFNI, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<1, GFNI, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<2, GFNI, X>(nibbles, highs, pairs, h, x, &mut sumi);
+                quarter::<3, GFNI, X>(nibbles, highs, pairs, h, x, &mut sumi);
             }
             let d = load16(p.d.as_ptr().add(panel * ROWS));
             for i in 0..X {
@@ -350,6 +371,38 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GFNI's high bits give the shifts' bytes, so the same sums, in tiles
+    /// of one and four inputs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn gfni_high_bits_give_the_shifts_bits() {
+        use rand::{Rng, SeedableRng};
+        if super::super::Kernel::detect() != (super::super::Kernel::Avx2 { vnni: true }) || !crate::model::kernel::has_gfni() {
+            eprintln!("this CPU has no AVX-512 VNNI with GFNI: nothing to compare");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(22);
+        let (rows, nb) = (16, 2);
+        let mut panels = Q6KPanels::zeros(rows, nb);
+        for r in 0..rows {
+            let mut blocks = vec![0u8; nb * Q6_K_BYTES];
+            rng.fill(&mut blocks[..]);
+            for block in blocks.chunks_exact_mut(Q6_K_BYTES) {
+                block[Q6_K_BYTES - 2..].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+            }
+            panels.put_row(r, &blocks);
+        }
+        let xs: Vec<f32> = (0..4 * nb * QK_K).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut quantized = super::super::QuantizedRows::default();
+        quantized.quantize(&xs, nb * QK_K, false, true);
+        let inputs: [Activations<'_>; 4] = std::array::from_fn(|i| quantized.row(i));
+        // SAFETY: the CPU has AVX-512 VNNI and GFNI (checked above).
+        unsafe {
+            assert_eq!(vnni::group_times::<4>(&panels, 0, inputs.each_ref()), vnni::group_times_gfni::<4>(&panels, 0, inputs.each_ref()));
+            assert_eq!(vnni::group_times::<1>(&panels, 0, [&inputs[3]]), vnni::group_times_gfni::<1>(&panels, 0, [&inputs[3]]));
+        }
+    }
 
     #[test]
     fn panels_take_the_files_bytes() {
