@@ -133,6 +133,35 @@ pub mod avx512 {
 
     use half::f16;
 
+    /// The GF(2) matrix with which `moved_bits` takes bits `from..from +
+    /// count` of every byte to bits `to..to + count` and clears the rest
+    /// (`vgf2p8affineqb`: output bit i is the parity of the matrix's byte
+    /// 7 − i and the input byte).
+    pub const fn moving_bits(from: usize, to: usize, count: usize) -> i64 {
+        let mut matrix = 0i64;
+        let mut k = 0;
+        while k < count {
+            matrix |= 1i64 << (8 * (7 - (to + k)) + from + k);
+            k += 1;
+        }
+        matrix
+    }
+
+    /// `x`'s bytes through `matrix` (`moving_bits`): one instruction where
+    /// a shift and a mask take two. The caller enables GFNI.
+    #[inline(always)]
+    pub unsafe fn moved_bits(x: __m512i, matrix: i64) -> __m512i {
+        _mm512_gf2p8affine_epi64_epi8::<0>(x, _mm512_set1_epi64(matrix))
+    }
+
+    /// Bits 0–3 of each byte of `nibbles` with bits 4–7 of `high`'s: one
+    /// ternary-logic select (0xE4 is c ? a : b, bit by bit, c the nibble mask)
+    /// where two masks and an OR take three.
+    #[inline(always)]
+    pub unsafe fn join_nibbles(nibbles: __m512i, high: __m512i) -> __m512i {
+        _mm512_ternarylogic_epi32::<0xE4>(nibbles, high, _mm512_set1_epi8(0x0F))
+    }
+
     /// The 64 bytes at `at`.
     #[inline(always)]
     pub unsafe fn load(at: *const u8) -> __m512i {

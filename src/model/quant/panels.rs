@@ -185,6 +185,9 @@ impl Panels {
             super::Kernel::Avx2 { vnni: true } => unsafe {
                 match self.format {
                     BlockFormat::Q4_1 => vnni::group_q4_1(self, g, xs),
+                    // And GFNI, where `has_gfni` saw it.
+                    BlockFormat::Q5_0 if crate::model::kernel::has_gfni() => vnni::group_q5_gfni::<false, X>(self, g, xs),
+                    BlockFormat::Q5_1 if crate::model::kernel::has_gfni() => vnni::group_q5_gfni::<true, X>(self, g, xs),
                     BlockFormat::Q5_0 => vnni::group_q5::<false, X>(self, g, xs),
                     BlockFormat::Q5_1 => vnni::group_q5::<true, X>(self, g, xs),
                     _ => vnni::group_q8_0(self, g, xs),
@@ -383,7 +386,7 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::model::kernel::avx512::{broadcast4, load, load16};
+    use crate::model::kernel::avx512::{broadcast4, join_nibbles, load, load16, moved_bits, moving_bits};
 
     /// Chunk c (four values) of an input block, in every lane.
     #[inline(always)]
@@ -437,8 +440,20 @@ mod vnni {
     /// Q5_0 and (`MIN`) Q5_1: the values with their fifth bits are unsigned
     /// (< 32); Q5_0's −16 comes off as 16 · Σx, the sums' starting value,
     /// and Q5_1's minimum is added as Q4_1's is.
+    /// With `GFNI`, each fifth bit moves to bit 4 (`moved_bits`) and joins
+    /// its nibble (`join_nibbles`): the same bytes as the shifts.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_q5<const MIN: bool, const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        q5_times::<MIN, false, X>(p, g, xs)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,gfni")]
+    pub unsafe fn group_q5_gfni<const MIN: bool, const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
+        q5_times::<MIN, true, X>(p, g, xs)
+    }
+
+    #[inline(always)]
+    unsafe fn q5_times<const MIN: bool, const GFNI: bool, const X: usize>(p: &Panels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         let (low, bit4) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10));
         let mut acc = [_mm512_setzero_ps(); X];
         for b in 0..p.nb {
@@ -451,9 +466,13 @@ mod vnni {
                 let raw = load(at.add(VECTOR * c));
                 // Chunk c's fifth bits are bit c of the plane's bytes, chunk
                 // c + 4's bit c + 4: each moved to bit 4.
-                let (fifth_lo, fifth_hi) = (shift_to_bit4(fifth, c), shift_to_bit4(fifth, c + 4));
-                let lo = _mm512_or_si512(_mm512_and_si512(raw, low), _mm512_and_si512(fifth_lo, bit4));
-                let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), _mm512_and_si512(fifth_hi, bit4));
+                let (lo, hi) = if GFNI {
+                    (join_nibbles(raw, moved_bits(fifth, moving_bits(c, 4, 1))), join_nibbles(_mm512_srli_epi16(raw, 4), moved_bits(fifth, moving_bits(c + 4, 4, 1))))
+                } else {
+                    let (fifth_lo, fifth_hi) = (shift_to_bit4(fifth, c), shift_to_bit4(fifth, c + 4));
+                    let lo = _mm512_or_si512(_mm512_and_si512(raw, low), _mm512_and_si512(fifth_lo, bit4));
+                    (lo, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), _mm512_and_si512(fifth_hi, bit4)))
+                };
                 for i in 0..X {
                     sumi[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sumi[i], lo, chunk(x[i], c)), hi, chunk(x[i], c + 4));
                 }
@@ -516,6 +535,49 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GFNI's fifth bits give the shifts' bytes, so the same sums, for Q5_0
+    /// and Q5_1 in tiles of one and four inputs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn gfni_fifth_bits_give_the_shifts_bits() {
+        use rand::{Rng, SeedableRng};
+        if super::super::Kernel::detect() != (super::super::Kernel::Avx2 { vnni: true }) || !crate::model::kernel::has_gfni() {
+            eprintln!("this CPU has no AVX-512 VNNI with GFNI: nothing to compare");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+        let nb = 3;
+        let xs: Vec<f32> = (0..4 * nb * QK).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut quantized = super::super::QuantizedRows::default();
+        quantized.quantize(&xs, nb * QK, true, false);
+        let inputs: [Activations<'_>; 4] = std::array::from_fn(|i| quantized.row(i));
+        for format in [BlockFormat::Q5_0, BlockFormat::Q5_1] {
+            let mut panels = Panels::zeros(format, ROWS, nb);
+            for r in 0..ROWS {
+                let mut blocks = vec![0u8; nb * format.block_bytes()];
+                rng.fill(&mut blocks[..]);
+                for block in blocks.chunks_exact_mut(format.block_bytes()) {
+                    // Finite scales (and Q5_1's minimums).
+                    block[..2].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+                    if format == BlockFormat::Q5_1 {
+                        block[2..4].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+                    }
+                }
+                panels.put_row(r, &blocks);
+            }
+            // SAFETY: the CPU has AVX-512 VNNI and GFNI (checked above).
+            unsafe {
+                if format == BlockFormat::Q5_0 {
+                    assert_eq!(vnni::group_q5::<false, 4>(&panels, 0, inputs.each_ref()), vnni::group_q5_gfni::<false, 4>(&panels, 0, inputs.each_ref()));
+                    assert_eq!(vnni::group_q5::<false, 1>(&panels, 0, [&inputs[1]]), vnni::group_q5_gfni::<false, 1>(&panels, 0, [&inputs[1]]));
+                } else {
+                    assert_eq!(vnni::group_q5::<true, 4>(&panels, 0, inputs.each_ref()), vnni::group_q5_gfni::<true, 4>(&panels, 0, inputs.each_ref()));
+                    assert_eq!(vnni::group_q5::<true, 1>(&panels, 0, [&inputs[1]]), vnni::group_q5_gfni::<true, 1>(&panels, 0, [&inputs[1]]));
+                }
+            }
+        }
+    }
 
     #[test]
     fn panels_take_the_bytes_of_the_gguf_blocks() {

@@ -286,7 +286,7 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::model::kernel::avx512::{broadcast4, load, load16};
+    use crate::model::kernel::avx512::{broadcast4, join_nibbles, load, load16, moved_bits, moving_bits};
 
     /// AVX2's `fifth_bits` on sixteen rows.
     #[inline(always)]
@@ -295,18 +295,8 @@ mod vnni {
         _mm512_and_si512(moved, _mm512_set1_epi8(0x10))
     }
 
-    /// The GF(2) matrix that moves bit j of every byte to bit 4 and clears
-    /// the rest (output bit i is the parity of the matrix's byte 7 − i and
-    /// the input byte): with it a byte's fifth bit is one instruction where
-    /// shifting and masking take two.
-    #[inline(always)]
-    unsafe fn bit_to_fifth(j: usize) -> __m512i {
-        _mm512_set1_epi64(1i64 << (24 + j))
-    }
-
-    /// Q5_K: `GFNI` takes each fifth bit out with `bit_to_fifth`'s matrix and
-    /// joins it to its nibble with one ternary-logic select (bits 0–3 from
-    /// the nibble, 4–7 from the moved bit), the same bytes as the shifts.
+    /// Q5_K: `GFNI` moves each fifth bit to bit 4 (`moved_bits`) and joins
+    /// it to its nibble (`join_nibbles`): the same bytes as the shifts.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn group_times<const FIVE: bool, const X: usize>(p: &Q4KPanels, g: usize, xs: [&Activations<'_>; X]) -> [[f32; ROWS]; X] {
         panel_times::<FIVE, false, X>(p, g, xs)
@@ -331,14 +321,12 @@ mod vnni {
                 let pair = nibbles.add((j / 2) * 8 * VECTOR);
                 let x: [*const u8; X] = std::array::from_fn(|i| xs[i].k_qs.as_ptr().add(b * QK_K + 32 * j) as *const u8);
                 let mut s = [_mm512_setzero_si512(); X];
-                let matrix = bit_to_fifth(j);
+                let matrix = moving_bits(j, 4, 1);
                 for c in 0..8 {
                     let bytes = load(pair.add(VECTOR * c));
                     let v = if FIVE && GFNI {
-                        // 0xE4: c ? a : b, bit by bit, with c the nibble mask.
                         let nibbles = if j % 2 == 0 { bytes } else { _mm512_srli_epi16(bytes, 4) };
-                        let fifth = _mm512_gf2p8affine_epi64_epi8::<0>(load(highs.add(VECTOR * c)), matrix);
-                        _mm512_ternarylogic_epi32::<0xE4>(nibbles, fifth, low)
+                        join_nibbles(nibbles, moved_bits(load(highs.add(VECTOR * c)), matrix))
                     } else {
                         let v = if j % 2 == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low) };
                         if FIVE { _mm512_or_si512(v, fifth_bits(load(highs.add(VECTOR * c)), j)) } else { v }

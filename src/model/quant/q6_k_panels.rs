@@ -269,21 +269,18 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::model::kernel::avx512::{broadcast4, load, load16};
+    use crate::model::kernel::avx512::{broadcast4, join_nibbles, load, load16, moved_bits, moving_bits};
 
-    /// AVX2's `values` on sixteen rows. With `GFNI`, one GF(2) affine map
-    /// moves bits 2U and 2U + 1 of each byte to bits 4 and 5 and clears the
-    /// rest (output bit i is the parity of the matrix's byte 7 − i and the
-    /// input byte), and one ternary-logic select joins them to the nibble:
-    /// the same bytes as the shifts and masks, in two instructions for four.
+    /// AVX2's `values` on sixteen rows. With `GFNI`, bits 2U and 2U + 1 of
+    /// each byte move to bits 4 and 5 (`moved_bits`) and join the nibble
+    /// (`join_nibbles`): the same bytes as the shifts and masks, in two
+    /// instructions for four.
     #[inline(always)]
     unsafe fn values<const U: usize, const GFNI: bool>(nibbles: __m512i, highs: __m512i) -> __m512i {
         let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
         let nibble = if U < 2 { nibbles } else { _mm512_srli_epi16(nibbles, 4) };
         if GFNI {
-            let matrix = _mm512_set1_epi64((1i64 << (24 + 2 * U)) | (1i64 << (16 + 2 * U + 1)));
-            // 0xE4: c ? a : b, bit by bit, with c the nibble mask.
-            return _mm512_ternarylogic_epi32::<0xE4>(nibble, _mm512_gf2p8affine_epi64_epi8::<0>(highs, matrix), low);
+            return join_nibbles(nibble, moved_bits(highs, moving_bits(2 * U, 4, 2)));
         }
         let high = match U {
             0 => _mm512_slli_epi16(highs, 4),
