@@ -45,7 +45,7 @@ struct Args {
     warmup: usize,
     /// Also decode this many sequences together (terse only): aggregate tok/s.
     batch: usize,
-    /// terse's KV cache in f16 (`--kv-cache-dtype f16`).
+    /// terse's KV cache in f16, the server's default (`--kv-cache-dtype f32` for f32).
     kv_f16: bool,
 }
 
@@ -54,7 +54,7 @@ fn usage() -> ! {
         "usage: bench_forward MODEL(.gguf path, Hugging Face directory or manifest name) \
          [--engine terse|reference] [--sparse auto|off] [--device cpu|cuda[:N]] \
          [--prompt-tokens 256] [--decode-tokens 128] [--runs 5] [--warmup 1] [--batch N] \
-         [--kv-cache-dtype f32|f16]"
+         [--kv-cache-dtype f16|f32]"
     );
     std::process::exit(2)
 }
@@ -71,7 +71,7 @@ fn parse_args() -> Result<Args> {
         runs: 5,
         warmup: 1,
         batch: 0,
-        kv_f16: false,
+        kv_f16: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {

@@ -117,9 +117,10 @@ struct ServeArgs {
     /// Most prompt tokens one step takes in (chunked prefill); on the CPU, while other sequences decode, a quarter of it, so that a long prompt does not hold back their next token.
     #[arg(long, default_value_t = engine::DEFAULT_PREFILL_CHUNK, env = "TERSE_PREFILL_CHUNK")]
     prefill_chunk: usize,
-    /// What the KV cache keeps keys and values in on the CPU: f16 halves its
-    /// memory (twice the sequences in one budget) at f16's rounding.
-    #[arg(long, value_enum, default_value_t = KvPrecision::F32, env = "TERSE_KV_CACHE_DTYPE")]
+    /// What the KV cache keeps keys and values in on the CPU: f16 (the
+    /// default) takes half f32's memory, so twice the sequences fit one budget,
+    /// and decoding a long context reads half the bytes; f32 keeps every bit.
+    #[arg(long, value_enum, default_value_t = KvPrecision::F16, env = "TERSE_KV_CACHE_DTYPE")]
     kv_cache_dtype: KvPrecision,
     /// Keep the KV pages of prompts and reuse them for later requests that
     /// start with the same tokens (a chat's history, a shared system prompt).

@@ -210,23 +210,24 @@ async fn concurrent_greedy_requests_match_solo_ones() {
     }
 }
 
-/// `--kv-cache-dtype f16`: the default budget (a full batch of full-context
-/// sequences) takes half the bytes, and batching still keeps each greedy answer.
+/// `--kv-cache-dtype f32` (f16 is the default): the default budget (a full
+/// batch of full-context sequences) takes twice the bytes, and batching still
+/// keeps each greedy answer.
 #[tokio::test]
-async fn an_f16_kv_cache_halves_the_budget_and_serves_the_same_batched_answers() {
-    let f16 = TestServer::start(EngineConfig { kv_cache_dtype: terse::model::KvPrecision::F16, ..EngineConfig::default() });
+async fn an_f32_kv_cache_doubles_the_budget_and_serves_the_same_batched_answers() {
+    let f32 = TestServer::start(EngineConfig { kv_cache_dtype: terse::model::KvPrecision::F32, ..EngineConfig::default() });
     let budget = |text: String| metric_value(&text, "terse_kv_cache_budget_bytes").expect("a KV budget gauge");
-    let (full, half) = (budget(metrics_text(shared()).await), budget(metrics_text(&f16).await));
+    let (half, full) = (budget(metrics_text(shared()).await), budget(metrics_text(&f32).await));
     assert_eq!(half * 2.0, full, "f16 budget {half}, f32 budget {full}");
     let bodies: Vec<Value> = ["Name a colour.", "What is two plus two?", "Say hello in French.", "List three fruits."].iter().map(|p| chat_body(p, 16)).collect();
     let mut alone = Vec::new();
     for b in &bodies {
-        alone.push(chat_text(&f16, b).await);
+        alone.push(chat_text(&f32, b).await);
     }
-    let together = join_all(bodies.iter().map(|b| chat_text(&f16, b))).await;
-    assert_eq!(alone, together, "f16 cache: alone vs. in a batch");
+    let together = join_all(bodies.iter().map(|b| chat_text(&f32, b))).await;
+    assert_eq!(alone, together, "f32 cache: alone vs. in a batch");
     assert!(alone.iter().all(|t| !t.is_empty()));
-    f16.shutdown_and_wait().unwrap();
+    f32.shutdown_and_wait().unwrap();
 }
 
 #[tokio::test]

@@ -32,7 +32,8 @@ pub struct EngineConfig {
     pub kv_cache_budget_bytes: Option<u64>,
     /// Prompt tokens a sequence feeds per step while it prefills.
     pub prefill_chunk: usize,
-    /// What the CPU's KV cache keeps keys and values in.
+    /// What the CPU's KV cache keeps keys and values in (f16 by default, as
+    /// llama.cpp's: half the bytes that decoding a long context reads).
     pub kv_cache_dtype: crate::model::KvPrecision,
     /// Keep full KV pages of prompts and share them with later requests that
     /// start the same way.
@@ -64,7 +65,7 @@ impl Default for EngineConfig {
             max_queue: DEFAULT_MAX_QUEUE,
             kv_cache_budget_bytes: None,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
-            kv_cache_dtype: crate::model::KvPrecision::F32,
+            kv_cache_dtype: crate::model::KvPrecision::F16,
             prefix_cache: true,
             reasoning: ReasoningProfile::default(),
             sparse: SparseMode::Auto,

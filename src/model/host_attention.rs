@@ -19,10 +19,11 @@ use super::kernel::Value;
 use super::page_book::PAGE_POSITIONS;
 
 /// What a cache keeps keys and values in. f16 halves the cache (and what
-/// attention reads per step); the arithmetic stays f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// attention reads per step); the arithmetic stays f32. The server keeps f16
+/// unless told otherwise; a `Transformer` on its own starts in f32 (the
+/// reference checks compare it bit by bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvPrecision {
-    #[default]
     F32,
     F16,
 }
