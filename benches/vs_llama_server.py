@@ -32,8 +32,8 @@ Loads:
   own TTFT.
 
 Memory: terse gets the KV bytes llama-server's cache takes (`--kv-cache-bytes`
-= ctx x slots positions in f16, so half as many positions in terse's f32); a
-prefix cache fills its budget before it evicts.
+= ctx x slots positions in f16, as many positions in terse's f16 cache, its
+default); a prefix cache fills its budget before it evicts.
 
 Threads: 2 for every server (RAYON_NUM_THREADS=2; llama-server -t 2 -tb 2).
 Every figure goes to bench-results/vs-llama-server-<timestamp>.json.
@@ -205,7 +205,7 @@ def kv_bytes_per_token(model_path):
 
 def start_servers(model_path, name, slots, ctx, prefill_chunk=None):
     # The bytes of llama-server's KV cache (-c ctx x slots positions in f16):
-    # half as many positions in terse's f32.
+    # as many positions in terse's f16 cache (its default).
     kv_bytes = ctx * slots * kv_bytes_per_token(model_path) // 2
     terse = lambda label, cache: Server(label, [TERSE, "serve", "--model", model_path, "--port", free_port(),
                                                 "--max-batch", slots, "--prefix-cache", cache,

@@ -6,8 +6,9 @@
 //! copy of the whole value cache to make it contiguous) costing a few
 //! microseconds each, paid again for every sequence of a batch. Here rotation,
 //! the cache append and attention are plain loops over slices: each cached key
-//! and value is read once for all the query heads that share it, nothing is
-//! copied, and the (token, KV head) work items of all sequences of a step go to the thread pool at once.
+//! and value is loaded once for the query heads of up to four rows that share
+//! it, and the (block of rows, KV head) work items of all sequences of a step
+//! go to the thread pool at once.
 //!
 //! Every output depends only on its own sequence's tokens and cache, so a
 //! sequence gets the same bits alone or batched.
@@ -323,6 +324,10 @@ pub fn attend_into<'p, P: Fn(usize) -> &'p [u32] + Sync>(queries: &[f32], seqs: 
     let Heads { q_heads, kv_heads, head_dim } = heads;
     let group = q_heads / kv_heads;
     let tokens = queries.len() / (q_heads * head_dim);
+    // The items must cover every output value: `set_len` below relies on it.
+    assert!(q_heads.is_multiple_of(kv_heads) && queries.len() == tokens * q_heads * head_dim, "whole rows of whole groups");
+    assert_eq!(seqs.row_starts.first().copied(), Some(0), "the sequences' rows start at the first query");
+    assert!(seqs.row_starts.windows(2).all(|r| r[0] <= r[1]), "the sequences' rows in order");
     assert_eq!(seqs.row_starts.last().copied(), Some(tokens), "the sequences' rows cover the queries");
     // The most positions a row of the step sees, to the next power of two
     // (so the scratch grows now and then, not a page at a time).
@@ -330,6 +335,8 @@ pub fn attend_into<'p, P: Fn(usize) -> &'p [u32] + Sync>(queries: &[f32], seqs: 
     grow_scratch((BLOCK_ROWS * group * (positions + 2 * head_dim)).next_power_of_two());
     let mut blocks = BLOCKS.take();
     blocks.clear();
+    // Never more blocks than rows: a step with no more rows than an earlier one allocates nothing.
+    blocks.reserve(tokens);
     for (s, rows) in seqs.row_starts.windows(2).enumerate() {
         blocks.extend((rows[0]..rows[1]).step_by(BLOCK_ROWS).map(|start| (s, start..(start + BLOCK_ROWS).min(rows[1]))));
     }
