@@ -591,6 +591,46 @@ impl QuantMatrix {
     }
 }
 
+/// What the kernels' checks of GFNI against the shifts share.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod gfni_check {
+    use rand::Rng;
+
+    /// Whether this CPU runs the VNNI kernels with GFNI (saying so when not).
+    pub fn available() -> bool {
+        let yes = super::Kernel::detect() == (super::Kernel::Avx2 { vnni: true }) && crate::model::kernel::has_gfni();
+        if !yes {
+            eprintln!("this CPU has no AVX-512 VNNI with GFNI: nothing to compare");
+        }
+        yes
+    }
+
+    /// `put(row, blocks)` for each of `rows` rows of `nb` random blocks of
+    /// `block_bytes`, each with small finite f16 values at byte offsets
+    /// `scales_at` (its scales and minimums).
+    pub fn random_rows(rng: &mut rand_chacha::ChaCha8Rng, rows: usize, nb: usize, block_bytes: usize, scales_at: &[usize], mut put: impl FnMut(usize, &[u8])) {
+        for r in 0..rows {
+            let mut blocks = vec![0u8; nb * block_bytes];
+            rng.fill(&mut blocks[..]);
+            for block in blocks.chunks_exact_mut(block_bytes) {
+                for &at in scales_at {
+                    block[at..at + 2].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
+                }
+            }
+            put(r, &blocks);
+        }
+    }
+
+    /// Four rows of `cols` random inputs, quantized per 32 values
+    /// (`blocks`) or per 256.
+    pub fn random_inputs(rng: &mut rand_chacha::ChaCha8Rng, cols: usize, blocks: bool) -> super::QuantizedRows {
+        let xs: Vec<f32> = (0..4 * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut quantized = super::QuantizedRows::default();
+        quantized.quantize(&xs, cols, blocks, !blocks);
+        quantized
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -541,31 +541,20 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn gfni_fifth_bits_give_the_shifts_bits() {
-        use rand::{Rng, SeedableRng};
-        if super::super::Kernel::detect() != (super::super::Kernel::Avx2 { vnni: true }) || !crate::model::kernel::has_gfni() {
-            eprintln!("this CPU has no AVX-512 VNNI with GFNI: nothing to compare");
+        use super::super::gfni_check::{available, random_inputs, random_rows};
+        use rand::SeedableRng;
+        if !available() {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
         let nb = 3;
-        let xs: Vec<f32> = (0..4 * nb * QK).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let mut quantized = super::super::QuantizedRows::default();
-        quantized.quantize(&xs, nb * QK, true, false);
+        let quantized = random_inputs(&mut rng, nb * QK, true);
         let inputs: [Activations<'_>; 4] = std::array::from_fn(|i| quantized.row(i));
         for format in [BlockFormat::Q5_0, BlockFormat::Q5_1] {
             let mut panels = Panels::zeros(format, ROWS, nb);
-            for r in 0..ROWS {
-                let mut blocks = vec![0u8; nb * format.block_bytes()];
-                rng.fill(&mut blocks[..]);
-                for block in blocks.chunks_exact_mut(format.block_bytes()) {
-                    // Finite scales (and Q5_1's minimums).
-                    block[..2].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
-                    if format == BlockFormat::Q5_1 {
-                        block[2..4].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
-                    }
-                }
-                panels.put_row(r, &blocks);
-            }
+            // Finite scales (and Q5_1's minimums).
+            let scales_at: &[usize] = if format == BlockFormat::Q5_1 { &[0, 2] } else { &[0] };
+            random_rows(&mut rng, ROWS, nb, format.block_bytes(), scales_at, |r, blocks| panels.put_row(r, blocks));
             // SAFETY: the CPU has AVX-512 VNNI and GFNI (checked above).
             unsafe {
                 if format == BlockFormat::Q5_0 {

@@ -374,25 +374,16 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn gfni_high_bits_give_the_shifts_bits() {
-        use rand::{Rng, SeedableRng};
-        if super::super::Kernel::detect() != (super::super::Kernel::Avx2 { vnni: true }) || !crate::model::kernel::has_gfni() {
-            eprintln!("this CPU has no AVX-512 VNNI with GFNI: nothing to compare");
+        use super::super::gfni_check::{available, random_inputs, random_rows};
+        use rand::SeedableRng;
+        if !available() {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(22);
         let (rows, nb) = (16, 2);
         let mut panels = Q6KPanels::zeros(rows, nb);
-        for r in 0..rows {
-            let mut blocks = vec![0u8; nb * Q6_K_BYTES];
-            rng.fill(&mut blocks[..]);
-            for block in blocks.chunks_exact_mut(Q6_K_BYTES) {
-                block[Q6_K_BYTES - 2..].copy_from_slice(&half::f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes());
-            }
-            panels.put_row(r, &blocks);
-        }
-        let xs: Vec<f32> = (0..4 * nb * QK_K).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let mut quantized = super::super::QuantizedRows::default();
-        quantized.quantize(&xs, nb * QK_K, false, true);
+        random_rows(&mut rng, rows, nb, Q6_K_BYTES, &[Q6_K_BYTES - 2], |r, blocks| panels.put_row(r, blocks));
+        let quantized = random_inputs(&mut rng, nb * QK_K, false);
         let inputs: [Activations<'_>; 4] = std::array::from_fn(|i| quantized.row(i));
         // SAFETY: the CPU has AVX-512 VNNI and GFNI (checked above).
         unsafe {
