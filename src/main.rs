@@ -133,10 +133,12 @@ struct ServeArgs {
     /// the output is token for token the plain engine's.
     #[arg(long, default_value = "off", env = "TERSE_SPECULATE")]
     speculate: engine::Speculation,
-    /// Speculate only while at most this many sequences run.
+    /// Speculate only while at most this many sequences run. Drafts fill a
+    /// step up to eight rows, one tile of the kernels, so at eight
+    /// sequences none is left.
     #[arg(long, default_value_t = engine::DEFAULT_SPECULATE_MAX_BATCH, env = "TERSE_SPECULATE_MAX_BATCH")]
     speculate_max_batch: usize,
-    /// Draft this many tokens a step (at most 8) instead of a length that
+    /// Draft this many tokens a step (at most 7) instead of a length that
     /// adapts to how many drafted tokens the model keeps.
     #[arg(long, env = "TERSE_SPECULATE_DRAFT_TOKENS", value_parser = clap::value_parser!(u64).range(1..=8))]
     speculate_draft_tokens: Option<u64>,

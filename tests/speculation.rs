@@ -166,6 +166,32 @@ async fn two_speculating_sequences_in_one_batch_give_their_plain_replies() {
     }
 }
 
+/// Four at once share one tile's rows (a drafted token each): every reply
+/// is still the plain one, greedy or seeded.
+#[tokio::test]
+async fn four_speculating_sequences_in_one_batch_give_their_plain_replies() {
+    let bodies = [
+        body(CODE, json!({})),
+        body(CODE, json!({"seed": 5, "temperature": 0.8})),
+        body("Count from one to twenty in words, separated by commas.", json!({})),
+        body("Repeat after me three times: the quick brown fox jumps over the lazy dog.", json!({})),
+    ];
+    let mut want = Vec::new();
+    for b in &bodies {
+        want.push(outcome(&ask(plain(), b).await));
+    }
+    for server in [speculating(), drafting()] {
+        let before = metrics_text(server).await;
+        let got = futures::future::join_all(bodies.iter().map(|b| ask(server, b))).await;
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&outcome(got), want, "request {i}");
+        }
+        let after = metrics_text(server).await;
+        let drafted = |text: &str| metric_value(text, "terse_speculative_proposed_tokens_total").unwrap_or(0.0);
+        assert!(drafted(&after) > drafted(&before), "drafts were made");
+    }
+}
+
 #[tokio::test]
 async fn a_request_can_opt_out_of_speculation() {
     // A server of this test's own, so that no other request moves its counters.

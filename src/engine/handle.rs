@@ -17,9 +17,9 @@ use crate::tokenize::TextTokenizer;
 pub const DEFAULT_MAX_BATCH: usize = 8;
 pub const DEFAULT_MAX_QUEUE: usize = 64;
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
-/// Above this many running sequences a step's rows are already many, and
-/// drafts would add more than they save (docs/perf.md, "Speculation").
-pub const DEFAULT_SPECULATE_MAX_BATCH: usize = 2;
+/// Above this many running sequences no row of a step's tile is left for
+/// drafts (`speculate::DraftRows`; docs/perf.md, "Verifying in one tile").
+pub const DEFAULT_SPECULATE_MAX_BATCH: usize = super::speculate::STEP_TILE_ROWS - 1;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]

@@ -181,8 +181,12 @@ fn load_draft_model(path: &Path, shared: &handle::Shared, config: &EngineConfig)
     transformer.set_kv_precision(config.kv_cache_dtype);
     transformer.set_prefix_cache(config.prefix_cache)?;
     warm_up(&transformer).context("the draft model's warm-up forward pass failed")?;
+    // A context for each sequence that may speculate, but never more
+    // positions than the target's own pool holds.
     let streams = config.speculate_max_batch.max(1);
-    transformer.set_kv_capacity(shared.context_length as u64 * transformer.kv_bytes_per_token() * streams as u64, streams);
+    let target_positions = (shared.kv_budget_bytes / shared.kv_bytes_per_token.max(1)).max(shared.context_length as u64);
+    let positions = (shared.context_length as u64 * streams as u64).min(target_positions);
+    transformer.set_kv_capacity(positions * transformer.kv_bytes_per_token(), streams);
     tracing::info!(draft = %path.display(), arch = %info.arch, dtype = %info.dtype, weight_bytes, "draft model loaded");
     Ok((transformer, weight_bytes))
 }

@@ -29,7 +29,7 @@ use super::profile::probe_word_ids;
 use super::logits::{LogitBias, LogitChain, Penalties};
 use super::request::{FinishReason, GenerationEvent, GenerationRequest, ReasoningUsage, TokenLogprob, Usage};
 use super::sampling::Sampler;
-use super::speculate::{draft_gain, propose, DraftCache, DraftLength, Speculation, MAX_DRAFT, VERIFIED_ROW_COST};
+use super::speculate::{draft_gain, propose, DraftCache, DraftLength, DraftRows, Speculation, MAX_DRAFT, VERIFIED_ROW_COST};
 use super::stop::{StopMatcher, StopOutcome};
 use crate::metrics::Metrics;
 use crate::model::{Rows, SeqChunk, SeqKvCache, StepLogits, Transformer};
@@ -460,10 +460,12 @@ impl Scheduler {
     /// is appended to its tokens (fed this step) and kept in `draft`. Not
     /// while a grammar holds the answer (its mask is per position), a probe
     /// runs, or more sequences run than `speculate_max_batch` (then the draft
-    /// model's caches are let go too). Beside a draft model, prompt lookup
-    /// goes first where it finds a match and its recent drafts are expected
-    /// to give more per unit of time than the model's: copied text costs no
-    /// draft pass.
+    /// model's caches are let go too). The drafts share what is left of one
+    /// tile of the kernels' rows (`DraftRows`): a step of up to that many
+    /// rows costs little more than one row, and a row past it, much more.
+    /// Beside a draft model, prompt lookup goes first where it finds a match
+    /// and its recent drafts are expected to give more per unit of time than
+    /// the model's: copied text costs no draft pass.
     fn propose_drafts(&self, running: &mut [Sequence]) -> candle_core::Result<()> {
         if self.speculation == Speculation::Off {
             return Ok(());
@@ -472,23 +474,34 @@ impl Scheduler {
             running.iter_mut().for_each(|seq| seq.drafter = None);
             return Ok(());
         }
+        let may_draft = |seq: &Sequence| {
+            let choice = &seq.request.choice;
+            seq.pending() == 1 && choice.constraint.is_none() && !choice.no_speculation && seq.probe_from.is_none()
+        };
+        let mut rows = DraftRows::new(running.len(), running.iter().filter(|seq| may_draft(seq)).count());
         // (sequence, most tokens it may draft)
         let mut wanted: Vec<(&mut Sequence, usize)> = Vec::new();
         for seq in running.iter_mut() {
-            let choice = &seq.request.choice;
-            if seq.pending() != 1 || choice.constraint.is_some() || choice.no_speculation || seq.probe_from.is_some() {
+            if !may_draft(seq) {
                 continue;
             }
+            let share = rows.next_share();
             // Room for every drafted token and the one after them.
             let room = (self.shared.context_length.saturating_sub(seq.tokens.len() + 1))
-                .min(seq.request.max_tokens.saturating_sub(seq.completion + 1));
+                .min(seq.request.max_tokens.saturating_sub(seq.completion + 1))
+                .min(share);
+            if room == 0 {
+                continue;
+            }
             let copied = propose(&seq.tokens, seq.lookup_length.get().min(room));
             let Some((model, _)) = &self.draft_model else {
+                rows.take(copied.len());
                 seq.take_draft(copied, false);
                 continue;
             };
             // Lookup goes first while its drafts are expected to beat the model's.
             if !copied.is_empty() && draft_gain(seq.lookup_length.rate(), copied.len(), VERIFIED_ROW_COST) >= seq.model_length.model_gain() {
+                rows.take(copied.len());
                 seq.take_draft(copied, false);
                 continue;
             }
@@ -496,6 +509,7 @@ impl Scheduler {
             let model_room = model.config.context_length.saturating_sub(seq.tokens.len() + 1);
             let len = seq.model_length.get().min(room).min(model_room);
             if len > 0 {
+                rows.take(len);
                 wanted.push((seq, len));
             }
         }

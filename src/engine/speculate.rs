@@ -51,8 +51,43 @@ impl std::str::FromStr for Speculation {
 /// Longest and shortest suffix looked up.
 const MAX_NGRAM: usize = 4;
 const MIN_NGRAM: usize = 2;
-/// Most tokens proposed at once.
-pub const MAX_DRAFT: usize = 8;
+/// The rows of a step that the quantized kernels take in one tile, reading
+/// and unpacking each block of weights once: on a 1.5B model on two cores
+/// a step of eight rows takes 75 ms, of nine 85 ms, of one 54 ms. Drafts
+/// fill a step up to this many rows and no further.
+pub const STEP_TILE_ROWS: usize = 8;
+/// Most tokens proposed at once: with the token before them, one tile.
+pub const MAX_DRAFT: usize = STEP_TILE_ROWS - 1;
+
+/// The rows a step has left for drafts (one tile's, less one a running
+/// sequence), handed out among the sequences that may draft: each gets an
+/// even share of what is left, and what one leaves goes to the next. So one
+/// sequence may draft seven tokens, two three or four each, four one each,
+/// and eight none.
+#[derive(Debug)]
+pub struct DraftRows {
+    spare: usize,
+    drafters: usize,
+}
+
+impl DraftRows {
+    /// A step of `running` sequences, `drafters` of which may draft.
+    pub fn new(running: usize, drafters: usize) -> Self {
+        DraftRows { spare: STEP_TILE_ROWS.saturating_sub(running), drafters }
+    }
+
+    /// The most tokens the next sequence that may draft is given.
+    pub fn next_share(&mut self) -> usize {
+        let share = self.spare.div_ceil(self.drafters.max(1));
+        self.drafters = self.drafters.saturating_sub(1);
+        share
+    }
+
+    /// `drafted` of the rows are taken.
+    pub fn take(&mut self, drafted: usize) {
+        self.spare = self.spare.saturating_sub(drafted);
+    }
+}
 
 /// The tokens that followed the latest earlier occurrence of the longest
 /// suffix of `tokens` (of `MAX_NGRAM` down to `MIN_NGRAM` tokens), at most
@@ -107,10 +142,11 @@ impl Default for DraftLength {
     }
 }
 
-/// A verified row's cost in plain decoding steps on the host path:
-/// a 1.5B model's step of nine rows takes about 2.3x a one-row step on two
-/// cores (docs/perf.md, "Speculation by prompt lookup").
-pub const VERIFIED_ROW_COST: f32 = 0.15;
+/// A verified row's cost in plain decoding steps on the host path: a 1.5B
+/// model's step of eight rows takes about 1.4x a one-row step on two cores,
+/// now that a step's rows go through the kernels in one tile (docs/perf.md,
+/// "Verifying in one tile").
+pub const VERIFIED_ROW_COST: f32 = 0.06;
 /// Counts decay by this much per verified draft, so the rate follows the text.
 const RATE_MEMORY: f32 = 0.9;
 /// A drafted token is taken to be kept 3 times in 4 until counted.
@@ -333,6 +369,36 @@ mod tests {
         let drafted: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| d.get()).collect();
         assert_eq!(drafted.iter().filter(|&&n| n == 1).count(), 2, "{drafted:?}");
         assert_eq!(drafted.iter().filter(|&&n| n == 0).count(), 2 * PROBE_EVERY - 2);
+    }
+
+    #[test]
+    fn drafts_share_the_rows_of_one_tile() {
+        let shares = |running: usize, drafters: usize, taking: &dyn Fn(usize) -> usize| {
+            let mut rows = DraftRows::new(running, drafters);
+            (0..drafters)
+                .map(|_| {
+                    let share = rows.next_share();
+                    rows.take(taking(share));
+                    share
+                })
+                .collect::<Vec<_>>()
+        };
+        let all = |share: usize| share;
+        assert_eq!(shares(1, 1, &all), vec![MAX_DRAFT]);
+        assert_eq!(shares(2, 2, &all), vec![3, 3]);
+        assert_eq!(shares(4, 4, &all), vec![1, 1, 1, 1]);
+        assert_eq!(shares(6, 6, &all), vec![1, 1, 0, 0, 0, 0]);
+        assert_eq!(shares(8, 8, &all), vec![0; 8]);
+        assert_eq!(shares(12, 3, &all), vec![0; 3]);
+        // A sequence that drafts nothing leaves its rows to the next.
+        assert_eq!(shares(2, 2, &|_| 0), vec![3, 6]);
+        // A plain sequence beside one that may draft takes its own row only.
+        assert_eq!(shares(2, 1, &all), vec![6]);
+        // Every row handed out fits the tile.
+        for running in 1..=STEP_TILE_ROWS {
+            let total: usize = shares(running, running, &all).iter().sum();
+            assert_eq!(total + running, STEP_TILE_ROWS, "{running} running");
+        }
     }
 
     #[test]

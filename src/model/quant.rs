@@ -552,9 +552,13 @@ impl QuantMatrix {
 
     /// Rows 16g..16g+16 (those that exist) dotted with each of `xs` (input rows
     /// `first..`), written into `out` (n × rows). Inputs go eight at a time,
-    /// then four, then one by one, so each block of weights is unpacked once
-    /// per tile. (Tiles of eight measured +16% for eight SmolLM2 sequences
-    /// over tiles of four: half the unpacking.)
+    /// then the rest (one to seven) in one tile of their own, so each block of
+    /// weights is unpacked once per tile. (Tiles of eight measured +16% for
+    /// eight SmolLM2 sequences over tiles of four: half the unpacking. A rest
+    /// in one tile, not fours and ones, is what a verifying step of a few
+    /// drafted tokens and a batch of a few streams need.) Each input keeps
+    /// its own sums in the same order in every tile, so its bits do not
+    /// depend on the tile it lands in.
     fn group_times(&self, g: usize, first: usize, xs: &[Activations<'_>], out: &super::threads::SharedOut) {
         let rows = GROUP.min(self.rows - g * GROUP);
         let put = |i: usize, results: &[f32; GROUP]| {
@@ -564,8 +568,16 @@ impl QuantMatrix {
         };
         let mut i = 0;
         let rest = self.tiles::<8>(g, xs, &mut i, &put);
-        let rest = self.tiles::<4>(g, rest, &mut i, &put);
-        self.tiles::<1>(g, rest, &mut i, &put);
+        match rest.len() {
+            0 => &[][..],
+            1 => self.tiles::<1>(g, rest, &mut i, &put),
+            2 => self.tiles::<2>(g, rest, &mut i, &put),
+            3 => self.tiles::<3>(g, rest, &mut i, &put),
+            4 => self.tiles::<4>(g, rest, &mut i, &put),
+            5 => self.tiles::<5>(g, rest, &mut i, &put),
+            6 => self.tiles::<6>(g, rest, &mut i, &put),
+            _ => self.tiles::<7>(g, rest, &mut i, &put),
+        };
     }
 
     /// `xs` X at a time, input `*i` first, through `put`; the inputs left over.
@@ -754,17 +766,21 @@ mod tests {
         let (rows, cols) = (48, 256);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
-            // Thirteen inputs: a tile of eight, one of four and one alone.
-            let xs = random(&mut rng, 13 * cols);
-            let batched = m.matmul_t(&xs, 13);
-            for i in 0..13 {
-                assert_eq!(m.matmul_t(&xs[i * cols..(i + 1) * cols], 1), batched[i * rows..(i + 1) * rows]);
+            // Two to fifteen inputs: every rest after a tile of eight, with
+            // and without one before it.
+            let xs = random(&mut rng, 15 * cols);
+            let alone: Vec<Vec<f32>> = (0..15).map(|i| m.matmul_t(&xs[i * cols..(i + 1) * cols], 1)).collect();
+            for n in 2..=15 {
+                let batched = m.matmul_t(&xs[..n * cols], n);
+                for (i, row) in alone.iter().take(n).enumerate() {
+                    assert_eq!(row[..], batched[i * rows..(i + 1) * rows], "{dtype:?}: input {i} of {n}");
+                }
             }
         }
     }
 
     /// Where the CPU has AVX-512 VNNI, the VNNI kernels (every format) give
-    /// the AVX2 kernels' bits, in tiles of eight, four and one.
+    /// the AVX2 kernels' bits, in every tile size.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni_kernels_give_the_avx2_bits() {
@@ -775,10 +791,12 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
         for (dtype, rows, cols) in [(GgmlDType::Q4_0, 23, 288), (GgmlDType::Q4_1, 40, 320), (GgmlDType::Q5_0, 17, 896), (GgmlDType::Q5_1, 19, 320), (GgmlDType::Q8_0, 33, 576), (GgmlDType::Q4K, 21, 768), (GgmlDType::Q5K, 11, 1024), (GgmlDType::Q6K, 19, 512)] {
             let (_, m) = random_quantized(&mut rng, dtype, rows, cols);
-            let xs = random(&mut rng, 13 * cols);
-            let with_vnni = m.matmul_t(&xs, 13);
-            let avx2 = QuantMatrix { kernel: Kernel::Avx2 { vnni: false }, ..m }.matmul_t(&xs, 13);
-            assert_eq!(with_vnni, avx2, "{dtype:?}");
+            let xs = random(&mut rng, 15 * cols);
+            let with_vnni: Vec<Vec<f32>> = (1..=15).map(|n| m.matmul_t(&xs[..n * cols], n)).collect();
+            let avx2 = QuantMatrix { kernel: Kernel::Avx2 { vnni: false }, ..m };
+            for (n, want) in (1..=15).zip(&with_vnni) {
+                assert_eq!(&avx2.matmul_t(&xs[..n * cols], n), want, "{dtype:?}, {n} inputs");
+            }
         }
     }
 
