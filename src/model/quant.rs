@@ -568,8 +568,8 @@ impl QuantMatrix {
         };
         let mut i = 0;
         let rest = self.tiles::<8>(g, xs, &mut i, &put);
-        match rest.len() {
-            0 => &[][..],
+        let left = match rest.len() {
+            0 => rest,
             1 => self.tiles::<1>(g, rest, &mut i, &put),
             2 => self.tiles::<2>(g, rest, &mut i, &put),
             3 => self.tiles::<3>(g, rest, &mut i, &put),
@@ -578,6 +578,7 @@ impl QuantMatrix {
             6 => self.tiles::<6>(g, rest, &mut i, &put),
             _ => self.tiles::<7>(g, rest, &mut i, &put),
         };
+        debug_assert!(left.is_empty(), "a rest of at most seven goes in one tile");
     }
 
     /// `xs` X at a time, input `*i` first, through `put`; the inputs left over.
