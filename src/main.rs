@@ -140,7 +140,7 @@ struct ServeArgs {
     speculate_max_batch: usize,
     /// Draft this many tokens a step (at most 7) instead of a length that
     /// adapts to how many drafted tokens the model keeps.
-    #[arg(long, env = "TERSE_SPECULATE_DRAFT_TOKENS", value_parser = clap::value_parser!(u64).range(1..=7))]
+    #[arg(long, env = "TERSE_SPECULATE_DRAFT_TOKENS", value_parser = clap::value_parser!(u64).range(1..=engine::MAX_DRAFT as u64))]
     speculate_draft_tokens: Option<u64>,
     /// The draft model proposes only among the first N token ids (a BPE
     /// vocabulary's most frequent), reading that much less of its output head

@@ -30,7 +30,7 @@ pub use profile::{probe_word_ids, resolve_reasoning, unmatched_probe_word, Profi
 pub use request::*;
 pub use crate::reasoning::stopping::argmax;
 pub use sampling::Sampler;
-pub use speculate::Speculation;
+pub use speculate::{Speculation, MAX_DRAFT};
 
 use crate::metrics::Metrics;
 use candle_core::Device;
